@@ -1,0 +1,193 @@
+"""`dxserve-client`: list plugins and classify image files or folders on a dxserve server.
+
+    dxserve-client list-plugins
+    dxserve-client classify cells/ one.png --format csv --output results.csv
+    dxserve-client classify --watch incoming/      # classify new files as they appear
+
+Exit status: 0 when every image was classified, 1 when any item failed, 2 on usage or
+connection errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from .client import DEFAULT_SERVER, Client, DxServeError, Result
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+FIELDS = ["path", "request_id", "label", "indeterminate", "confidence", "top_label", "model_version",
+          "weights_sha256", "error_code", "error_message"]
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files as given, and the image files inside folders (recursively, sorted)."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
+
+
+def watch(folder: Path, poll_s: float, seen: set[Path], idle_exit_s: float | None) -> Iterator[Path]:
+    """New image files in `folder` as they appear; a file is taken once its size is stable."""
+    sizes: dict[Path, int] = {}
+    last_new = time.monotonic()
+    while idle_exit_s is None or time.monotonic() - last_new < idle_exit_s:
+        for path in image_files([folder]):
+            if path in seen:
+                continue
+            size = path.stat().st_size
+            if sizes.get(path) == size:  # unchanged since the last poll: the writer is done
+                seen.add(path)
+                last_new = time.monotonic()
+                yield path
+            sizes[path] = size
+        time.sleep(poll_s)
+
+
+def record(path: Path, result: Result, labels: list[str]) -> dict:
+    row = {
+        "path": str(path), "request_id": result.request_id, "label": result.decision,
+        "indeterminate": result.indeterminate if result.ok else "", "confidence": round(result.confidence, 6) if result.ok else "",
+        "top_label": result.top_label, "model_version": result.model_version, "weights_sha256": result.weights_sha256,
+        "error_code": result.error_code, "error_message": result.error_message,
+    }
+    row.update({f"p_{label}": round(result.probabilities[label], 6) if label in result.probabilities else "" for label in labels})
+    return row
+
+
+class Writer:
+    """Writes records as a table, CSV or JSON lines."""
+
+    def __init__(self, out: TextIO, fmt: str, labels: list[str]):
+        self.out, self.fmt, self.labels = out, fmt, labels
+        self.fields = FIELDS[:5] + [f"p_{label}" for label in labels] + FIELDS[5:]
+        if fmt == "csv":
+            self.csv = csv.DictWriter(out, self.fields)
+            self.csv.writeheader()
+        elif fmt == "table":
+            print(f"{'path':<40} {'label':<14} {'conf':>6}  {'model':<8} detail", file=out)
+
+    def write(self, row: dict) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow(row)
+        elif self.fmt == "jsonl":
+            print(json.dumps({k: row[k] for k in self.fields}), file=self.out)
+        else:
+            detail = f"{row['error_code']}: {row['error_message']}" if row["error_code"] else f"sha256 {row['weights_sha256'][:12]}"
+            confidence = f"{row['confidence']:.3f}" if row["confidence"] != "" else ""
+            print(f"{_short(row['path'], 40):<40} {row['label'] or 'ERROR':<14} {confidence:>6}  {row['model_version']:<8} {detail}", file=self.out)
+        self.out.flush()
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def classify_command(args: argparse.Namespace, client: Client) -> int:
+    plugins = {p.name: p for p in client.list_plugins()}
+    if args.plugin not in plugins:
+        print(f"dxserve-client: unknown plugin {args.plugin!r} (server has: {', '.join(plugins) or 'none'})", file=sys.stderr)
+        return 2
+    labels = list(plugins[args.plugin].labels)
+    if args.watch:
+        folder = args.paths[0]
+        paths: Iterator[Path] | list[Path] = watch(folder, args.poll_interval, set(), args.idle_exit)
+        total = None
+    else:
+        paths = image_files(args.paths)
+        total = len(paths)
+    out = args.output.open("w", newline="") if args.output else sys.stdout
+    writer = Writer(out, args.format, labels)
+    sent: list[Path] = []
+
+    def items():
+        for i, path in enumerate(paths):
+            sent.append(path)
+            try:
+                yield (f"{i}:{path.name}", path.read_bytes())
+            except OSError as error:  # unreadable here: let the server report it like any bad image
+                print(f"dxserve-client: {path}: {error}", file=sys.stderr)
+                yield (f"{i}:{path.name}", b"")
+
+    from tqdm import tqdm
+
+    failed = 0
+    progress = tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet or None)
+    try:
+        for path_index, result in enumerate(client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version)):
+            failed += not result.ok
+            writer.write(record(sent[path_index], result, labels))
+            progress.update()
+    finally:
+        progress.close()
+        if args.output:
+            out.close()
+    print(f"{len(sent)} images, {len(sent) - failed} classified, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def list_plugins_command(args: argparse.Namespace, client: Client) -> int:
+    plugins = client.list_plugins()
+    if args.format == "json":
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps([MessageToDict(p, always_print_fields_with_no_presence=True) for p in plugins], indent=2))
+        return 0
+    for p in plugins:
+        state = p.DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[p.state].name.removeprefix("PLUGIN_STATE_")
+        print(f"{p.name} {p.version} [{state}] labels={','.join(p.labels)} default={p.default_model_version}")
+        if p.state_reason:
+            print(f"  reason: {p.state_reason}")
+        for v in p.model_versions:
+            print(f"  model {v.version} sha256={v.weights_sha256}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dxserve-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default %(default)s)")
+    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
+    parser.add_argument("--ca-cert", type=Path, help="PEM root certificate(s) to trust")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds for unary calls")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    listing = sub.add_parser("list-plugins", help="the server's plugins and model versions")
+    listing.add_argument("--format", choices=["text", "json"], default="text")
+    listing.set_defaults(run=list_plugins_command)
+
+    classify = sub.add_parser("classify", help="stream image files or folders and print one record per image")
+    classify.add_argument("paths", nargs="+", type=Path)
+    classify.add_argument("--plugin", default="lymphoblast")
+    classify.add_argument("--model-version", default="", help="default: the plugin's default version")
+    classify.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
+    classify.add_argument("--output", type=Path, help="write records here instead of standard output")
+    classify.add_argument("--watch", action="store_true", help="keep watching the (single) folder for new images")
+    classify.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans with --watch")
+    classify.add_argument("--idle-exit", type=float, help="with --watch, stop after this many seconds without a new image")
+    classify.add_argument("--quiet", action="store_true", help="no progress bar")
+    classify.set_defaults(run=classify_command)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "watch", False) and (len(args.paths) != 1 or not args.paths[0].is_dir()):
+        parser.error("--watch takes exactly one folder")
+    root = args.ca_cert.read_bytes() if args.ca_cert else None
+    try:
+        with Client(args.server, timeout_s=args.timeout, tls=args.tls, root_certificates=root) as client:
+            return args.run(args, client)
+    except DxServeError as error:
+        print(f"dxserve-client: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

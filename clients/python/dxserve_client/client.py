@@ -1,0 +1,199 @@
+"""A typed Python client over the generated dxserve.v1 stubs."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import grpc
+import numpy as np
+from grpc_status import rpc_status
+
+from dxserve.v1 import diagnostics_pb2 as pb
+from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
+
+DEFAULT_SERVER = "localhost:50051"
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # google.rpc.Code number -> grpc.StatusCode
+
+# A path, encoded file bytes, or a uint8 array (H, W), (H, W, 1|3|4).
+ImageInput = Union[str, Path, bytes, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome for one image: a classification, or an error (then `ok` is False)."""
+
+    request_id: str
+    plugin: str = ""
+    model_version: str = ""
+    weights_sha256: str = ""
+    probabilities: dict[str, float] = field(default_factory=dict)
+    top_label: str = ""
+    confidence: float = 0.0
+    decision: str = ""
+    indeterminate: bool = False
+    reason: str = ""
+    queued_ms: float = 0.0
+    model_ms: float = 0.0
+    batch_size: int = 0
+    error_code: str = ""  # a grpc.StatusCode name, e.g. "INVALID_ARGUMENT"
+    error_message: str = ""
+    error_details: tuple = ()  # the unpacked google.rpc detail messages
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_code
+
+    @classmethod
+    def from_response(cls, r: pb.ClassifyResponse) -> "Result":
+        return cls(
+            request_id=r.request_id, plugin=r.plugin, model_version=r.model_version, weights_sha256=r.weights_sha256,
+            probabilities={p.label: p.probability for p in r.probabilities}, top_label=r.top_label,
+            confidence=r.confidence, decision=r.decision.label, indeterminate=r.decision.indeterminate,
+            reason=r.decision.reason, queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
+            batch_size=r.timing.batch_size,
+        )
+
+    @classmethod
+    def from_status(cls, request_id: str, status) -> "Result":
+        return cls(request_id=request_id, error_code=STATUS_CODES[status.code].name,
+                   error_message=status.message, error_details=tuple(unpack_details(status)))
+
+
+class DxServeError(Exception):
+    """A failed unary call, with its status code and google.rpc details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: list):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message, self.details = code, message, details
+
+
+def unpack_details(status) -> list:
+    """google.rpc.Status details as messages (BadRequest, ErrorInfo, ...)."""
+    from google.rpc import error_details_pb2
+
+    known = {name: getattr(error_details_pb2, name) for name in
+             ("BadRequest", "ErrorInfo", "ResourceInfo", "RetryInfo", "QuotaFailure", "DebugInfo")}
+    out = []
+    for any_detail in status.details:
+        cls = known.get(any_detail.TypeName().rsplit(".", 1)[-1])
+        if cls is not None:
+            message = cls()
+            any_detail.Unpack(message)
+            out.append(message)
+    return out
+
+
+def to_image(image: ImageInput) -> pb.Image:
+    """Build the request's image from a path, file bytes or a uint8 array."""
+    if isinstance(image, (str, Path)):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, (bytes, bytearray)):
+        return pb.Image(encoded=bytes(image))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise TypeError(f"arrays must be uint8, got {array.dtype}; encode other depths as PNG or TIFF")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ValueError(f"expected (H, W) or (H, W, C), got shape {array.shape}")
+    height, width, channels = array.shape
+    return pb.Image(raw=pb.RawImage(pixels=np.ascontiguousarray(array).tobytes(), width=width, height=height, channels=channels))
+
+
+class Client:
+    """Connects to a dxserve server.
+
+    >>> with Client("localhost:50051") as client:
+    ...     result = client.classify("cell.png", plugin="lymphoblast")
+    """
+
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
+        client_certificate: tuple[bytes, bytes] | None = None,  # (private key, certificate chain) for mutual TLS
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: list[tuple[str, object]] | None = None,
+    ):
+        channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *(options or []),
+        ]
+        if tls or root_certificates or client_certificate:
+            key, chain = client_certificate or (None, None)
+            credentials = grpc.ssl_channel_credentials(root_certificates, key, chain)
+            self.channel = grpc.secure_channel(server, credentials, channel_options)
+        else:
+            self.channel = grpc.insecure_channel(server, channel_options)
+        self.stub = pb_grpc.DiagnosticsServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def list_plugins(self) -> list[pb.PluginInfo]:
+        return list(self._call(self.stub.ListPlugins, pb.ListPluginsRequest()).plugins)
+
+    def classify(self, image: ImageInput, plugin: str = "lymphoblast", model_version: str = "",
+                 request_id: str = "", timeout_s: float | None = None) -> Result:
+        """Classify one image; raises DxServeError when the call fails."""
+        request = pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image))
+        return Result.from_response(self._call(self.stub.Classify, request, timeout_s))
+
+    def classify_stream(self, images: Iterable[ImageInput | tuple[str, ImageInput]], plugin: str = "lymphoblast",
+                        model_version: str = "", timeout_s: float | None = None) -> Iterator[Result]:
+        """Stream images and yield one Result per image, in order; failed items come back
+        as Results with `ok` False. Items may be (request_id, image) pairs. The timeout
+        covers the whole stream (None: no deadline)."""
+
+        def requests() -> Iterator[pb.ClassifyRequest]:
+            for item in images:
+                request_id, image = item if isinstance(item, tuple) else ("", item)
+                yield pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image))
+
+        try:
+            for response in self.stub.ClassifyStream(requests(), timeout=timeout_s):
+                if response.WhichOneof("outcome") == "result":
+                    yield Result.from_response(response.result)
+                else:
+                    yield Result.from_status(response.request_id, response.error)
+        except grpc.RpcError as error:
+            raise _error(error) from None
+
+    def _call(self, method, request, timeout_s: float | None = None):
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise _error(error) from None
+
+
+def _error(error: grpc.RpcError) -> DxServeError:
+    status = rpc_status.from_call(error)
+    details = unpack_details(status) if status is not None else []
+    return DxServeError(error.code(), error.details() or "", details)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 array: handy for tests and examples."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""dxserve plugin: lymphoblast vs normal white blood cell, a Keras CNN + MLP."""

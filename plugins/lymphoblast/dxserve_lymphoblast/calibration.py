@@ -1,0 +1,92 @@
+"""Temperature scaling, calibration error, and the operating point with its indeterminate band."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the log loss of sigmoid(logits / T)."""
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        # log(1 + e^z) - y z, computed stably
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def expected_calibration_error(p_positive: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: the bin-weighted gap between confidence and accuracy of the decided class."""
+    confidence = np.maximum(p_positive, 1 - p_positive)
+    correct = (p_positive >= 0.5) == (labels == 1)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(ece)
+
+
+@dataclass
+class Thresholds:
+    """Versioned decision rule on the calibrated P(lymphoblast), shipped with the weights.
+
+    lymphoblast when p >= upper, normal when p < lower, indeterminate in between.
+    `operating_point` (lower <= it <= upper) is the threshold chosen for sensitivity.
+    """
+
+    operating_point: float
+    lower: float
+    upper: float
+    target_sensitivity: float
+    target_decided_accuracy: float
+
+    def decide(self, p_lymphoblast: np.ndarray) -> np.ndarray:
+        """1 = lymphoblast, 0 = normal, -1 = indeterminate."""
+        p = np.asarray(p_lymphoblast)
+        return np.where(p >= self.upper, 1, np.where(p < self.lower, 0, -1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_thresholds(
+    p: np.ndarray,
+    labels: np.ndarray,
+    target_sensitivity: float = 0.95,
+    target_decided_accuracy: float = 0.95,
+    max_indeterminate: float = 0.2,
+) -> Thresholds:
+    """Pick the operating point and indeterminate band on held-out predictions.
+
+    The operating point is the highest threshold whose sensitivity for lymphoblasts is at
+    least `target_sensitivity` (missing a blast costs more than a second look at a normal
+    cell). The band is the narrowest interval around it, symmetric in logit space, that
+    lifts the accuracy of the decided results to `target_decided_accuracy`, but never
+    leaves more than `max_indeterminate` of the images undecided.
+    """
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    positives = np.sort(p[labels == 1])
+    # Threshold at the (1 - target) quantile of the blasts' probabilities.
+    k = int(np.floor((1 - target_sensitivity) * len(positives)))
+    operating = float(positives[k]) if len(positives) else 0.5
+    centre = logit(operating)
+    lower = upper = operating
+    for width in np.linspace(0.0, 6.0, 121):
+        lo, hi = float(expit(centre - width)), float(expit(centre + width))
+        undecided = (p >= lo) & (p < hi)
+        if undecided.mean() > max_indeterminate:
+            break
+        lower, upper = lo, hi
+        decided = ~undecided
+        accuracy = ((p[decided] >= hi) == (labels[decided] == 1)).mean() if decided.any() else 1.0
+        if accuracy >= target_decided_accuracy:
+            break
+    return Thresholds(operating, lower, upper, target_sensitivity, target_decided_accuracy)

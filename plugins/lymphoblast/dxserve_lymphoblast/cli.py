@@ -1,0 +1,96 @@
+"""`dxserve-lymphoblast`: train and evaluate the lymphoblast classifier."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_DATA = Path("../shared/data/cnmc2019")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .calibration import Thresholds
+    from .card import DATA, INTENDED_USE, LIMITATIONS, WEIGHTS_FILE, write_card
+    from .data import load_cells
+    from .train import TrainConfig, config_dict, cross_validate, train_final
+
+    config = TrainConfig(image_size=args.image_size, epochs=args.epochs, folds=args.folds, seed=args.seed,
+                         patience=args.patience, batch_size=args.batch_size)
+    started = time.time()
+    cells = load_cells(args.data, config.image_size, args.cache)
+    print(f"{len(cells)} images from {len(set(cells.subjects.tolist()))} subjects", flush=True)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    evaluation = cross_validate(cells, config, log)
+    thresholds = Thresholds(**evaluation["thresholds"])
+    model, temperature, final = train_final(cells, config, thresholds, log)
+
+    version_dir = args.out / args.version
+    version_dir.mkdir(parents=True, exist_ok=True)
+    model.save(version_dir / WEIGHTS_FILE)
+    evaluation["protocol"] = (
+        f"Stratified grouped {config.folds}-fold cross-validation over `subject_group` (no subject, nor any "
+        "subject sharing images with it, is on both sides). In each fold the training subjects are split "
+        "again by group: the inner validation subjects choose the epoch (early stopping on AUROC) and fit "
+        "the temperature; the fold's test subjects are only predicted. Test metrics use P >= 0.5 on "
+        "calibrated probabilities; the operating point and indeterminate band are then chosen on the "
+        "pooled out-of-fold predictions."
+    )
+    card = {
+        "plugin": "lymphoblast",
+        "version": args.version,
+        "labels": ["lymphoblast", "normal"],
+        "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "training_seconds": round(time.time() - started, 1),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
+        "command": "dxserve-lymphoblast " + shlex.join(sys.argv[1:]),
+        "architecture": (
+            f"CNN feature extractor (stain normalisation, strided stem {config.stem}, conv blocks {list(config.widths)}, "
+            f"global average pooling) + MLP ({config.mlp_units} units, dropout {config.dropout}) -> 1 logit; "
+            f"input {config.image_size}x{config.image_size} RGB crop of the cell"
+        ),
+        "input": {"image_size": config.image_size, "preprocessing": "crop to cell, pad square, resize, scale to [0,1]"},
+        "training": {**config_dict(config), "final": final},
+        "data": {**DATA, "images": len(cells), "lymphoblasts": int(cells.labels.sum()),
+                 "normals": int((cells.labels == 0).sum()), "subjects": len(set(cells.subjects.tolist())),
+                 "subject_groups": len(set(cells.groups.tolist()))},
+        "evaluation": evaluation,
+        "calibration": {"method": "temperature scaling", "temperature": temperature},
+        "thresholds": thresholds.to_dict(),
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+    }
+    write_card(version_dir, card)
+    print(f"wrote {version_dir} in {(time.time() - started) / 60:.1f} min", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dxserve-lymphoblast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="cross-validate by subject, then train and write a weights version with its card")
+    train.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with manifest.csv (default: %(default)s)")
+    train.add_argument("--version", required=True, help="version to write, e.g. 1.0.0")
+    train.add_argument("--out", type=Path, default=MODELS_DIR, help="models folder (default: the plugin's own)")
+    train.add_argument("--cache", type=Path, default=Path(".cache"), help="cache of preprocessed cells")
+    train.add_argument("--image-size", type=int, default=96)
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--patience", type=int, default=8)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--folds", type=int, default=5)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=train_command)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

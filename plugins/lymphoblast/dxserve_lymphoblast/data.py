@@ -1,0 +1,154 @@
+"""Data pipeline: the C-NMC manifest, a cache of preprocessed cells, subject-grouped splits,
+and the augmented tf.data stream used for training."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .preprocess import prepare
+
+# Manifest label -> index of the model's label ("lymphoblast" is positive, 1).
+MANIFEST_LABELS = {"all": 1, "hem": 0}
+IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+@dataclass
+class Cells:
+    """Preprocessed cells with what the splits and reports need."""
+
+    images: np.ndarray  # uint8 (n, size, size, 3), cropped and resized
+    labels: np.ndarray  # int (n,), 1 = lymphoblast, 0 = normal
+    subjects: np.ndarray  # str (n,), e.g. "P51", "H10"
+    groups: np.ndarray  # str (n,), subject_group: subjects that share images merged
+    paths: np.ndarray  # str (n,), relative to the data root
+
+    def subset(self, index: np.ndarray) -> "Cells":
+        return Cells(*(getattr(self, f)[index] for f in ("images", "labels", "subjects", "groups", "paths")))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_manifest(root: Path) -> list[dict[str, str]]:
+    """Rows of manifest.csv, or, for a plain folder, rows inferred from the file names
+    (`..._all.png` / `..._hem.png`; subject from the C-NMC naming)."""
+    manifest = root / "manifest.csv"
+    if manifest.exists():
+        with manifest.open(newline="") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        stem = path.stem
+        label = stem.rsplit("_", 1)[-1].lower()
+        if label not in MANIFEST_LABELS:
+            raise ValueError(f"{path}: cannot tell the label (names must end in _all or _hem)")
+        parts = stem.split("_")
+        subject = parts[1] if len(parts) > 4 else stem
+        subject = subject.upper() if label == "hem" else f"P{subject}"
+        rows.append({"path": str(path.relative_to(root)), "label": label, "subject": subject, "subject_group": subject})
+    return rows
+
+
+def _load_one(args: tuple[str, int]) -> np.ndarray:
+    path, size = args
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    return (prepare(rgb, size) * 255).round().astype(np.uint8)
+
+
+def load_cells(root: Path, size: int, cache_dir: Path | None = None, workers: int = 2) -> Cells:
+    """Decode and preprocess every listed image, cached as .npz keyed by the file list and size."""
+    rows = read_manifest(root)
+    paths = [r["path"] for r in rows]
+    key = hashlib.sha256(("\n".join(paths) + f"|{size}|{root.resolve()}").encode()).hexdigest()[:16]
+    cache = cache_dir / f"cells-{size}-{key}.npz" if cache_dir else None
+    if cache and cache.exists():
+        images = np.load(cache)["images"]
+    else:
+        jobs = [(str(root / p), size) for p in paths]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            images = np.stack(list(pool.map(_load_one, jobs, chunksize=32)))
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, images=images)
+    return Cells(
+        images=images,
+        labels=np.array([MANIFEST_LABELS[r["label"]] for r in rows]),
+        subjects=np.array([r["subject"] for r in rows]),
+        groups=np.array([r.get("subject_group") or r["subject"] for r in rows]),
+        paths=np.array(paths),
+    )
+
+
+def reference_colour(images: np.ndarray) -> tuple[float, float, float]:
+    """Mean RGB of cell (non-background) pixels in [0, 1]: the stain normalisation's target."""
+    flat = images.reshape(-1, 3)
+    cell = flat[flat.max(axis=1) > 12]
+    return tuple(float(v) for v in cell.mean(axis=0) / 255.0)
+
+
+def grouped_folds(cells: Cells, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs where no subject group is on both sides, class-stratified."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(cells)), cells.labels, cells.groups))
+
+
+def augmenter(seed: int):
+    """Augmentations that fit single cells: any orientation, small scale and shear, and the
+    stain, brightness, contrast and focus variation of other microscopes."""
+    import keras
+    from keras import layers
+
+    geometry = keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            layers.RandomRotation(0.5, fill_mode="constant", seed=seed + 1),
+            layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 2),
+            layers.RandomShear(0.08, 0.08, fill_mode="constant", seed=seed + 3),
+        ],
+        name="geometry",
+    )
+    appearance = keras.Sequential(
+        [
+            layers.RandomColorJitter(
+                value_range=(0, 1), brightness_factor=0.15, contrast_factor=0.2, saturation_factor=(0.35, 0.65), hue_factor=0.04, seed=seed + 4
+            ),
+            layers.RandomGaussianBlur(factor=0.5, kernel_size=3, sigma=(0.0, 1.0), value_range=(0, 1), seed=seed + 5),
+        ],
+        name="appearance",
+    )
+
+    def augment(images):
+        images = geometry(images, training=True)
+        # Jitter the cell only: the background stays black, as segmentation leaves it.
+        cell = keras.ops.cast(keras.ops.max(images, axis=-1, keepdims=True) > 12 / 255, images.dtype)
+        return keras.ops.clip(appearance(images, training=True), 0.0, 1.0) * cell
+
+    return augment
+
+
+def dataset(cells: Cells, batch_size: int, training: bool, seed: int = 0):
+    """tf.data of (float image in [0, 1], label, sample weight). Training draws shuffled,
+    augmented batches with class weights that balance the 2.7:1 blast/normal imbalance."""
+    import tensorflow as tf
+
+    counts = np.bincount(cells.labels, minlength=2).astype(np.float64)
+    class_weight = len(cells) / (2.0 * np.maximum(counts, 1))
+    weights = class_weight[cells.labels].astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((cells.images, cells.labels.astype(np.float32), weights))
+    if training:
+        ds = ds.shuffle(len(cells), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32) / 255.0, y, w), num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
+        augment = augmenter(seed)
+        ds = ds.map(lambda x, y, w: (augment(x), y, w), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

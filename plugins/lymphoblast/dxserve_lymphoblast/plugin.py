@@ -1,0 +1,99 @@
+"""The dxserve plugin: registered through the `dxserve` entry-point group like any other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dxserve import Decision, InputSpec, ModelRuntime, ModelVersion, PluginInfo, hookimpl
+from dxserve.runtime import INDETERMINATE
+
+from .calibration import Thresholds
+from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
+from .model import LABELS
+from .preprocess import prepare
+
+MODELS_DIR = Path(__file__).parent / "models"
+PLUGIN_VERSION = "1.0.0"
+
+
+def _version_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.replace("-", ".").split("."))
+
+
+def shipped_versions(models_dir: Path = MODELS_DIR) -> list[ModelVersion]:
+    """Every models/<version>/ with weights and a card, newest first."""
+    versions = []
+    for folder in sorted((d for d in models_dir.iterdir() if (d / CARD_FILE).exists()), key=lambda d: _version_key(d.name), reverse=True):
+        card_json = (folder / CARD_FILE).read_text()
+        card = json.loads(card_json)
+        markdown = folder / CARD_MARKDOWN
+        versions.append(ModelVersion(
+            version=card["version"],
+            weights=folder / WEIGHTS_FILE,
+            weights_sha256=card["weights"]["sha256"],
+            model_card=markdown.read_text() if markdown.exists() else "",
+            model_card_json=card_json,
+            extra={"card": card},
+        ))
+    return versions
+
+
+class LymphoblastRuntime(ModelRuntime):
+    """Keras CNN + MLP; calibrated by temperature; decides with the card's thresholds."""
+
+    info = PluginInfo(
+        name="lymphoblast",
+        version=PLUGIN_VERSION,
+        description="Leukemic B-lymphoblast (acute lymphoblastic leukemia) vs normal B-lymphoid precursor, "
+        "from one segmented white-blood-cell image",
+        labels=LABELS,
+        input=InputSpec(
+            description="One segmented white blood cell on a black background, RGB, any size (C-NMC images are "
+            "450x450 px); the cell is cropped, padded square, resized and colour-normalised by the plugin",
+            min_side=16,
+        ),
+        intended_use=INTENDED_USE,
+    )
+    max_batch_size = 64
+
+    @classmethod
+    def versions(cls) -> list[ModelVersion]:
+        return shipped_versions()
+
+    def load(self) -> None:
+        import keras
+
+        from . import model as _registers_custom_layers  # noqa: F401
+
+        card = self.version.extra["card"]
+        self.image_size = int(card["input"]["image_size"])
+        self.temperature = float(card["calibration"]["temperature"])
+        self.thresholds = Thresholds(**card["thresholds"])
+        self.model = keras.models.load_model(self.version.weights, compile=False)
+        self.predict(np.zeros((1, self.image_size, self.image_size, 3), np.float32))  # build graphs now, not on the first request
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        return prepare(image, self.image_size)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        logits = np.asarray(self.model(batch, training=False))[:, 0]
+        p_blast = 1.0 / (1.0 + np.exp(-logits / self.temperature))
+        return np.stack([p_blast, 1.0 - p_blast], axis=1)
+
+    def decide(self, probabilities: np.ndarray) -> Decision:
+        p = float(probabilities[0])
+        t = self.thresholds
+        if p >= t.upper:
+            return Decision("lymphoblast", False, f"P(lymphoblast) {p:.3f} >= {t.upper:.3f}")
+        if p < t.lower:
+            return Decision("normal", False, f"P(lymphoblast) {p:.3f} < {t.lower:.3f}")
+        return Decision(INDETERMINATE, True, f"P(lymphoblast) {p:.3f} lies in the indeterminate band "
+                        f"[{t.lower:.3f}, {t.upper:.3f}) around the operating point {t.operating_point:.3f}: review by a person")
+
+
+@hookimpl
+def dxserve_model_runtimes() -> list[type[ModelRuntime]]:
+    return [LymphoblastRuntime]

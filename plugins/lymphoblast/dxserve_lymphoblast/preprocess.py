@@ -1,0 +1,61 @@
+"""Turn one decoded cell image into the model's input.
+
+The C-NMC cells are segmented and lie on a black background, 450x450 px. Images from
+other laboratories differ in size, magnification and stain, so the preprocessing removes
+what does not describe the cell itself:
+
+1. crop to the cell (the non-black pixels) with a small margin and pad to a square, so the
+   cell fills the frame whatever the image size or magnification;
+2. resize to the model's input size and scale to [0, 1].
+
+The stain normalisation (each channel rescaled so the cell's mean colour matches the
+training set's) is the model's first layer (`model.StainNormalisation`), so training,
+augmentation and serving share one implementation.
+
+Input expectations: one cell per image, on a dark (near-black) background, RGB uint8.
+An image with no dark background is treated as a tight crop of the cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Pixels whose brightest channel is at or below this are background (the segmentation's black).
+BACKGROUND_MAX = 12
+# Margin kept around the cell's bounding box, as a fraction of its longer side.
+MARGIN = 0.06
+
+
+def foreground_mask(rgb: np.ndarray) -> np.ndarray:
+    """Boolean mask of the cell's pixels (anything brighter than the black background)."""
+    return rgb.max(axis=-1) > BACKGROUND_MAX
+
+
+def crop_to_cell(rgb: np.ndarray) -> np.ndarray:
+    """Square crop around the cell, padded with black where the square leaves the image."""
+    mask = foreground_mask(rgb)
+    if not mask.any():
+        return rgb
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = int(max(bottom - top, right - left) * (1 + 2 * MARGIN)) + 1
+    cy, cx = (top + bottom) // 2, (left + right) // 2
+    out = np.zeros((side, side, 3), dtype=np.uint8)
+    y0, x0 = cy - side // 2, cx - side // 2
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + side, rgb.shape[0]), min(x0 + side, rgb.shape[1])
+    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    return out
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize a square uint8 RGB image to size x size with an anti-aliasing filter."""
+    # BOX averages when shrinking (no aliasing of the chromatin texture); BILINEAR when enlarging.
+    method = Image.Resampling.BOX if rgb.shape[0] > size else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(rgb).resize((size, size), method))
+
+
+def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The full preprocessing: uint8 RGB (H, W, 3) of any size -> float32 (size, size, 3) in [0, 1]."""
+    return resize(crop_to_cell(rgb), size).astype(np.float32) / 255.0

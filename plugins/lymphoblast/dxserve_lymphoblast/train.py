@@ -1,0 +1,143 @@
+"""Training: one model, subject-grouped cross-validation, and the shipped weights with their card."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
+from .data import Cells, dataset, grouped_folds, reference_colour
+from .metrics import summarise
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe. Every figure in the model card comes from one of these."""
+
+    image_size: int = 96
+    stem: int = 24
+    widths: tuple[int, ...] = (32, 64, 128, 192)
+    mlp_units: int = 128
+    dropout: float = 0.4
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    folds: int = 5
+    seed: int = 0
+    target_sensitivity: float = 0.95
+    target_decided_accuracy: float = 0.95
+    max_indeterminate: float = 0.2
+    extra: dict = field(default_factory=dict)
+
+
+def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | None = None):
+    """Fit one model; early stopping on the held-out subjects' AUROC restores the best epoch."""
+    import keras
+
+    from .model import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.image_size, config.stem, config.widths, config.mlp_units, config.dropout, reference_colour(train.images))
+    steps = config.epochs * int(np.ceil(len(train) / config.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, warmup_target=None)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        weighted_metrics=[],
+        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
+    )
+    if verbose is None:  # a progress bar on a terminal, a line an epoch in a log file
+        verbose = 1 if sys.stdout.isatty() else 2
+    stop = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=config.patience, restore_best_weights=True)
+    history = model.fit(
+        dataset(train, config.batch_size, training=True, seed=config.seed),
+        validation_data=dataset(val, 128, training=False),
+        epochs=config.epochs,
+        callbacks=[stop],
+        verbose=verbose,
+    )
+    return without_optimizer(model), {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def without_optimizer(model):
+    """An uncompiled copy: the shipped file holds weights, not 2x their size in optimizer state."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def predict_logits(model, cells: Cells) -> np.ndarray:
+    return model.predict(dataset(cells, 128, training=False), verbose=0)[:, 0]
+
+
+def inner_split(cells: Cells, config: TrainConfig) -> tuple[Cells, Cells]:
+    """Split training subjects once more: a subject-held-out validation set for early
+    stopping and temperature fitting, never used for the reported test metrics."""
+    # One fifth of the groups, whatever the outer fold count.
+    train_idx, val_idx = grouped_folds(cells, 5, config.seed + 1)[0]
+    return cells.subset(train_idx), cells.subset(val_idx)
+
+
+def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits / temperature))
+
+
+def cross_validate(cells: Cells, config: TrainConfig, log=print) -> dict:
+    """Grouped K-fold over subject groups: per fold train, calibrate on an inner held-out
+    split, and test on the fold's unseen subjects. Returns per-fold and pooled results."""
+    folds, pooled_p, pooled_y, pooled_s = [], [], [], []
+    for k, (train_idx, test_idx) in enumerate(grouped_folds(cells, config.folds, config.seed)):
+        started = time.time()
+        train, test = cells.subset(train_idx), cells.subset(test_idx)
+        fit, val = inner_split(train, config)
+        log(f"fold {k + 1}/{config.folds}: train {len(fit)} / val {len(val)} / test {len(test)} images, "
+            f"test subjects {sorted(set(test.subjects.tolist()))}")
+        model, history = train_model(fit, val, config)
+        temperature = fit_temperature(predict_logits(model, val), val.labels)
+        logits = predict_logits(model, test)
+        p = calibrated(logits, temperature)
+        result = summarise(p, test.labels, test.subjects)
+        result.update(fold=k + 1, temperature=temperature, epochs_run=len(history["loss"]),
+                      ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), test.labels),
+                      seconds=time.time() - started)
+        log(f"fold {k + 1}: weighted F1 {result['weighted_f1']:.3f}, AUROC {result['auroc']}, "
+            f"ECE {result['ece_uncalibrated']:.3f} -> {result['ece']:.3f}, {result['seconds']:.0f} s")
+        folds.append(result)
+        pooled_p.append(p), pooled_y.append(test.labels), pooled_s.append(test.subjects)
+    p, y, s = np.concatenate(pooled_p), np.concatenate(pooled_y), np.concatenate(pooled_s)
+    thresholds = choose_thresholds(p, y, config.target_sensitivity, config.target_decided_accuracy, config.max_indeterminate)
+    spread = {
+        m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+        for m in ("weighted_f1", "auroc", "ece", "ece_uncalibrated", "sensitivity", "specificity")
+        if (v := [f[m] for f in folds if f[m] is not None])
+    }
+    return {"folds": folds, "across_folds": spread, "pooled_out_of_fold": summarise(p, y, s, thresholds),
+            "thresholds": thresholds.to_dict()}
+
+
+def train_final(cells: Cells, config: TrainConfig, thresholds: Thresholds, log=print):
+    """The shipped model: trained on all subjects but a held-out validation split, which
+    chooses the epoch and fits the temperature."""
+    fit, val = inner_split(cells, config)
+    log(f"final model: train {len(fit)} / val {len(val)} images, val subjects {sorted(set(val.subjects.tolist()))}")
+    model, history = train_model(fit, val, config)
+    logits = predict_logits(model, val)
+    temperature = fit_temperature(logits, val.labels)
+    val_report = summarise(calibrated(logits, temperature), val.labels, val.subjects, thresholds)
+    val_report["ece_uncalibrated"] = expected_calibration_error(calibrated(logits, 1.0), val.labels)
+    return model, temperature, {"history": history, "validation": val_report,
+                                "train_subjects": sorted(set(fit.subjects.tolist())),
+                                "validation_subjects": sorted(set(val.subjects.tolist()))}
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))

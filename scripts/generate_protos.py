@@ -1,0 +1,60 @@
+"""Regenerate the Python protobuf/gRPC code (with .pyi stubs) from protos/.
+
+    python scripts/generate_protos.py            # write into server/dxserve/v1/
+    python scripts/generate_protos.py --out DIR  # write elsewhere (the staleness test does)
+
+The generated files are committed; tests/test_generated_code.py fails when they differ
+from what this script makes from the current .proto files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+DEFAULT_OUT = ROOT / "server"  # the proto package dxserve.v1 lands in server/dxserve/v1/
+
+
+def proto_files() -> list[Path]:
+    return sorted(PROTOS.rglob("*.proto"))
+
+
+def generate(out: Path) -> list[Path]:
+    """Run protoc (from grpcio-tools) over every .proto; return the files written."""
+    import google.rpc  # googleapis-common-protos ships google/rpc/*.proto
+    from grpc_tools import protoc
+
+    googleapis = Path(google.rpc.__path__[0]).parent.parent
+    well_known = resources.files("grpc_tools") / "_proto"
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [str(p.relative_to(PROTOS)) for p in proto_files()]
+    args = ["protoc", f"-I{PROTOS}", f"-I{googleapis}", f"-I{well_known}",
+            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *sources]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    written = []
+    for source in sources:
+        package_dir = out / Path(source).parent
+        folder = package_dir
+        while folder != out:  # make dxserve/ and dxserve/v1/ packages (an existing one is kept)
+            (folder / "__init__.py").touch()
+            folder = folder.parent
+        stem = Path(source).stem
+        written += [package_dir / f"{stem}{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    for path in generate(parser.parse_args().out):
+        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

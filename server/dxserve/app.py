@@ -1,0 +1,123 @@
+"""Assemble and run the server: service, health, reflection, limits, TLS, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Settings
+from .registry import READY, PluginEntry, discover, load_all
+from .service import DiagnosticsService
+from .v1 import diagnostics_pb2 as pb
+from .v1 import diagnostics_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dxserve.app")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+
+
+def plugin_health_name(plugin: str) -> str:
+    """The grpc.health.v1 service name of one plugin, e.g. 'dxserve.v1.DiagnosticsService/lymphoblast'."""
+    return f"{SERVICE_NAME}/{plugin}"
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None:
+        return None
+    root = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
+class Server:
+    """A running dxserve server; `await start()`, then `await wait()` or `await stop()`."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.plugins: dict[str, PluginEntry] = discover(settings)
+        self.service = DiagnosticsService(self.plugins, settings)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._loading: asyncio.Task | None = None
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+            maximum_concurrent_rpcs=settings.max_concurrent_calls,
+        )
+        pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+
+    async def start(self) -> None:
+        """Listen at once (ListPlugins and health answer while plugins load), then load them."""
+        credentials = _credentials(self.settings)
+        if credentials:
+            self.port = self._server.add_secure_port(self.settings.address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(self.settings.address)
+        for name in self.plugins:
+            await self.health.set(plugin_health_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_overall()
+        await self._server.start()
+        host = self.settings.address.rpartition(":")[0]
+        log.info("listening", extra={"address": f"{host}:{self.port}", "tls": credentials is not None,
+                                      "plugins": list(self.plugins)})
+        self._loading = asyncio.ensure_future(load_all(self.plugins, self.settings, self._on_plugin_change))
+
+    async def _on_plugin_change(self, entry: PluginEntry) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if entry.state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(plugin_health_name(entry.name), status)
+        await self._set_overall()
+
+    async def _set_overall(self) -> None:
+        # The server as a whole serves once any plugin does; per-plugin names tell the rest.
+        serving = not self.service.stopping and any(e.state == READY for e in self.plugins.values())
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(health.OVERALL_HEALTH, status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def wait_loaded(self) -> None:
+        if self._loading:
+            await self._loading
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful: health goes NOT_SERVING, new calls are refused, calls in flight finish."""
+        grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        self.service.stopping = True
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down", extra={"grace_s": grace_s})
+        await self._server.stop(grace_s)
+        if self._loading:
+            self._loading.cancel()
+        for entry in self.plugins.values():
+            for batcher in entry.batchers.values():
+                await batcher.stop()
+        self.service.close()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = Server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

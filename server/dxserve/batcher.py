@@ -1,0 +1,143 @@
+"""Dynamic batching: concurrent requests for one model version become one model call.
+
+Items wait in a bounded queue. A worker takes the first item, then gathers more until the
+batch is full or `max_wait_s` has passed since that first item, drops items whose caller
+has gone (cancelled, or past the deadline), and runs `predict` in the model's own thread,
+so the event loop keeps serving while the model works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import errors, metrics
+from .runtime import Decision, ModelRuntime
+
+
+@dataclass
+class Result:
+    """One image's outcome, with where its time went."""
+
+    probabilities: np.ndarray
+    decision: Decision
+    queued_ms: float
+    model_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    model_input: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None  # time.monotonic() after which nobody waits for the result
+
+
+class Batcher:
+    """One per loaded model version; `submit` from any task on the event loop."""
+
+    def __init__(self, plugin: str, runtime: ModelRuntime, max_batch_size: int, max_wait_s: float, max_queue_size: int):
+        self.plugin = plugin
+        self.runtime = runtime
+        self.max_batch_size = max(1, min(max_batch_size, runtime.max_batch_size))
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue_size)
+        # One thread per model: TensorFlow and friends parallelise inside a call already.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{plugin}")
+        self._worker: asyncio.Task | None = None
+        self.dropped = 0  # items whose caller left before their batch ran
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.plugin}")
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, model_input: np.ndarray, timeout_s: float | None = None) -> Result:
+        """Queue one preprocessed image and wait for its result."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = _Item(model_input, loop.create_future(), now, None if timeout_s is None else now + timeout_s)
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise errors.queue_full(self.plugin, self.max_queue_size) from None
+        return await item.future  # cancelling the caller cancels the future: the worker skips it
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            closes = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            live = self._still_wanted(batch)
+            if not live:
+                continue
+            await self._run_batch(loop, live)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
+        started = time.monotonic()
+        try:
+            probabilities, decisions = await loop.run_in_executor(
+                self._executor, self._predict, np.stack([item.model_input for item in live])
+            )
+        except Exception as error:
+            if len(live) > 1:
+                # One bad image must not fail its batch-mates: retry each alone to isolate it.
+                for item in live:
+                    await self._run_batch(loop, [item])
+            elif not live[0].future.done():  # a plugin that raises fails the item, never the server
+                live[0].future.set_exception(errors.plugin_crashed(self.plugin, error))
+            return
+        model_ms = (time.monotonic() - started) * 1000
+        metrics.BATCH_SIZE.labels(self.plugin).observe(len(live))
+        for item, p, decision in zip(live, probabilities, decisions):
+            if not item.future.done():
+                item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live)))
+
+    def _still_wanted(self, batch: list[_Item]) -> list[_Item]:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():  # cancelled: the client went away
+                self.dropped += 1
+                metrics.DROPPED.labels(self.plugin, "cancelled").inc()
+            elif item.deadline is not None and now >= item.deadline:
+                self.dropped += 1
+                metrics.DROPPED.labels(self.plugin, "deadline").inc()
+                item.future.set_exception(errors.deadline_exceeded(self.plugin))
+            else:
+                live.append(item)
+        return live
+
+    def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, list[Decision]]:
+        probabilities = np.asarray(self.runtime.predict(batch), dtype=np.float64)
+        expected = (len(batch), len(self.runtime.info.labels))
+        if probabilities.shape != expected:
+            raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
+        return probabilities, [self.runtime.decide(p) for p in probabilities]

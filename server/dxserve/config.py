@@ -1,0 +1,88 @@
+"""Server settings: one validated model, read from a TOML file, environment variables
+(DXSERVE_<NAME>) and command-line flags, each overriding the one before."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DXSERVE_"
+
+
+class Settings(BaseModel):
+    """Every setting of `dxserve serve`, with its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str = Field("127.0.0.1:50051", description="HOST:PORT to listen on (port 0 picks a free one)")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request message")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (width x height)")
+    max_concurrent_calls: int = Field(256, ge=1, description="calls served at once; more get RESOURCE_EXHAUSTED")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per model call, at most")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill")
+    max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")
+    stream_window: int = Field(64, ge=1, description="items of one stream in flight before it stops reading")
+    decode_threads: int = Field(4, ge=1, le=64, description="threads that decode and preprocess images")
+    plugins: list[str] = Field(default_factory=list, description="extra plugin modules to register, as 'package.module'")
+    disabled_plugins: list[str] = Field(default_factory=list, description="entry-point plugins not to load")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, serve TLS")
+    tls_key: Path | None = Field(None, description="PEM private key")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a certificate")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")
+    grace_period_s: float = Field(10.0, ge=0, description="time calls in flight get to finish on SIGTERM")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return self
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate, with one line per problem."""
+
+
+def from_environment(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """DXSERVE_* variables; list settings are comma-separated."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = [v for v in raw.split(",") if v] if field.annotation == list[str] else raw
+    return values
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
+    """TOML file, then environment, then `overrides` (the command line's flags)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values.update(tomllib.loads(config_file.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise SettingsError(f"cannot read {config_file}: {error}") from error
+    values.update(from_environment(environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as error:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()]
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,97 @@
+"""Errors with a gRPC status code and google.rpc details, for whole calls and stream items."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "dxserve.v1"
+
+
+class ServingError(Exception):
+    """A request that cannot be served: the code, a message for people, typed details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *details: Message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def to_status(self) -> status_pb2.Status:
+        """The google.rpc.Status carried in a stream item or in the call's trailers."""
+        packed = []
+        for detail in self.details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+
+
+def bad_image(reason: str, description: str, field: str = "image") -> ServingError:
+    """INVALID_ARGUMENT for an image that cannot be read or breaks a limit."""
+    return ServingError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"invalid image: {description}",
+        error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+        ),
+        _error_info(reason),
+    )
+
+
+def not_found(kind: str, name: str, description: str) -> ServingError:
+    """NOT_FOUND for an unknown plugin or model version."""
+    return ServingError(
+        grpc.StatusCode.NOT_FOUND,
+        description,
+        error_details_pb2.ResourceInfo(resource_type=kind, resource_name=name, description=description),
+        _error_info(f"{kind.upper()}_NOT_FOUND", name=name),
+    )
+
+
+def unavailable(plugin: str, description: str, reason: str, retry_after_s: float | None = None) -> ServingError:
+    """UNAVAILABLE while a plugin loads, after it failed, or while the server stops."""
+    details: list[Message] = [_error_info(reason, plugin=plugin)]
+    if retry_after_s is not None:
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(retry_after_s))))
+    return ServingError(grpc.StatusCode.UNAVAILABLE, description, *details)
+
+
+def queue_full(plugin: str, size: int) -> ServingError:
+    return ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"plugin {plugin!r} has {size} images queued, its limit; retry shortly",
+        error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=f"plugin:{plugin}", description=f"queue limit {size}")]
+        ),
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=100_000_000)),
+        _error_info("QUEUE_FULL", plugin=plugin),
+    )
+
+
+def deadline_exceeded(plugin: str) -> ServingError:
+    return ServingError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the deadline passed before plugin {plugin!r} produced a result",
+        _error_info("DEADLINE_EXCEEDED", plugin=plugin),
+    )
+
+
+def plugin_crashed(plugin: str, error: BaseException) -> ServingError:
+    """INTERNAL for an exception raised inside a plugin's preprocess or predict."""
+    return ServingError(
+        grpc.StatusCode.INTERNAL,
+        f"plugin {plugin!r} failed on this input: {type(error).__name__}: {error}",
+        _error_info("PLUGIN_ERROR", plugin=plugin, exception=type(error).__name__),
+    )
+
+
+def from_exception(error: BaseException, plugin: str) -> ServingError:
+    return error if isinstance(error, ServingError) else plugin_crashed(plugin, error)
+

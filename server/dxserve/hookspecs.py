@@ -1,0 +1,49 @@
+"""The hooks a dxserve plugin implements. This module is the plugin author's reference.
+
+A plugin is a Python package that declares an entry point in the ``dxserve`` group and
+implements hooks with the ``hookimpl`` marker::
+
+    # pyproject.toml
+    [project.entry-points.dxserve]
+    my_plugin = "my_package.plugin"
+
+    # my_package/plugin.py
+    from dxserve import hookimpl
+
+    @hookimpl
+    def dxserve_model_runtimes():
+        return [MyRuntime]
+
+Installing the package is all it takes: the server finds it at start. The built-in
+lymphoblast classifier registers itself exactly this way.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "dxserve"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def dxserve_model_runtimes() -> list[type]:
+    """Return the model runtimes this plugin provides.
+
+    Each is a subclass of :class:`dxserve.runtime.ModelRuntime` that declares:
+
+    - ``info``: a :class:`~dxserve.runtime.PluginInfo` (unique name, version, labels,
+      input expectations, intended use). Clients address the plugin by ``info.name``.
+    - ``versions()``: the available :class:`~dxserve.runtime.ModelVersion` s, the default
+      first, each with its weights file, SHA-256 and model card. The server refuses to
+      load weights whose hash differs.
+    - ``load()``: load one version's weights. Raising marks the plugin FAILED (with the
+      exception as its reason) while every other plugin keeps serving.
+    - ``predict(batch)``: probabilities for a batch of preprocessed images.
+
+    and may override ``preprocess(image)`` (decoded uint8 RGB -> model input) and
+    ``decide(probabilities)`` (a label, or an explicit indeterminate result).
+    """
+

@@ -1,0 +1,100 @@
+"""Decode and validate request images into uint8 RGB arrays, with clear errors.
+
+Every format is normalised here so a plugin sees one thing: a (H, W, 3) uint8 array.
+16-bit images are scaled to 8 bits, grey is replicated to RGB, and alpha is composited on
+black (the background of segmented-cell images).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ServingError, bad_image
+from .v1 import diagnostics_pb2 as pb
+
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+
+
+def decode(image: pb.Image, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """The request's image as uint8 RGB, or ServingError(INVALID_ARGUMENT)."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        rgb = _decode_encoded(image.encoded, max_pixels)
+        field = "image.encoded"
+    elif kind == "raw":
+        rgb = _decode_raw(image.raw, max_pixels)
+        field = "image.raw"
+    else:
+        raise bad_image("IMAGE_MISSING", "the request carries no image (set image.encoded or image.raw)")
+    height, width = rgb.shape[:2]
+    if min(height, width) < min_side:
+        raise bad_image("IMAGE_TOO_SMALL", f"{width}x{height} px is below the plugin's minimum side of {min_side} px", field)
+    return rgb
+
+
+def _decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
+    if not data:
+        raise bad_image("IMAGE_EMPTY", "image.encoded is empty", "image.encoded")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in FORMATS:
+                    raise bad_image("IMAGE_FORMAT", f"format {image.format} is not accepted (accepted: {', '.join(FORMATS)})", "image.encoded")
+                width, height = image.size
+                # Checked from the header, before any pixel is decoded: a small file can hold a huge image.
+                _check_size(width, height, max_pixels, "image.encoded")
+                image.load()
+                return to_rgb(image)
+    except ServingError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise bad_image("IMAGE_TOO_LARGE", str(error), "image.encoded") from None
+    except UnidentifiedImageError:
+        raise bad_image("IMAGE_UNREADABLE", f"not a readable image ({', '.join(FORMATS)} expected)", "image.encoded") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        # Pillow's words for a truncated or corrupt file.
+        raise bad_image("IMAGE_CORRUPT", f"the image file is damaged: {error}", "image.encoded") from None
+
+
+def _decode_raw(raw: pb.RawImage, max_pixels: int) -> np.ndarray:
+    if raw.width == 0 or raw.height == 0:
+        raise bad_image("IMAGE_EMPTY", f"raw image of {raw.width}x{raw.height} px has no pixels", "image.raw")
+    if raw.channels not in (1, 3, 4):
+        raise bad_image("IMAGE_CHANNELS", f"raw images have 1, 3 or 4 channels, not {raw.channels}", "image.raw.channels")
+    _check_size(raw.width, raw.height, max_pixels, "image.raw")
+    expected = raw.width * raw.height * raw.channels
+    if len(raw.pixels) != expected:
+        raise bad_image(
+            "IMAGE_SIZE_MISMATCH",
+            f"{raw.width}x{raw.height}x{raw.channels} needs {expected} bytes, got {len(raw.pixels)}",
+            "image.raw.pixels",
+        )
+    pixels = np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, raw.channels)
+    return to_rgb(Image.fromarray(pixels[..., 0] if raw.channels == 1 else pixels))
+
+
+def _check_size(width: int, height: int, max_pixels: int, field: str) -> None:
+    if width <= 0 or height <= 0:
+        raise bad_image("IMAGE_EMPTY", f"image of {width}x{height} px has no pixels", field)
+    if width * height > max_pixels:
+        raise bad_image("IMAGE_TOO_LARGE", f"{width}x{height} px exceeds the limit of {max_pixels} pixels", field)
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB (H, W, 3)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: keep the full range, scaled to 8 bits (Pillow's convert("L") clips instead).
+        grey = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if grey.max() > 255 or image.mode.startswith("I;16") else 255.0
+        grey = np.clip(grey / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(black, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,106 @@
+"""What a plugin author implements: a `ModelRuntime` subclass, with `load()` and `predict()`.
+
+The server does the rest: it decodes and validates images (to uint8 RGB arrays), batches
+them, calls `preprocess` and `predict` off the event loop, turns exceptions into gRPC
+errors, and reports state in ListPlugins and health.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What images the plugin accepts, on top of the server's own limits."""
+
+    description: str
+    min_side: int = 1
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A plugin's identity, as ListPlugins shows it."""
+
+    name: str
+    version: str
+    description: str
+    labels: tuple[str, ...]
+    input: InputSpec
+    intended_use: str
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One set of weights. `weights_sha256` is checked against the file before loading."""
+
+    version: str
+    weights: Path
+    weights_sha256: str
+    model_card: str = ""  # Markdown
+    model_card_json: str = ""
+    extra: dict = field(default_factory=dict, compare=False)  # plugin-specific (thresholds, ...)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The plugin's conclusion for one image."""
+
+    label: str  # one of the labels, or INDETERMINATE
+    indeterminate: bool
+    reason: str
+
+
+INDETERMINATE = "indeterminate"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file: what ModelVersion.weights_sha256 must be."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelRuntime:
+    """Base class of a plugin's model; one instance serves one model version.
+
+    Subclasses set `info` and `versions()`, and implement `load` and `predict`. They may
+    override `preprocess` (default: the image as float32 in [0, 1]) and `decide` (default:
+    the most probable label).
+    """
+
+    info: ClassVar[PluginInfo]
+    #: Largest batch this model takes in one `predict` call (the server may send fewer).
+    max_batch_size: ClassVar[int] = 32
+
+    def __init__(self, version: ModelVersion):
+        self.version = version
+
+    @classmethod
+    def versions(cls) -> Sequence[ModelVersion]:
+        """The model versions available, the default first."""
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Load `self.version`'s weights. Raise to mark the plugin failed."""
+        raise NotImplementedError
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """uint8 RGB (H, W, 3) -> one model input. Runs in a worker thread, per image."""
+        return image.astype(np.float32) / 255.0
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Stacked `preprocess` outputs -> probabilities (n, len(info.labels)), rows summing to 1."""
+        raise NotImplementedError
+
+    def decide(self, probabilities: np.ndarray) -> Decision:
+        """The decision for one image's probabilities; override for thresholds or abstention."""
+        top = int(np.argmax(probabilities))
+        return Decision(self.info.labels[top], False, "most probable label")

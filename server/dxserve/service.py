@@ -1,0 +1,154 @@
+"""The dxserve.v1.DiagnosticsService implementation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_status import rpc_status
+
+from . import errors, images, metrics
+from .batcher import Batcher, Result
+from .config import Settings
+from .registry import FAILED, LOADING, PluginEntry
+from .v1 import diagnostics_pb2 as pb
+from .v1 import diagnostics_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dxserve.service")
+
+STATES = {LOADING: pb.PLUGIN_STATE_LOADING, "READY": pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
+
+
+class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
+    def __init__(self, plugins: dict[str, PluginEntry], settings: Settings):
+        self.plugins = plugins
+        self.settings = settings
+        self.stopping = False
+        # Decoding and preprocessing run here, in parallel across requests, off the event loop.
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def ListPlugins(self, request: pb.ListPluginsRequest, context) -> pb.ListPluginsResponse:
+        return pb.ListPluginsResponse(plugins=[self._describe(e) for e in self.plugins.values()])
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        request_id = request.request_id or str(uuid.uuid4())
+        try:
+            return await self._classify(request, request_id, context.time_remaining())
+        except errors.ServingError as error:
+            metrics.ERRORS.labels(request.plugin, error.code.name).inc()
+            await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        # Items run concurrently (so they share batches) but are answered in request order.
+        # The bounded window stops reading from a client that sends faster than we classify.
+        window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(self.settings.stream_window)
+
+        async def read() -> None:
+            index = 0
+            async for request in request_iterator:
+                await window.put(asyncio.ensure_future(self._stream_item(request, index, context.time_remaining())))
+                index += 1
+            await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await window.get()) is not None:
+                yield await task
+            await reader
+        finally:  # the client left or the call ended: drop what it will never read
+            reader.cancel()
+            while not window.empty():
+                if (task := window.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
+        request_id = request.request_id or str(uuid.uuid4())
+        try:
+            result = await self._classify(request, request_id, timeout)
+        except errors.ServingError as error:
+            metrics.ERRORS.labels(request.plugin, error.code.name).inc()
+            return pb.ClassifyStreamResponse(request_id=request_id, index=index, error=error.to_status())
+        return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=result)
+
+    async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None) -> pb.ClassifyResponse:
+        started = time.monotonic()
+        entry, batcher = self._route(request)
+        runtime = batcher.runtime
+        loop = asyncio.get_running_loop()
+        model_input = await loop.run_in_executor(self._decode_pool, self._prepare, request.image, batcher)
+        remaining = None if timeout is None else timeout - (time.monotonic() - started)
+        if remaining is not None and remaining <= 0:
+            raise errors.deadline_exceeded(entry.name)
+        result = await batcher.submit(model_input, remaining)
+        metrics.LATENCY.labels(entry.name).observe(time.monotonic() - started)
+        return self._response(request_id, entry, runtime, result)
+
+    def _prepare(self, image: pb.Image, batcher: Batcher):
+        """Decode, validate and preprocess one image (in a worker thread)."""
+        runtime = batcher.runtime
+        rgb = images.decode(image, self.settings.max_image_pixels, runtime.info.input.min_side)
+        try:
+            return runtime.preprocess(rgb)
+        except Exception as error:
+            raise errors.plugin_crashed(batcher.plugin, error) from None
+
+    def _route(self, request: pb.ClassifyRequest) -> tuple[PluginEntry, Batcher]:
+        if self.stopping:
+            raise errors.unavailable(request.plugin, "the server is shutting down", "SHUTTING_DOWN")
+        entry = self.plugins.get(request.plugin)
+        if entry is None:
+            known = ", ".join(self.plugins) or "none"
+            raise errors.not_found("plugin", request.plugin, f"unknown plugin {request.plugin!r} (known: {known})")
+        if entry.state == LOADING:
+            raise errors.unavailable(entry.name, f"plugin {entry.name!r} is still loading", "PLUGIN_LOADING", retry_after_s=1)
+        if entry.state == FAILED:
+            raise errors.unavailable(entry.name, f"plugin {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
+        version = request.model_version or entry.default_version
+        batcher = entry.batchers.get(version)
+        if batcher is None:
+            raise errors.not_found("model_version", f"{entry.name}/{version}",
+                                   f"plugin {entry.name!r} has no model version {version!r} (has: {', '.join(entry.batchers)})")
+        return entry, batcher
+
+    def _response(self, request_id: str, entry: PluginEntry, runtime, result: Result) -> pb.ClassifyResponse:
+        labels = runtime.info.labels
+        top = int(result.probabilities.argmax())
+        return pb.ClassifyResponse(
+            request_id=request_id,
+            plugin=entry.name,
+            model_version=runtime.version.version,
+            weights_sha256=runtime.version.weights_sha256,
+            probabilities=[pb.LabelProbability(label=l, probability=float(p)) for l, p in zip(labels, result.probabilities)],
+            top_label=labels[top],
+            confidence=float(result.probabilities[top]),
+            decision=pb.Decision(label=result.decision.label, indeterminate=result.decision.indeterminate,
+                                 reason=result.decision.reason),
+            timing=pb.Timing(queued_ms=result.queued_ms, model_ms=result.model_ms, batch_size=result.batch_size),
+        )
+
+    def _describe(self, entry: PluginEntry) -> pb.PluginInfo:
+        info = entry.info
+        message = pb.PluginInfo(name=entry.name, state=STATES[entry.state], state_reason=entry.reason,
+                                default_model_version=entry.default_version)
+        if info is not None:
+            message.version, message.description, message.intended_use = info.version, info.description, info.intended_use
+            message.labels.extend(info.labels)
+            message.input.CopyFrom(pb.InputSpec(
+                formats=images.FORMATS, max_pixels=self.settings.max_image_pixels,
+                max_message_bytes=self.settings.max_message_bytes, min_side=info.input.min_side,
+                description=info.input.description,
+            ))
+        for v in entry.versions:
+            message.model_versions.add(version=v.version, weights_sha256=v.weights_sha256,
+                                       model_card=v.model_card, model_card_json=v.model_card_json)
+        return message

@@ -1,0 +1,174 @@
+from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PluginState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLUGIN_STATE_UNSPECIFIED: _ClassVar[PluginState]
+    PLUGIN_STATE_LOADING: _ClassVar[PluginState]
+    PLUGIN_STATE_READY: _ClassVar[PluginState]
+    PLUGIN_STATE_FAILED: _ClassVar[PluginState]
+PLUGIN_STATE_UNSPECIFIED: PluginState
+PLUGIN_STATE_LOADING: PluginState
+PLUGIN_STATE_READY: PluginState
+PLUGIN_STATE_FAILED: PluginState
+
+class ListPluginsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPluginsResponse(_message.Message):
+    __slots__ = ("plugins",)
+    PLUGINS_FIELD_NUMBER: _ClassVar[int]
+    plugins: _containers.RepeatedCompositeFieldContainer[PluginInfo]
+    def __init__(self, plugins: _Optional[_Iterable[_Union[PluginInfo, _Mapping]]] = ...) -> None: ...
+
+class PluginInfo(_message.Message):
+    __slots__ = ("name", "version", "description", "labels", "model_versions", "default_model_version", "input", "intended_use", "state", "state_reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    description: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    model_versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    default_model_version: str
+    input: InputSpec
+    intended_use: str
+    state: PluginState
+    state_reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_model_version: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., intended_use: _Optional[str] = ..., state: _Optional[_Union[PluginState, str]] = ..., state_reason: _Optional[str] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "weights_sha256", "model_card", "model_card_json")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    weights_sha256: str
+    model_card: str
+    model_card_json: str
+    def __init__(self, version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., model_card: _Optional[str] = ..., model_card_json: _Optional[str] = ...) -> None: ...
+
+class InputSpec(_message.Message):
+    __slots__ = ("formats", "max_pixels", "max_message_bytes", "min_side", "description")
+    FORMATS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIDE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    formats: _containers.RepeatedScalarFieldContainer[str]
+    max_pixels: int
+    max_message_bytes: int
+    min_side: int
+    description: str
+    def __init__(self, formats: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., min_side: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "raw")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawImage
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class RawImage(_message.Message):
+    __slots__ = ("pixels", "width", "height", "channels")
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    pixels: bytes
+    width: int
+    height: int
+    channels: int
+    def __init__(self, pixels: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("request_id", "plugin", "model_version", "image")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    plugin: str
+    model_version: str
+    image: Image
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class LabelProbability(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("label", "indeterminate", "reason")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    indeterminate: bool
+    reason: str
+    def __init__(self, label: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queued_ms", "model_ms", "batch_size")
+    QUEUED_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queued_ms: float
+    model_ms: float
+    batch_size: int
+    def __init__(self, queued_ms: _Optional[float] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    plugin: str
+    model_version: str
+    weights_sha256: str
+    probabilities: _containers.RepeatedCompositeFieldContainer[LabelProbability]
+    top_label: str
+    confidence: float
+    decision: Decision
+    timing: Timing
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("request_id", "index", "result", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    index: int
+    result: ClassifyResponse
+    error: _status_pb2.Status
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,117 @@
+"""Shared fixtures: a real server in a subprocess on a free loopback port, with the
+lymphoblast plugin and the test plugins of tests/plugins/site installed next to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SITE = ROOT / "tests" / "plugins" / "site"
+FIXTURES = ROOT / "tests" / "fixtures"
+DATA = ROOT.parent / "shared" / "data" / "cnmc2019"
+
+# In-process tests see the test plugins as installed too.
+sys.path.insert(0, str(TEST_SITE))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, services: list[str], timeout_s: float = 180.0, credentials=None) -> None:
+    """Block until every named health service answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        for service in services:
+            while True:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{service or 'server'} not SERVING at {address} after {timeout_s} s")
+                time.sleep(0.2)
+    finally:
+        channel.close()
+
+
+class ServerProcess:
+    """`dxserve serve` in a subprocess; stop() sends SIGTERM and returns the exit code."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, tmp: Path):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_SITE), os.environ.get("PYTHONPATH", "")]),
+                       "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dxserve.cli", "serve", "--address", self.address, *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, env=environment,
+        )
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> ServerProcess:
+    """One server for the session: lymphoblast, brightness, flaky, and two broken plugins."""
+    proc = ServerProcess("--max-batch-wait-ms", "5", "--max-message-bytes", str(4 * 1024 * 1024),
+                         "--max-image-pixels", "4000000", tmp=tmp_path_factory.mktemp("server"))
+    try:
+        wait_serving(proc.address, ["", "dxserve.v1.DiagnosticsService/lymphoblast", "dxserve.v1.DiagnosticsService/brightness"])
+    except TimeoutError:
+        proc.stop()
+        raise AssertionError("server did not start:\n" + proc.logs()[-5000:])
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"server exited {code} on SIGTERM:\n{proc.logs()[-3000:]}"
+
+
+@pytest.fixture
+def client(server):
+    from dxserve_client import Client
+
+    with Client(server.address, timeout_s=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def cell_paths() -> list[Path]:
+    """The shipped sample cells (tests/fixtures/cells, with attribution)."""
+    return sorted((FIXTURES / "cells").glob("*.png"))
+
+
+def png_bytes(array: np.ndarray, **save_args) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", **save_args)
+    return buffer.getvalue()

@@ -47,6 +47,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._loading: asyncio.Task | None = None
+        self._stopping = False
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -84,7 +85,7 @@ class Server:
 
     async def _set_overall(self) -> None:
         # The server as a whole serves once any plugin does; per-plugin names tell the rest.
-        serving = not self.service.stopping and any(e.state == READY for e in self.plugins.values())
+        serving = not self._stopping and any(e.state == READY for e in self.plugins.values())
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(health.OVERALL_HEALTH, status)
         await self.health.set(SERVICE_NAME, status)
@@ -99,7 +100,7 @@ class Server:
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful: health goes NOT_SERVING, new calls are refused, calls in flight finish."""
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
-        self.service.stopping = True
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace_s})
         await self._server.stop(grace_s)

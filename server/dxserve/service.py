@@ -28,7 +28,6 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     def __init__(self, plugins: dict[str, PluginEntry], settings: Settings):
         self.plugins = plugins
         self.settings = settings
-        self.stopping = False
         # Decoding and preprocessing run here, in parallel across requests, off the event loop.
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
@@ -103,8 +102,6 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             raise errors.plugin_crashed(batcher.plugin, error) from None
 
     def _route(self, request: pb.ClassifyRequest) -> tuple[PluginEntry, Batcher]:
-        if self.stopping:
-            raise errors.unavailable(request.plugin, "the server is shutting down", "SHUTTING_DOWN")
         entry = self.plugins.get(request.plugin)
         if entry is None:
             known = ", ".join(self.plugins) or "none"

@@ -71,6 +71,45 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Score a weights version on labelled images, through the same code path as serving."""
+    import numpy as np
+
+    from .data import read_manifest
+    from .metrics import plot, summarise
+    from .plugin import LymphoblastRuntime, shipped_versions
+
+    root = args.data.parent if args.data.is_file() else args.data
+    rows = read_manifest(root)
+    versions = {v.version: v for v in shipped_versions(args.models)}
+    version = versions.get(args.version) if args.version else next(iter(versions.values()), None)
+    if version is None:
+        print(f"no model version {args.version!r} in {args.models} (have: {', '.join(versions)})", file=sys.stderr)
+        return 2
+    runtime = LymphoblastRuntime(version)
+    runtime.load()
+    from PIL import Image
+    from tqdm import tqdm
+
+    probabilities = []
+    for start in tqdm(range(0, len(rows), 64), unit="batch", file=sys.stderr):
+        batch = [runtime.preprocess(np.asarray(Image.open(root / r["path"]).convert("RGB"))) for r in rows[start:start + 64]]
+        probabilities.append(runtime.predict(np.stack(batch))[:, 0])
+    p = np.concatenate(probabilities)
+    labels = np.array([1 if r["label"] == "all" else 0 for r in rows])
+    subjects = np.array([r["subject"] for r in rows])
+    report = summarise(p, labels, subjects, runtime.thresholds)
+    report.update(model_version=version.version, weights_sha256=version.weights_sha256, data=str(args.data))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots = plot(p, labels, args.out, f"{version.version} on {args.data.name}", runtime.thresholds.operating_point)
+    print(f"weighted F1 {report['weighted_f1']:.3f}, sensitivity {report['sensitivity']:.3f}, specificity "
+          f"{report['specificity']:.3f}, AUROC {report['auroc'] if report['auroc'] is None else round(report['auroc'], 3)}, "
+          f"ECE {report['ece']:.3f}, indeterminate {report['indeterminate_fraction']:.3f}")
+    print(f"wrote {args.out / 'report.json'} and {', '.join(p.name for p in plots)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dxserve-lymphoblast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=train_command)
+
+    evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")
+    evaluate.add_argument("--data", type=Path, required=True, help="folder of *_all/*_hem images, or a manifest.csv")
+    evaluate.add_argument("--version", default="", help="weights version (default: the newest shipped)")
+    evaluate.add_argument("--models", type=Path, default=MODELS_DIR)
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for report.json and the PNG plots")
+    evaluate.set_defaults(run=evaluate_command)
 
     args = parser.parse_args(argv)
     return args.run(args)

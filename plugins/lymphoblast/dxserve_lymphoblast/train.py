@@ -61,6 +61,7 @@ def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | No
         validation_data=dataset(val, 128, training=False),
         epochs=config.epochs,
         callbacks=[stop],
+        shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
     )
     return without_optimizer(model), {k: [float(v) for v in vals] for k, vals in history.history.items()}
@@ -82,8 +83,9 @@ def predict_logits(model, cells: Cells) -> np.ndarray:
 def inner_split(cells: Cells, config: TrainConfig) -> tuple[Cells, Cells]:
     """Split training subjects once more: a subject-held-out validation set for early
     stopping and temperature fitting, never used for the reported test metrics."""
-    # One fifth of the groups, whatever the outer fold count.
-    train_idx, val_idx = grouped_folds(cells, 5, config.seed + 1)[0]
+    # About a fifth of the groups, whatever the outer fold count.
+    n_splits = max(2, min(5, len(set(cells.groups.tolist()))))
+    train_idx, val_idx = grouped_folds(cells, n_splits, config.seed + 1)[0]
     return cells.subset(train_idx), cells.subset(val_idx)
 
 

@@ -1,0 +1,135 @@
+"""Dynamic batching with a fake model, in process."""
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from dxserve import InputSpec, ModelRuntime, ModelVersion, PluginInfo
+from dxserve.batcher import Batcher
+from dxserve.errors import ServingError
+
+
+class FakeRuntime(ModelRuntime):
+    info = PluginInfo("fake", "0", "", ("a", "b"), InputSpec(""), "")
+
+    def __init__(self, gate: threading.Event | None = None):
+        super().__init__(ModelVersion("1", None, ""))
+        self.batches: list[int] = []
+        self.gate = gate
+
+    def predict(self, batch):
+        if self.gate:
+            self.gate.wait(5)
+        if np.any(batch < 0):
+            raise ValueError("negative input")
+        self.batches.append(len(batch))
+        p = batch.reshape(len(batch), -1)[:, :1].clip(0, 1)
+        return np.hstack([p, 1 - p])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_batcher(runtime, coro, **kwargs):
+    options = {"max_batch_size": 8, "max_wait_s": 0.05, "max_queue_size": 100, **kwargs}
+    batcher = Batcher("fake", runtime, **options)
+    batcher.start()
+    try:
+        return await coro(batcher)
+    finally:
+        await batcher.stop()
+
+
+def test_concurrent_items_share_batches_up_to_the_limit():
+    runtime = FakeRuntime()
+
+    async def go(batcher):
+        results = await asyncio.gather(*(batcher.submit(np.array([i / 20])) for i in range(20)))
+        return results
+
+    results = run(_with_batcher(runtime, go))
+    assert sorted(runtime.batches, reverse=True)[:2] == [8, 8] and sum(runtime.batches) == 20
+    assert [round(r.probabilities[0], 3) for r in results] == [round(i / 20, 3) for i in range(20)]
+    assert all(r.batch_size in runtime.batches for r in results)
+
+
+def test_lone_item_waits_at_most_max_wait():
+    runtime = FakeRuntime()
+
+    async def go(batcher):
+        return await asyncio.wait_for(batcher.submit(np.array([0.5])), 2)
+
+    result = run(_with_batcher(runtime, go, max_wait_s=0.01))
+    assert runtime.batches == [1] and result.queued_ms < 1000
+
+
+def test_full_queue_is_resource_exhausted():
+    gate = threading.Event()
+    runtime = FakeRuntime(gate)
+
+    async def go(batcher):
+        first = asyncio.ensure_future(batcher.submit(np.array([0.1])))
+        await asyncio.sleep(0.05)  # the worker is now blocked in predict
+        waiting = [asyncio.ensure_future(batcher.submit(np.array([0.1]))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ServingError) as caught:
+            await batcher.submit(np.array([0.1]))
+        gate.set()
+        await asyncio.gather(first, *waiting)
+        return caught.value
+
+    error = run(_with_batcher(runtime, go, max_queue_size=2))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_cancelled_and_expired_items_never_reach_the_model():
+    gate = threading.Event()
+    runtime = FakeRuntime(gate)
+
+    async def go(batcher):
+        first = asyncio.ensure_future(batcher.submit(np.array([0.1])))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit(np.array([0.2])))
+        late = asyncio.ensure_future(batcher.submit(np.array([0.3]), timeout_s=0.01))
+        kept = asyncio.ensure_future(batcher.submit(np.array([0.4])))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        gate.set()
+        await first
+        with pytest.raises(ServingError) as caught:
+            await late
+        await kept
+        return caught.value, batcher.dropped
+
+    error, dropped = run(_with_batcher(runtime, go))
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert dropped == 2
+    assert runtime.batches == [1, 1]  # first, then kept alone
+
+
+def test_an_item_that_breaks_predict_fails_alone():
+    runtime = FakeRuntime()
+
+    async def go(batcher):
+        return await asyncio.gather(*(batcher.submit(np.array([v])) for v in (0.1, -1.0, 0.3)), return_exceptions=True)
+
+    good1, bad, good2 = run(_with_batcher(runtime, go))
+    assert isinstance(bad, ServingError) and bad.code == grpc.StatusCode.INTERNAL
+    assert "negative input" in bad.message
+    assert good1.probabilities[0] == pytest.approx(0.1) and good2.probabilities[0] == pytest.approx(0.3)
+
+
+def test_wrong_output_shape_is_an_internal_error():
+    class Wrong(FakeRuntime):
+        def predict(self, batch):
+            return np.ones((len(batch), 3))
+
+    async def go(batcher):
+        return await asyncio.gather(batcher.submit(np.array([0.1])), return_exceptions=True)
+
+    (error,) = run(_with_batcher(Wrong(), go))
+    assert error.code == grpc.StatusCode.INTERNAL and "shape" in error.message

@@ -1,0 +1,91 @@
+"""dxserve-client against the session server: folders, formats, exit codes, watching."""
+
+import csv
+import io
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from dxserve_client.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_plugins(server, capsys):
+    code, out, _ = run(capsys, "--server", server.address, "list-plugins")
+    assert code == 0
+    assert "lymphoblast" in out and "[READY]" in out and "[FAILED]" in out and "sha256=" in out
+    code, out, _ = run(capsys, "--server", server.address, "list-plugins", "--format", "json")
+    assert {p["name"] for p in json.loads(out)} >= {"lymphoblast", "brightness"}
+
+
+def test_classify_folder_as_csv(server, capsys, cell_paths, tmp_path):
+    folder = tmp_path / "smear"
+    (folder / "sub").mkdir(parents=True)
+    for path in cell_paths[:3]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(cell_paths[3], folder / "sub" / cell_paths[3].name)
+    code, out, err = run(capsys, "--server", server.address, "classify", str(folder), "--format", "csv", "--quiet")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 4 and rows[-1]["path"].endswith(f"sub/{cell_paths[3].name}")
+    for row in rows:
+        assert row["label"] in ("lymphoblast", "normal", "indeterminate")
+        assert float(row["p_lymphoblast"]) + float(row["p_normal"]) == pytest.approx(1, abs=1e-4)
+        assert len(row["weights_sha256"]) == 64 and row["model_version"] and not row["error_code"]
+    assert "4 images, 4 classified, 0 failed" in err
+
+
+def test_classify_reports_failed_items_and_exits_1(server, capsys, cell_paths, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--server", server.address, "classify", str(cell_paths[0]), str(bad), str(cell_paths[1]),
+                       "--format", "jsonl", "--output", str(output), "--quiet")
+    assert code == 1
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["error_code"] for r in records] == ["", "INVALID_ARGUMENT", ""]
+    assert records[1]["path"] == str(bad)
+    assert "image" in records[1]["error_message"]
+    assert records[2]["p_lymphoblast"] != ""
+    assert "1 failed" in err
+
+
+def test_table_output(server, capsys, cell_paths):
+    code, out, _ = run(capsys, "--server", server.address, "classify", str(cell_paths[0]), "--quiet")
+    assert code == 0 and cell_paths[0].name in out and "sha256" in out
+
+
+def test_unknown_plugin_exits_2(server, capsys, cell_paths):
+    code, _, err = run(capsys, "--server", server.address, "classify", str(cell_paths[0]), "--plugin", "nope")
+    assert code == 2 and "unknown plugin" in err
+
+
+def test_watch_classifies_new_files(server, capsys, cell_paths, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(cell_paths[0], inbox / "first.png")
+
+    def arrive_later():
+        time.sleep(1.0)
+        shutil.copy(cell_paths[1], inbox / "second.png")
+
+    threading.Thread(target=arrive_later).start()
+    code, out, _ = run(capsys, "--server", server.address, "classify", str(inbox), "--watch", "--poll-interval", "0.2",
+                       "--idle-exit", "3", "--format", "jsonl", "--quiet")
+    assert code == 0
+    assert [json.loads(line)["path"].rsplit("/", 1)[-1] for line in out.splitlines()] == ["first.png", "second.png"]
+
+
+def test_unreachable_server_exits_2(capsys, cell_paths):
+    from conftest import free_port
+
+    code, _, err = run(capsys, "--server", f"127.0.0.1:{free_port()}", "--timeout", "2", "list-plugins")
+    assert code == 2 and "UNAVAILABLE" in err

@@ -1,0 +1,78 @@
+"""Image decoding and validation, in process."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import png_bytes
+from dxserve.errors import ServingError
+from dxserve.images import decode
+from dxserve.v1 import diagnostics_pb2 as pb
+
+
+def encoded(data: bytes) -> pb.Image:
+    return pb.Image(encoded=data)
+
+
+def test_rgb_png_round_trips():
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), np.uint8)
+    np.testing.assert_array_equal(decode(encoded(png_bytes(rgb)), 10_000), rgb)
+
+
+def test_grey_is_replicated_to_rgb():
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    out = decode(encoded(png_bytes(grey)), 10_000)
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_array_equal(out[..., 0], grey)
+    np.testing.assert_array_equal(out[..., 2], grey)
+
+
+def test_16_bit_keeps_its_range():
+    deep = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    buffer = io.BytesIO()
+    Image.fromarray(deep).save(buffer, format="PNG")
+    out = decode(encoded(buffer.getvalue()), 10_000)
+    assert out.dtype == np.uint8
+    assert out[0, 0, 0] == 0 and out[3, 3, 0] == 255
+    assert len(np.unique(out[..., 0])) == 16  # not clipped to a few values
+
+
+def test_alpha_is_composited_on_black():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[:2, :, 3] = 255  # top half opaque, bottom half transparent
+    out = decode(encoded(png_bytes(rgba)), 10_000)
+    assert (out[:2] == 200).all() and (out[2:] == 0).all()
+
+
+def test_raw_grey_and_rgba():
+    grey = pb.Image(raw=pb.RawImage(pixels=bytes(range(16)), width=4, height=4, channels=1))
+    assert decode(grey, 100).shape == (4, 4, 3)
+    rgba = pb.Image(raw=pb.RawImage(pixels=b"\xff" * 64, width=4, height=4, channels=4))
+    assert (decode(rgba, 100) == 255).all()
+
+
+@pytest.mark.parametrize("image, reason", [
+    (pb.Image(), "IMAGE_MISSING"),
+    (encoded(b""), "IMAGE_EMPTY"),
+    (encoded(b"GIF89a nonsense"), "IMAGE_UNREADABLE"),
+    (pb.Image(raw=pb.RawImage(pixels=b"\0" * 8, width=2, height=2, channels=2)), "IMAGE_CHANNELS"),
+    (pb.Image(raw=pb.RawImage(pixels=b"\0" * 300, width=10, height=10, channels=3)), "IMAGE_TOO_LARGE"),
+])
+def test_errors_name_their_reason(image, reason):
+    with pytest.raises(ServingError) as caught:
+        decode(image, max_pixels=50)
+    status = caught.value.to_status()
+    assert status.code == 3  # INVALID_ARGUMENT
+    assert any(reason.encode() in d.value for d in status.details)
+
+
+def test_size_is_checked_before_decoding():
+    # 6000 x 6000 of zeros compresses to a few KB; the limit must trip on the header alone.
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 200_000
+    with pytest.raises(ServingError, match="exceeds the limit"):
+        decode(encoded(buffer.getvalue()), max_pixels=1_000_000)

@@ -1,0 +1,85 @@
+"""Server lifecycle in its own processes: graceful shutdown, TLS, metrics."""
+
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServerProcess, free_port, wait_serving
+from dxserve_client import Client, DxServeError
+
+LIGHT = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")  # no TensorFlow: starts in a second
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
+    server = ServerProcess(*LIGHT, "--grace-period-s", "20", tmp=tmp_path)
+    try:
+        wait_serving(server.address, ["dxserve.v1.DiagnosticsService/brightness"], timeout_s=60)
+        first_result = threading.Event()
+
+        def slow_images():
+            for i in range(15):
+                if i == 3:
+                    first_result.wait(10)
+                    server.process.send_signal(15)  # SIGTERM while the stream is open
+                    time.sleep(0.5)
+                yield np.full((8, 8, 3), i * 15, np.uint8)
+                time.sleep(0.05)
+
+        with Client(server.address) as client:
+            results = []
+            for result in client.classify_stream(slow_images(), plugin="brightness"):
+                results.append(result)
+                first_result.set()
+            assert len(results) == 15 and all(r.ok for r in results)
+            with pytest.raises(DxServeError) as caught:  # new calls are refused
+                client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness", timeout_s=5)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
+    assert '"shutting down"' in server.logs() or "shutting down" in server.logs()
+
+
+def test_health_goes_not_serving_on_sigterm(tmp_path):
+    server = ServerProcess(*LIGHT, "--grace-period-s", "3", tmp=tmp_path)
+    try:
+        wait_serving(server.address, [""], timeout_s=60)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            server.process.send_signal(15)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_and_metrics(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    metrics_port = free_port()
+    server = ServerProcess(*LIGHT, "--tls-cert", str(cert), "--tls-key", str(key), "--metrics-port", str(metrics_port), tmp=tmp_path)
+    try:
+        wait_serving(server.address, ["dxserve.v1.DiagnosticsService/brightness"], timeout_s=60,
+                     credentials=grpc.ssl_channel_credentials(cert.read_bytes()))
+        with Client(server.address, root_certificates=cert.read_bytes()) as client:
+            assert client.classify(np.full((8, 8, 3), 250, np.uint8), plugin="brightness").top_label == "bright"
+        with Client(server.address, timeout_s=3) as plaintext:
+            with pytest.raises(DxServeError) as caught:
+                plaintext.list_plugins()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'dxserve_classify_seconds_count{plugin="brightness"} 1.0' in body
+        assert 'dxserve_batch_size_count{plugin="brightness"} 1.0' in body
+    finally:
+        assert server.stop() == 0

@@ -1,0 +1,202 @@
+"""The lymphoblast plugin: preprocessing, calibration, thresholds, a tiny training run, the
+shipped weights and the evaluate command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES
+from dxserve_lymphoblast.calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
+from dxserve_lymphoblast.preprocess import crop_to_cell, prepare
+
+
+def cell(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def synthetic_cell(size: int = 120, radius: int = 30, centre=(40, 70), colour=(130, 70, 150)) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    image = np.zeros((size, size, 3), np.uint8)
+    image[(yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2] = colour
+    return image
+
+
+def test_crop_centres_the_cell_with_a_margin():
+    out = crop_to_cell(synthetic_cell())
+    assert out.shape[0] == out.shape[1] and 61 <= out.shape[0] <= 70
+    mask = out.max(axis=-1) > 12
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    assert abs((rows[0] + rows[-1]) / 2 - out.shape[0] / 2) <= 1.5
+    assert rows[0] > 0 and cols[0] > 0  # black margin kept
+
+
+def test_crop_of_a_cell_at_the_border_is_padded_black():
+    out = crop_to_cell(synthetic_cell(centre=(5, 5)))
+    assert out.shape[0] == out.shape[1] and out[0, 0].max() == 0
+
+
+def test_prepare_is_scale_invariant(cell_paths):
+    rgb = cell(cell_paths[0])
+    small = np.asarray(Image.fromarray(rgb).resize((225, 225), Image.Resampling.LANCZOS))
+    a, b = prepare(rgb, 64), prepare(small, 64)
+    assert a.shape == (64, 64, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert np.abs(a - b).mean() < 0.03
+
+
+def test_stain_normalisation_cancels_a_colour_cast(cell_paths):
+    from dxserve_lymphoblast.model import StainNormalisation
+
+    x = prepare(cell(cell_paths[0]), 64)[None]
+    cast = np.clip(x * np.array([0.8, 1.15, 0.9], np.float32), 0, 1)
+    layer = StainNormalisation((0.5, 0.3, 0.55))
+    a, b = np.asarray(layer(x)), np.asarray(layer(cast))
+    assert np.abs(x - cast).mean() > 0.02
+    assert np.abs(a - b).mean() < 0.01
+
+
+def test_temperature_scaling_recovers_the_true_temperature():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, 20000)
+    labels = (rng.random(20000) < 1 / (1 + np.exp(-z / 2.5))).astype(int)  # logits twice too sharp
+    t = fit_temperature(z, labels)
+    assert t == pytest.approx(2.5, rel=0.1)
+    before = expected_calibration_error(1 / (1 + np.exp(-z)), labels)
+    after = expected_calibration_error(1 / (1 + np.exp(-z / t)), labels)
+    assert before > 0.05 and after < 0.02
+
+
+def test_ece_of_perfect_and_of_overconfident_predictions():
+    labels = np.array([1, 0] * 50)
+    assert expected_calibration_error(np.where(labels == 1, 1.0, 0.0), labels) == pytest.approx(0.0)
+    assert expected_calibration_error(np.full(100, 0.99), labels) == pytest.approx(0.49, abs=0.01)
+
+
+def test_thresholds_meet_the_sensitivity_target_and_bound_the_band():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(700, int), np.zeros(300, int)]
+    p = np.clip(np.r_[rng.beta(5, 2, 700), rng.beta(2, 5, 300)], 0, 1)
+    th = choose_thresholds(p, labels, target_sensitivity=0.95, max_indeterminate=0.2)
+    assert ((p >= th.operating_point) & (labels == 1)).sum() / 700 >= 0.95
+    assert th.lower <= th.operating_point <= th.upper
+    decision = th.decide(p)
+    assert (decision == -1).mean() <= 0.2
+    decided = decision >= 0
+    assert (decision[decided] == labels[decided]).mean() > ((p >= th.operating_point) == labels).mean()
+
+
+def test_thresholds_decide():
+    th = Thresholds(operating_point=0.4, lower=0.3, upper=0.5, target_sensitivity=0.95, target_decided_accuracy=0.95)
+    assert th.decide(np.array([0.1, 0.3, 0.45, 0.5, 0.9])).tolist() == [0, -1, -1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny_version(tmp_path_factory, cell_paths):
+    """Train, cross-validate and write a weights version on the fixture cells at 32 px."""
+    from dxserve_lymphoblast.calibration import Thresholds
+    from dxserve_lymphoblast.card import write_card
+    from dxserve_lymphoblast.data import load_cells
+    from dxserve_lymphoblast.train import TrainConfig, cross_validate, train_final
+
+    root = tmp_path_factory.mktemp("cells")
+    # Four rotated copies of each cell, each under its own subject id: 24 subjects.
+    for path in cell_paths:
+        for k in range(4):
+            Image.fromarray(np.rot90(cell(path), k)).save(root / path.name.replace("UID_", f"UID_{k}"))
+    cells = load_cells(root, 32, cache_dir=None, workers=1)
+    config = TrainConfig(image_size=32, stem=8, widths=(8, 16), mlp_units=8, epochs=2, batch_size=8, folds=2, patience=1)
+    report = cross_validate(cells, config, log=lambda *_: None)
+    model, temperature, final = train_final(cells, config, Thresholds(**report["thresholds"]), log=lambda *_: None)
+    version_dir = tmp_path_factory.mktemp("models") / "0.0.1"
+    version_dir.mkdir()
+    model.save(version_dir / "model.keras")
+    report["protocol"] = "test"
+    card = {"plugin": "lymphoblast", "version": "0.0.1", "trained_at": "now", "training_seconds": 1.0, "machine": "test",
+            "command": "test", "architecture": "tiny", "input": {"image_size": 32}, "intended_use": "tests",
+            "data": {"name": "fixtures", "description": "", "license": "CC BY 3.0", "citation": "", "images": len(cells),
+                     "lymphoblasts": 12, "normals": 12, "subjects": 24, "subject_groups": 24},
+            "evaluation": report, "calibration": {"temperature": temperature}, "thresholds": report["thresholds"],
+            "limitations": ["tiny"], "training": {"final": final}}
+    write_card(version_dir, card)
+    return version_dir, report, cells
+
+
+def test_cross_validation_reports_per_fold_and_per_subject(tiny_version):
+    _, report, cells = tiny_version
+    assert len(report["folds"]) == 2
+    tested = [s for fold in report["folds"] for s in fold["per_subject"]]
+    assert sorted(tested) == sorted(set(cells.subjects.tolist()))  # every subject tested exactly once
+    for fold in report["folds"]:
+        assert 0 <= fold["weighted_f1"] <= 1 and fold["temperature"] > 0
+    assert set(report["across_folds"]["weighted_f1"]) == {"mean", "std", "min", "max"}
+    assert "indeterminate_fraction" in report["pooled_out_of_fold"]
+
+
+def test_written_version_loads_and_serves(tiny_version, cell_paths):
+    from dxserve.runtime import sha256_of
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+
+    version_dir, _, _ = tiny_version
+    (version,) = shipped_versions(version_dir.parent)
+    assert version.weights_sha256 == sha256_of(version_dir / "model.keras")
+    assert "# Model card: lymphoblast classifier 0.0.1" in version.model_card
+    runtime = LymphoblastRuntime(version)
+    runtime.load()
+    batch = np.stack([runtime.preprocess(cell(p)) for p in cell_paths])
+    p = runtime.predict(batch)
+    assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
+    decisions = [runtime.decide(row) for row in p]
+    assert all(d.label in ("lymphoblast", "normal", "indeterminate") for d in decisions)
+
+
+def test_shipped_weights_match_their_card():
+    from dxserve.runtime import sha256_of
+    from dxserve_lymphoblast.plugin import shipped_versions
+
+    versions = shipped_versions()
+    assert versions, "no shipped weights"
+    for version in versions:
+        card = json.loads(version.model_card_json)
+        assert sha256_of(version.weights) == card["weights"]["sha256"] == version.weights_sha256
+        assert version.weights.stat().st_size <= 20 * 1024 * 1024
+        for key in ("evaluation", "calibration", "thresholds", "intended_use", "limitations", "data"):
+            assert key in card
+
+
+@pytest.fixture(scope="module")
+def shipped_runtime():
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+
+    runtime = LymphoblastRuntime(shipped_versions()[0])
+    runtime.load()
+    return runtime
+
+
+def test_shipped_model_is_robust_to_size_and_stain(shipped_runtime, cell_paths):
+    """Another lab's image of the same cell: other magnification and another colour cast."""
+    originals, shifted = [], []
+    for path in cell_paths:
+        rgb = cell(path)
+        other = np.asarray(Image.fromarray(rgb).resize((300, 300), Image.Resampling.LANCZOS)).astype(np.float32)
+        other = np.clip(other * np.array([1.1, 0.9, 1.05]), 0, 255).astype(np.uint8)
+        originals.append(shipped_runtime.preprocess(rgb))
+        shifted.append(shipped_runtime.preprocess(other))
+    p = shipped_runtime.predict(np.stack(originals))[:, 0]
+    q = shipped_runtime.predict(np.stack(shifted))[:, 0]
+    assert np.abs(p - q).max() < 0.15, (p, q)
+
+
+def test_evaluate_command_writes_report_and_plots(tmp_path):
+    from dxserve_lymphoblast.cli import main
+
+    assert main(["evaluate", "--data", str(FIXTURES / "cells"), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["images"] == 6 and report["lymphoblasts"] == 3
+    assert set(report["per_subject"]) == {"P11", "P34", "P51", "H10", "H11", "H22"}
+    for key in ("weighted_f1", "sensitivity", "specificity", "auroc", "ece", "indeterminate_fraction", "confusion_matrix"):
+        assert key in report
+    for name in ("roc.png", "reliability.png", "confusion.png"):
+        assert (tmp_path / name).stat().st_size > 1000

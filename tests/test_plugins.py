@@ -1,0 +1,86 @@
+"""Plugin discovery and loading, in process: entry points, loading state, bad weights."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from dxserve.app import Server
+from dxserve.config import Settings
+from dxserve.registry import FAILED, LOADING, READY, discover
+from dxserve.v1 import diagnostics_pb2 as pb
+from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
+
+ONLY_TEST_PLUGINS = ["lymphoblast"]  # keep TensorFlow out of these in-process tests
+
+
+def test_entry_point_plugins_are_discovered_without_server_changes():
+    plugins = discover(Settings(disabled_plugins=ONLY_TEST_PLUGINS))
+    assert {"brightness", "flaky", "broken_load"} <= set(plugins)
+    assert plugins["brightness"].state == LOADING
+    assert plugins["broken_import"].state == FAILED
+    assert "No module named 'dxserve_no_such_dependency'" in plugins["broken_import"].reason
+
+
+def test_lymphoblast_registers_through_the_entry_point_group():
+    import importlib.metadata
+
+    names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="dxserve")}
+    assert names["lymphoblast"] == "dxserve_lymphoblast.plugin"
+
+
+def test_disabled_plugins_are_not_loaded():
+    plugins = discover(Settings(disabled_plugins=ONLY_TEST_PLUGINS + ["flaky"]))
+    assert "flaky" not in plugins and "lymphoblast" not in plugins
+
+
+def test_weights_with_a_wrong_hash_fail_the_plugin(monkeypatch):
+    from dxserve_testplugins import brightness
+
+    monkeypatch.setattr(brightness, "WEIGHTS_SHA256", "0" * 64)
+    plugins = discover(Settings(disabled_plugins=ONLY_TEST_PLUGINS))
+
+    async def load():
+        from dxserve.registry import load_all
+
+        async def ignore(entry):
+            pass
+
+        await load_all({"brightness": plugins["brightness"]}, Settings(), ignore)
+
+    asyncio.run(load())
+    assert plugins["brightness"].state == FAILED
+    assert "refusing corrupt or altered weights" in plugins["brightness"].reason
+
+
+def test_loading_plugin_is_unavailable_then_serves():
+    from dxserve_testplugins import slow
+
+    from conftest import free_port
+
+    async def scenario():
+        settings = Settings(address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"],
+                            disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])
+        server = Server(settings)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(settings.address) as channel:
+                stub = pb_grpc.DiagnosticsServiceStub(channel)
+                await asyncio.sleep(0.2)
+                listed = {p.name: p.state for p in (await stub.ListPlugins(pb.ListPluginsRequest())).plugins}
+                request = pb.ClassifyRequest(plugin="slow", image=pb.Image(raw=pb.RawImage(pixels=b"\x80" * 12, width=2, height=2, channels=3)))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Classify(request)
+                slow.RELEASE.set()
+                await server.wait_loaded()
+                response = await stub.Classify(request)
+                return listed, caught.value.code(), response
+        finally:
+            slow.RELEASE.set()
+            await server.stop(0)
+
+    listed, code, response = asyncio.run(scenario())
+    assert listed["slow"] == pb.PLUGIN_STATE_LOADING
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert response.plugin == "slow" and len(response.probabilities) == 2

@@ -8,18 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SITE = ROOT / "tests" / "plugins" / "site"
 FIXTURES = ROOT / "tests" / "fixtures"
-DATA = ROOT.parent / "shared" / "data" / "cnmc2019"
 
 # In-process tests see the test plugins as installed too.
 sys.path.insert(0, str(TEST_SITE))
@@ -31,24 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, services: list[str], timeout_s: float = 180.0, credentials=None) -> None:
-    """Block until every named health service answers SERVING."""
-    deadline = time.monotonic() + timeout_s
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    stub = health_pb2_grpc.HealthStub(channel)
-    try:
-        for service in services:
-            while True:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{service or 'server'} not SERVING at {address} after {timeout_s} s")
-                time.sleep(0.2)
-    finally:
-        channel.close()
+def wait_serving(address: str, plugins: list[str | None], timeout_s: float = 180.0, root_certificates: bytes | None = None) -> None:
+    """Block until the server (None) and every named plugin answer SERVING in health."""
+    from dxserve_client import Client
+
+    with Client(address, root_certificates=root_certificates) as client:
+        for plugin in plugins:
+            client.wait_until_serving(plugin, timeout_s)
 
 
 class ServerProcess:
@@ -84,10 +69,10 @@ def server(tmp_path_factory) -> ServerProcess:
     proc = ServerProcess("--max-batch-wait-ms", "5", "--max-message-bytes", str(4 * 1024 * 1024),
                          "--max-image-pixels", "4000000", tmp=tmp_path_factory.mktemp("server"))
     try:
-        wait_serving(proc.address, ["", "dxserve.v1.DiagnosticsService/lymphoblast", "dxserve.v1.DiagnosticsService/brightness"])
+        wait_serving(proc.address, [None, "lymphoblast", "brightness"])
     except TimeoutError:
         proc.stop()
-        raise AssertionError("server did not start:\n" + proc.logs()[-5000:])
+        raise AssertionError("server did not start:\n" + proc.logs()[-5000:]) from None
     yield proc
     code = proc.stop()
     assert code == 0, f"server exited {code} on SIGTERM:\n{proc.logs()[-3000:]}"

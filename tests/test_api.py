@@ -215,7 +215,7 @@ def test_stream_of_many_items_is_batched(client, cell_paths):
     assert max(r.batch_size for r in results) > 1
     # Same image, same answer, whatever batch it rode in.
     by_path = {}
-    for path, r in zip(images, results):
+    for path, r in zip(images, results, strict=True):
         by_path.setdefault(path, set()).add(round(r.probabilities["lymphoblast"], 4))
     assert all(len(v) == 1 for v in by_path.values())
 

@@ -20,7 +20,7 @@ LIGHT = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")  # 
 def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
     server = ServerProcess(*LIGHT, "--grace-period-s", "20", tmp=tmp_path)
     try:
-        wait_serving(server.address, ["dxserve.v1.DiagnosticsService/brightness"], timeout_s=60)
+        wait_serving(server.address, ["brightness"], timeout_s=60)
         first_result = threading.Event()
 
         def slow_images():
@@ -50,7 +50,7 @@ def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
 def test_health_goes_not_serving_on_sigterm(tmp_path):
     server = ServerProcess(*LIGHT, "--grace-period-s", "3", tmp=tmp_path)
     try:
-        wait_serving(server.address, [""], timeout_s=60)
+        wait_serving(server.address, [None], timeout_s=60)
         with grpc.insecure_channel(server.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
@@ -70,8 +70,7 @@ def test_tls_and_metrics(tmp_path):
     metrics_port = free_port()
     server = ServerProcess(*LIGHT, "--tls-cert", str(cert), "--tls-key", str(key), "--metrics-port", str(metrics_port), tmp=tmp_path)
     try:
-        wait_serving(server.address, ["dxserve.v1.DiagnosticsService/brightness"], timeout_s=60,
-                     credentials=grpc.ssl_channel_credentials(cert.read_bytes()))
+        wait_serving(server.address, ["brightness"], timeout_s=60, root_certificates=cert.read_bytes())
         with Client(server.address, root_certificates=cert.read_bytes()) as client:
             assert client.classify(np.full((8, 8, 3), 250, np.uint8), plugin="brightness").top_label == "bright"
         with Client(server.address, timeout_s=3) as plaintext:

@@ -1,14 +1,13 @@
 """Plugin discovery and loading, in process: entry points, loading state, bad weights."""
 
 import asyncio
-import threading
 
 import grpc
 import pytest
 
 from dxserve.app import Server
 from dxserve.config import Settings
-from dxserve.registry import FAILED, LOADING, READY, discover
+from dxserve.registry import FAILED, LOADING, discover
 from dxserve.v1 import diagnostics_pb2 as pb
 from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
 

@@ -116,7 +116,7 @@ class Batcher:
             return
         model_ms = (time.monotonic() - started) * 1000
         metrics.BATCH_SIZE.labels(self.plugin).observe(len(live))
-        for item, p, decision in zip(live, probabilities, decisions):
+        for item, p, decision in zip(live, probabilities, decisions, strict=True):
             if not item.future.done():
                 item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live)))
 

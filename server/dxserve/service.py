@@ -125,7 +125,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             plugin=entry.name,
             model_version=runtime.version.version,
             weights_sha256=runtime.version.weights_sha256,
-            probabilities=[pb.LabelProbability(label=l, probability=float(p)) for l, p in zip(labels, result.probabilities)],
+            probabilities=[pb.LabelProbability(label=l, probability=float(p)) for l, p in zip(labels, result.probabilities, strict=True)],
             top_label=labels[top],
             confidence=float(result.probabilities[top]),
             decision=pb.Decision(label=result.decision.label, indeterminate=result.decision.indeterminate,

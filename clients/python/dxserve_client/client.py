@@ -19,6 +19,7 @@ DEFAULT_SERVER = "localhost:50051"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # google.rpc.Code number -> grpc.StatusCode
 
 # A path, encoded file bytes, or a uint8 array (H, W), (H, W, 1|3|4).
@@ -147,6 +148,27 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def wait_until_serving(self, plugin: str | None = None, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+        """Block until grpc.health.v1 reports the server, or one plugin, SERVING.
+        Raises TimeoutError after timeout_s."""
+        import time
+
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        service = f"{SERVICE_NAME}/{plugin}" if plugin else ""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet, or the plugin is not known yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service or 'server'} not SERVING after {timeout_s} s")
+            time.sleep(poll_s)
 
     def list_plugins(self) -> list[pb.PluginInfo]:
         return list(self._call(self.stub.ListPlugins, pb.ListPluginsRequest()).plugins)

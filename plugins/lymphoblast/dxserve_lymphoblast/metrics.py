@@ -73,7 +73,7 @@ def plot(p: np.ndarray, labels: np.ndarray, out_dir: Path, title: str, threshold
     correct = (p >= 0.5) == (labels == 1)
     edges = np.linspace(0.5, 1.0, 11)
     centres, accuracy, counts = [], [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence >= lo) & ((confidence < hi) | (hi == 1.0))
         if in_bin.any():
             centres.append(confidence[in_bin].mean())

@@ -1,0 +1,137 @@
+"""Serving benchmark: the lymphoblast plugin in process vs the same work over gRPC.
+
+    python benchmarks/serving.py [--images 512] [--streams 4] [--unary 100]
+
+Everything is measured in one run on one machine, and figures are printed as ratios
+against the in-process baseline, because absolute numbers on a shared machine drift:
+
+1. model only: `predict` on preprocessed batches of 32 (the model's own throughput);
+2. raw in process: decode PNG + preprocess + predict in batches of 32, no gRPC (baseline);
+3. gRPC streaming: several concurrent ClassifyStream calls to a local server;
+4. gRPC unary latency: sequential Classify calls, p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dxserve_client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+CELLS = ROOT / "tests" / "fixtures" / "cells"
+
+
+def sample_images(n: int) -> list[bytes]:
+    """n PNG-encoded cells: the shipped samples, rotated and flipped for variety."""
+    base = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(CELLS.glob("*.png"))]
+    out = []
+    for i in range(n):
+        rgb = np.rot90(base[i % len(base)], i // len(base) % 4)
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float]:
+    """(model-only images/s, decode+preprocess+model images/s) in this process."""
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+
+    runtime = LymphoblastRuntime(shipped_versions()[0])
+    runtime.load()
+    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
+    inputs = np.stack([runtime.preprocess(decode(d)) for d in images])
+    runtime.predict(inputs[:batch])  # warm up
+    started = time.perf_counter()
+    for i in range(0, len(inputs), batch):
+        runtime.predict(inputs[i:i + batch])
+    model_only = len(inputs) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for i in range(0, len(images), batch):
+        runtime.predict(np.stack([runtime.preprocess(decode(d)) for d in images[i:i + batch]]))
+    raw = len(images) / (time.perf_counter() - started)
+    return model_only, raw
+
+
+def start_server(port: int) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
+                             "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def streaming(address: str, images: list[bytes], streams: int) -> float:
+    """images/s with `streams` concurrent ClassifyStream calls sharing the images."""
+    shares = [images[i::streams] for i in range(streams)]
+    counts = [0] * streams
+
+    def run(k: int) -> None:
+        with Client(address) as client:
+            counts[k] = sum(r.ok for r in client.classify_stream(shares[k]))
+
+    list(Client(address).classify_stream(images[:64]))  # warm up
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    assert sum(counts) == len(images), f"only {sum(counts)} of {len(images)} classified"
+    return len(images) / elapsed
+
+
+def unary_latency(address: str, images: list[bytes], calls: int) -> tuple[float, float]:
+    latencies = []
+    with Client(address) as client:
+        client.classify(images[0])
+        for i in range(calls):
+            started = time.perf_counter()
+            client.classify(images[i % len(images)])
+            latencies.append((time.perf_counter() - started) * 1000)
+    return statistics.median(latencies), float(np.percentile(latencies, 99))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--unary", type=int, default=100)
+    parser.add_argument("--port", type=int, default=50099)
+    args = parser.parse_args()
+
+    images = sample_images(args.images)
+    model_only, raw = in_process(images)
+    address = f"127.0.0.1:{args.port}"
+    server = start_server(args.port)
+    try:
+        with Client(address) as client:
+            client.wait_until_serving("lymphoblast", timeout_s=180)
+        stream_rate = streaming(address, images, args.streams)
+        p50, p99 = unary_latency(address, images, args.unary)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    print(f"machine: {os.cpu_count()} CPU cores; {len(images)} PNG cells of 450x450 px")
+    print(f"model only, batch 32, in process:        {model_only:8.1f} images/s")
+    print(f"raw in process (decode+preprocess+model): {raw:8.1f} images/s   (baseline)")
+    print(f"gRPC streaming, {args.streams} concurrent streams:    {stream_rate:8.1f} images/s")
+    print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    print(f"ratio streaming / raw in process:         {stream_rate / raw:8.2f}")
+    print(f"ratio streaming / model only:             {stream_rate / model_only:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -276,3 +276,18 @@ def test_reflection_lists_the_service(server):
     names = {s.name for s in listed.list_services_response.service}
     assert {"dxserve.v1.DiagnosticsService", "grpc.health.v1.Health"} <= names
     assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_failures_are_logged_as_json_without_pixels(client, server):
+    with pytest.raises(DxServeError):
+        client.classify(b"\x89PNG\r\n\x1a\n" + b"\x07" * 300, request_id="log-me")
+    import time
+
+    for _ in range(50):
+        lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+        failures = [line for line in lines if line.get("request_id") == "log-me"]
+        if failures:
+            break
+        time.sleep(0.1)
+    assert failures and failures[0]["code"] == "INVALID_ARGUMENT" and failures[0]["plugin"] == "lymphoblast"
+    assert "\\x07" not in server.logs() and "\x07" not in server.logs()

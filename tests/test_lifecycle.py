@@ -82,3 +82,25 @@ def test_tls_and_metrics(tmp_path):
         assert 'dxserve_batch_size_count{plugin="brightness"} 1.0' in body
     finally:
         assert server.stop() == 0
+
+
+def test_concurrent_call_limit_is_resource_exhausted(tmp_path):
+    server = ServerProcess(*LIGHT, "--max-concurrent-calls", "1", tmp=tmp_path)
+    try:
+        wait_serving(server.address, ["brightness"], timeout_s=60)
+        release = threading.Event()
+
+        def held_open():
+            yield np.zeros((8, 8, 3), np.uint8)
+            release.wait(20)
+
+        with Client(server.address) as client:
+            stream = client.classify_stream(held_open(), plugin="brightness")
+            assert next(stream).ok  # the stream now occupies the only slot
+            with pytest.raises(DxServeError) as caught:
+                client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness", timeout_s=5)
+            release.set()
+            list(stream)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        assert server.stop() == 0

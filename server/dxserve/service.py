@@ -42,7 +42,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         try:
             return await self._classify(request, request_id, context.time_remaining())
         except errors.ServingError as error:
-            metrics.ERRORS.labels(request.plugin, error.code.name).inc()
+            self._record_failure(request, request_id, error)
             await context.abort_with_status(rpc_status.to_status(error.to_status()))
 
     async def ClassifyStream(
@@ -75,9 +75,15 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         try:
             result = await self._classify(request, request_id, timeout)
         except errors.ServingError as error:
-            metrics.ERRORS.labels(request.plugin, error.code.name).inc()
+            self._record_failure(request, request_id, error)
             return pb.ClassifyStreamResponse(request_id=request_id, index=index, error=error.to_status())
         return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=result)
+
+    @staticmethod
+    def _record_failure(request: pb.ClassifyRequest, request_id: str, error: errors.ServingError) -> None:
+        metrics.ERRORS.labels(request.plugin, error.code.name).inc()
+        log.info("request failed", extra={"request_id": request_id, "plugin": request.plugin,
+                                          "code": error.code.name, "error": error.message})
 
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None) -> pb.ClassifyResponse:
         started = time.monotonic()

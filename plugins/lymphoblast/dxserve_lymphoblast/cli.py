@@ -52,10 +52,11 @@ def train_command(args: argparse.Namespace) -> int:
         "command": "dxserve-lymphoblast " + shlex.join(sys.argv[1:]),
         "architecture": (
             f"CNN feature extractor (stain normalisation, strided stem {config.stem}, conv blocks {list(config.widths)}, "
-            f"global average pooling) + MLP ({config.mlp_units} units, dropout {config.dropout}) -> 1 logit; "
-            f"input {config.image_size}x{config.image_size} RGB crop of the cell"
+            f"global average pooling) + the cell's standardised log diameter -> MLP ({config.mlp_units} units, "
+            f"dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB crop of the cell"
         ),
-        "input": {"image_size": config.image_size, "preprocessing": "crop to cell, pad square, resize, scale to [0,1]"},
+        "input": {"image_size": config.image_size, "preprocessing": "crop to cell, pad square, resize, scale to [0,1]; "
+                  "log of the cell's equivalent diameter in pixels (magnification-dependent)"},
         "training": {**config_dict(config), "final": final},
         "data": {**DATA, "images": len(cells), "lymphoblasts": int(cells.labels.sum()),
                  "normals": int((cells.labels == 0).sum()), "subjects": len(set(cells.subjects.tolist())),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import prepare
+from .preprocess import log_diameter, prepare
 
 # Manifest label -> index of the model's label ("lymphoblast" is positive, 1).
 MANIFEST_LABELS = {"all": 1, "hem": 0}
@@ -24,13 +24,14 @@ class Cells:
     """Preprocessed cells with what the splits and reports need."""
 
     images: np.ndarray  # uint8 (n, size, size, 3), cropped and resized
+    log_diameters: np.ndarray  # float32 (n,), preprocess.log_diameter of the original image
     labels: np.ndarray  # int (n,), 1 = lymphoblast, 0 = normal
     subjects: np.ndarray  # str (n,), e.g. "P51", "H10"
     groups: np.ndarray  # str (n,), subject_group: subjects that share images merged
     paths: np.ndarray  # str (n,), relative to the data root
 
     def subset(self, index: np.ndarray) -> "Cells":
-        return Cells(*(getattr(self, f)[index] for f in ("images", "labels", "subjects", "groups", "paths")))
+        return Cells(*(getattr(self, f)[index] for f in ("images", "log_diameters", "labels", "subjects", "groups", "paths")))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,30 +57,34 @@ def read_manifest(root: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _load_one(args: tuple[str, int]) -> np.ndarray:
+def _load_one(args: tuple[str, int]) -> tuple[np.ndarray, float]:
     path, size = args
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
-    return (prepare(rgb, size) * 255).round().astype(np.uint8)
+    return (prepare(rgb, size) * 255).round().astype(np.uint8), log_diameter(rgb)
 
 
 def load_cells(root: Path, size: int, cache_dir: Path | None = None, workers: int = 2) -> Cells:
     """Decode and preprocess every listed image, cached as .npz keyed by the file list and size."""
     rows = read_manifest(root)
     paths = [r["path"] for r in rows]
-    key = hashlib.sha256(("\n".join(paths) + f"|{size}|{root.resolve()}").encode()).hexdigest()[:16]
+    key = hashlib.sha256(("\n".join(paths) + f"|{size}|{root.resolve()}|v2").encode()).hexdigest()[:16]
     cache = cache_dir / f"cells-{size}-{key}.npz" if cache_dir else None
     if cache and cache.exists():
-        images = np.load(cache)["images"]
+        with np.load(cache) as stored:
+            images, log_diameters = stored["images"], stored["log_diameters"]
     else:
         jobs = [(str(root / p), size) for p in paths]
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            images = np.stack(list(pool.map(_load_one, jobs, chunksize=32)))
+            loaded = list(pool.map(_load_one, jobs, chunksize=32))
+        images = np.stack([image for image, _ in loaded])
+        log_diameters = np.array([d for _, d in loaded], np.float32)
         if cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, images=images)
+            np.savez(cache, images=images, log_diameters=log_diameters)
     return Cells(
         images=images,
+        log_diameters=log_diameters,
         labels=np.array([MANIFEST_LABELS[r["label"]] for r in rows]),
         subjects=np.array([r["subject"] for r in rows]),
         groups=np.array([r.get("subject_group") or r["subject"] for r in rows]),
@@ -136,19 +141,35 @@ def augmenter(seed: int):
     return augment
 
 
+# Training jitters the measured size by this much (log scale): segmentation and focus vary.
+DIAMETER_JITTER = 0.04
+
+
 def dataset(cells: Cells, batch_size: int, training: bool, seed: int = 0):
-    """tf.data of (float image in [0, 1], label, sample weight). Training draws shuffled,
-    augmented batches with class weights that balance the 2.7:1 blast/normal imbalance."""
+    """tf.data of ({"cell": float image in [0, 1], "log_diameter": (1,)}, label, sample weight).
+    Training draws shuffled, augmented batches with class weights that balance the 2.7:1
+    blast/normal imbalance."""
     import tensorflow as tf
 
     counts = np.bincount(cells.labels, minlength=2).astype(np.float64)
     class_weight = len(cells) / (2.0 * np.maximum(counts, 1))
     weights = class_weight[cells.labels].astype(np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((cells.images, cells.labels.astype(np.float32), weights))
+    inputs = {"cell": cells.images, "log_diameter": cells.log_diameters.astype(np.float32)[:, None]}
+    ds = tf.data.Dataset.from_tensor_slices((inputs, cells.labels.astype(np.float32), weights))
     if training:
         ds = ds.shuffle(len(cells), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32) / 255.0, y, w), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def scale(x, y, w):
+        return {"cell": tf.cast(x["cell"], tf.float32) / 255.0, "log_diameter": x["log_diameter"]}, y, w
+
+    ds = ds.batch(batch_size).map(scale, num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         augment = augmenter(seed)
-        ds = ds.map(lambda x, y, w: (augment(x), y, w), num_parallel_calls=tf.data.AUTOTUNE)
+        generator = tf.random.Generator.from_seed(seed)
+
+        def jitter(x, y, w):
+            noise = generator.normal(tf.shape(x["log_diameter"]), stddev=DIAMETER_JITTER)
+            return {"cell": augment(x["cell"]), "log_diameter": x["log_diameter"] + noise}, y, w
+
+        ds = ds.map(jitter, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -54,14 +54,18 @@ def build_model(
     mlp_units: int = 128,
     dropout: float = 0.4,
     reference_colour: tuple[float, float, float] = (0.5, 0.33, 0.56),
+    log_diameter_stats: tuple[float, float] = (5.0, 0.25),
 ) -> keras.Model:
     """CNN feature extractor (conv blocks + global average pooling) and an MLP classifier.
 
-    Input: float32 (image_size, image_size, 3) in [0, 1], as `preprocess.prepare` makes it.
+    Inputs: "cell", float32 (image_size, image_size, 3) in [0, 1], as `preprocess.prepare`
+    makes it; "log_diameter", (1,), as `preprocess.log_diameter` measures it, standardised
+    with the training set's (mean, std) and joined to the CNN features before the MLP.
     Output: one logit; sigmoid(logit / temperature) is the calibrated P(lymphoblast).
     """
-    inputs = keras.Input((image_size, image_size, 3), name="cell")
-    x = StainNormalisation(reference_colour, name="stain_normalisation")(inputs)
+    image = keras.Input((image_size, image_size, 3), name="cell")
+    log_diameter = keras.Input((1,), name="log_diameter")
+    x = StainNormalisation(reference_colour, name="stain_normalisation")(image)
     x = layers.Rescaling(2.0, offset=-1.0, name="to_symmetric")(x)
     # A strided stem halves the resolution before the costly blocks: on a 2-core CPU it is
     # the difference between ~70 s and ~20 s an epoch, and texture survives at 48 px.
@@ -71,8 +75,10 @@ def build_model(
     for i, filters in enumerate(widths):
         x = conv_block(x, filters, name=f"block{i + 1}")
     features = layers.GlobalAveragePooling2D(name="features")(x)
+    size = layers.Normalization(mean=log_diameter_stats[0], variance=log_diameter_stats[1] ** 2, name="size")(log_diameter)
     x = layers.Dropout(dropout, name="mlp_dropout1")(features)
+    x = layers.Concatenate(name="features_and_size")([x, size])
     x = layers.Dense(mlp_units, activation="relu", name="mlp_hidden")(x)
     x = layers.Dropout(dropout, name="mlp_dropout2")(x)
     logit = layers.Dense(1, name="logit")(x)
-    return keras.Model(inputs, logit, name="lymphoblast_cnn_mlp")
+    return keras.Model({"cell": image, "log_diameter": log_diameter}, logit, name="lymphoblast_cnn_mlp")

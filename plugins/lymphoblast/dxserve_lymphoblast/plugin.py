@@ -13,7 +13,7 @@ from dxserve.runtime import INDETERMINATE
 from .calibration import Thresholds
 from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
 from .model import LABELS
-from .preprocess import prepare
+from .preprocess import input_dtype, model_input
 
 MODELS_DIR = Path(__file__).parent / "models"
 PLUGIN_VERSION = "1.0.0"
@@ -51,8 +51,9 @@ class LymphoblastRuntime(ModelRuntime):
         "from one segmented white-blood-cell image",
         labels=LABELS,
         input=InputSpec(
-            description="One segmented white blood cell on a black background, RGB, any size (C-NMC images are "
-            "450x450 px); the cell is cropped, padded square, resized and colour-normalised by the plugin",
+            description="One segmented white blood cell on a black background, RGB, any canvas size, at the C-NMC "
+            "magnification (cells roughly 100-300 px across; the cell's size is an input of the model); the plugin "
+            "crops, pads, resizes and colour-normalises it",
             min_side=16,
         ),
         intended_use=INTENDED_USE,
@@ -73,13 +74,15 @@ class LymphoblastRuntime(ModelRuntime):
         self.temperature = float(card["calibration"]["temperature"])
         self.thresholds = Thresholds(**card["thresholds"])
         self.model = keras.models.load_model(self.version.weights, compile=False)
-        self.predict(np.zeros((1, self.image_size, self.image_size, 3), np.float32))  # build graphs now, not on the first request
+        self.predict(np.zeros(1, input_dtype(self.image_size)))  # build graphs now, not on the first request
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        return prepare(image, self.image_size)
+        return model_input(image, self.image_size)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        logits = np.asarray(self.model(batch, training=False))[:, 0]
+        """batch: stacked `model_input` records (the cell image and its log diameter)."""
+        inputs = {"cell": batch["cell"], "log_diameter": batch["log_diameter"][:, None]}
+        logits = np.asarray(self.model(inputs, training=False))[:, 0]
         p_blast = 1.0 / (1.0 + np.exp(-logits / self.temperature))
         return np.stack([p_blast, 1.0 - p_blast], axis=1)
 

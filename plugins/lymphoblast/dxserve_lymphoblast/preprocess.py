@@ -5,15 +5,20 @@ other laboratories differ in size, magnification and stain, so the preprocessing
 what does not describe the cell itself:
 
 1. crop to the cell (the non-black pixels) with a small margin and pad to a square, so the
-   cell fills the frame whatever the image size or magnification;
-2. resize to the model's input size and scale to [0, 1].
+   cell fills the frame whatever the image size, position or magnification;
+2. resize to the model's input size and scale to [0, 1];
+3. measure the cell's size apart, as the log of its equivalent diameter in pixels. Size
+   separates blasts from normal cells well across subjects (alone: AUROC 0.81 in grouped
+   cross-validation), but it depends on magnification, so it is one explicit input to the
+   MLP rather than something hidden in the image: the CNN sees shape and texture only.
 
 The stain normalisation (each channel rescaled so the cell's mean colour matches the
 training set's) is the model's first layer (`model.StainNormalisation`), so training,
 augmentation and serving share one implementation.
 
-Input expectations: one cell per image, on a dark (near-black) background, RGB uint8.
-An image with no dark background is treated as a tight crop of the cell.
+Input expectations: one cell per image, on a dark (near-black) background, RGB uint8, at
+the C-NMC magnification (cells of roughly 100-300 px across). An image with no dark
+background is treated as a tight crop of the cell.
 """
 
 from __future__ import annotations
@@ -60,3 +65,20 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
 def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
     """The full preprocessing: uint8 RGB (H, W, 3) of any size -> float32 (size, size, 3) in [0, 1]."""
     return resize(crop_to_cell(rgb), size).astype(np.float32) / 255.0
+
+
+def log_diameter(rgb: np.ndarray) -> float:
+    """log of the cell's equivalent diameter, sqrt(area in pixels): its size, magnification-bound."""
+    return float(np.log(max(np.sqrt(foreground_mask(rgb).sum()), 1.0)))
+
+
+def model_input(rgb: np.ndarray, size: int) -> np.void:
+    """One record with both model inputs; a list of these stacks (np.stack) into a batch."""
+    record = np.zeros((), input_dtype(size))
+    record["cell"] = prepare(rgb, size)
+    record["log_diameter"] = log_diameter(rgb)
+    return record
+
+
+def input_dtype(size: int) -> np.dtype:
+    return np.dtype([("cell", np.float32, (size, size, 3)), ("log_diameter", np.float32)])

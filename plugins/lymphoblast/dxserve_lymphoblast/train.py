@@ -43,7 +43,8 @@ def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | No
     from .model import build_model
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.image_size, config.stem, config.widths, config.mlp_units, config.dropout, reference_colour(train.images))
+    model = build_model(config.image_size, config.stem, config.widths, config.mlp_units, config.dropout,
+                        reference_colour(train.images), (float(train.log_diameters.mean()), float(train.log_diameters.std())))
     steps = config.epochs * int(np.ceil(len(train) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, warmup_target=None)
     model.compile(

@@ -83,3 +83,38 @@ def test_loading_plugin_is_unavailable_then_serves():
     assert listed["slow"] == pb.PLUGIN_STATE_LOADING
     assert code == grpc.StatusCode.UNAVAILABLE
     assert response.plugin == "slow" and len(response.probabilities) == 2
+
+
+def test_an_unexpected_server_error_costs_one_stream_item(monkeypatch):
+    import struct
+
+    from conftest import free_port
+    from dxserve import images
+
+    real_decode = images.decode
+
+    def decode(image, *args):
+        if image.raw.width == 3:
+            raise struct.error("a decoder bug")
+        return real_decode(image, *args)
+
+    monkeypatch.setattr(images, "decode", decode)
+
+    async def scenario():
+        settings = Settings(address=f"127.0.0.1:{free_port()}", disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])
+        server = Server(settings)
+        await server.start()
+        await server.wait_loaded()
+        try:
+            async with grpc.aio.insecure_channel(settings.address) as channel:
+                stub = pb_grpc.DiagnosticsServiceStub(channel)
+                requests = [pb.ClassifyRequest(plugin="brightness", image=pb.Image(raw=pb.RawImage(pixels=b"\x80" * (w * w * 3), width=w, height=w, channels=3)))
+                            for w in (2, 3, 4)]
+                return [r async for r in stub.ClassifyStream(iter(requests))]
+        finally:
+            await server.stop(0)
+
+    responses = asyncio.run(scenario())
+    assert [r.WhichOneof("outcome") for r in responses] == ["result", "error", "result"]
+    assert responses[1].error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert responses[1].error.message.startswith("unexpected server error")

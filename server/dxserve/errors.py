@@ -92,6 +92,8 @@ def plugin_crashed(plugin: str, error: BaseException) -> ServingError:
     )
 
 
-def from_exception(error: BaseException, plugin: str) -> ServingError:
-    return error if isinstance(error, ServingError) else plugin_crashed(plugin, error)
+def unexpected(error: BaseException) -> ServingError:
+    """INTERNAL for a fault of the server itself: it costs one item, never the stream."""
+    return ServingError(grpc.StatusCode.INTERNAL, f"unexpected server error: {type(error).__name__}",
+                        _error_info("SERVER_ERROR", exception=type(error).__name__))
 

@@ -39,11 +39,10 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        try:
-            return await self._classify(request, request_id, context.time_remaining())
-        except errors.ServingError as error:
-            self._record_failure(request, request_id, error)
-            await context.abort_with_status(rpc_status.to_status(error.to_status()))
+        outcome = await self._classify_or_error(request, request_id, context.time_remaining())
+        if isinstance(outcome, errors.ServingError):
+            await context.abort_with_status(rpc_status.to_status(outcome.to_status()))
+        return outcome
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
@@ -72,18 +71,25 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        try:
-            result = await self._classify(request, request_id, timeout)
-        except errors.ServingError as error:
-            self._record_failure(request, request_id, error)
-            return pb.ClassifyStreamResponse(request_id=request_id, index=index, error=error.to_status())
-        return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=result)
+        outcome = await self._classify_or_error(request, request_id, timeout)
+        if isinstance(outcome, errors.ServingError):
+            return pb.ClassifyStreamResponse(request_id=request_id, index=index, error=outcome.to_status())
+        return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=outcome)
 
-    @staticmethod
-    def _record_failure(request: pb.ClassifyRequest, request_id: str, error: errors.ServingError) -> None:
-        metrics.ERRORS.labels(request.plugin, error.code.name).inc()
+    async def _classify_or_error(self, request: pb.ClassifyRequest, request_id: str,
+                                 timeout: float | None) -> pb.ClassifyResponse | errors.ServingError:
+        """The response, or the error to send for this request (counted and logged)."""
+        try:
+            return await self._classify(request, request_id, timeout)
+        except errors.ServingError as error:
+            failure = error
+        except Exception as error:  # a server bug costs this item, never the stream or the server
+            log.exception("unexpected error", extra={"request_id": request_id, "plugin": request.plugin})
+            failure = errors.unexpected(error)
+        metrics.ERRORS.labels(request.plugin, failure.code.name).inc()
         log.info("request failed", extra={"request_id": request_id, "plugin": request.plugin,
-                                          "code": error.code.name, "error": error.message})
+                                          "code": failure.code.name, "error": failure.message})
+        return failure
 
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None) -> pb.ClassifyResponse:
         started = time.monotonic()

@@ -291,3 +291,32 @@ def test_failures_are_logged_as_json_without_pixels(client, server):
         time.sleep(0.1)
     assert failures and failures[0]["code"] == "INVALID_ARGUMENT" and failures[0]["plugin"] == "lymphoblast"
     assert "\\x07" not in server.logs() and "\x07" not in server.logs()
+
+
+def test_oversized_item_ends_only_its_stream(client, cell_paths):
+    """A message over the limit cannot be read, so it fails its stream (RESOURCE_EXHAUSTED),
+    after the items before it were answered; other calls go on."""
+    def requests():
+        yield pb.ClassifyRequest(request_id="ok", plugin="lymphoblast", image=pb.Image(encoded=cell_paths[0].read_bytes()))
+        yield pb.ClassifyRequest(request_id="huge", plugin="lymphoblast", image=pb.Image(encoded=b"\0" * (5 * 1024 * 1024)))
+
+    answered = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for response in client.stub.ClassifyStream(requests(), timeout=60):
+            answered.append(response.request_id)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "huge" not in answered
+    assert client.classify(cell_paths[0]).ok
+
+
+def test_client_that_disappears_mid_stream_harms_no_one(client, server, cell_paths):
+    data = cell_paths[0].read_bytes()
+    requests = (pb.ClassifyRequest(plugin="lymphoblast", image=pb.Image(encoded=data)) for _ in range(200))
+    responses = client.stub.ClassifyStream(requests, timeout=60)
+    next(responses)
+    responses.cancel()  # as a crashed acquisition program would
+    with pytest.raises(grpc.RpcError) as caught:
+        list(responses)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert client.classify(cell_paths[1]).ok
+    assert "unexpected error" not in server.logs() and "Traceback" not in server.logs()

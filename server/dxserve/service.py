@@ -52,11 +52,13 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(self.settings.stream_window)
 
         async def read() -> None:
-            index = 0
-            async for request in request_iterator:
-                await window.put(asyncio.ensure_future(self._stream_item(request, index, context.time_remaining())))
-                index += 1
-            await window.put(None)
+            try:
+                index = 0
+                async for request in request_iterator:
+                    await window.put(asyncio.ensure_future(self._stream_item(request, index, context.time_remaining())))
+                    index += 1
+            finally:  # also when reading fails, so the writer below never waits forever
+                await window.put(None)
 
         reader = asyncio.ensure_future(read())
         try:

@@ -118,3 +118,14 @@ def test_an_unexpected_server_error_costs_one_stream_item(monkeypatch):
     assert [r.WhichOneof("outcome") for r in responses] == ["result", "error", "result"]
     assert responses[1].error.code == grpc.StatusCode.INTERNAL.value[0]
     assert responses[1].error.message.startswith("unexpected server error")
+
+
+def test_a_plugin_returning_something_else_is_failed(tmp_path, monkeypatch):
+    (tmp_path / "dxserve_not_a_runtime.py").write_text(
+        "from dxserve import hookimpl\n\n@hookimpl\ndef dxserve_model_runtimes():\n    return [object]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = discover(Settings(plugins=["dxserve_not_a_runtime"], disabled_plugins=ONLY_TEST_PLUGINS))
+    assert plugins["dxserve_not_a_runtime"].state == FAILED
+    assert "not a ModelRuntime subclass" in plugins["dxserve_not_a_runtime"].reason
+    assert plugins["brightness"].state == LOADING  # the others are unaffected

@@ -76,7 +76,10 @@ def discover(settings: Settings) -> dict[str, PluginEntry]:
             entries[module_name] = PluginEntry(module_name, FAILED, f"dxserve_model_runtimes raised {type(error).__name__}: {error}")
             continue
         for cls in runtime_classes:
-            name = getattr(getattr(cls, "info", None), "name", None) or module_name
+            if not (isinstance(cls, type) and issubclass(cls, ModelRuntime) and isinstance(getattr(cls, "info", None), PluginInfo)):
+                entries[module_name] = PluginEntry(module_name, FAILED, f"{cls!r} is not a ModelRuntime subclass with a PluginInfo `info`")
+                continue
+            name = cls.info.name
             if name in entries:
                 log.error("duplicate plugin name ignored", extra={"plugin": name, "module": module_name})
                 continue
@@ -84,7 +87,7 @@ def discover(settings: Settings) -> dict[str, PluginEntry]:
     return dict(sorted(entries.items()))
 
 
-def load_entry(entry: PluginEntry, settings: Settings) -> list[ModelRuntime]:
+def load_entry(entry: PluginEntry) -> list[ModelRuntime]:
     """Blocking: list, verify and load every version of one plugin. Raises on any failure."""
     assert entry.runtime_class is not None
     entry.versions = list(entry.runtime_class.versions())
@@ -107,7 +110,7 @@ async def load_all(entries: dict[str, PluginEntry], settings: Settings, on_chang
 
     async def load_one(entry: PluginEntry) -> None:
         try:
-            runtimes = await asyncio.to_thread(load_entry, entry, settings)
+            runtimes = await asyncio.to_thread(load_entry, entry)
         except Exception as error:
             entry.state, entry.reason = FAILED, f"{type(error).__name__}: {error}"
             log.error("plugin failed to load", extra={"plugin": entry.name, "reason": entry.reason})

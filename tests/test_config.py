@@ -39,3 +39,11 @@ def test_unreadable_toml(tmp_path):
 def test_serve_exits_2_on_bad_settings(capsys):
     assert main(["serve", "--max-batch-size", "-3"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_example_config_is_valid_and_matches_the_defaults():
+    from conftest import ROOT
+    from dxserve.config import Settings
+
+    settings = load_settings(ROOT / "server" / "dxserve.example.toml", environ={})
+    assert settings == Settings()

@@ -217,3 +217,16 @@ def test_evaluate_command_writes_report_and_plots(tmp_path):
         assert key in report
     for name in ("roc.png", "reliability.png", "confusion.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_greyscale_model_saves_and_loads(tmp_path):
+    import keras
+
+    from dxserve_lymphoblast.model import build_model
+
+    model = build_model(32, stem=4, widths=(8,), mlp_units=4, grey=True)
+    inputs = {"cell": np.random.default_rng(0).random((2, 32, 32, 3), np.float32), "log_diameter": np.full((2, 1), 5.0, np.float32)}
+    model.save(tmp_path / "grey.keras")
+    loaded = keras.models.load_model(tmp_path / "grey.keras", compile=False)
+    assert loaded.get_layer("greyscale") is not None
+    np.testing.assert_allclose(np.asarray(loaded(inputs)), np.asarray(model(inputs)), atol=1e-6)

@@ -22,7 +22,7 @@ def train_command(args: argparse.Namespace) -> int:
     from .train import TrainConfig, config_dict, cross_validate, train_final
 
     config = TrainConfig(image_size=args.image_size, epochs=args.epochs, folds=args.folds, seed=args.seed,
-                         patience=args.patience, batch_size=args.batch_size)
+                         patience=args.patience, batch_size=args.batch_size, grey=args.grey, dropout=args.dropout)
     started = time.time()
     cells = load_cells(args.data, config.image_size, args.cache)
     print(f"{len(cells)} images from {len(set(cells.subjects.tolist()))} subjects", flush=True)
@@ -51,7 +51,8 @@ def train_command(args: argparse.Namespace) -> int:
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
         "command": "dxserve-lymphoblast " + shlex.join(sys.argv[1:]),
         "architecture": (
-            f"CNN feature extractor (stain normalisation, strided stem {config.stem}, conv blocks {list(config.widths)}, "
+            f"CNN feature extractor (stain normalisation{', greyscale' if config.grey else ''}, "
+            f"strided stem {config.stem}, conv blocks {list(config.widths)}, "
             f"global average pooling) + the cell's standardised log diameter -> MLP ({config.mlp_units} units, "
             f"dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB crop of the cell"
         ),
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--dropout", type=float, default=0.4, help="dropout before and after the MLP's hidden layer")
+    train.add_argument("--grey", action="store_true", help="the CNN sees the stain-normalised luminance only")
     train.set_defaults(run=train_command)
 
     evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")

@@ -23,6 +23,7 @@ class TrainConfig:
     widths: tuple[int, ...] = (32, 64, 128, 192)
     mlp_units: int = 128
     dropout: float = 0.4
+    grey: bool = False
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -44,7 +45,8 @@ def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | No
 
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.image_size, config.stem, config.widths, config.mlp_units, config.dropout,
-                        reference_colour(train.images), (float(train.log_diameters.mean()), float(train.log_diameters.std())))
+                        reference_colour(train.images), (float(train.log_diameters.mean()), float(train.log_diameters.std())),
+                        config.grey)
     steps = config.epochs * int(np.ceil(len(train) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, warmup_target=None)
     model.compile(

@@ -142,6 +142,11 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     version_dir, _, _ = tiny_version
     (version,) = shipped_versions(version_dir.parent)
     assert version.weights_sha256 == sha256_of(version_dir / "model.keras")
+    import h5py
+    import zipfile
+
+    with zipfile.ZipFile(version_dir / "model.keras") as archive, archive.open("model.weights.h5") as weights:
+        assert "optimizer" not in h5py.File(weights)  # weights only: no optimizer state shipped
     assert "# Model card: lymphoblast classifier 0.0.1" in version.model_card
     runtime = LymphoblastRuntime(version)
     runtime.load()

@@ -73,7 +73,8 @@ def without_optimizer(model):
     """An uncompiled copy: the shipped file holds weights, not 2x their size in optimizer state."""
     import keras
 
-    copy = keras.models.clone_model(model)
+    # Not keras.models.clone_model: since Keras 3.1x it copies the compiled optimizer too.
+    copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
 

@@ -95,33 +95,21 @@ def test_thresholds_decide():
 
 @pytest.fixture(scope="module")
 def tiny_version(tmp_path_factory, cell_paths):
-    """Train, cross-validate and write a weights version on the fixture cells at 32 px."""
-    from dxserve_lymphoblast.calibration import Thresholds
-    from dxserve_lymphoblast.card import write_card
+    """`dxserve-lymphoblast train` end to end on the fixture cells at 32 px."""
+    from dxserve_lymphoblast.cli import main
     from dxserve_lymphoblast.data import load_cells
-    from dxserve_lymphoblast.train import TrainConfig, cross_validate, train_final
 
     root = tmp_path_factory.mktemp("cells")
     # Four rotated copies of each cell, each under its own subject id: 24 subjects.
     for path in cell_paths:
         for k in range(4):
             Image.fromarray(np.rot90(cell(path), k)).save(root / path.name.replace("UID_", f"UID_{k}"))
-    cells = load_cells(root, 32, cache_dir=None, workers=1)
-    config = TrainConfig(image_size=32, stem=8, widths=(8, 16), mlp_units=8, epochs=2, batch_size=8, folds=2, patience=1)
-    report = cross_validate(cells, config, log=lambda *_: None)
-    model, temperature, final = train_final(cells, config, Thresholds(**report["thresholds"]), log=lambda *_: None)
-    version_dir = tmp_path_factory.mktemp("models") / "0.0.1"
-    version_dir.mkdir()
-    model.save(version_dir / "model.keras")
-    report["protocol"] = "test"
-    card = {"plugin": "lymphoblast", "version": "0.0.1", "trained_at": "now", "training_seconds": 1.0, "machine": "test",
-            "command": "test", "architecture": "tiny", "input": {"image_size": 32}, "intended_use": "tests",
-            "data": {"name": "fixtures", "description": "", "license": "CC BY 3.0", "citation": "", "images": len(cells),
-                     "lymphoblasts": 12, "normals": 12, "subjects": 24, "subject_groups": 24},
-            "evaluation": report, "calibration": {"temperature": temperature}, "thresholds": report["thresholds"],
-            "limitations": ["tiny"], "training": {"final": final}}
-    write_card(version_dir, card)
-    return version_dir, report, cells
+    models = tmp_path_factory.mktemp("models")
+    assert main(["train", "--data", str(root), "--version", "0.0.1", "--out", str(models), "--cache", str(models / "cache"),
+                 "--image-size", "32", "--epochs", "2", "--folds", "2", "--patience", "1", "--batch-size", "8"]) == 0
+    version_dir = models / "0.0.1"
+    report = json.loads((version_dir / "model_card.json").read_text())["evaluation"]
+    return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1)
 
 
 def test_cross_validation_reports_per_fold_and_per_subject(tiny_version):
@@ -133,6 +121,24 @@ def test_cross_validation_reports_per_fold_and_per_subject(tiny_version):
         assert 0 <= fold["weighted_f1"] <= 1 and fold["temperature"] > 0
     assert set(report["across_folds"]["weighted_f1"]) == {"mean", "std", "min", "max"}
     assert "indeterminate_fraction" in report["pooled_out_of_fold"]
+
+
+def test_training_writes_out_of_fold_predictions_and_plots(tiny_version):
+    import csv
+
+    version_dir, report, cells = tiny_version
+    with (version_dir / "out_of_fold.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(cells.paths.tolist())
+    by_subject = {}
+    for r in rows:
+        by_subject.setdefault(r["subject"], set()).add(r["fold"])
+    assert all(len(folds) == 1 for folds in by_subject.values())  # a subject sits in one fold only
+    assert all(0 <= float(r["p_lymphoblast"]) <= 1 for r in rows)
+    for name in ("roc.png", "reliability.png", "confusion.png"):
+        assert (version_dir / name).stat().st_size > 1000
+    card = json.loads((version_dir / "model_card.json").read_text())
+    assert card["calibration"]["temperature"] > 0 and "out-of-fold" in card["calibration"]["fitted_on"]
 
 
 def test_written_version_loads_and_serves(tiny_version, cell_paths):

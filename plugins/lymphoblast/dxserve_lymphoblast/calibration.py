@@ -9,6 +9,11 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 
 
+def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """P(lymphoblast) = sigmoid(logit / T), without overflow for large logits."""
+    return expit(np.asarray(logits, np.float64) / temperature)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T > 0 that minimises the log loss of sigmoid(logits / T)."""
 

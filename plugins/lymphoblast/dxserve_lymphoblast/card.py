@@ -110,8 +110,8 @@ def render_markdown(card: dict) -> str:
         "",
         "## Calibration and decision rule",
         "",
-        f"Temperature scaling, T = {card['calibration']['temperature']:.3f}, fitted on the final model's "
-        "held-out validation subjects. Served probabilities are calibrated.",
+        f"Temperature scaling, T = {card['calibration']['temperature']:.3f}, fitted on "
+        f"{card['calibration'].get('fitted_on', 'held-out subjects')}. Served probabilities are calibrated.",
         "",
         f"- Operating point: P(lymphoblast) >= {th['operating_point']:.3f}, chosen on pooled out-of-fold "
         f"predictions for sensitivity >= {th['target_sensitivity']:.2f}.",

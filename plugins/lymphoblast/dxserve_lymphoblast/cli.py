@@ -15,6 +15,20 @@ MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_DATA = Path("../shared/data/cnmc2019")
 
 
+def write_out_of_fold(version_dir: Path, oof, threshold: float) -> None:
+    """Every developer-set image's out-of-fold prediction (for audit) and its plots."""
+    import csv
+
+    from .metrics import plot
+
+    with (version_dir / "out_of_fold.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "subject", "label", "fold", "logit", "p_lymphoblast"])
+        for row in zip(oof.cells.paths, oof.cells.subjects, oof.cells.labels, oof.fold, oof.logits, oof.probabilities, strict=True):
+            writer.writerow([row[0], row[1], "lymphoblast" if row[2] else "normal", int(row[3]) + 1, f"{row[4]:.5f}", f"{row[5]:.5f}"])
+    plot(oof.probabilities, oof.cells.labels, version_dir, "pooled out-of-fold", threshold)
+
+
 def train_command(args: argparse.Namespace) -> int:
     from .calibration import Thresholds
     from .card import DATA, INTENDED_USE, LIMITATIONS, WEIGHTS_FILE, write_card
@@ -27,20 +41,23 @@ def train_command(args: argparse.Namespace) -> int:
     cells = load_cells(args.data, config.image_size, args.cache)
     print(f"{len(cells)} images from {len(set(cells.subjects.tolist()))} subjects", flush=True)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    evaluation = cross_validate(cells, config, log)
+    evaluation, oof = cross_validate(cells, config, log)
+    temperature = evaluation.pop("temperature")
     thresholds = Thresholds(**evaluation["thresholds"])
-    model, temperature, final = train_final(cells, config, thresholds, log)
+    model, final = train_final(cells, config, thresholds, temperature, log)
 
     version_dir = args.out / args.version
     version_dir.mkdir(parents=True, exist_ok=True)
     model.save(version_dir / WEIGHTS_FILE)
+    write_out_of_fold(version_dir, oof, thresholds.operating_point)
     evaluation["protocol"] = (
         f"Stratified grouped {config.folds}-fold cross-validation over `subject_group` (no subject, nor any "
         "subject sharing images with it, is on both sides). In each fold the training subjects are split "
-        "again by group: the inner validation subjects choose the epoch (early stopping on AUROC) and fit "
-        "the temperature; the fold's test subjects are only predicted. Test metrics use P >= 0.5 on "
-        "calibrated probabilities; the operating point and indeterminate band are then chosen on the "
-        "pooled out-of-fold predictions."
+        "again by group; the inner validation subjects choose the epoch (early stopping on AUROC). The fold's "
+        "test subjects are only predicted. Calibration is cross-fitted: a fold's probabilities use a temperature "
+        "fitted on the other folds' out-of-fold logits. Fold metrics use P >= 0.5; the operating point and "
+        "indeterminate band are chosen on the pooled out-of-fold predictions (`out_of_fold.csv`, plots "
+        "`roc.png`, `reliability.png`, `confusion.png`)."
     )
     card = {
         "plugin": "lymphoblast",
@@ -63,7 +80,9 @@ def train_command(args: argparse.Namespace) -> int:
                  "normals": int((cells.labels == 0).sum()), "subjects": len(set(cells.subjects.tolist())),
                  "subject_groups": len(set(cells.groups.tolist()))},
         "evaluation": evaluation,
-        "calibration": {"method": "temperature scaling", "temperature": temperature},
+        "calibration": {"method": "temperature scaling", "temperature": temperature,
+                        "fitted_on": "the pooled out-of-fold logits of the cross-validation (every subject, each "
+                                     "predicted by a model that never saw it)"},
         "thresholds": thresholds.to_dict(),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,

@@ -10,7 +10,7 @@ import numpy as np
 from dxserve import Decision, InputSpec, ModelRuntime, ModelVersion, PluginInfo, hookimpl
 from dxserve.runtime import INDETERMINATE
 
-from .calibration import Thresholds
+from .calibration import Thresholds, calibrated
 from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
 from .model import LABELS
 from .preprocess import input_dtype, model_input
@@ -89,7 +89,7 @@ class LymphoblastRuntime(ModelRuntime):
         """batch: stacked `model_input` records (the cell image and its log diameter)."""
         inputs = {"cell": batch["cell"], "log_diameter": batch["log_diameter"][:, None]}
         logits = self._forward(inputs).numpy()[:, 0]
-        p_blast = 1.0 / (1.0 + np.exp(-logits / self.temperature))
+        p_blast = calibrated(logits, self.temperature)
         return np.stack([p_blast, 1.0 - p_blast], axis=1)
 
     def decide(self, probabilities: np.ndarray) -> Decision:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
+from .calibration import Thresholds, calibrated, choose_thresholds, expected_calibration_error, fit_temperature
 from .data import Cells, dataset, grouped_folds, reference_colour
 from .metrics import summarise
 
@@ -92,14 +92,27 @@ def inner_split(cells: Cells, config: TrainConfig) -> tuple[Cells, Cells]:
     return cells.subset(train_idx), cells.subset(val_idx)
 
 
-def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits / temperature))
+@dataclass
+class OutOfFold:
+    """Every image's logit from the fold model that never saw its subject."""
+
+    logits: np.ndarray
+    fold: np.ndarray  # 0-based fold of each image
+    cells: Cells  # in the same order
+    probabilities: np.ndarray | None = None  # calibrated with the cross-fitted temperatures
 
 
-def cross_validate(cells: Cells, config: TrainConfig, log=print) -> dict:
-    """Grouped K-fold over subject groups: per fold train, calibrate on an inner held-out
-    split, and test on the fold's unseen subjects. Returns per-fold and pooled results."""
-    folds, pooled_p, pooled_y, pooled_s = [], [], [], []
+def cross_validate(cells: Cells, config: TrainConfig, log=print) -> tuple[dict, OutOfFold]:
+    """Grouped K-fold over subject groups: per fold train (early stopping on an inner
+    subject-held-out split) and predict the fold's unseen subjects.
+
+    Calibration is cross-fitted: fold k's probabilities use a temperature fitted on the
+    other folds' out-of-fold logits, so each fold's ECE is measured on subjects that fitted
+    neither its model nor its temperature. A single validation split is dominated by one or
+    two subjects, and a temperature fitted there did not transfer (1.0.0's card).
+    """
+    order, fold_of, logits = [], [], []
+    histories = []
     for k, (train_idx, test_idx) in enumerate(grouped_folds(cells, config.folds, config.seed)):
         started = time.time()
         train, test = cells.subset(train_idx), cells.subset(test_idx)
@@ -107,41 +120,50 @@ def cross_validate(cells: Cells, config: TrainConfig, log=print) -> dict:
         log(f"fold {k + 1}/{config.folds}: train {len(fit)} / val {len(val)} / test {len(test)} images, "
             f"test subjects {sorted(set(test.subjects.tolist()))}")
         model, history = train_model(fit, val, config)
-        temperature = fit_temperature(predict_logits(model, val), val.labels)
-        logits = predict_logits(model, test)
-        p = calibrated(logits, temperature)
-        result = summarise(p, test.labels, test.subjects)
-        result.update(fold=k + 1, temperature=temperature, epochs_run=len(history["loss"]),
-                      ece_uncalibrated=expected_calibration_error(calibrated(logits, 1.0), test.labels),
-                      seconds=time.time() - started)
+        order.append(test_idx), fold_of.append(np.full(len(test_idx), k)), logits.append(predict_logits(model, test))
+        histories.append((len(history["loss"]), time.time() - started))
+        log(f"fold {k + 1}: {histories[-1][0]} epochs, {histories[-1][1]:.0f} s")
+    index = np.concatenate(order)
+    oof = OutOfFold(np.concatenate(logits), np.concatenate(fold_of), cells.subset(index))
+    y, s = oof.cells.labels, oof.cells.subjects
+
+    folds, p = [], np.zeros(len(y))
+    for k in range(config.folds):
+        here = oof.fold == k
+        temperature = fit_temperature(oof.logits[~here], y[~here])
+        p[here] = calibrated(oof.logits[here], temperature)
+        result = summarise(p[here], y[here], s[here])
+        result.update(fold=k + 1, temperature=temperature, epochs_run=histories[k][0], seconds=histories[k][1],
+                      ece_uncalibrated=expected_calibration_error(calibrated(oof.logits[here], 1.0), y[here]))
         log(f"fold {k + 1}: weighted F1 {result['weighted_f1']:.3f}, AUROC {result['auroc']}, "
-            f"ECE {result['ece_uncalibrated']:.3f} -> {result['ece']:.3f}, {result['seconds']:.0f} s")
+            f"ECE {result['ece_uncalibrated']:.3f} -> {result['ece']:.3f}")
         folds.append(result)
-        pooled_p.append(p), pooled_y.append(test.labels), pooled_s.append(test.subjects)
-    p, y, s = np.concatenate(pooled_p), np.concatenate(pooled_y), np.concatenate(pooled_s)
+    oof.probabilities = p
     thresholds = choose_thresholds(p, y, config.target_sensitivity, config.target_decided_accuracy, config.max_indeterminate)
     spread = {
         m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
         for m in ("weighted_f1", "auroc", "ece", "ece_uncalibrated", "sensitivity", "specificity")
         if (v := [f[m] for f in folds if f[m] is not None])
     }
-    return {"folds": folds, "across_folds": spread, "pooled_out_of_fold": summarise(p, y, s, thresholds),
-            "thresholds": thresholds.to_dict()}
+    pooled = summarise(p, y, s, thresholds)
+    pooled["ece_uncalibrated"] = expected_calibration_error(calibrated(oof.logits, 1.0), y)
+    report = {"folds": folds, "across_folds": spread, "pooled_out_of_fold": pooled, "thresholds": thresholds.to_dict(),
+              "temperature": fit_temperature(oof.logits, y)}
+    return report, oof
 
 
-def train_final(cells: Cells, config: TrainConfig, thresholds: Thresholds, log=print):
+def train_final(cells: Cells, config: TrainConfig, thresholds: Thresholds, temperature: float, log=print):
     """The shipped model: trained on all subjects but a held-out validation split, which
-    chooses the epoch and fits the temperature."""
+    chooses the epoch; calibrated with the cross-validation's pooled temperature."""
     fit, val = inner_split(cells, config)
     log(f"final model: train {len(fit)} / val {len(val)} images, val subjects {sorted(set(val.subjects.tolist()))}")
     model, history = train_model(fit, val, config)
     logits = predict_logits(model, val)
-    temperature = fit_temperature(logits, val.labels)
     val_report = summarise(calibrated(logits, temperature), val.labels, val.subjects, thresholds)
     val_report["ece_uncalibrated"] = expected_calibration_error(calibrated(logits, 1.0), val.labels)
-    return model, temperature, {"history": history, "validation": val_report,
-                                "train_subjects": sorted(set(fit.subjects.tolist())),
-                                "validation_subjects": sorted(set(val.subjects.tolist()))}
+    return model, {"history": history, "validation": val_report,
+                   "train_subjects": sorted(set(fit.subjects.tolist())),
+                   "validation_subjects": sorted(set(val.subjects.tolist()))}
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-# Index 0 of the model's single logit is "lymphoblast": sigmoid(logit) = P(lymphoblast).
-LABELS = ("lymphoblast", "normal")
+# The single logit is for "lymphoblast" (plugin.LABELS): sigmoid(logit / T) = P(lymphoblast).
 # Faster-moving batch-norm statistics than Keras' 0.99: with ~60 steps an epoch, 0.99 lags
 # so far behind the weights that validation losses swing wildly in early epochs.
 BN_MOMENTUM = 0.9

@@ -12,15 +12,17 @@ from dxserve.runtime import INDETERMINATE
 
 from .calibration import Thresholds, calibrated
 from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
-from .model import LABELS
 from .preprocess import input_dtype, model_input
 
 MODELS_DIR = Path(__file__).parent / "models"
 PLUGIN_VERSION = "1.0.0"
+# The model's single logit is for "lymphoblast"; "normal" is its complement.
+LABELS = ("lymphoblast", "normal")
 
 
 def _version_key(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.replace("-", ".").split("."))
+    """'1.10.0' after '1.9.0'; numeric parts before textual ones ('1.0.0' vs '1.0.0-rc1')."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace("-", ".").split("."))
 
 
 def shipped_versions(models_dir: Path = MODELS_DIR) -> list[ModelVersion]:

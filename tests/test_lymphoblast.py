@@ -139,6 +139,11 @@ def test_training_writes_out_of_fold_predictions_and_plots(tiny_version):
         assert (version_dir / name).stat().st_size > 1000
     card = json.loads((version_dir / "model_card.json").read_text())
     assert card["calibration"]["temperature"] > 0 and "out-of-fold" in card["calibration"]["fitted_on"]
+    # The shipped model sees every subject, for the folds' median best epoch.
+    assert card["training"]["final"]["train_subjects"] == sorted(set(cells.subjects.tolist()))
+    best = sorted(f["best_epoch"] for f in report["folds"])
+    assert card["training"]["final"]["epochs"] == int(np.median(best))
+    assert len(card["training"]["final"]["history"]["loss"]) == card["training"]["final"]["epochs"]
 
 
 def test_written_version_loads_and_serves(tiny_version, cell_paths):

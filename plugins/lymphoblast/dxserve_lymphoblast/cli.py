@@ -44,7 +44,7 @@ def train_command(args: argparse.Namespace) -> int:
     evaluation, oof = cross_validate(cells, config, log)
     temperature = evaluation.pop("temperature")
     thresholds = Thresholds(**evaluation["thresholds"])
-    model, final = train_final(cells, config, thresholds, temperature, log)
+    model, final = train_final(cells, config, evaluation["final_epochs"], log)
 
     version_dir = args.out / args.version
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,8 @@ def train_command(args: argparse.Namespace) -> int:
         "test subjects are only predicted. Calibration is cross-fitted: a fold's probabilities use a temperature "
         "fitted on the other folds' out-of-fold logits. Fold metrics use P >= 0.5; the operating point and "
         "indeterminate band are chosen on the pooled out-of-fold predictions (`out_of_fold.csv`, plots "
-        "`roc.png`, `reliability.png`, `confusion.png`)."
+        "`roc.png`, `reliability.png`, `confusion.png`). The shipped model is then trained on every subject "
+        f"for {evaluation['final_epochs']} epochs, the folds' median best epoch."
     )
     card = {
         "plugin": "lymphoblast",

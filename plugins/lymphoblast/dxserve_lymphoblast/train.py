@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .calibration import Thresholds, calibrated, choose_thresholds, expected_calibration_error, fit_temperature
+from .calibration import calibrated, choose_thresholds, expected_calibration_error, fit_temperature
 from .data import Cells, dataset, grouped_folds, reference_colour
 from .metrics import summarise
 
@@ -37,8 +37,10 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | None = None):
-    """Fit one model; early stopping on the held-out subjects' AUROC restores the best epoch."""
+def train_model(train: Cells, val: Cells | None, config: TrainConfig, epochs: int | None = None,
+                verbose: int | None = None):
+    """Fit one model. With `val`, early stopping on those held-out subjects' AUROC restores the
+    best epoch; without, exactly `epochs` epochs run (the learning rate decays over them)."""
     import keras
 
     from .model import build_model
@@ -47,7 +49,8 @@ def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | No
     model = build_model(config.image_size, config.stem, config.widths, config.mlp_units, config.dropout,
                         reference_colour(train.images), (float(train.log_diameters.mean()), float(train.log_diameters.std())),
                         config.grey)
-    steps = config.epochs * int(np.ceil(len(train) / config.batch_size))
+    epochs = epochs or config.epochs
+    steps = epochs * int(np.ceil(len(train) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, warmup_target=None)
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
@@ -60,9 +63,9 @@ def train_model(train: Cells, val: Cells, config: TrainConfig, verbose: int | No
     stop = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=config.patience, restore_best_weights=True)
     history = model.fit(
         dataset(train, config.batch_size, training=True, seed=config.seed),
-        validation_data=dataset(val, 128, training=False),
-        epochs=config.epochs,
-        callbacks=[stop],
+        validation_data=None if val is None else dataset(val, 128, training=False),
+        epochs=epochs,
+        callbacks=[] if val is None else [stop],
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
     )
@@ -121,8 +124,9 @@ def cross_validate(cells: Cells, config: TrainConfig, log=print) -> tuple[dict, 
             f"test subjects {sorted(set(test.subjects.tolist()))}")
         model, history = train_model(fit, val, config)
         order.append(test_idx), fold_of.append(np.full(len(test_idx), k)), logits.append(predict_logits(model, test))
-        histories.append((len(history["loss"]), time.time() - started))
-        log(f"fold {k + 1}: {histories[-1][0]} epochs, {histories[-1][1]:.0f} s")
+        best_epoch = int(np.argmax(history["val_auc"])) + 1
+        histories.append((len(history["loss"]), best_epoch, time.time() - started))
+        log(f"fold {k + 1}: {histories[-1][0]} epochs, best {best_epoch}, {histories[-1][2]:.0f} s")
     index = np.concatenate(order)
     oof = OutOfFold(np.concatenate(logits), np.concatenate(fold_of), cells.subset(index))
     y, s = oof.cells.labels, oof.cells.subjects
@@ -133,7 +137,8 @@ def cross_validate(cells: Cells, config: TrainConfig, log=print) -> tuple[dict, 
         temperature = fit_temperature(oof.logits[~here], y[~here])
         p[here] = calibrated(oof.logits[here], temperature)
         result = summarise(p[here], y[here], s[here])
-        result.update(fold=k + 1, temperature=temperature, epochs_run=histories[k][0], seconds=histories[k][1],
+        result.update(fold=k + 1, temperature=temperature, epochs_run=histories[k][0], best_epoch=histories[k][1],
+                      seconds=histories[k][2],
                       ece_uncalibrated=expected_calibration_error(calibrated(oof.logits[here], 1.0), y[here]))
         log(f"fold {k + 1}: weighted F1 {result['weighted_f1']:.3f}, AUROC {result['auroc']}, "
             f"ECE {result['ece_uncalibrated']:.3f} -> {result['ece']:.3f}")
@@ -148,22 +153,18 @@ def cross_validate(cells: Cells, config: TrainConfig, log=print) -> tuple[dict, 
     pooled = summarise(p, y, s, thresholds)
     pooled["ece_uncalibrated"] = expected_calibration_error(calibrated(oof.logits, 1.0), y)
     report = {"folds": folds, "across_folds": spread, "pooled_out_of_fold": pooled, "thresholds": thresholds.to_dict(),
-              "temperature": fit_temperature(oof.logits, y)}
+              "temperature": fit_temperature(oof.logits, y),
+              "final_epochs": int(np.median([h[1] for h in histories]))}
     return report, oof
 
 
-def train_final(cells: Cells, config: TrainConfig, thresholds: Thresholds, temperature: float, log=print):
-    """The shipped model: trained on all subjects but a held-out validation split, which
-    chooses the epoch; calibrated with the cross-validation's pooled temperature."""
-    fit, val = inner_split(cells, config)
-    log(f"final model: train {len(fit)} / val {len(val)} images, val subjects {sorted(set(val.subjects.tolist()))}")
-    model, history = train_model(fit, val, config)
-    logits = predict_logits(model, val)
-    val_report = summarise(calibrated(logits, temperature), val.labels, val.subjects, thresholds)
-    val_report["ece_uncalibrated"] = expected_calibration_error(calibrated(logits, 1.0), val.labels)
-    return model, {"history": history, "validation": val_report,
-                   "train_subjects": sorted(set(fit.subjects.tolist())),
-                   "validation_subjects": sorted(set(val.subjects.tolist()))}
+def train_final(cells: Cells, config: TrainConfig, epochs: int, log=print):
+    """The shipped model: every subject, for the median best epoch of the cross-validation
+    folds. No subject is held out here; an early-stopping split of its own would hold out
+    a fifth of the few normal subjects and pick its epoch on one or two of them."""
+    log(f"final model: all {len(cells)} images of {len(set(cells.subjects.tolist()))} subjects, {epochs} epochs")
+    model, history = train_model(cells, None, config, epochs=epochs)
+    return model, {"history": history, "epochs": epochs, "train_subjects": sorted(set(cells.subjects.tolist()))}
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -34,6 +34,8 @@ LIMITATIONS = [
     "subjects is estimated from few of them and varies widely across folds.",
     "Expects one segmented cell on a black background; whole smears, clumps or unsegmented "
     "crops are out of scope.",
+    "The cell's size in pixels is an input: images must be at the C-NMC magnification. At 0.8x or "
+    "1.25x the decision changes for many cells (benchmarks/robustness.py measures how many).",
     "Calibration and the indeterminate band were fitted on held-out subjects of the same data "
     "set; on other data they may no longer hold.",
 ]

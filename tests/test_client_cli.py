@@ -38,6 +38,10 @@ def test_classify_folder_as_csv(server, capsys, cell_paths, tmp_path):
     assert len(rows) == 4 and rows[-1]["path"].endswith(f"sub/{cell_paths[3].name}")
     for row in rows:
         assert row["label"] in ("lymphoblast", "normal", "indeterminate")
+        if row["label"] == "indeterminate":
+            assert row["confidence"] == ""
+        else:  # the probability of the decided label, which need not be the top one
+            assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['label']}"]))
         assert float(row["p_lymphoblast"]) + float(row["p_normal"]) == pytest.approx(1, abs=1e-4)
         assert len(row["weights_sha256"]) == 64 and row["model_version"] and not row["error_code"]
     assert "4 images, 4 classified, 0 failed" in err

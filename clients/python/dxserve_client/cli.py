@@ -57,7 +57,9 @@ def watch(folder: Path, poll_s: float, seen: set[Path], idle_exit_s: float | Non
 def record(path: Path, result: Result, labels: list[str]) -> dict:
     row = {
         "path": str(path), "request_id": result.request_id, "label": result.decision,
-        "indeterminate": result.indeterminate if result.ok else "", "confidence": round(result.confidence, 6) if result.ok else "",
+        "indeterminate": result.indeterminate if result.ok else "",
+        # The probability of the decided label; none when the plugin declined to decide.
+        "confidence": round(result.probabilities[result.decision], 6) if result.decision in result.probabilities else "",
         "top_label": result.top_label, "model_version": result.model_version, "weights_sha256": result.weights_sha256,
         "error_code": result.error_code, "error_message": result.error_message,
     }

@@ -19,8 +19,10 @@ class FakeRuntime(ModelRuntime):
         super().__init__(ModelVersion("1", None, ""))
         self.batches: list[int] = []
         self.gate = gate
+        self.entered = threading.Event()  # set once the worker is inside predict
 
     def predict(self, batch):
+        self.entered.set()
         if self.gate:
             self.gate.wait(5)
         if np.any(batch < 0):
@@ -32,6 +34,15 @@ class FakeRuntime(ModelRuntime):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def until_in_predict(runtime: FakeRuntime) -> None:
+    """Wait (not a fixed sleep: CI machines are slow) until the worker is blocked in predict."""
+    for _ in range(500):
+        if runtime.entered.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the batcher never called predict")
 
 
 async def _with_batcher(runtime, coro, **kwargs):
@@ -73,7 +84,7 @@ def test_full_queue_is_resource_exhausted():
 
     async def go(batcher):
         first = asyncio.ensure_future(batcher.submit(np.array([0.1])))
-        await asyncio.sleep(0.05)  # the worker is now blocked in predict
+        await until_in_predict(runtime)
         waiting = [asyncio.ensure_future(batcher.submit(np.array([0.1]))) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(ServingError) as caught:
@@ -92,7 +103,7 @@ def test_cancelled_and_expired_items_never_reach_the_model():
 
     async def go(batcher):
         first = asyncio.ensure_future(batcher.submit(np.array([0.1])))
-        await asyncio.sleep(0.05)
+        await until_in_predict(runtime)
         gone = asyncio.ensure_future(batcher.submit(np.array([0.2])))
         late = asyncio.ensure_future(batcher.submit(np.array([0.3]), timeout_s=0.01))
         kept = asyncio.ensure_future(batcher.submit(np.array([0.4])))

@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 
 from dxserve_lymphoblast.data import read_manifest
 from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
-from dxserve_lymphoblast.preprocess import crop_to_cell
+from dxserve_lymphoblast.preprocess import crop_to_cell, foreground_mask
 
 
 def on_canvas(rgb: np.ndarray, side: int = 600) -> np.ndarray:
@@ -30,7 +30,7 @@ def on_canvas(rgb: np.ndarray, side: int = 600) -> np.ndarray:
 
 
 def stain(rgb: np.ndarray) -> np.ndarray:
-    shifted = rgb.astype(np.float32) * np.array([1.12, 0.88, 1.05]) + 8 * (rgb.max(-1, keepdims=True) > 12)
+    shifted = rgb.astype(np.float32) * np.array([1.12, 0.88, 1.05]) + 8 * foreground_mask(rgb)[..., None]
     return np.clip(shifted, 0, 255).astype(np.uint8)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import log_diameter, prepare
+from .preprocess import BACKGROUND_MAX, foreground_mask, log_diameter, prepare
 
 # Manifest label -> index of the model's label ("lymphoblast" is positive, 1).
 MANIFEST_LABELS = {"all": 1, "hem": 0}
@@ -94,9 +94,7 @@ def load_cells(root: Path, size: int, cache_dir: Path | None = None, workers: in
 
 def reference_colour(images: np.ndarray) -> tuple[float, float, float]:
     """Mean RGB of cell (non-background) pixels in [0, 1]: the stain normalisation's target."""
-    flat = images.reshape(-1, 3)
-    cell = flat[flat.max(axis=1) > 12]
-    return tuple(float(v) for v in cell.mean(axis=0) / 255.0)
+    return tuple(float(v) for v in images[foreground_mask(images)].mean(axis=0) / 255.0)
 
 
 def grouped_folds(cells: Cells, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -135,7 +133,7 @@ def augmenter(seed: int):
     def augment(images):
         images = geometry(images, training=True)
         # Jitter the cell only: the background stays black, as segmentation leaves it.
-        cell = keras.ops.cast(keras.ops.max(images, axis=-1, keepdims=True) > 12 / 255, images.dtype)
+        cell = keras.ops.cast(keras.ops.max(images, axis=-1, keepdims=True) > BACKGROUND_MAX / 255, images.dtype)
         return keras.ops.clip(appearance(images, training=True), 0.0, 1.0) * cell
 
     return augment

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from .preprocess import BACKGROUND_MAX
+
 # The single logit is for "lymphoblast" (plugin.LABELS): sigmoid(logit / T) = P(lymphoblast).
 # Faster-moving batch-norm statistics than Keras' 0.99: with ~60 steps an epoch, 0.99 lags
 # so far behind the weights that validation losses swing wildly in early epochs.
@@ -21,7 +23,7 @@ class StainNormalisation(layers.Layer):
     augmentation and serving share it.
     """
 
-    def __init__(self, reference: tuple[float, float, float], threshold: float = 12 / 255, **kwargs):
+    def __init__(self, reference: tuple[float, float, float], threshold: float = BACKGROUND_MAX / 255, **kwargs):
         super().__init__(**kwargs)
         self.reference = tuple(float(v) for v in reference)
         self.threshold = float(threshold)

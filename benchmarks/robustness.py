@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from dxserve.images import to_rgb
 from dxserve_lymphoblast.data import read_manifest
 from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
 from dxserve_lymphoblast.preprocess import crop_to_cell, foreground_mask
@@ -67,7 +68,7 @@ def main() -> int:
     runtime.load()
     rows = read_manifest(args.data)
     picked = np.random.default_rng(0).choice(len(rows), min(args.images, len(rows)), replace=False)
-    images = [np.asarray(Image.open(args.data / rows[i]["path"]).convert("RGB")) for i in picked]
+    images = [to_rgb(Image.open(args.data / rows[i]["path"])) for i in picked]
 
     def scores(batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         p = runtime.predict(np.stack([runtime.preprocess(rgb) for rgb in batch]))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dxserve.images import to_rgb
 from dxserve_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ CELLS = ROOT / "tests" / "fixtures" / "cells"
 
 def sample_images(n: int) -> list[bytes]:
     """n PNG-encoded cells: the shipped samples, rotated and flipped for variety."""
-    base = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(CELLS.glob("*.png"))]
+    base = [to_rgb(Image.open(p)) for p in sorted(CELLS.glob("*.png"))]
     out = []
     for i in range(n):
         rgb = np.rot90(base[i % len(base)], i // len(base) % 4)
@@ -50,7 +51,7 @@ def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float]:
 
     runtime = LymphoblastRuntime(shipped_versions()[0])
     runtime.load()
-    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
+    decode = lambda data: to_rgb(Image.open(io.BytesIO(data)))  # noqa: E731
     inputs = np.stack([runtime.preprocess(decode(d)) for d in images])
     runtime.predict(inputs[:batch])  # warm up
     started = time.perf_counter()

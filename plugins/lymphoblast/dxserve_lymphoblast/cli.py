@@ -113,9 +113,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from dxserve.images import to_rgb  # decode as the server does (16-bit, grey, alpha)
+
     probabilities = []
     for start in tqdm(range(0, len(rows), 64), unit="batch", file=sys.stderr):
-        batch = [runtime.preprocess(np.asarray(Image.open(root / r["path"]).convert("RGB"))) for r in rows[start:start + 64]]
+        batch = [runtime.preprocess(to_rgb(Image.open(root / r["path"]))) for r in rows[start:start + 64]]
         probabilities.append(runtime.predict(np.stack(batch))[:, 0])
     p = np.concatenate(probabilities)
     labels = np.array([1 if r["label"] == "all" else 0 for r in rows])

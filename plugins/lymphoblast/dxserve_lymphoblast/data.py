@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dxserve.images import to_rgb
 from PIL import Image
 
 from .preprocess import BACKGROUND_MAX, foreground_mask, log_diameter, prepare
@@ -60,7 +61,7 @@ def read_manifest(root: Path) -> list[dict[str, str]]:
 def _load_one(args: tuple[str, int]) -> tuple[np.ndarray, float]:
     path, size = args
     with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = to_rgb(image)  # as the server decodes requests
     return (prepare(rgb, size) * 255).round().astype(np.uint8), log_diameter(rgb)
 
 

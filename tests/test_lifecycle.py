@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+from contextlib import contextmanager
 import threading
 import time
 import urllib.request
@@ -17,10 +18,20 @@ from dxserve_client import Client, DxServeError
 LIGHT = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")  # no TensorFlow: starts in a second
 
 
-def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
-    server = ServerProcess(*LIGHT, "--grace-period-s", "20", tmp=tmp_path)
+@contextmanager
+def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None):
+    """A server without TensorFlow, ready once `ready` plugins (None: the server) serve;
+    on leaving, SIGTERM (if the test sent none) and a clean exit are required."""
+    server = ServerProcess(*LIGHT, *flags, tmp=tmp_path)
     try:
-        wait_serving(server.address, ["brightness"], timeout_s=60)
+        wait_serving(server.address, list(ready), timeout_s=60, root_certificates=root_certificates)
+        yield server
+    finally:
+        assert server.stop() == 0, server.logs()[-3000:]
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
+    with light_server(tmp_path, "--grace-period-s", "20") as server:
         first_result = threading.Event()
 
         def slow_images():
@@ -42,23 +53,17 @@ def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
                 client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness", timeout_s=5)
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         assert server.process.wait(30) == 0
-    finally:
-        server.stop()
-    assert '"shutting down"' in server.logs() or "shutting down" in server.logs()
+    assert "shutting down" in server.logs()
 
 
 def test_health_goes_not_serving_on_sigterm(tmp_path):
-    server = ServerProcess(*LIGHT, "--grace-period-s", "3", tmp=tmp_path)
-    try:
-        wait_serving(server.address, [None], timeout_s=60)
+    with light_server(tmp_path, "--grace-period-s", "3", ready=[None]) as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             server.process.send_signal(15)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    finally:
-        assert server.stop() == 0
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
@@ -68,9 +73,8 @@ def test_tls_and_metrics(tmp_path):
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     metrics_port = free_port()
-    server = ServerProcess(*LIGHT, "--tls-cert", str(cert), "--tls-key", str(key), "--metrics-port", str(metrics_port), tmp=tmp_path)
-    try:
-        wait_serving(server.address, ["brightness"], timeout_s=60, root_certificates=cert.read_bytes())
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key), "--metrics-port", str(metrics_port))
+    with light_server(tmp_path, *tls, root_certificates=cert.read_bytes()) as server:
         with Client(server.address, root_certificates=cert.read_bytes()) as client:
             assert client.classify(np.full((8, 8, 3), 250, np.uint8), plugin="brightness").top_label == "bright"
         with Client(server.address, timeout_s=3) as plaintext:
@@ -80,14 +84,10 @@ def test_tls_and_metrics(tmp_path):
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert 'dxserve_classify_seconds_count{plugin="brightness"} 1.0' in body
         assert 'dxserve_batch_size_count{plugin="brightness"} 1.0' in body
-    finally:
-        assert server.stop() == 0
 
 
 def test_concurrent_call_limit_is_resource_exhausted(tmp_path):
-    server = ServerProcess(*LIGHT, "--max-concurrent-calls", "1", tmp=tmp_path)
-    try:
-        wait_serving(server.address, ["brightness"], timeout_s=60)
+    with light_server(tmp_path, "--max-concurrent-calls", "1") as server:
         release = threading.Event()
 
         def held_open():
@@ -102,5 +102,3 @@ def test_concurrent_call_limit_is_resource_exhausted(tmp_path):
             release.set()
             list(stream)
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        assert server.stop() == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -34,7 +34,6 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     target_decided_accuracy: float = 0.95
     max_indeterminate: float = 0.2
-    extra: dict = field(default_factory=dict)
 
 
 def train_model(train: Cells, val: Cells | None, config: TrainConfig, epochs: int | None = None,

@@ -93,3 +93,16 @@ def test_unreachable_server_exits_2(capsys, cell_paths):
 
     code, _, err = run(capsys, "--server", f"127.0.0.1:{free_port()}", "--timeout", "2", "list-plugins")
     assert code == 2 and "UNAVAILABLE" in err
+
+
+def test_output_piped_into_a_reader_that_leaves_early(server, cell_paths):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dxserve_client.cli", "--server", server.address, "classify",
+                             *map(str, cell_paths * 20), "--format", "jsonl", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(proc.stdout.readline())["error_code"] == ""
+    proc.stdout.close()  # as `| head -1` does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except DxServeError as error:
         print(f"dxserve-client: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`| head`): not an error, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

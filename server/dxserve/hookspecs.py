@@ -44,6 +44,9 @@ def dxserve_model_runtimes() -> list[type]:
     - ``predict(batch)``: probabilities for a batch of preprocessed images.
 
     and may override ``preprocess(image)`` (decoded uint8 RGB -> model input) and
-    ``decide(probabilities)`` (a label, or an explicit indeterminate result).
+    ``decide(probabilities)`` (a :class:`~dxserve.runtime.Decision`: a label, or an explicit
+    indeterminate result; optionally a ``screen_positive`` flag from a high-sensitivity
+    threshold and the ``rule`` with its versioned thresholds in words. A called label should
+    be the most probable one, so that no result reads as a contradiction).
     """
 

@@ -54,6 +54,11 @@ class Decision:
     label: str  # one of the labels, or INDETERMINATE
     indeterminate: bool
     reason: str
+    #: The positive label's probability reaches the plugin's high-sensitivity screening
+    #: threshold: a flag for review, not a call (see Decision.screen_positive in the proto).
+    screen_positive: bool = False
+    #: The versioned rule with its thresholds, in words.
+    rule: str = ""
 
 
 INDETERMINATE = "indeterminate"

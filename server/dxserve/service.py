@@ -143,7 +143,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             top_label=labels[top],
             confidence=float(result.probabilities[top]),
             decision=pb.Decision(label=result.decision.label, indeterminate=result.decision.indeterminate,
-                                 reason=result.decision.reason),
+                                 reason=result.decision.reason, screen_positive=result.decision.screen_positive,
+                                 rule=result.decision.rule),
             timing=pb.Timing(queued_ms=result.queued_ms, model_ms=result.model_ms, batch_size=result.batch_size),
         )
 

@@ -23,8 +23,8 @@ from typing import TextIO
 from .client import DEFAULT_SERVER, Client, DxServeError, Result
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-FIELDS = ["path", "request_id", "label", "indeterminate", "confidence", "top_label", "model_version",
-          "weights_sha256", "error_code", "error_message"]
+FIELDS = ["path", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
+          "weights_sha256", "rule", "error_code", "error_message"]
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -59,10 +59,12 @@ def record(path: Path, result: Result, labels: list[str]) -> dict:
     row = {
         "path": str(path), "request_id": result.request_id, "label": result.decision,
         "indeterminate": result.indeterminate if result.ok else "",
+        # A flag for review at the plugin's high-sensitivity threshold, apart from the call.
+        "screen_positive": result.screen_positive if result.ok else "",
         # The probability of the decided label; none when the plugin declined to decide.
         "confidence": round(result.probabilities[result.decision], 6) if result.decision in result.probabilities else "",
         "top_label": result.top_label, "model_version": result.model_version, "weights_sha256": result.weights_sha256,
-        "error_code": result.error_code, "error_message": result.error_message,
+        "rule": result.rule, "error_code": result.error_code, "error_message": result.error_message,
     }
     row.update({f"p_{label}": round(result.probabilities[label], 6) if label in result.probabilities else "" for label in labels})
     return row
@@ -73,12 +75,12 @@ class Writer:
 
     def __init__(self, out: TextIO, fmt: str, labels: list[str]):
         self.out, self.fmt, self.labels = out, fmt, labels
-        self.fields = FIELDS[:5] + [f"p_{label}" for label in labels] + FIELDS[5:]
+        self.fields = FIELDS[:6] + [f"p_{label}" for label in labels] + FIELDS[6:]
         if fmt == "csv":
             self.csv = csv.DictWriter(out, self.fields)
             self.csv.writeheader()
         elif fmt == "table":
-            print(f"{'path':<40} {'label':<14} {'conf':>6}  {'model':<8} detail", file=out)
+            print(f"{'path':<40} {'label':<14} {'conf':>6}  {'screen':<8} {'model':<8} detail", file=out)
 
     def write(self, row: dict) -> None:
         if self.fmt == "csv":
@@ -88,7 +90,9 @@ class Writer:
         else:
             detail = f"{row['error_code']}: {row['error_message']}" if row["error_code"] else f"sha256 {row['weights_sha256'][:12]}"
             confidence = f"{row['confidence']:.3f}" if row["confidence"] != "" else ""
-            print(f"{_short(row['path'], 40):<40} {row['label'] or 'ERROR':<14} {confidence:>6}  {row['model_version']:<8} {detail}", file=self.out)
+            screen = "positive" if row["screen_positive"] is True else ""
+            print(f"{_short(row['path'], 40):<40} {row['label'] or 'ERROR':<14} {confidence:>6}  {screen:<8} "
+                  f"{row['model_version']:<8} {detail}", file=self.out)
         self.out.flush()
 
 

@@ -40,6 +40,8 @@ class Result:
     decision: str = ""
     indeterminate: bool = False
     reason: str = ""
+    screen_positive: bool = False  # reaches the plugin's high-sensitivity screening threshold: review
+    rule: str = ""  # the plugin's versioned decision rule, in words
     queued_ms: float = 0.0
     model_ms: float = 0.0
     batch_size: int = 0
@@ -57,7 +59,7 @@ class Result:
             request_id=r.request_id, plugin=r.plugin, model_version=r.model_version, weights_sha256=r.weights_sha256,
             probabilities={p.label: p.probability for p in r.probabilities}, top_label=r.top_label,
             confidence=r.confidence, decision=r.decision.label, indeterminate=r.decision.indeterminate,
-            reason=r.decision.reason, queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
+            reason=r.decision.reason, screen_positive=r.decision.screen_positive, rule=r.decision.rule, queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
             batch_size=r.timing.batch_size,
         )
 

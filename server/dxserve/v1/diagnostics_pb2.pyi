@@ -120,14 +120,18 @@ class LabelProbability(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("label", "indeterminate", "reason")
+    __slots__ = ("label", "indeterminate", "reason", "screen_positive", "rule")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SCREEN_POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
     label: str
     indeterminate: bool
     reason: str
-    def __init__(self, label: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    screen_positive: bool
+    rule: str
+    def __init__(self, label: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., reason: _Optional[str] = ..., screen_positive: _Optional[bool] = ..., rule: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queued_ms", "model_ms", "batch_size")

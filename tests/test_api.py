@@ -49,6 +49,9 @@ def test_classify_real_cell(client, cell_paths):
     assert result.confidence == pytest.approx(max(result.probabilities.values()))
     assert result.decision in {"lymphoblast", "normal", "indeterminate"}
     assert result.indeterminate == (result.decision == "indeterminate")
+    assert result.indeterminate or result.decision == result.top_label  # a call never contradicts the probabilities
+    assert result.rule.startswith("call lymphoblast at") and result.model_version in result.rule
+    assert isinstance(result.screen_positive, bool)
     assert result.reason
     plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
     assert result.model_version == plugin.default_model_version

@@ -40,8 +40,10 @@ def test_classify_folder_as_csv(server, capsys, cell_paths, tmp_path):
         assert row["label"] in ("lymphoblast", "normal", "indeterminate")
         if row["label"] == "indeterminate":
             assert row["confidence"] == ""
-        else:  # the probability of the decided label, which need not be the top one
+        else:  # the probability of the called label, which is always the top one
             assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['label']}"]))
+            assert row["label"] == row["top_label"] and float(row["confidence"]) >= 0.5
+        assert row["screen_positive"] in ("True", "False") and "screen-positive at P >=" in row["rule"]
         assert float(row["p_lymphoblast"]) + float(row["p_normal"]) == pytest.approx(1, abs=1e-4)
         assert len(row["weights_sha256"]) == 64 and row["model_version"] and not row["error_code"]
     assert "4 images, 4 classified, 0 failed" in err

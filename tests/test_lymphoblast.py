@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
+
+IMAGENET = ROOT.parent / "shared" / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
 from dxserve_lymphoblast.calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
 from dxserve_lymphoblast.preprocess import crop_to_cell, prepare
 
@@ -79,18 +81,72 @@ def test_thresholds_meet_the_sensitivity_target_and_bound_the_band():
     rng = np.random.default_rng(1)
     labels = np.r_[np.ones(700, int), np.zeros(300, int)]
     p = np.clip(np.r_[rng.beta(5, 2, 700), rng.beta(2, 5, 300)], 0, 1)
-    th = choose_thresholds(p, labels, target_sensitivity=0.95, max_indeterminate=0.2)
-    assert ((p >= th.operating_point) & (labels == 1)).sum() / 700 >= 0.95
-    assert th.lower <= th.operating_point <= th.upper
+    th = choose_thresholds(p, labels, target_sensitivity=0.95, max_indeterminate=0.15)
+    assert th.screen(p)[labels == 1].mean() >= 0.95
+    assert th.lower <= 0.5 <= th.upper  # a called label is always the more probable one
     decision = th.decide(p)
-    assert (decision == -1).mean() <= 0.2
+    assert (decision == -1).mean() <= 0.15
     decided = decision >= 0
-    assert (decision[decided] == labels[decided]).mean() > ((p >= th.operating_point) == labels).mean()
+    assert (decision[decided] == labels[decided]).mean() > ((p >= 0.5) == labels).mean()
 
 
-def test_thresholds_decide():
-    th = Thresholds(operating_point=0.4, lower=0.3, upper=0.5, target_sensitivity=0.95, target_decided_accuracy=0.95)
-    assert th.decide(np.array([0.1, 0.3, 0.45, 0.5, 0.9])).tolist() == [0, -1, -1, 1, 1]
+def test_a_call_never_contradicts_the_probabilities():
+    """Even an old card whose band lies below 0.5 never calls the less probable label."""
+    th = Thresholds(operating_point=0.17, lower=0.12, upper=0.25, target_sensitivity=0.95, target_decided_accuracy=0.95)
+    p = np.array([0.05, 0.2, 0.38, 0.5, 0.9])
+    assert th.decide(p).tolist() == [0, -1, -1, 1, 1]  # 0.38 is not called lymphoblast
+    assert th.screen(p).tolist() == [False, True, True, True, True]  # but it is screen-positive
+    th = Thresholds(operating_point=0.3, lower=0.2, upper=0.8, target_sensitivity=0.95, target_decided_accuracy=0.95)
+    assert th.decide(np.array([0.1, 0.2, 0.5, 0.79, 0.8])).tolist() == [0, -1, -1, -1, 1]
+    assert "screen-positive at P >= 0.300" in th.describe()
+
+
+def test_decision_reports_call_screen_and_rule(shipped_runtime):
+    t = shipped_runtime.thresholds
+    for p in (0.01, (t.operating_point + min(t.lower, 0.5)) / 2, 0.5, 0.99):
+        d = shipped_runtime.decide(np.array([p, 1 - p]))
+        assert d.screen_positive == (p >= t.operating_point)
+        assert shipped_runtime.version.version in d.rule and "screen-positive" in d.rule
+        if not d.indeterminate:
+            assert d.label == ("lymphoblast" if p >= 0.5 else "normal")
+
+
+def test_sample_weights_balance_classes_and_temper_large_subjects():
+    from dxserve_lymphoblast.data import sample_weights
+
+    labels = np.array([1] * 100 + [1] * 4 + [0] * 20)
+    groups = np.array(["P1"] * 100 + ["P2"] * 4 + ["H1"] * 20)
+    w = sample_weights(labels, groups, 0.5)
+    assert w[labels == 1].sum() == pytest.approx(w[labels == 0].sum())
+    assert w[100] / w[0] == pytest.approx(5.0)  # sqrt(100 / 4)
+    w = sample_weights(labels, groups, 0.5, balance_classes=False)
+    assert w[labels == 1].sum() == pytest.approx(104) and w[labels == 0].sum() == pytest.approx(20)
+
+
+def test_bootstrap_intervals_are_over_subjects():
+    from dxserve_lymphoblast.metrics import bootstrap_over_subjects
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"S{i}" for i in range(20)], 30)
+    labels = np.repeat(np.arange(20) % 2, 30)
+    # Every subject is separable except a few, so the interval must be wide, not image-level narrow.
+    p = np.where(labels == 1, 0.8, 0.2) + np.repeat(np.where(np.arange(20) < 4, 0.5 - 0.8 * (np.arange(20) % 2), 0), 30)
+    p = np.clip(p + rng.normal(0, 0.05, len(p)), 0, 1)
+    result = bootstrap_over_subjects(p, labels, groups, resamples=300)
+    lo, hi = result["auroc_95ci"]
+    assert lo < 0.95 < hi or hi - lo > 0.05
+    assert 0 <= result["weighted_f1_95ci"][0] <= result["weighted_f1_95ci"][1] <= 1
+
+
+def test_imagenet_weights_with_a_wrong_hash_are_refused(tmp_path):
+    from dxserve_lymphoblast.backbone import WeightsHashMismatch, imagenet_weights
+
+    fake = tmp_path / "mobilenet.h5"
+    fake.write_bytes(b"not the ImageNet weights")
+    with pytest.raises(WeightsHashMismatch, match="refusing"):
+        imagenet_weights(fake)
+    with pytest.raises(FileNotFoundError):
+        imagenet_weights(tmp_path / "missing.h5")
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +161,48 @@ def tiny_version(tmp_path_factory, cell_paths):
         for k in range(4):
             Image.fromarray(np.rot90(cell(path), k)).save(root / path.name.replace("UID_", f"UID_{k}"))
     models = tmp_path_factory.mktemp("models")
+    # The real ImageNet file where the developers' layout has it (hash-checked); random weights elsewhere.
+    weights = str(IMAGENET) if IMAGENET.exists() else "none"
     assert main(["train", "--data", str(root), "--version", "0.0.1", "--out", str(models), "--cache", str(models / "cache"),
-                 "--image-size", "32", "--epochs", "2", "--folds", "2", "--patience", "1", "--batch-size", "8"]) == 0
+                 "--image-size", "32", "--scales", "32", "--epochs", "2", "--folds", "2", "--imagenet-weights", weights]) == 0
     version_dir = models / "0.0.1"
     report = json.loads((version_dir / "model_card.json").read_text())["evaluation"]
     return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1)
 
 
-def test_cross_validation_reports_per_fold_and_per_subject(tiny_version):
+def test_cross_validation_reports_baselines_beside_the_model(tiny_version):
+    from dxserve_lymphoblast.baselines import FROZEN_LOGISTIC, SIZE_ALONE
+
     _, report, cells = tiny_version
     assert len(report["folds"]) == 2
-    tested = [s for fold in report["folds"] for s in fold["per_subject"]]
-    assert sorted(tested) == sorted(set(cells.subjects.tolist()))  # every subject tested exactly once
     for fold in report["folds"]:
         assert 0 <= fold["weighted_f1"] <= 1 and fold["temperature"] > 0
     assert set(report["across_folds"]["weighted_f1"]) == {"mean", "std", "min", "max"}
     assert "indeterminate_fraction" in report["pooled_out_of_fold"]
+    assert set(report["pooled_out_of_fold"]["per_subject"]) == set(cells.subjects.tolist())
+    for name in (SIZE_ALONE, FROZEN_LOGISTIC, "model", "model, 8-view averaging"):
+        candidate = report["candidates"][name]
+        assert len(candidate["folds"]) == 2 and 0 <= candidate["pooled_out_of_fold"]["weighted_f1"] <= 1
+        assert candidate["bootstrap_over_subjects"]["resamples"] > 0
+    versus = report["versus_baselines"][SIZE_ALONE]
+    model, size = report["candidates"]["model"], report["candidates"][SIZE_ALONE]
+    assert versus["auroc"]["per_fold"] == pytest.approx([a["auroc"] - b["auroc"] for a, b in zip(model["folds"], size["folds"])])
+    assert versus["weighted_f1"]["pooled"] == pytest.approx(
+        model["pooled_out_of_fold"]["weighted_f1"] - size["pooled_out_of_fold"]["weighted_f1"])
+
+
+def test_size_baseline_is_the_cells_size(tiny_version):
+    """The size-alone logits are a monotone function of the log diameter within each fold."""
+    import csv
+
+    version_dir, _, cells = tiny_version
+    with (version_dir / "out_of_fold.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    diameters = dict(zip(cells.paths.tolist(), cells.log_diameters.tolist()))
+    for fold in {r["fold"] for r in rows}:
+        here = sorted((diameters[r["path"]], float(r["logit: size alone (logistic on log diameter)"])) for r in rows if r["fold"] == fold)
+        logits = [z for _, z in here]
+        assert logits == sorted(logits) or logits == sorted(logits, reverse=True)
 
 
 def test_training_writes_out_of_fold_predictions_and_plots(tiny_version):
@@ -139,11 +221,11 @@ def test_training_writes_out_of_fold_predictions_and_plots(tiny_version):
         assert (version_dir / name).stat().st_size > 1000
     card = json.loads((version_dir / "model_card.json").read_text())
     assert card["calibration"]["temperature"] > 0 and "out-of-fold" in card["calibration"]["fitted_on"]
-    # The shipped model sees every subject, for the folds' median best epoch.
     assert card["training"]["final"]["train_subjects"] == sorted(set(cells.subjects.tolist()))
-    best = sorted(f["best_epoch"] for f in report["folds"])
-    assert card["training"]["final"]["epochs"] == int(np.median(best))
-    assert len(card["training"]["final"]["history"]["loss"]) == card["training"]["final"]["epochs"]
+    assert len(card["training"]["final"]["loss"]) == card["training"]["epochs"] == 2
+    if IMAGENET.exists():
+        assert card["initialisation"]["sha256"] == "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf"
+    assert "size_alone" in card["baselines"]
 
 
 def test_written_version_loads_and_serves(tiny_version, cell_paths):
@@ -151,7 +233,9 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
 
     version_dir, _, _ = tiny_version
-    (version,) = shipped_versions(version_dir.parent)
+    version, tta = sorted(shipped_versions(version_dir.parent), key=lambda v: v.version)
+    assert tta.version == "0.0.1-tta8" and tta.weights == (version_dir / "model.keras").resolve()
+    assert tta.weights_sha256 == version.weights_sha256  # the same weights, served another way
     assert version.weights_sha256 == sha256_of(version_dir / "model.keras")
     import h5py
     import zipfile
@@ -166,6 +250,14 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
     decisions = [runtime.decide(row) for row in p]
     assert all(d.label in ("lymphoblast", "normal", "indeterminate") for d in decisions)
+    averaged = LymphoblastRuntime(tta)
+    averaged.load()
+    assert averaged.views == 8 and runtime.views == 1
+    # Averaging over orientations makes the result the same for a rotated or mirrored cell.
+    flipped = batch.copy()
+    flipped["cell"] = np.rot90(batch["cell"], 1, axes=(1, 2))[:, :, ::-1]
+    np.testing.assert_allclose(averaged.predict(batch), averaged.predict(flipped), atol=1e-4)
+    assert np.abs(runtime.predict(batch) - runtime.predict(flipped)).max() > 1e-3  # one view alone is not invariant
 
 
 def test_shipped_weights_match_their_card():
@@ -201,17 +293,22 @@ def on_canvas(rgb: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray
 
 
 def test_shipped_model_is_robust_to_canvas_and_stain(shipped_runtime, cell_paths):
-    """Another lab's image of the same cell: another canvas size and position, and a colour cast."""
-    originals, shifted = [], []
+    """Another lab's image of the same cell: another canvas size and position barely matter;
+    a colour cast moves P(lymphoblast) somewhat (2.x has no stain normalisation: it cost
+    AUROC in cross-validation; benchmarks/robustness.py measures the effect)."""
+    originals, moved, cast = [], [], []
     for path in cell_paths:
         rgb = cell(path)
-        other = on_canvas(rgb, 600, (20, 250)).astype(np.float32)
-        other = np.clip(other * np.array([1.12, 0.88, 1.05]) + 6 * (other > 0), 0, 255).astype(np.uint8)
+        other = on_canvas(rgb, 600, (20, 250))
         originals.append(shipped_runtime.preprocess(rgb))
-        shifted.append(shipped_runtime.preprocess(other))
+        moved.append(shipped_runtime.preprocess(other))
+        tinted = np.clip(other.astype(np.float32) * np.array([1.12, 0.88, 1.05]) + 6 * (other > 0), 0, 255).astype(np.uint8)
+        cast.append(shipped_runtime.preprocess(tinted))
     p = shipped_runtime.predict(np.stack(originals))[:, 0]
-    q = shipped_runtime.predict(np.stack(shifted))[:, 0]
-    assert np.abs(p - q).max() < 0.1, (p, q)
+    q = shipped_runtime.predict(np.stack(moved))[:, 0]
+    r = shipped_runtime.predict(np.stack(cast))[:, 0]
+    assert np.abs(p - q).max() < 0.02, (p, q)
+    assert np.abs(p - r).mean() < 0.1 and np.abs(p - r).max() < 0.25, (p, r)
 
 
 def test_shipped_model_uses_cell_size(shipped_runtime, cell_paths):
@@ -235,14 +332,21 @@ def test_evaluate_command_writes_report_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_greyscale_model_saves_and_loads(tmp_path):
-    import keras
+@pytest.mark.parametrize("version", [v.version for v in __import__("dxserve_lymphoblast.plugin", fromlist=["x"]).shipped_versions()])
+def test_every_shipped_version_loads_and_predicts(version, cell_paths):
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
 
-    from dxserve_lymphoblast.model import build_model
+    runtime = LymphoblastRuntime(next(v for v in shipped_versions() if v.version == version))
+    runtime.load()
+    p = runtime.predict(np.stack([runtime.preprocess(cell(path)) for path in cell_paths]))
+    assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
 
-    model = build_model(32, stem=4, widths=(8,), mlp_units=4, grey=True)
-    inputs = {"cell": np.random.default_rng(0).random((2, 32, 32, 3), np.float32), "log_diameter": np.full((2, 1), 5.0, np.float32)}
-    model.save(tmp_path / "grey.keras")
-    loaded = keras.models.load_model(tmp_path / "grey.keras", compile=False)
-    assert loaded.get_layer("greyscale") is not None
-    np.testing.assert_allclose(np.asarray(loaded(inputs)), np.asarray(model(inputs)), atol=1e-6)
+
+def test_shipped_default_classifies_the_known_fixture_cells(shipped_runtime, cell_paths):
+    """A regression check on six known cells (three of each class), not a tuning target:
+    the default's calls must agree with their labels."""
+    assert shipped_runtime.version.version.startswith("2.")
+    batch = np.stack([shipped_runtime.preprocess(cell(p)) for p in cell_paths])
+    for path, row in zip(cell_paths, shipped_runtime.predict(batch)):
+        expected = "lymphoblast" if path.stem.endswith("_all") else "normal"
+        assert shipped_runtime.decide(row).label == expected, (path.name, row)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, logit
+from scipy.special import expit
 
 
 def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -43,8 +43,13 @@ def expected_calibration_error(p_positive: np.ndarray, labels: np.ndarray, bins:
 class Thresholds:
     """Versioned decision rule on the calibrated P(lymphoblast), shipped with the weights.
 
-    lymphoblast when p >= upper, normal when p < lower, indeterminate in between.
-    `operating_point` (lower <= it <= upper) is the threshold chosen for sensitivity.
+    Two separate questions, answered separately so no output reads as a contradiction:
+
+    - the call: lymphoblast when p >= upper, normal when p < lower, indeterminate between.
+      The band always contains 0.5 (`decide` enforces it for older cards too), so a
+      called label is always the more probable one, the response's top_label.
+    - the screen: screen-positive when p >= `operating_point`, the threshold chosen for
+      high sensitivity on held-out subjects. A flag for review, not a call.
     """
 
     operating_point: float
@@ -56,7 +61,16 @@ class Thresholds:
     def decide(self, p_lymphoblast: np.ndarray) -> np.ndarray:
         """1 = lymphoblast, 0 = normal, -1 = indeterminate."""
         p = np.asarray(p_lymphoblast)
-        return np.where(p >= self.upper, 1, np.where(p < self.lower, 0, -1))
+        return np.where(p >= max(self.upper, 0.5), 1, np.where(p < min(self.lower, 0.5), 0, -1))
+
+    def screen(self, p_lymphoblast: np.ndarray) -> np.ndarray:
+        """True where P(lymphoblast) reaches the high-sensitivity operating point."""
+        return np.asarray(p_lymphoblast) >= self.operating_point
+
+    def describe(self) -> str:
+        return (f"call lymphoblast at P(lymphoblast) >= {max(self.upper, 0.5):.3f}, normal at P < {min(self.lower, 0.5):.3f}, "
+                f"else indeterminate; screen-positive at P >= {self.operating_point:.3f} "
+                f"(sensitivity {self.target_sensitivity:.2f} on held-out subjects)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,25 +81,24 @@ def choose_thresholds(
     labels: np.ndarray,
     target_sensitivity: float = 0.95,
     target_decided_accuracy: float = 0.95,
-    max_indeterminate: float = 0.2,
+    max_indeterminate: float = 0.15,
 ) -> Thresholds:
-    """Pick the operating point and indeterminate band on held-out predictions.
+    """Pick the screening threshold and the calling band on held-out predictions.
 
-    The operating point is the highest threshold whose sensitivity for lymphoblasts is at
-    least `target_sensitivity` (missing a blast costs more than a second look at a normal
-    cell). The band is the narrowest interval around it, symmetric in logit space, that
-    lifts the accuracy of the decided results to `target_decided_accuracy`, but never
-    leaves more than `max_indeterminate` of the images undecided.
+    The screening threshold is the highest whose sensitivity for lymphoblasts is at least
+    `target_sensitivity` (missing a blast costs more than a second look at a normal cell).
+    The band is the narrowest interval around P = 0.5, symmetric in logit space, that lifts
+    the accuracy of the called results to `target_decided_accuracy`, but never leaves more
+    than `max_indeterminate` of the images undecided.
     """
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
     positives = np.sort(p[labels == 1])
     # Threshold at the (1 - target) quantile of the blasts' probabilities.
     k = int(np.floor((1 - target_sensitivity) * len(positives)))
     operating = float(positives[k]) if len(positives) else 0.5
-    centre = logit(operating)
-    lower = upper = operating
-    for width in np.linspace(0.0, 6.0, 121):
-        lo, hi = float(expit(centre - width)), float(expit(centre + width))
+    lower = upper = 0.5
+    for width in np.linspace(0.0, 6.0, 241):
+        lo, hi = float(expit(-width)), float(expit(width))
         undecided = (p >= lo) & (p < hi)
         if undecided.mean() > max_indeterminate:
             break

@@ -16,49 +16,62 @@ DEFAULT_DATA = Path("../shared/data/cnmc2019")
 
 
 def write_out_of_fold(version_dir: Path, oof, threshold: float) -> None:
-    """Every developer-set image's out-of-fold prediction (for audit) and its plots."""
+    """Every developer-set image's out-of-fold prediction (for audit), beside the reference
+    recipes' in the same folds, and the model's plots."""
     import csv
 
     from .metrics import plot
+    from .train import MODEL
 
+    names = list(oof.logits)
     with (version_dir / "out_of_fold.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "subject", "label", "fold", "logit", "p_lymphoblast"])
-        for row in zip(oof.cells.paths, oof.cells.subjects, oof.cells.labels, oof.fold, oof.logits, oof.probabilities, strict=True):
-            writer.writerow([row[0], row[1], "lymphoblast" if row[2] else "normal", int(row[3]) + 1, f"{row[4]:.5f}", f"{row[5]:.5f}"])
-    plot(oof.probabilities, oof.cells.labels, version_dir, "pooled out-of-fold", threshold)
+        writer.writerow(["path", "subject", "subject_group", "label", "fold", "p_lymphoblast"] + [f"logit: {n}" for n in names])
+        for i in range(len(oof.cells)):
+            writer.writerow([oof.cells.paths[i], oof.cells.subjects[i], oof.cells.groups[i],
+                             "lymphoblast" if oof.cells.labels[i] else "normal", int(oof.fold[i]) + 1,
+                             f"{oof.probabilities[MODEL][i]:.5f}"] + [f"{oof.logits[n][i]:.5f}" for n in names])
+    plot(oof.probabilities[MODEL], oof.cells.labels, version_dir, "pooled out-of-fold", threshold)
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from .backbone import IMAGENET_SHA256, IMAGENET_SOURCE, imagenet_weights
+    from .baselines import size_alone_fit
     from .calibration import Thresholds
     from .card import DATA, INTENDED_USE, LIMITATIONS, WEIGHTS_FILE, write_card
     from .data import load_cells
-    from .train import TrainConfig, config_dict, cross_validate, train_final
+    from .features import VIEWS, cached_features
+    from .train import MODEL_8_VIEWS, TrainConfig, config_dict, cross_validate, train_final
 
-    config = TrainConfig(image_size=args.image_size, epochs=args.epochs, folds=args.folds, seed=args.seed,
-                         patience=args.patience, batch_size=args.batch_size, grey=args.grey, dropout=args.dropout)
+    config = TrainConfig(image_size=args.image_size, scales=tuple(args.scales or TrainConfig.scales), epochs=args.epochs,
+                         folds=args.folds, seed=args.seed, mlp_units=args.mlp_units, dropout=args.dropout,
+                         use_size=not args.no_size, fine_tune_epochs=args.fine_tune_epochs, test_views=args.test_views)
     started = time.time()
-    cells = load_cells(args.data, config.image_size, args.cache)
-    print(f"{len(cells)} images from {len(set(cells.subjects.tolist()))} subjects", flush=True)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    evaluation, oof = cross_validate(cells, config, log)
-    temperature = evaluation.pop("temperature")
+    weights = None if args.imagenet_weights == "none" else imagenet_weights(args.imagenet_weights and Path(args.imagenet_weights))
+    cells = load_cells(args.data, config.image_size, args.cache)
+    log(f"{len(cells)} images from {len(set(cells.subjects.tolist()))} subjects; ImageNet weights: {weights or 'none (random)'}")
+    features = cached_features(cells.images, cells.paths, config.scales, args.cache, weights, log=log)
+    log(f"features {features.shape[1:]} per cell after {time.time() - started:.0f} s")
+    evaluation, oof = cross_validate(cells, features, config, weights, log)
+    temperature = evaluation["temperature"]
     thresholds = Thresholds(**evaluation["thresholds"])
-    model, final = train_final(cells, config, evaluation["final_epochs"], log)
+    model, final = train_final(cells, features, config, weights, log)
 
     version_dir = args.out / args.version
     version_dir.mkdir(parents=True, exist_ok=True)
     model.save(version_dir / WEIGHTS_FILE)
     write_out_of_fold(version_dir, oof, thresholds.operating_point)
+    evaluation.pop("temperature")
     evaluation["protocol"] = (
-        f"Stratified grouped {config.folds}-fold cross-validation over `subject_group` (no subject, nor any "
-        "subject sharing images with it, is on both sides). In each fold the training subjects are split "
-        "again by group; the inner validation subjects choose the epoch (early stopping on AUROC). The fold's "
-        "test subjects are only predicted. Calibration is cross-fitted: a fold's probabilities use a temperature "
-        "fitted on the other folds' out-of-fold logits. Fold metrics use P >= 0.5; the operating point and "
-        "indeterminate band are chosen on the pooled out-of-fold predictions (`out_of_fold.csv`, plots "
-        "`roc.png`, `reliability.png`, `confusion.png`). The shipped model is then trained on every subject "
-        f"for {evaluation['final_epochs']} epochs, the folds' median best epoch."
+        f"Stratified grouped {config.folds}-fold cross-validation over `subject_group` (no subject, nor any subject "
+        "sharing images with it, is on both sides). In each fold the MLP head and the reference recipes (size "
+        "alone; frozen features + size, logistic) are fitted on the training subjects and predict the test "
+        "subjects. Calibration is cross-fitted: a fold's probabilities use a temperature fitted on the other folds' "
+        "out-of-fold logits. Fold and pooled metrics use P >= 0.5 unless they name the operating point; the "
+        "operating point and indeterminate band are chosen on the pooled out-of-fold predictions (`out_of_fold.csv`, "
+        "plots `roc.png`, `reliability.png`, `confusion.png`). Intervals: 95 % percentile bootstrap over subject "
+        f"groups. The shipped head is then trained on every subject with the same recipe ({config.epochs} epochs)."
     )
     card = {
         "plugin": "lymphoblast",
@@ -69,13 +82,16 @@ def train_command(args: argparse.Namespace) -> int:
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
         "command": "dxserve-lymphoblast " + shlex.join(sys.argv[1:]),
         "architecture": (
-            f"CNN feature extractor (stain normalisation{', greyscale' if config.grey else ''}, "
-            f"strided stem {config.stem}, conv blocks {list(config.widths)}, "
-            f"global average pooling) + the cell's standardised log diameter -> MLP ({config.mlp_units} units, "
+            f"ImageNet MobileNet v1 (alpha 0.25, {'fine-tuned' if config.fine_tune_epochs else 'frozen'}) applied to the cell at {' and '.join(f'{s} px' for s in config.scales)}; "
+            f"global average pooling of blocks 11 and 13 at each scale ({features.shape[2]} features)"
+            f"{' + the standardised log cell diameter' if config.use_size else ''} -> MLP ({config.mlp_units} units, "
             f"dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB crop of the cell"
         ),
-        "input": {"image_size": config.image_size, "preprocessing": "crop to cell, pad square, resize, scale to [0,1]; "
-                  "log of the cell's equivalent diameter in pixels (magnification-dependent)"},
+        "initialisation": {"source": IMAGENET_SOURCE if weights else "random (no pretrained weights)", "file": weights.name if weights else None,
+                           "sha256": IMAGENET_SHA256 if weights else None, "frozen": not config.fine_tune_epochs},
+        "input": {"image_size": config.image_size, "views": config.test_views,
+                  "preprocessing": "crop to cell, pad square, resize, scale to [0,1]; log of the cell's equivalent "
+                                   "diameter in pixels (magnification-dependent)"},
         "training": {**config_dict(config), "final": final},
         "data": {**DATA, "images": len(cells), "lymphoblasts": int(cells.labels.sum()),
                  "normals": int((cells.labels == 0).sum()), "subjects": len(set(cells.subjects.tolist())),
@@ -85,11 +101,22 @@ def train_command(args: argparse.Namespace) -> int:
                         "fitted_on": "the pooled out-of-fold logits of the cross-validation (every subject, each "
                                      "predicted by a model that never saw it)"},
         "thresholds": thresholds.to_dict(),
+        "baselines": {"size_alone": size_alone_fit(cells.log_diameters, cells.labels)},
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
     write_card(version_dir, card)
-    print(f"wrote {version_dir} in {(time.time() - started) / 60:.1f} min", flush=True)
+    # The same weights with 8-orientation averaging: a version of its own, with its own
+    # calibration and thresholds fitted on that mode's out-of-fold predictions.
+    tta = evaluation.pop("test_time_averaging")
+    tta_dir = args.out / f"{args.version}-tta{VIEWS}"
+    tta_dir.mkdir(parents=True, exist_ok=True)
+    tta_card = {**card, "version": tta_dir.name, "input": {**card["input"], "views": VIEWS},
+                "calibration": {**card["calibration"], "temperature": tta.pop("temperature")},
+                "thresholds": tta.pop("thresholds"),
+                "evaluation": {**evaluation, **tta, "folds": evaluation["candidates"][MODEL_8_VIEWS]["folds"]}}
+    write_card(tta_dir, tta_card, weights_file=f"../{args.version}/{WEIGHTS_FILE}")
+    log(f"wrote {version_dir} and {tta_dir} in {(time.time() - started) / 60:.1f} min")
     return 0
 
 
@@ -97,6 +124,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Score a weights version on labelled images, through the same code path as serving."""
     import numpy as np
 
+    from .baselines import SIZE_ALONE, size_alone_probability
     from .data import read_manifest
     from .metrics import plot, summarise
     from .plugin import LymphoblastRuntime, shipped_versions
@@ -115,23 +143,35 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     from dxserve.images import to_rgb  # decode as the server does (16-bit, grey, alpha)
 
-    probabilities = []
+    probabilities, log_diameters = [], []
     for start in tqdm(range(0, len(rows), 64), unit="batch", file=sys.stderr):
-        batch = [runtime.preprocess(to_rgb(Image.open(root / r["path"]))) for r in rows[start:start + 64]]
-        probabilities.append(runtime.predict(np.stack(batch))[:, 0])
+        batch = np.stack([runtime.preprocess(to_rgb(Image.open(root / r["path"]))) for r in rows[start:start + 64]])
+        probabilities.append(runtime.predict(batch)[:, 0])
+        log_diameters.append(batch["log_diameter"])
     p = np.concatenate(probabilities)
     labels = np.array([1 if r["label"] == "all" else 0 for r in rows])
     subjects = np.array([r["subject"] for r in rows])
     report = summarise(p, labels, subjects, runtime.thresholds)
     report.update(model_version=version.version, weights_sha256=version.weights_sha256, data=str(args.data))
+    size_fit = version.extra["card"].get("baselines", {}).get("size_alone")
+    if size_fit:  # the size-alone rule fitted on the same training cells, on the same images
+        baseline = summarise(size_alone_probability(size_fit, np.concatenate(log_diameters)), labels, subjects)
+        report["baselines"] = {SIZE_ALONE: baseline}
+        report["versus_baselines"] = {SIZE_ALONE: {m: None if report[m] is None or baseline[m] is None else report[m] - baseline[m]
+                                                   for m in ("auroc", "weighted_f1")}}
+        print(f"size alone on the same images: AUROC {_round(baseline['auroc'])}, weighted F1 {baseline['weighted_f1']:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plots = plot(p, labels, args.out, f"{version.version} on {args.data.name}", runtime.thresholds.operating_point)
     print(f"weighted F1 {report['weighted_f1']:.3f}, sensitivity {report['sensitivity']:.3f}, specificity "
-          f"{report['specificity']:.3f}, AUROC {report['auroc'] if report['auroc'] is None else round(report['auroc'], 3)}, "
+          f"{report['specificity']:.3f}, AUROC {_round(report['auroc'])}, "
           f"ECE {report['ece']:.3f}, indeterminate {report['indeterminate_fraction']:.3f}")
     print(f"wrote {args.out / 'report.json'} and {', '.join(p.name for p in plots)}")
     return 0
+
+
+def _round(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,15 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with manifest.csv (default: %(default)s)")
     train.add_argument("--version", required=True, help="version to write, e.g. 1.0.0")
     train.add_argument("--out", type=Path, default=MODELS_DIR, help="models folder (default: the plugin's own)")
-    train.add_argument("--cache", type=Path, default=Path(".cache"), help="cache of preprocessed cells")
-    train.add_argument("--image-size", type=int, default=96)
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--patience", type=int, default=8)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--cache", type=Path, default=Path(".cache"), help="cache of preprocessed cells and backbone features")
+    train.add_argument("--imagenet-weights", default="",
+                       help="the ImageNet MobileNet file (default: $DXSERVE_IMAGENET_WEIGHTS or ../shared/weights/imagenet); "
+                            "its SHA-256 is checked; 'none' starts from random weights (tests only)")
+    train.add_argument("--image-size", type=int, default=224, help="served input size of the cell crop")
+    train.add_argument("--scales", type=int, nargs="*", help="sizes the backbone sees the cell at (default: 224 128)")
+    train.add_argument("--epochs", type=int, default=20, help="head epochs over all 8 orientations of every cell")
+    train.add_argument("--mlp-units", type=int, default=64, help="hidden units of the MLP head (0: logistic)")
+    train.add_argument("--dropout", type=float, default=0.3, help="dropout before and after the MLP's hidden layer")
+    train.add_argument("--no-size", action="store_true", help="leave the log cell diameter out of the head's inputs")
+    train.add_argument("--fine-tune-epochs", type=int, default=0,
+                       help="then train the backbone end to end on augmented images for this many epochs (0: frozen)")
+    train.add_argument("--test-views", type=int, default=1, choices=(1, 2, 4, 8),
+                       help="orientations the default version averages per result (a -tta8 version is always written too)")
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--dropout", type=float, default=0.4, help="dropout before and after the MLP's hidden layer")
-    train.add_argument("--grey", action="store_true", help="the CNN sees the stain-normalised luminance only")
     train.set_defaults(run=train_command)
 
     evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")

@@ -1,74 +1,111 @@
-"""Training: one model, subject-grouped cross-validation, and the shipped weights with their card."""
+"""Training: a pretrained CNN feature extractor, an MLP head on its cached features, subject-
+grouped cross-validation with the reference recipes in the same folds, and the shipped model.
+
+The work is staged so that two CPU cores suffice: the frozen ImageNet backbone's features
+of every cell in its 8 orientations are computed once (`features.cached_features`, a few
+minutes), and the MLP head then trains in seconds per fold.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import baselines
 from .calibration import calibrated, choose_thresholds, expected_calibration_error, fit_temperature
-from .data import Cells, dataset, grouped_folds, reference_colour
-from .metrics import summarise
+from .data import Cells, grouped_folds, sample_weights
+from .features import VIEWS
+from .metrics import bootstrap_over_subjects, summarise
 
 
 @dataclass
 class TrainConfig:
     """The training recipe. Every figure in the model card comes from one of these."""
 
-    image_size: int = 96
-    stem: int = 24
-    widths: tuple[int, ...] = (32, 64, 128, 192)
-    mlp_units: int = 128
-    dropout: float = 0.4
-    grey: bool = False
-    epochs: int = 30
-    batch_size: int = 32
+    image_size: int = 224  # the served input: the cell cropped, padded square and resized to this
+    scales: tuple[int, ...] = (224, 128)  # the backbone sees the cell at each; their features are joined
+    mlp_units: int = 64
+    dropout: float = 0.3
+    use_size: bool = True  # the log cell diameter as an explicit MLP input
+    epochs: int = 20  # over every training cell in all 8 orientations
+    batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 8
+    subject_power: float = 0.5  # data.sample_weights
+    balance_classes: bool = False  # data.sample_weights: False keeps the class prior, so P >= 0.5 is a fair call
+    test_views: int = 1  # orientations the default version averages per result (1, 2, 4 or 8)
+    fine_tune_epochs: int = 0  # then train the backbone too (batch norm frozen), on augmented images
+    fine_tune_learning_rate: float = 1e-4
+    fine_tune_batch_size: int = 32
     folds: int = 5
     seed: int = 0
     target_sensitivity: float = 0.95
     target_decided_accuracy: float = 0.95
-    max_indeterminate: float = 0.2
+    max_indeterminate: float = 0.15
 
 
-def train_model(train: Cells, val: Cells | None, config: TrainConfig, epochs: int | None = None,
-                verbose: int | None = None):
-    """Fit one model. With `val`, early stopping on those held-out subjects' AUROC restores the
-    best epoch; without, exactly `epochs` epochs run (the learning rate decays over them)."""
+def train_head(features: np.ndarray, cells: Cells, config: TrainConfig, verbose: int = 0):
+    """Fit the MLP head on (n, views, d) frozen features: every orientation is a sample."""
     import keras
 
-    from .model import build_model
+    from .model import build_head
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.image_size, config.stem, config.widths, config.mlp_units, config.dropout,
-                        reference_colour(train.images), (float(train.log_diameters.mean()), float(train.log_diameters.std())),
-                        config.grey)
-    epochs = epochs or config.epochs
-    steps = epochs * int(np.ceil(len(train) / config.batch_size))
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, warmup_target=None)
+    n, views, dim = features.shape
+    x = features.reshape(n * views, dim).astype(np.float32)
+    log_d = np.repeat(cells.log_diameters.astype(np.float32), views)[:, None]
+    y = np.repeat(cells.labels, views).astype(np.float32)
+    w = np.repeat(sample_weights(cells.labels, cells.groups, config.subject_power, config.balance_classes), views)
+    size_stats = (float(cells.log_diameters.mean()), float(cells.log_diameters.std())) if config.use_size else None
+    head = build_head(dim, config.mlp_units, config.dropout, size_stats, (x.mean(axis=0), x.std(axis=0) + 1e-3))
+    steps = config.epochs * int(np.ceil(len(y) / config.batch_size))
+    head.compile(
+        optimizer=keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(config.learning_rate, steps),
+                                         weight_decay=config.weight_decay),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    history = head.fit({"features": x, "log_diameter": log_d}, y, sample_weight=w, batch_size=config.batch_size,
+                       epochs=config.epochs, shuffle=True, verbose=verbose)
+    return head, [float(v) for v in history.history["loss"]]
+
+
+def head_logits(head, features: np.ndarray, log_diameters: np.ndarray, views: int) -> np.ndarray:
+    """Logits of the head on the first `views` orientations, averaged (test-time averaging)."""
+    n, _, dim = features.shape
+    x = features[:, :views].reshape(n * views, dim).astype(np.float32)
+    log_d = np.repeat(log_diameters.astype(np.float32), views)[:, None]
+    z = head.predict({"features": x, "log_diameter": log_d}, batch_size=4096, verbose=0)[:, 0]
+    return z.reshape(n, views).mean(axis=1)
+
+
+def fine_tune(head, cells: Cells, config: TrainConfig, weights, log=print):
+    """Stage two: the whole classifier (ImageNet backbone + the fitted head) trained end to end
+    on augmented images with a low learning rate; batch-norm statistics stay ImageNet's."""
+    import keras
+
+    from .data import dataset
+    from .model import build_classifier
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_classifier(config.image_size, head, weights, config.scales)
+    for layer in model.get_layer("backbone").layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    steps = config.fine_tune_epochs * int(np.ceil(len(cells) / config.fine_tune_batch_size))
     model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+        optimizer=keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(config.fine_tune_learning_rate, steps),
+                                         weight_decay=config.weight_decay),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
         weighted_metrics=[],
-        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
     )
-    if verbose is None:  # a progress bar on a terminal, a line an epoch in a log file
-        verbose = 1 if sys.stdout.isatty() else 2
-    stop = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=config.patience, restore_best_weights=True)
-    history = model.fit(
-        dataset(train, config.batch_size, training=True, seed=config.seed),
-        validation_data=None if val is None else dataset(val, 128, training=False),
-        epochs=epochs,
-        callbacks=[] if val is None else [stop],
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=verbose,
-    )
-    return without_optimizer(model), {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    started = time.time()
+    history = model.fit(dataset(cells, config.fine_tune_batch_size, training=True, seed=config.seed,
+                                subject_power=config.subject_power, balance_classes=config.balance_classes),
+                        epochs=config.fine_tune_epochs, verbose=0)
+    log(f"fine-tuned {config.fine_tune_epochs} epochs on {len(cells)} images in {time.time() - started:.0f} s")
+    return without_optimizer(model), [float(v) for v in history.history["loss"]]
 
 
 def without_optimizer(model):
@@ -81,89 +118,149 @@ def without_optimizer(model):
     return copy
 
 
-def predict_logits(model, cells: Cells) -> np.ndarray:
-    return model.predict(dataset(cells, 128, training=False), verbose=0)[:, 0]
+def classifier_logits(model, cells: Cells, views: int) -> np.ndarray:
+    """Logits of the whole classifier on cell images, averaged over `views` orientations."""
+    import tensorflow as tf
 
+    from .data import dataset
+    from .plugin import averaged_over_views
 
-def inner_split(cells: Cells, config: TrainConfig) -> tuple[Cells, Cells]:
-    """Split training subjects once more: a subject-held-out validation set for early
-    stopping and temperature fitting, never used for the reported test metrics."""
-    # About a fifth of the groups, whatever the outer fold count.
-    n_splits = max(2, min(5, len(set(cells.groups.tolist()))))
-    train_idx, val_idx = grouped_folds(cells, n_splits, config.seed + 1)[0]
-    return cells.subset(train_idx), cells.subset(val_idx)
+    forward = tf.function(averaged_over_views(model, views) if views > 1 else (lambda x: model(x, training=False)))
+    return np.concatenate([forward(x).numpy()[:, 0] for x, _, _ in dataset(cells, 64, training=False)])
 
 
 @dataclass
 class OutOfFold:
-    """Every image's logit from the fold model that never saw its subject."""
+    """Every image's logit from the fold model that never saw its subject, per candidate."""
 
-    logits: np.ndarray
+    logits: dict[str, np.ndarray]  # candidate name -> logits in `cells` order
     fold: np.ndarray  # 0-based fold of each image
-    cells: Cells  # in the same order
-    probabilities: np.ndarray | None = None  # calibrated with the cross-fitted temperatures
+    cells: Cells
+    probabilities: dict[str, np.ndarray]  # the same, calibrated with cross-fitted temperatures
 
 
-def cross_validate(cells: Cells, config: TrainConfig, log=print) -> tuple[dict, OutOfFold]:
-    """Grouped K-fold over subject groups: per fold train (early stopping on an inner
-    subject-held-out split) and predict the fold's unseen subjects.
+MODEL = "model"
+MODEL_8_VIEWS = "model, 8-view averaging"
+FROZEN_HEAD = "frozen backbone + MLP head (before fine-tuning)"
 
-    Calibration is cross-fitted: fold k's probabilities use a temperature fitted on the
-    other folds' out-of-fold logits, so each fold's ECE is measured on subjects that fitted
-    neither its model nor its temperature. A single validation split is dominated by one or
-    two subjects, and a temperature fitted there did not transfer (1.0.0's card).
+
+def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print) -> tuple[dict, OutOfFold]:
+    """Stratified grouped K-fold over subject groups. In each fold the head (and, with
+    `fine_tune_epochs`, the whole classifier from `weights`), and the reference recipes beside
+    it, are fitted on the training subjects and predict the unseen test subjects.
+
+    Calibration is cross-fitted: fold k's probabilities use a temperature fitted on the other
+    folds' out-of-fold logits, so each fold's ECE is measured on subjects that fitted neither
+    its model nor its temperature.
     """
-    order, fold_of, logits = [], [], []
-    histories = []
-    for k, (train_idx, test_idx) in enumerate(grouped_folds(cells, config.folds, config.seed)):
+    folds = grouped_folds(cells, config.folds, config.seed)
+    fold_of = np.zeros(len(cells), int)
+    names = (MODEL, MODEL_8_VIEWS) + ((FROZEN_HEAD,) if config.fine_tune_epochs else ()) + (baselines.SIZE_ALONE, baselines.FROZEN_LOGISTIC)
+    logits = {name: np.zeros(len(cells)) for name in names}
+    seconds = []
+    for k, (train_idx, test_idx) in enumerate(folds):
         started = time.time()
         train, test = cells.subset(train_idx), cells.subset(test_idx)
-        fit, val = inner_split(train, config)
-        log(f"fold {k + 1}/{config.folds}: train {len(fit)} / val {len(val)} / test {len(test)} images, "
-            f"test subjects {sorted(set(test.subjects.tolist()))}")
-        model, history = train_model(fit, val, config)
-        order.append(test_idx), fold_of.append(np.full(len(test_idx), k)), logits.append(predict_logits(model, test))
-        best_epoch = int(np.argmax(history["val_auc"])) + 1
-        histories.append((len(history["loss"]), best_epoch, time.time() - started))
-        log(f"fold {k + 1}: {histories[-1][0]} epochs, best {best_epoch}, {histories[-1][2]:.0f} s")
-    index = np.concatenate(order)
-    oof = OutOfFold(np.concatenate(logits), np.concatenate(fold_of), cells.subset(index))
-    y, s = oof.cells.labels, oof.cells.subjects
+        fold_of[test_idx] = k
+        head, _ = train_head(features[train_idx], train, config)
+        if config.fine_tune_epochs:
+            logits[FROZEN_HEAD][test_idx] = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
+            model, _ = fine_tune(head, train, config, weights, log)
+            logits[MODEL][test_idx] = classifier_logits(model, test, config.test_views)
+            logits[MODEL_8_VIEWS][test_idx] = classifier_logits(model, test, VIEWS)
+        else:
+            logits[MODEL][test_idx] = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
+            logits[MODEL_8_VIEWS][test_idx] = head_logits(head, features[test_idx], test.log_diameters, VIEWS)
+        logits[baselines.SIZE_ALONE][test_idx] = baselines.size_alone(train.log_diameters, train.labels, test.log_diameters)
+        logits[baselines.FROZEN_LOGISTIC][test_idx] = baselines.frozen_logistic(
+            features[train_idx], train.log_diameters, train.labels, features[test_idx], test.log_diameters)
+        seconds.append(time.time() - started)
+        log(f"fold {k + 1}/{config.folds}: {len(train)} train / {len(test)} test images, "
+            f"{len(set(test.groups.tolist()))} test subject groups, {seconds[-1]:.0f} s")
 
-    folds, p = [], np.zeros(len(y))
-    for k in range(config.folds):
-        here = oof.fold == k
-        temperature = fit_temperature(oof.logits[~here], y[~here])
-        p[here] = calibrated(oof.logits[here], temperature)
-        result = summarise(p[here], y[here], s[here])
-        result.update(fold=k + 1, temperature=temperature, epochs_run=histories[k][0], best_epoch=histories[k][1],
-                      seconds=histories[k][2],
-                      ece_uncalibrated=expected_calibration_error(calibrated(oof.logits[here], 1.0), y[here]))
-        log(f"fold {k + 1}: weighted F1 {result['weighted_f1']:.3f}, AUROC {result['auroc']}, "
-            f"ECE {result['ece_uncalibrated']:.3f} -> {result['ece']:.3f}")
-        folds.append(result)
-    oof.probabilities = p
-    thresholds = choose_thresholds(p, y, config.target_sensitivity, config.target_decided_accuracy, config.max_indeterminate)
-    spread = {
-        m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-        for m in ("weighted_f1", "auroc", "ece", "ece_uncalibrated", "sensitivity", "specificity")
-        if (v := [f[m] for f in folds if f[m] is not None])
+    y, subjects = cells.labels, cells.subjects
+    candidates, probabilities = {}, {}
+    for name, z in logits.items():
+        p, per_fold = np.zeros(len(y)), []
+        for k in range(config.folds):
+            here = fold_of == k
+            temperature = fit_temperature(z[~here], y[~here])
+            p[here] = calibrated(z[here], temperature)
+            result = summarise(p[here], y[here], subjects[here])
+            result.update(fold=k + 1, temperature=temperature,
+                          ece_uncalibrated=expected_calibration_error(calibrated(z[here], 1.0), y[here]))
+            per_fold.append(result)
+        probabilities[name] = p
+        pooled = summarise(p, y, subjects)
+        pooled.pop("per_subject")
+        candidates[name] = {"pooled_out_of_fold": pooled, "folds": [{m: f[m] for m in FOLD_METRICS} for f in per_fold],
+                            "bootstrap_over_subjects": bootstrap_over_subjects(p, y, cells.groups, seed=config.seed)}
+        log(f"{name}: pooled AUROC {pooled['auroc']:.3f}, weighted F1 {pooled['weighted_f1']:.3f}, "
+            "per fold AUROC " + " ".join(f"{f['auroc']:.3f}" for f in per_fold))
+        if name == MODEL:
+            model_folds = per_fold
+
+    oof = OutOfFold(logits, fold_of, cells, probabilities)
+    for f, s in zip(model_folds, seconds, strict=True):
+        f["seconds"] = s
+    report = {
+        "folds": model_folds,
+        "across_folds": {
+            m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+            for m in ("weighted_f1", "auroc", "ece", "ece_uncalibrated", "sensitivity", "specificity")
+            if (v := [f[m] for f in model_folds if f[m] is not None])
+        },
+        **decision_rule(probabilities[MODEL], logits[MODEL], cells, config),
+        "candidates": candidates,
+        "versus_baselines": versus(candidates, MODEL),
+        "test_time_averaging": decision_rule(probabilities[MODEL_8_VIEWS], logits[MODEL_8_VIEWS], cells, config),
     }
-    pooled = summarise(p, y, s, thresholds)
-    pooled["ece_uncalibrated"] = expected_calibration_error(calibrated(oof.logits, 1.0), y)
-    report = {"folds": folds, "across_folds": spread, "pooled_out_of_fold": pooled, "thresholds": thresholds.to_dict(),
-              "temperature": fit_temperature(oof.logits, y),
-              "final_epochs": int(np.median([h[1] for h in histories]))}
     return report, oof
 
 
-def train_final(cells: Cells, config: TrainConfig, epochs: int, log=print):
-    """The shipped model: every subject, for the median best epoch of the cross-validation
-    folds. No subject is held out here; an early-stopping split of its own would hold out
-    a fifth of the few normal subjects and pick its epoch on one or two of them."""
-    log(f"final model: all {len(cells)} images of {len(set(cells.subjects.tolist()))} subjects, {epochs} epochs")
-    model, history = train_model(cells, None, config, epochs=epochs)
-    return model, {"history": history, "epochs": epochs, "train_subjects": sorted(set(cells.subjects.tolist()))}
+def decision_rule(p: np.ndarray, z: np.ndarray, cells: Cells, config: TrainConfig) -> dict:
+    """Thresholds chosen on pooled out-of-fold probabilities, the metrics there, and the
+    temperature the shipped model gets (fitted on all out-of-fold logits)."""
+    y = cells.labels
+    thresholds = choose_thresholds(p, y, config.target_sensitivity, config.target_decided_accuracy, config.max_indeterminate)
+    pooled = summarise(p, y, cells.subjects, thresholds)
+    pooled["ece_uncalibrated"] = expected_calibration_error(calibrated(z, 1.0), y)
+    return {"pooled_out_of_fold": pooled, "thresholds": thresholds.to_dict(), "temperature": fit_temperature(z, y)}
+
+
+FOLD_METRICS = ("fold", "images", "auroc", "weighted_f1", "sensitivity", "specificity", "ece", "ece_uncalibrated", "temperature")
+
+
+def versus(candidates: dict, model: str) -> dict:
+    """Per-fold and pooled differences model - each reference recipe (AUROC, weighted F1)."""
+    out = {}
+    for name, other in candidates.items():
+        if name == model:
+            continue
+        entry = {}
+        for metric in ("auroc", "weighted_f1"):
+            deltas = [a[metric] - b[metric] for a, b in zip(candidates[model]["folds"], other["folds"], strict=True)
+                      if a[metric] is not None and b[metric] is not None]
+            entry[metric] = {
+                "pooled": candidates[model]["pooled_out_of_fold"][metric] - other["pooled_out_of_fold"][metric],
+                "per_fold": deltas,
+                "folds_better": int(sum(d > 0 for d in deltas)),
+            }
+        out[name] = entry
+    return out
+
+
+def train_final(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print):
+    """The shipped classifier: every subject, the same recipe (fixed epochs, no early stopping)."""
+    from .model import build_classifier
+
+    log(f"final model: all {len(cells)} images of {len(set(cells.subjects.tolist()))} subjects")
+    head, loss = train_head(features, cells, config)
+    final = {"loss": loss, "epochs": config.epochs, "train_subjects": sorted(set(cells.subjects.tolist()))}
+    if config.fine_tune_epochs:
+        model, final["fine_tune_loss"] = fine_tune(head, cells, config, weights, log)
+        return model, final
+    return build_classifier(config.image_size, head, weights, config.scales), final
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -21,8 +21,12 @@ LABELS = ("lymphoblast", "normal")
 
 
 def _version_key(name: str) -> tuple:
-    """'1.10.0' after '1.9.0'; numeric parts before textual ones ('1.0.0' vs '1.0.0-rc1')."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace("-", ".").split("."))
+    """Order of versions, oldest first: '1.10.0' after '1.9.0', and a suffixed name (a
+    pre-release '2.0.0-rc1', or a serving variant '2.0.0-tta8') before its plain release,
+    so the plain release is the newest and the default."""
+    base, _, suffix = name.partition("-")
+    numbers = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in base.split("."))
+    return numbers, 0 if suffix else 1, suffix
 
 
 def shipped_versions(models_dir: Path = MODELS_DIR) -> list[ModelVersion]:

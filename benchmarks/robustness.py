@@ -1,6 +1,6 @@
 """How far the served P(lymphoblast) moves when an image looks like another lab's.
 
-    python benchmarks/robustness.py [--data ../shared/data/cnmc2019] [--images 400] [--version 1.1.0]
+    python benchmarks/robustness.py [--data ../shared/data/cnmc2019] [--images 400] [--version 1.1.0] [--models DIR]
 
 Each image is changed as another microscope or pipeline would change it, and the same
 model scores both versions through the serving code path (preprocess + predict). Printed:
@@ -61,9 +61,10 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cnmc2019"))
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--version", default="")
+    parser.add_argument("--models", type=Path, default=None, help="a models folder other than the plugin's own")
     args = parser.parse_args()
 
-    versions = {v.version: v for v in shipped_versions()}
+    versions = {v.version: v for v in (shipped_versions(args.models) if args.models else shipped_versions())}
     runtime = LymphoblastRuntime(versions[args.version] if args.version else next(iter(versions.values())))
     runtime.load()
     rows = read_manifest(args.data)

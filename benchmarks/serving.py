@@ -5,7 +5,8 @@
 Everything is measured in one run on one machine, and figures are printed as ratios
 against the in-process baseline, because absolute numbers on a shared machine drift:
 
-1. model only: `predict` on preprocessed batches of 32 (the model's own throughput);
+1. model only: `predict` on preprocessed batches of 32 (the model's own throughput), for the
+   default version and for the same weights with 8-view test-time averaging (`-tta8`);
 2. raw in process: decode PNG + preprocess + predict in batches of 32, no gRPC (baseline);
 3. gRPC streaming: several concurrent ClassifyStream calls to a local server;
 4. gRPC unary latency: sequential Classify calls, p50 and p99.
@@ -45,24 +46,38 @@ def sample_images(n: int) -> list[bytes]:
     return out
 
 
-def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float]:
-    """(model-only images/s, decode+preprocess+model images/s) in this process."""
+def load_runtime(version: str | None = None):
+    """The lymphoblast runtime of `version` (default: the shipped default), loaded."""
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
 
-    runtime = LymphoblastRuntime(shipped_versions()[0])
+    versions = shipped_versions()
+    runtime = LymphoblastRuntime(next(v for v in versions if v.version == version) if version else versions[0])
     runtime.load()
-    decode = lambda data: to_rgb(Image.open(io.BytesIO(data)))  # noqa: E731
-    inputs = np.stack([runtime.preprocess(decode(d)) for d in images])
+    return runtime
+
+
+def model_only(runtime, inputs: np.ndarray, batch: int = 32) -> float:
+    """images/s of `predict` alone on preprocessed batches."""
     runtime.predict(inputs[:batch])  # warm up
     started = time.perf_counter()
     for i in range(0, len(inputs), batch):
         runtime.predict(inputs[i:i + batch])
-    model_only = len(inputs) / (time.perf_counter() - started)
+    return len(inputs) / (time.perf_counter() - started)
+
+
+def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float, float]:
+    """(model-only images/s, decode+preprocess+model images/s, model-only images/s of the
+    same weights with 8-view averaging) in this process."""
+    runtime = load_runtime()
+    decode = lambda data: to_rgb(Image.open(io.BytesIO(data)))  # noqa: E731
+    inputs = np.stack([runtime.preprocess(decode(d)) for d in images])
+    alone = model_only(runtime, inputs, batch)
     started = time.perf_counter()
     for i in range(0, len(images), batch):
         runtime.predict(np.stack([runtime.preprocess(decode(d)) for d in images[i:i + batch]]))
     raw = len(images) / (time.perf_counter() - started)
-    return model_only, raw
+    averaged = model_only(load_runtime(f"{runtime.version.version}-tta8"), inputs, batch)
+    return alone, raw, averaged
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -112,7 +127,7 @@ def main() -> int:
     args = parser.parse_args()
 
     images = sample_images(args.images)
-    model_only, raw = in_process(images)
+    alone, raw, averaged = in_process(images)
     address = f"127.0.0.1:{args.port}"
     server = start_server(args.port)
     try:
@@ -125,12 +140,13 @@ def main() -> int:
         server.wait(60)
 
     print(f"machine: {os.cpu_count()} CPU cores; {len(images)} PNG cells of 450x450 px")
-    print(f"model only, batch 32, in process:        {model_only:8.1f} images/s")
+    print(f"model only, batch 32, in process:        {alone:8.1f} images/s")
+    print(f"  the same with 8-view averaging (-tta8): {averaged:8.1f} images/s   (cost: x{alone / averaged:.1f})")
     print(f"raw in process (decode+preprocess+model): {raw:8.1f} images/s   (baseline)")
     print(f"gRPC streaming, {args.streams} concurrent streams:    {stream_rate:8.1f} images/s")
     print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"ratio streaming / raw in process:         {stream_rate / raw:8.2f}")
-    print(f"ratio streaming / model only:             {stream_rate / model_only:8.2f}")
+    print(f"ratio streaming / model only:             {stream_rate / alone:8.2f}")
     return 0
 
 

@@ -28,8 +28,9 @@ INTENDED_USE = (
 )
 LIMITATIONS = [
     "Trained on one laboratory's stain-normalised images; other stains, microscopes and "
-    "segmentation pipelines shift the input distribution (preprocessing crops to the cell and "
-    "normalises its mean colour, which reduces but does not remove the shift).",
+    "segmentation pipelines shift the input distribution. Preprocessing crops to the cell, so "
+    "canvas and position do not matter, but 2.x does not normalise colour: a white-balance cast "
+    "moves P(lymphoblast) by 0.105 on average and blur by 0.078 (benchmarks/robustness.py).",
     "The normal class has 1470 images of 28 subject IDs, but two of them (H10, H22) hold 53 % of "
     "those images, and some normal subjects (H10 above all, also H40, H9) look blast-like to every "
     "model tried: specificity on new healthy subjects varies widely across folds.",

@@ -101,9 +101,13 @@ def grouped_folds(cells: Cells, n_folds: int, seed: int) -> list[tuple[np.ndarra
     return list(splitter.split(np.zeros(len(cells)), cells.labels, cells.groups))
 
 
+# Largest change of a colour channel's gain in augmentation (stain, white balance).
+STAIN_GAIN = 0.15
+
+
 def augmenter(seed: int):
     """Augmentations that fit single cells: any orientation, small scale and shear, and the
-    stain, brightness, contrast and focus variation of other microscopes."""
+    stain, white-balance, brightness, contrast and focus variation of other microscopes."""
     import keras
     from keras import layers
 
@@ -121,16 +125,19 @@ def augmenter(seed: int):
             layers.RandomColorJitter(
                 value_range=(0, 1), brightness_factor=0.15, contrast_factor=0.2, saturation_factor=(0.35, 0.65), hue_factor=0.04, seed=seed + 4
             ),
-            layers.RandomGaussianBlur(factor=0.5, kernel_size=3, sigma=(0.0, 1.0), value_range=(0, 1), seed=seed + 5),
+            layers.RandomGaussianBlur(factor=0.6, kernel_size=5, sigma=(0.0, 1.5), value_range=(0, 1), seed=seed + 5),
         ],
         name="appearance",
     )
+    gain_seed = keras.random.SeedGenerator(seed + 6)
 
     def augment(images):
         images = geometry(images, training=True)
         # Jitter the cell only: the background stays black, as segmentation leaves it.
         cell = keras.ops.cast(keras.ops.max(images, axis=-1, keepdims=True) > BACKGROUND_MAX / 255, images.dtype)
-        return keras.ops.clip(appearance(images, training=True), 0.0, 1.0) * cell
+        # Another lab's stain and white balance: a gain per colour channel.
+        gains = keras.random.uniform((keras.ops.shape(images)[0], 1, 1, 3), 1 - STAIN_GAIN, 1 + STAIN_GAIN, seed=gain_seed)
+        return keras.ops.clip(appearance(images, training=True) * gains, 0.0, 1.0) * cell
 
     return augment
 

@@ -53,14 +53,31 @@ def extract(images: np.ndarray, weights: Path | None, scales: tuple[int, ...] | 
     return out
 
 
+def augmented(images: np.ndarray, seed: int, batch_size: int = 64) -> np.ndarray:
+    """A copy of uint8 cells (n, s, s, 3) as other microscopes might show them
+    (`data.augmenter`: orientation, zoom, shear, stain and white balance, contrast, blur)."""
+    from .data import augmenter
+
+    augment = augmenter(seed)
+    out = np.empty_like(images)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].astype(np.float32) / 255.0
+        out[start:start + len(batch)] = np.clip(np.asarray(augment(batch)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
 def cached_features(images: np.ndarray, paths: np.ndarray, scales: tuple[int, ...], cache_dir: Path | None,
-                    weights: Path | None, log=print) -> np.ndarray:
-    """`extract`, cached as .npy keyed by the cells, their size, the scales and the weights file."""
+                    weights: Path | None, augment_seed: int | None = None, log=print) -> np.ndarray:
+    """`extract` of the cells, or of an `augmented` copy of them with `augment_seed`, cached as
+    .npy keyed by the cells, their size, the scales, the weights file and the augmentation."""
     tag = weights.name if weights else "random"
-    key = hashlib.sha256(f"{'|'.join(paths.tolist())}|{images.shape}|{scales}|{tag}|{VIEWS}|f3".encode()).hexdigest()[:16]
-    cache = cache_dir / f"features-{images.shape[1]}-{key}.npy" if cache_dir else None
+    variant = "" if augment_seed is None else f"|augmented {augment_seed}"
+    key = hashlib.sha256(f"{'|'.join(paths.tolist())}|{images.shape}|{scales}|{tag}|{VIEWS}|f3{variant}".encode())
+    cache = cache_dir / f"features-{images.shape[1]}-{key.hexdigest()[:16]}.npy" if cache_dir else None
     if cache and cache.exists():
         return np.load(cache)
+    if augment_seed is not None:
+        images = augmented(images, augment_seed)
     features = extract(images, weights, scales, log=log)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)

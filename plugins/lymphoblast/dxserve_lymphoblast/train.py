@@ -30,7 +30,8 @@ class TrainConfig:
     mlp_units: int = 64
     dropout: float = 0.3
     use_size: bool = True  # the log cell diameter as an explicit MLP input
-    epochs: int = 20  # over every training cell in all 8 orientations
+    epochs: int = 20  # over every training cell in all 8 orientations (and its augmented copies)
+    augmented_copies: int = 0  # copies of each training cell as other microscopes might show it (features.augmented)
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -47,8 +48,13 @@ class TrainConfig:
     max_indeterminate: float = 0.15
 
 
+def with_augmented(features: np.ndarray, augmented: np.ndarray | None) -> np.ndarray:
+    """The head's training samples: the cells' own views and those of their augmented copies."""
+    return features if augmented is None else np.concatenate([features, augmented], axis=1)
+
+
 def train_head(features: np.ndarray, cells: Cells, config: TrainConfig, verbose: int = 0):
-    """Fit the MLP head on (n, views, d) frozen features: every orientation is a sample."""
+    """Fit the MLP head on (n, views, d) frozen features: every view is a sample."""
     import keras
 
     from .model import build_head
@@ -144,10 +150,13 @@ MODEL_8_VIEWS = "model, 8-view averaging"
 FROZEN_HEAD = "frozen backbone + MLP head (before fine-tuning)"
 
 
-def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print) -> tuple[dict, OutOfFold]:
+def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print,
+                   augmented: np.ndarray | None = None) -> tuple[dict, OutOfFold]:
     """Stratified grouped K-fold over subject groups. In each fold the head (and, with
     `fine_tune_epochs`, the whole classifier from `weights`), and the reference recipes beside
-    it, are fitted on the training subjects and predict the unseen test subjects.
+    it, are fitted on the training subjects and predict the unseen test subjects. The head
+    also learns from the `augmented` copies' features of its training cells; every test
+    figure is on the cells as they are.
 
     Calibration is cross-fitted: fold k's probabilities use a temperature fitted on the other
     folds' out-of-fold logits, so each fold's ECE is measured on subjects that fitted neither
@@ -162,7 +171,7 @@ def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weig
         started = time.time()
         train, test = cells.subset(train_idx), cells.subset(test_idx)
         fold_of[test_idx] = k
-        head, _ = train_head(features[train_idx], train, config)
+        head, _ = train_head(with_augmented(features, augmented)[train_idx], train, config)
         if config.fine_tune_epochs:
             logits[FROZEN_HEAD][test_idx] = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
             model, _ = fine_tune(head, train, config, weights, log)
@@ -250,12 +259,13 @@ def versus(candidates: dict, model: str) -> dict:
     return out
 
 
-def train_final(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print):
+def train_final(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print,
+                augmented: np.ndarray | None = None):
     """The shipped classifier: every subject, the same recipe (fixed epochs, no early stopping)."""
     from .model import build_classifier
 
     log(f"final model: all {len(cells)} images of {len(set(cells.subjects.tolist()))} subjects")
-    head, loss = train_head(features, cells, config)
+    head, loss = train_head(with_augmented(features, augmented), cells, config)
     final = {"loss": loss, "epochs": config.epochs, "train_subjects": sorted(set(cells.subjects.tolist()))}
     if config.fine_tune_epochs:
         model, final["fine_tune_loss"] = fine_tune(head, cells, config, weights, log)

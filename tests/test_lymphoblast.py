@@ -276,7 +276,6 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     flipped = batch.copy()
     flipped["cell"] = np.rot90(batch["cell"], 1, axes=(1, 2))[:, :, ::-1]
     np.testing.assert_allclose(averaged.predict(batch), averaged.predict(flipped), atol=1e-4)
-    assert np.abs(runtime.predict(batch) - runtime.predict(flipped)).max() > 1e-3  # one view alone is not invariant
 
 
 def test_shipped_weights_match_their_card():

@@ -346,6 +346,10 @@ def test_evaluate_command_writes_report_and_plots(tmp_path):
     assert set(report["per_subject"]) == {"P11", "P34", "P51", "H10", "H11", "H22"}
     for key in ("weighted_f1", "sensitivity", "specificity", "auroc", "ece", "indeterminate_fraction", "confusion_matrix"):
         assert key in report
+    # The size-alone rule stored with the default version, scored on the same images, beside the model.
+    size = report["baselines"]["size alone (logistic on log diameter)"]
+    assert size["images"] == 6 and 0 <= size["weighted_f1"] <= 1
+    assert report["versus_baselines"]["size alone (logistic on log diameter)"]["auroc"] == pytest.approx(report["auroc"] - size["auroc"])
     for name in ("roc.png", "reliability.png", "confusion.png"):
         assert (tmp_path / name).stat().st_size > 1000
 

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import images
 from .config import Settings
 from .registry import READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
@@ -42,6 +43,7 @@ class Server:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        images.limit_pixels(settings.max_image_pixels)
         self.plugins: dict[str, PluginEntry] = discover(settings)
         self.service = DiagnosticsService(self.plugins, settings)
         self.health = health.aio.HealthServicer()

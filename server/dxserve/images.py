@@ -19,6 +19,12 @@ from .v1 import diagnostics_pb2 as pb
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 
+def limit_pixels(max_pixels: int) -> None:
+    """Set Pillow's decompression-bomb limit to the server's pixel limit: Pillow then warns
+    (an error inside `decode`) on any larger image, whichever code path opens it."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode(image: pb.Image, max_pixels: int, min_side: int = 1) -> np.ndarray:
     """The request's image as uint8 RGB, or ServingError(INVALID_ARGUMENT)."""
     kind = image.WhichOneof("data")

@@ -38,8 +38,15 @@ def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > BACKGROUND_MAX
 
 
-def crop_to_cell(rgb: np.ndarray) -> np.ndarray:
-    """Square crop around the cell, padded with black where the square leaves the image."""
+def crop_to_cell(rgb: np.ndarray, size: int | None = None) -> np.ndarray:
+    """Square crop around the cell, padded with black where the square leaves the image.
+
+    With `size` (the model's input side), a square more than twice that is first shrunk by
+    an integer factor (box average) before it is padded, so memory stays proportional to the
+    image's pixels whatever its shape: a 1000 x 25000 px image would otherwise become a
+    28000 px black square (2.4 GB) before being resized. Cells at the training magnification
+    (squares of 150-400 px) take the direct path unchanged.
+    """
     mask = foreground_mask(rgb)
     if not mask.any():
         return rgb
@@ -47,11 +54,17 @@ def crop_to_cell(rgb: np.ndarray) -> np.ndarray:
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     side = int(max(bottom - top, right - left) * (1 + 2 * MARGIN)) + 1
     cy, cx = (top + bottom) // 2, (left + right) // 2
-    out = np.zeros((side, side, 3), dtype=np.uint8)
     y0, x0 = cy - side // 2, cx - side // 2
     sy0, sx0 = max(y0, 0), max(x0, 0)
     sy1, sx1 = min(y0 + side, rgb.shape[0]), min(x0 + side, rgb.shape[1])
-    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    region = rgb[sy0:sy1, sx0:sx1]  # a view: no copy of the image
+    factor = side // (2 * size) if size else 1
+    if factor >= 2:
+        region = np.asarray(Image.fromarray(region).reduce(factor))
+        side, (y0, x0, sy0, sx0) = -(-side // factor), (v // factor for v in (y0, x0, sy0, sx0))
+    out = np.zeros((side, side, 3), dtype=np.uint8)
+    h, w = min(region.shape[0], side - (sy0 - y0)), min(region.shape[1], side - (sx0 - x0))
+    out[sy0 - y0 : sy0 - y0 + h, sx0 - x0 : sx0 - x0 + w] = region[:h, :w]
     return out
 
 
@@ -64,7 +77,7 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
     """The full preprocessing: uint8 RGB (H, W, 3) of any size -> float32 (size, size, 3) in [0, 1]."""
-    return resize(crop_to_cell(rgb), size).astype(np.float32) / 255.0
+    return resize(crop_to_cell(rgb, size), size).astype(np.float32) / 255.0
 
 
 def log_diameter(rgb: np.ndarray) -> float:

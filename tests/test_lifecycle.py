@@ -102,3 +102,28 @@ def test_concurrent_call_limit_is_resource_exhausted(tmp_path):
             release.set()
             list(stream)
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_client_chosen_names_never_grow_metrics_or_logs(tmp_path):
+    """1,000 unknown plugin names and a 1 MB one: one `unknown` metric label, clipped error
+    messages and log lines, and the server keeps serving."""
+    metrics_port = free_port()
+    with light_server(tmp_path, "--metrics-port", str(metrics_port)) as server:
+        pixel = np.zeros((8, 8, 3), np.uint8)
+        huge = "x" * 1_000_000
+        with Client(server.address, timeout_s=30) as client:
+            for i in range(1000):
+                with pytest.raises(DxServeError) as caught:
+                    client.classify(pixel, plugin=f"no-such-plugin-{i}")
+                assert caught.value.code == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(DxServeError) as caught:
+                client.classify(pixel, plugin=huge)
+            assert caught.value.code == grpc.StatusCode.NOT_FOUND and len(caught.value.message) < 500
+            (item,) = client.classify_stream([pixel], plugin=huge)
+            assert item.error_code == "NOT_FOUND" and len(item.error_message) < 500
+            assert client.classify(pixel, plugin="brightness").ok
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        series = [line for line in body.splitlines() if line.startswith("dxserve_errors_total{")]
+        assert series == ['dxserve_errors_total{code="NOT_FOUND",plugin="unknown"} 1002.0'], series
+        assert len(body) < 100_000
+    assert max(len(line) for line in server.logs().splitlines()) < 2000

@@ -8,6 +8,14 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "dxserve.v1"
+# Client-chosen names (plugins, versions, request ids) are cut to this many characters in
+# error messages, details and log fields: a 1 MB name must not become a 1 MB log line.
+MAX_ECHO = 64
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """`text`, or its first `limit` characters and how many more there were."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class ServingError(Exception):
@@ -46,7 +54,8 @@ def bad_image(reason: str, description: str, field: str = "image") -> ServingErr
 
 
 def not_found(kind: str, name: str, description: str) -> ServingError:
-    """NOT_FOUND for an unknown plugin or model version."""
+    """NOT_FOUND for an unknown plugin or model version (`name` as the client gave it: clipped)."""
+    name = clip(name)
     return ServingError(
         grpc.StatusCode.NOT_FOUND,
         description,

@@ -2,6 +2,9 @@
 
 from prometheus_client import Counter, Histogram
 
+# The `plugin` label of a request naming no plugin the server has.
+UNKNOWN_PLUGIN = "unknown"
+
 LATENCY = Histogram("dxserve_classify_seconds", "Time from request to result, per image", ["plugin"],
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 ERRORS = Counter("dxserve_errors_total", "Images answered with an error", ["plugin", "code"])

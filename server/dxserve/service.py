@@ -86,10 +86,12 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         except errors.ServingError as error:
             failure = error
         except Exception as error:  # a server bug costs this item, never the stream or the server
-            log.exception("unexpected error", extra={"request_id": request_id, "plugin": request.plugin})
+            log.exception("unexpected error", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin)})
             failure = errors.unexpected(error)
-        metrics.ERRORS.labels(request.plugin, failure.code.name).inc()
-        log.info("request failed", extra={"request_id": request_id, "plugin": request.plugin,
+        # Only the names of plugins the server has become metric labels: one series per
+        # client-chosen name would let any caller grow /metrics without bound.
+        metrics.ERRORS.labels(request.plugin if request.plugin in self.plugins else metrics.UNKNOWN_PLUGIN, failure.code.name).inc()
+        log.info("request failed", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin),
                                           "code": failure.code.name, "error": failure.message})
         return failure
 
@@ -119,7 +121,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         entry = self.plugins.get(request.plugin)
         if entry is None:
             known = ", ".join(self.plugins) or "none"
-            raise errors.not_found("plugin", request.plugin, f"unknown plugin {request.plugin!r} (known: {known})")
+            raise errors.not_found("plugin", request.plugin, f"unknown plugin {errors.clip(request.plugin)!r} (known: {known})")
         if entry.state == LOADING:
             raise errors.unavailable(entry.name, f"plugin {entry.name!r} is still loading", "PLUGIN_LOADING", retry_after_s=1)
         if entry.state == FAILED:
@@ -128,7 +130,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         batcher = entry.batchers.get(version)
         if batcher is None:
             raise errors.not_found("model_version", f"{entry.name}/{version}",
-                                   f"plugin {entry.name!r} has no model version {version!r} (has: {', '.join(entry.batchers)})")
+                                   f"plugin {entry.name!r} has no model version {errors.clip(version)!r} (has: {', '.join(entry.batchers)})")
         return entry, batcher
 
     def _response(self, request_id: str, entry: PluginEntry, runtime, result: Result) -> pb.ClassifyResponse:

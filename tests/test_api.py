@@ -323,3 +323,31 @@ def test_client_that_disappears_mid_stream_harms_no_one(client, server, cell_pat
     assert caught.value.code() == grpc.StatusCode.CANCELLED
     assert client.classify(cell_paths[1]).ok
     assert "unexpected error" not in server.logs() and "Traceback" not in server.logs()
+
+
+def test_quality_gate_answers_indeterminate_with_reasons(client, cell_paths):
+    """A blank frame and a tile of cells are never labelled, whatever the model says; a real
+    cell passes; a plugin without a gate always passes."""
+    cell = np.asarray(Image.open(cell_paths[0]).convert("RGB"))
+    blank = np.zeros_like(cell)
+    tiled = np.tile(np.asarray(Image.fromarray(cell).resize((150, 150))), (3, 3, 1))
+    real, *refused = list(client.classify_stream([cell, blank, tiled]))
+    assert real.quality_passed and real.quality_issues == ()
+    for result, code in zip(refused, ("NO_CELL", "MULTIPLE_CELLS")):
+        assert result.ok and not result.quality_passed
+        assert result.decision == "indeterminate" and result.indeterminate
+        assert code in [c for c, _ in result.quality_issues] and code in result.reason
+        assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)  # still reported, not acted on
+    assert client.classify(blank, plugin="brightness").quality_passed
+
+
+def test_quality_gate_fields_on_the_wire(server):
+    from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
+
+    request = pb.ClassifyRequest(plugin="lymphoblast", image=pb.Image(raw=pb.RawImage(
+        pixels=bytes(64 * 64 * 3), width=64, height=64, channels=3)))
+    with grpc.insecure_channel(server.address) as channel:
+        response = pb_grpc.DiagnosticsServiceStub(channel).Classify(request, timeout=60)
+    assert not response.quality.passed and response.decision.indeterminate
+    (issue,) = response.quality.issues
+    assert issue.code == "NO_CELL" and issue.value == 0 and issue.accepted_min > 0 and issue.accepted_max == float("inf")

@@ -406,3 +406,56 @@ def test_shipped_default_classifies_the_known_fixture_cells(shipped_runtime, cel
     for path, row in zip(cell_paths, shipped_runtime.predict(batch)):
         expected = "lymphoblast" if path.stem.endswith("_all") else "normal"
         assert shipped_runtime.decide(row).label == expected, (path.name, row)
+
+
+def generated_images(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """Images that are not one well-imaged segmented cell, made from a real one."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    small = np.asarray(Image.fromarray(rgb).resize((150, 150), Image.Resampling.LANCZOS))
+    return {
+        "blank": np.zeros_like(rgb),
+        "white": np.full_like(rgb, 255),
+        "grey": np.full_like(rgb, 128),
+        "noise": rng.integers(0, 256, rgb.shape, dtype=np.uint8),
+        "saturated": np.where(rgb > 12, 255, 0).astype(np.uint8),
+        "nine cells tiled": np.tile(small, (3, 3, 1)),
+        "cell cut in half": np.ascontiguousarray(crop_to_cell(rgb)[:, crop_to_cell(rgb).shape[1] // 2:]),
+        "blurred": np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(5))),
+        "recoloured": np.roll(rgb, 1, axis=-1),
+        "unsegmented (light background)": np.where(rgb.max(axis=-1, keepdims=True) <= 12, np.uint8(220), rgb),
+    }
+
+
+EXPECTED_GATE_CODES = {
+    "blank": "NO_CELL", "white": "NOT_SEGMENTED", "grey": "NOT_SEGMENTED", "noise": "NOISE", "saturated": "SATURATED",
+    "nine cells tiled": "MULTIPLE_CELLS", "cell cut in half": "CUT_BY_BORDER", "blurred": "OUT_OF_FOCUS",
+    "recoloured": "COLOUR_OUT_OF_RANGE", "unsegmented (light background)": "NOT_SEGMENTED",
+}
+
+
+def test_quality_gate_refuses_what_is_not_one_well_imaged_cell(shipped_runtime, cell_paths):
+    for path in cell_paths:
+        rgb = cell(path)
+        assert shipped_runtime.check_quality(rgb) == [], path.name  # real cells pass
+        for kind, image in generated_images(rgb).items():
+            codes = [issue.code for issue in shipped_runtime.check_quality(image)]
+            assert EXPECTED_GATE_CODES[kind] in codes, (path.name, kind, codes)
+
+
+def test_quality_gate_ships_in_the_card_with_its_developer_pass_rate(shipped_runtime):
+    gate = shipped_runtime.version.extra["card"]["quality_gate"]
+    assert gate["developer_set"]["pass_rate"] >= 0.99 and gate["developer_set"]["images"] > 4000
+    assert "## Input quality gate" in shipped_runtime.version.model_card
+    issue = shipped_runtime.check_quality(np.zeros((450, 450, 3), np.uint8))[0]
+    assert issue.code == "NO_CELL" and issue.value == 0 and issue.accepted_min > 0 and "outside the training range" in issue.message
+
+
+def test_quality_gate_fit_from_files(tmp_path, cell_paths):
+    from dxserve_lymphoblast.gate import fit_on_files
+
+    gate = fit_on_files([str(p) for p in cell_paths] * 3, workers=1)
+    assert gate["developer_set"]["pass_rate"] == 1.0  # the fitted ranges hold the cells they were fitted on
+    low, high = gate["ranges"]["log_diameter"]
+    assert low < high

@@ -47,6 +47,10 @@ def dxserve_model_runtimes() -> list[type]:
     ``decide(probabilities)`` (a :class:`~dxserve.runtime.Decision`: a label, or an explicit
     indeterminate result; optionally a ``screen_positive`` flag from a high-sensitivity
     threshold and the ``rule`` with its versioned thresholds in words. A called label should
-    be the most probable one, so that no result reads as a contradiction).
+    be the most probable one, so that no result reads as a contradiction), and
+    ``check_quality(image)`` (an input quality gate: a list of
+    :class:`~dxserve.runtime.QualityIssue` for an image the model should not classify, such
+    as a blank frame or several cells; the server then answers indeterminate with those
+    reasons in ``ClassifyResponse.quality``).
     """
 

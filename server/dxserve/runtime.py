@@ -64,6 +64,17 @@ class Decision:
 INDETERMINATE = "indeterminate"
 
 
+@dataclass(frozen=True)
+class QualityIssue:
+    """One reason an image fails a plugin's input quality gate (`ModelRuntime.check_quality`)."""
+
+    code: str  # machine-readable, UPPER_SNAKE_CASE, e.g. "NO_CELL", "OUT_OF_FOCUS"
+    message: str  # in words, with the measured value and the accepted range
+    value: float = float("nan")  # the measured score
+    accepted_min: float = float("-inf")  # the accepted range of the score, versioned with the model
+    accepted_max: float = float("inf")
+
+
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file: what ModelVersion.weights_sha256 must be."""
     digest = hashlib.sha256()
@@ -77,8 +88,8 @@ class ModelRuntime:
     """Base class of a plugin's model; one instance serves one model version.
 
     Subclasses set `info` and `versions()`, and implement `load` and `predict`. They may
-    override `preprocess` (default: the image as float32 in [0, 1]) and `decide` (default:
-    the most probable label).
+    override `preprocess` (default: the image as float32 in [0, 1]), `decide` (default:
+    the most probable label) and `check_quality` (default: no gate).
     """
 
     info: ClassVar[PluginInfo]
@@ -100,6 +111,14 @@ class ModelRuntime:
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB (H, W, 3) -> one model input. Runs in a worker thread, per image."""
         return image.astype(np.float32) / 255.0
+
+    def check_quality(self, image: np.ndarray) -> Sequence[QualityIssue]:
+        """Optional input quality gate: the reasons the decoded uint8 RGB image (H, W, 3) is
+        not something this model should classify (blank, noise, several objects, out of
+        focus, out of the training distribution, ...); empty when it passes. Runs in a worker
+        thread, per image, before `preprocess`. The server still runs the model, but answers
+        a failing image with an indeterminate decision and these reasons (ClassifyResponse.quality)."""
+        return ()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Stacked `preprocess` outputs -> probabilities (n, len(info.labels)), rows summing to 1."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from . import errors, images, metrics
 from .batcher import Batcher, Result
 from .config import Settings
 from .registry import FAILED, LOADING, PluginEntry
+from .runtime import INDETERMINATE, Decision, QualityIssue
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
@@ -100,20 +102,26 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         entry, batcher = self._route(request)
         runtime = batcher.runtime
         loop = asyncio.get_running_loop()
-        model_input = await loop.run_in_executor(self._decode_pool, self._prepare, request.image, batcher)
+        model_input, issues = await loop.run_in_executor(self._decode_pool, self._prepare, request.image, batcher)
         remaining = None if timeout is None else timeout - (time.monotonic() - started)
         if remaining is not None and remaining <= 0:
             raise errors.deadline_exceeded(entry.name)
         result = await batcher.submit(model_input, remaining)
         metrics.LATENCY.labels(entry.name).observe(time.monotonic() - started)
-        return self._response(request_id, entry, runtime, result)
+        if issues:  # the gate overrules the model: no call on an image it refused
+            metrics.GATE_REFUSED.labels(entry.name).inc()
+            result = dataclasses.replace(result, decision=Decision(
+                INDETERMINATE, True, "input quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues),
+                rule=result.decision.rule))
+        return self._response(request_id, entry, runtime, result, issues)
 
     def _prepare(self, image: pb.Image, batcher: Batcher):
-        """Decode, validate and preprocess one image (in a worker thread)."""
+        """Decode, validate, check and preprocess one image (in a worker thread):
+        (model input, the plugin's quality issues)."""
         runtime = batcher.runtime
         rgb = images.decode(image, self.settings.max_image_pixels, runtime.info.input.min_side)
         try:
-            return runtime.preprocess(rgb)
+            return runtime.preprocess(rgb), list(runtime.check_quality(rgb))
         except Exception as error:
             raise errors.plugin_crashed(batcher.plugin, error) from None
 
@@ -133,7 +141,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                                    f"plugin {entry.name!r} has no model version {errors.clip(version)!r} (has: {', '.join(entry.batchers)})")
         return entry, batcher
 
-    def _response(self, request_id: str, entry: PluginEntry, runtime, result: Result) -> pb.ClassifyResponse:
+    def _response(self, request_id: str, entry: PluginEntry, runtime, result: Result, issues: list[QualityIssue]) -> pb.ClassifyResponse:
         labels = runtime.info.labels
         top = int(result.probabilities.argmax())
         return pb.ClassifyResponse(
@@ -148,6 +156,9 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                                  reason=result.decision.reason, screen_positive=result.decision.screen_positive,
                                  rule=result.decision.rule),
             timing=pb.Timing(queued_ms=result.queued_ms, model_ms=result.model_ms, batch_size=result.batch_size),
+            quality=pb.QualityCheck(passed=not issues, issues=[
+                pb.QualityIssue(code=i.code, message=i.message, value=i.value, accepted_min=i.accepted_min,
+                                accepted_max=i.accepted_max) for i in issues]),
         )
 
     def _describe(self, entry: PluginEntry) -> pb.PluginInfo:

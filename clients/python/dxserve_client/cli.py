@@ -24,7 +24,7 @@ from .client import DEFAULT_SERVER, Client, DxServeError, Result
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 FIELDS = ["path", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
-          "weights_sha256", "rule", "error_code", "error_message"]
+          "weights_sha256", "rule", "quality_issues", "error_code", "error_message"]
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -64,7 +64,9 @@ def record(path: Path, result: Result, labels: list[str]) -> dict:
         # The probability of the decided label; none when the plugin declined to decide.
         "confidence": round(result.probabilities[result.decision], 6) if result.decision in result.probabilities else "",
         "top_label": result.top_label, "model_version": result.model_version, "weights_sha256": result.weights_sha256,
-        "rule": result.rule, "error_code": result.error_code, "error_message": result.error_message,
+        "rule": result.rule,
+        # Codes of the input quality checks the image failed (then the label is indeterminate).
+        "quality_issues": "|".join(code for code, _ in result.quality_issues), "error_code": result.error_code, "error_message": result.error_message,
     }
     row.update({f"p_{label}": round(result.probabilities[label], 6) if label in result.probabilities else "" for label in labels})
     return row
@@ -88,7 +90,8 @@ class Writer:
         elif self.fmt == "jsonl":
             print(json.dumps({k: row[k] for k in self.fields}), file=self.out)
         else:
-            detail = f"{row['error_code']}: {row['error_message']}" if row["error_code"] else f"sha256 {row['weights_sha256'][:12]}"
+            detail = (f"{row['error_code']}: {row['error_message']}" if row["error_code"]
+                      else f"quality gate: {row['quality_issues']}" if row["quality_issues"] else f"sha256 {row['weights_sha256'][:12]}")
             confidence = f"{row['confidence']:.3f}" if row["confidence"] != "" else ""
             screen = "positive" if row["screen_positive"] is True else ""
             print(f"{_short(row['path'], 40):<40} {row['label'] or 'ERROR':<14} {confidence:>6}  {screen:<8} "

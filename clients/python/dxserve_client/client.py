@@ -42,6 +42,8 @@ class Result:
     reason: str = ""
     screen_positive: bool = False  # reaches the plugin's high-sensitivity screening threshold: review
     rule: str = ""  # the plugin's versioned decision rule, in words
+    quality_passed: bool = True  # the plugin's input quality gate; False: the decision is indeterminate
+    quality_issues: tuple = ()  # the gate's failed checks: (code, message) pairs
     queued_ms: float = 0.0
     model_ms: float = 0.0
     batch_size: int = 0
@@ -59,7 +61,9 @@ class Result:
             request_id=r.request_id, plugin=r.plugin, model_version=r.model_version, weights_sha256=r.weights_sha256,
             probabilities={p.label: p.probability for p in r.probabilities}, top_label=r.top_label,
             confidence=r.confidence, decision=r.decision.label, indeterminate=r.decision.indeterminate,
-            reason=r.decision.reason, screen_positive=r.decision.screen_positive, rule=r.decision.rule, queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
+            reason=r.decision.reason, screen_positive=r.decision.screen_positive, rule=r.decision.rule,
+            quality_passed=r.quality.passed if r.HasField("quality") else True,
+            quality_issues=tuple((i.code, i.message) for i in r.quality.issues), queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
             batch_size=r.timing.batch_size,
         )
 

@@ -162,5 +162,27 @@ def render_markdown(card: dict) -> str:
     ]
     for s, r in pooled["per_subject"].items():
         lines.append(f"| {s} | {r['label']} | {r['images']} | {r['accuracy']:.3f} | {r['mean_p_lymphoblast']:.3f} |")
+    if gate := card.get("quality_gate"):
+        from .gate import CHECKS
+
+        dev = gate["developer_set"]
+        lines += [
+            "",
+            "## Input quality gate",
+            "",
+            "Before the model, each image is measured; outside any accepted range it is answered "
+            "indeterminate with machine-readable reasons (`ClassifyResponse.quality`), whatever the model says. "
+            f"Ranges fitted on {gate['fitted_on']}. On the developer set {dev['pass_rate']:.2%} of "
+            f"{dev['images']} images pass.",
+            "",
+            "| code | measures | accepted range | developer images failing |",
+            "|---|---|---|---|",
+        ]
+        for name, (code, what, _, _) in CHECKS.items():
+            low, high = gate["ranges"][name]
+            accepted = f"{'-inf' if low is None else f'{low:.3g}'} to {'inf' if high is None else f'{high:.3g}'}"
+            lines.append(f"| {code} | {what} | {accepted} | {dev['failed_per_code'][code]} |")
+        lines += ["", "An indeterminate answer means: do not act on the probabilities; re-acquire or re-segment the "
+                  "cell, or have a person review it."]
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     return "\n".join(lines) + "\n"

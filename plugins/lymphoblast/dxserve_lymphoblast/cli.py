@@ -43,6 +43,7 @@ def train_command(args: argparse.Namespace) -> int:
     from .card import DATA, INTENDED_USE, LIMITATIONS, WEIGHTS_FILE, write_card
     from .data import load_cells
     from .features import VIEWS, cached_features
+    from .gate import fit_on_files
     from .train import MODEL_8_VIEWS, TrainConfig, config_dict, cross_validate, train_final
 
     config = TrainConfig(image_size=args.image_size, scales=tuple(args.scales or TrainConfig.scales), epochs=args.epochs,
@@ -108,6 +109,7 @@ def train_command(args: argparse.Namespace) -> int:
                                      "predicted by a model that never saw it)"},
         "thresholds": thresholds.to_dict(),
         "baselines": {"size_alone": size_alone_fit(cells.log_diameters, cells.labels)},
+        "quality_gate": fit_on_files([str(args.data / p) for p in cells.paths]),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
@@ -124,6 +126,26 @@ def train_command(args: argparse.Namespace) -> int:
     write_card(tta_dir, tta_card, weights_file=f"../{args.version}/{WEIGHTS_FILE}")
     log(f"wrote {version_dir} and {tta_dir} in {(time.time() - started) / 60:.1f} min")
     return 0
+
+
+def gate_command(args: argparse.Namespace) -> int:
+    """Fit the input quality gate on the developer set and write it into a version's card
+    (and its serving variants', e.g. -tta8: the gate depends on the data, not the weights)."""
+    from .card import CARD_FILE, read_card, write_card
+    from .data import read_manifest
+    from .gate import fit_on_files
+
+    gate = fit_on_files([str(args.data / r["path"]) for r in read_manifest(args.data)])
+    summary = gate["developer_set"]
+    print(f"developer set: {summary['pass_rate']:.2%} of {summary['images']} images pass; "
+          f"failed per check: {', '.join(f'{k} {v}' for k, v in summary['failed_per_code'].items() if v) or 'none'}")
+    folders = [d for d in sorted(args.models.iterdir()) if (d / CARD_FILE).exists()
+               and (d.name == args.version or d.name.startswith(args.version + "-"))]
+    for folder in folders:
+        card = read_card(folder)
+        write_card(folder, {**card, "quality_gate": gate}, weights_file=card["weights"]["file"])
+        print(f"wrote the gate into {folder / CARD_FILE}")
+    return 0 if folders else 2
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -209,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=train_command)
+
+    gate = sub.add_parser("fit-gate", help="fit the input quality gate on the developer set and write it into a version's card")
+    gate.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with manifest.csv (default: %(default)s)")
+    gate.add_argument("--version", required=True, help="version whose card (and variants' cards) get the gate")
+    gate.add_argument("--models", type=Path, default=MODELS_DIR)
+    gate.set_defaults(run=gate_command)
 
     evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")
     evaluate.add_argument("--data", type=Path, required=True, help="folder of *_all/*_hem images, or a manifest.csv")

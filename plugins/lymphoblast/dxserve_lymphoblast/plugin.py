@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dxserve import Decision, InputSpec, ModelRuntime, ModelVersion, PluginInfo, hookimpl
+from dxserve import Decision, InputSpec, ModelRuntime, ModelVersion, PluginInfo, QualityIssue, hookimpl
 from dxserve.runtime import INDETERMINATE
 
 from .calibration import Thresholds, calibrated
 from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
+from .gate import check
 from .preprocess import input_dtype, model_input
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -109,6 +110,11 @@ class LymphoblastRuntime(ModelRuntime):
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return model_input(image, self.image_size)
+
+    def check_quality(self, image: np.ndarray) -> list[QualityIssue]:
+        """The card's input quality gate (`gate.py`); versions without one (1.x) pass everything."""
+        gate = self.version.extra["card"].get("quality_gate")
+        return check(image, gate) if gate else []
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """batch: stacked `model_input` records (the cell image and its log diameter)."""

@@ -144,7 +144,7 @@ class Timing(_message.Message):
     def __init__(self, queued_ms: _Optional[float] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing")
+    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class ClassifyResponse(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
@@ -163,7 +164,30 @@ class ClassifyResponse(_message.Message):
     confidence: float
     decision: Decision
     timing: Timing
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    quality: QualityCheck
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ...) -> None: ...
+
+class QualityCheck(_message.Message):
+    __slots__ = ("passed", "issues")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    ISSUES_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    issues: _containers.RepeatedCompositeFieldContainer[QualityIssue]
+    def __init__(self, passed: _Optional[bool] = ..., issues: _Optional[_Iterable[_Union[QualityIssue, _Mapping]]] = ...) -> None: ...
+
+class QualityIssue(_message.Message):
+    __slots__ = ("code", "message", "value", "accepted_min", "accepted_max")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_MIN_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_MAX_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    value: float
+    accepted_min: float
+    accepted_max: float
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., value: _Optional[float] = ..., accepted_min: _Optional[float] = ..., accepted_max: _Optional[float] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
     __slots__ = ("request_id", "index", "result", "error")

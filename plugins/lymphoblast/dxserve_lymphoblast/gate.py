@@ -1,0 +1,146 @@
+"""The input quality gate: is this image one well-imaged, segmented cell like the training cells?
+
+`measure` computes a few cheap statistics of a decoded image; `check` compares them with
+accepted ranges that `fit` derives from the developer set (a high percentile of each, with a
+margin) and that ship in the model card. An image outside any range is answered
+indeterminate with the reasons, whatever the model would say: a diagnostic model must not
+give a confident label to a blank frame, noise, a tile of cells or another lab's
+unsegmented crop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from dxserve.runtime import QualityIssue
+
+from .preprocess import foreground_mask
+
+# Statistic -> (reason code, what it measures, which side fails: "low", "high" or "both",
+# the least slack beyond the developer set's extreme, in the statistic's units).
+CHECKS = {
+    "cell_fraction": ("NO_CELL", "share of the image that is cell (non-black)", "low", 0.0),
+    "background_fraction": ("NOT_SEGMENTED", "share of the image that is black background", "low", 0.0),
+    "saturated_fraction": ("SATURATED", "share of the cell's pixels at full brightness", "high", 0.02),
+    "other_objects_fraction": ("MULTIPLE_CELLS", "share of the foreground outside the largest object", "high", 0.05),
+    "border_fraction": ("CUT_BY_BORDER", "share of the image border covered by the cell", "high", 0.02),
+    "noise": ("NOISE", "median brightness step between neighbouring cell pixels", "high", 3.0),
+    "sharpness": ("OUT_OF_FOCUS", "mean absolute Laplacian inside the cell", "low", 0.0),
+    "log_diameter": ("SIZE_OUT_OF_RANGE", "log of the cell's equivalent diameter in pixels", "both", 0.0),
+    "colour_distance": ("COLOUR_OUT_OF_RANGE", "Mahalanobis distance of the cell's mean colour to the training cells'", "high", 0.0),
+}
+# Accepted ranges: the developer set's 0.1th / 99.9th percentiles, widened by this share of
+# its 1st-99th percentile spread (or the check's least slack, whichever is more).
+PERCENTILE = 0.1
+MARGIN = 0.25
+
+
+def measure(rgb: np.ndarray, colour_stats: dict | None = None) -> dict[str, float]:
+    """The gate's statistics of a decoded uint8 RGB image (colour_distance needs `colour_stats`)."""
+    mask = foreground_mask(rgb)
+    area = int(mask.sum())
+    border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    stats = {
+        "cell_fraction": area / mask.size,
+        "background_fraction": 1.0 - area / mask.size,
+        "border_fraction": float(border.mean()),
+        "log_diameter": float(np.log(max(np.sqrt(area), 1.0))),
+    }
+    if area < 16:
+        return {**stats, "saturated_fraction": 0.0, "other_objects_fraction": 0.0, "noise": 0.0, "sharpness": 0.0,
+                "colour_distance": 0.0}
+    cell = rgb[mask].astype(np.float32)
+    # The rest works on the foreground's bounding box (about a fifth of a C-NMC image), 4 px wider.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = (slice(max(rows[0] - 4, 0), rows[-1] + 5), slice(max(cols[0] - 4, 0), cols[-1] + 5))
+    mask, rgb = mask[box], rgb[box]
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())[1:] if count else np.zeros(1)
+    grey = rgb.astype(np.float32).mean(axis=-1)
+    inner = ndimage.binary_erosion(mask, iterations=3)  # away from the cell's edge
+    if not inner.any():
+        inner = mask
+    step = np.abs(np.diff(grey, axis=1))[inner[:, 1:] & inner[:, :-1]]
+    laplacian = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[inner]
+    stats.update(
+        saturated_fraction=float((cell.min(axis=1) >= 250).mean()),
+        other_objects_fraction=float(1.0 - sizes.max() / area),
+        noise=float(np.median(step)) if step.size else 0.0,
+        sharpness=float(laplacian.mean()),
+        colour_distance=colour_distance(cell.mean(axis=0), colour_stats) if colour_stats else 0.0,
+    )
+    return stats
+
+
+def colour_distance(mean_rgb: np.ndarray, colour_stats: dict) -> float:
+    delta = np.asarray(mean_rgb, np.float64) - np.asarray(colour_stats["mean"])
+    return float(np.sqrt(delta @ np.asarray(colour_stats["inverse_covariance"]) @ delta))
+
+
+def fit(measured: list[dict[str, float]], mean_colours: np.ndarray) -> dict:
+    """Accepted ranges from the developer set's statistics (and its mean-colour distribution)."""
+    colour = {"mean": mean_colours.mean(axis=0).tolist(),
+              "inverse_covariance": np.linalg.inv(np.cov(mean_colours.T)).tolist()}
+    ranges = {}
+    for name, (_, _, side, slack) in CHECKS.items():
+        values = np.array([m[name] for m in measured] if name != "colour_distance"
+                          else [colour_distance(c, colour) for c in mean_colours])
+        lo, hi = np.percentile(values, [PERCENTILE, 100 - PERCENTILE])
+        spread = max(MARGIN * (np.percentile(values, 99) - np.percentile(values, 1)), slack)
+        ranges[name] = [float(lo - spread) if side in ("low", "both") else None,
+                        float(hi + spread) if side in ("high", "both") else None]
+    return {"ranges": ranges, "colour": colour,
+            "fitted_on": f"{len(measured)} developer-set cells: {PERCENTILE}th/{100 - PERCENTILE}th percentiles "
+                         f"widened by {MARGIN} of the 1st-99th percentile spread"}
+
+
+def check(rgb: np.ndarray, gate: dict) -> list[QualityIssue]:
+    """The reasons `rgb` fails the gate (empty: it passes)."""
+    stats = measure(rgb, gate["colour"])
+    issues = []
+    for name, (code, what, _, _) in CHECKS.items():
+        low, high = gate["ranges"][name]
+        value = stats[name]
+        if _outside(value, gate["ranges"][name]):
+            accepted = f"[{'-inf' if low is None else f'{low:.3g}'}, {'inf' if high is None else f'{high:.3g}'}]"
+            issues.append(QualityIssue(code, f"{what} is {value:.3g}, outside the training range {accepted}", value,
+                                       -np.inf if low is None else low, np.inf if high is None else high))
+        if code == "NO_CELL" and issues:  # nothing else can be measured without a cell
+            break
+    return issues
+
+
+def _measure_file(path: str) -> tuple[dict[str, float], np.ndarray]:
+    from PIL import Image
+
+    from dxserve.images import to_rgb
+
+    with Image.open(path) as image:
+        rgb = to_rgb(image)  # as the server decodes requests
+    return measure(rgb), rgb[foreground_mask(rgb)].astype(np.float64).mean(axis=0)
+
+
+def fit_on_files(paths: list[str], workers: int = 2) -> dict:
+    """`fit` on image files (the developer set), with its own pass rate per check."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        measured = list(pool.map(_measure_file, paths, chunksize=32))
+    stats, colours = [m for m, _ in measured], np.array([c for _, c in measured])
+    gate = fit(stats, colours)
+    failed = {code: 0 for code, *_ in CHECKS.values()}
+    passed = 0
+    for m, c in zip(stats, colours, strict=True):
+        m = {**m, "colour_distance": colour_distance(c, gate["colour"])}
+        codes = [code for name, (code, *_) in CHECKS.items() if _outside(m[name], gate["ranges"][name])]
+        for code in codes:
+            failed[code] += 1
+        passed += not codes
+    gate["developer_set"] = {"images": len(paths), "pass_rate": passed / len(paths), "failed_per_code": failed}
+    return gate
+
+
+def _outside(value: float, accepted: list) -> bool:
+    low, high = accepted
+    return (low is not None and value < low) or (high is not None and value > high)

@@ -7,7 +7,8 @@ against the in-process baseline, because absolute numbers on a shared machine dr
 
 1. model only: `predict` on preprocessed batches of 32 (the model's own throughput), for the
    default version and for the same weights with 8-view test-time averaging (`-tta8`);
-2. raw in process: decode PNG + preprocess + predict in batches of 32, no gRPC (baseline);
+2. raw in process: decode PNG + quality gate + preprocess + predict in batches of 32, no
+   gRPC (baseline);
 3. gRPC streaming: several concurrent ClassifyStream calls to a local server;
 4. gRPC unary latency: sequential Classify calls, p50 and p99.
 """
@@ -72,9 +73,14 @@ def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float, floa
     decode = lambda data: to_rgb(Image.open(io.BytesIO(data)))  # noqa: E731
     inputs = np.stack([runtime.preprocess(decode(d)) for d in images])
     alone = model_only(runtime, inputs, batch)
+    def prepare(data: bytes):  # what the server does per image: decode, quality gate, preprocess
+        rgb = decode(data)
+        runtime.check_quality(rgb)
+        return runtime.preprocess(rgb)
+
     started = time.perf_counter()
     for i in range(0, len(images), batch):
-        runtime.predict(np.stack([runtime.preprocess(decode(d)) for d in images[i:i + batch]]))
+        runtime.predict(np.stack([prepare(d) for d in images[i:i + batch]]))
     raw = len(images) / (time.perf_counter() - started)
     averaged = model_only(load_runtime(f"{runtime.version.version}-tta8"), inputs, batch)
     return alone, raw, averaged
@@ -142,7 +148,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPU cores; {len(images)} PNG cells of 450x450 px")
     print(f"model only, batch 32, in process:        {alone:8.1f} images/s")
     print(f"  the same with 8-view averaging (-tta8): {averaged:8.1f} images/s   (cost: x{alone / averaged:.1f})")
-    print(f"raw in process (decode+preprocess+model): {raw:8.1f} images/s   (baseline)")
+    print(f"raw in process (decode+gate+prep+model): {raw:8.1f} images/s   (baseline)")
     print(f"gRPC streaming, {args.streams} concurrent streams:    {stream_rate:8.1f} images/s")
     print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"ratio streaming / raw in process:         {stream_rate / raw:8.2f}")

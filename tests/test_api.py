@@ -349,5 +349,16 @@ def test_quality_gate_fields_on_the_wire(server):
     with grpc.insecure_channel(server.address) as channel:
         response = pb_grpc.DiagnosticsServiceStub(channel).Classify(request, timeout=60)
     assert not response.quality.passed and response.decision.indeterminate
-    (issue,) = response.quality.issues
+    issue = response.quality.issues[0]  # the pixel gate's first; the model's own OOD score may follow
+    assert {i.code for i in response.quality.issues} <= {"NO_CELL", "OUT_OF_DISTRIBUTION"}
     assert issue.code == "NO_CELL" and issue.value == 0 and issue.accepted_min > 0 and issue.accepted_max == float("inf")
+
+
+def test_out_of_distribution_image_is_indeterminate(client, cell_paths):
+    """A cell-shaped checkerboard passes the pixel gate; the model's own features refuse it."""
+    from test_lymphoblast import checkered_cell
+
+    odd = checkered_cell(np.asarray(Image.open(cell_paths[0]).convert("RGB")))
+    result = client.classify(odd)
+    assert result.indeterminate and not result.quality_passed
+    assert [code for code, _ in result.quality_issues] == ["OUT_OF_DISTRIBUTION"]

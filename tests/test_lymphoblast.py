@@ -301,6 +301,7 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     batch = np.stack([runtime.preprocess(cell(p)) for p in cell_paths])
     p = runtime.predict(batch)
     assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
+    assert len(runtime.predict_with_issues(batch).issues) == 6 and runtime.ood is not None  # an OOD model per version
     decisions = [runtime.decide(row) for row in p]
     assert all(d.label in ("lymphoblast", "normal", "indeterminate") for d in decisions)
     averaged = LymphoblastRuntime(tta)
@@ -459,3 +460,42 @@ def test_quality_gate_fit_from_files(tmp_path, cell_paths):
     assert gate["developer_set"]["pass_rate"] == 1.0  # the fitted ranges hold the cells they were fitted on
     low, high = gate["ranges"]["log_diameter"]
     assert low < high
+
+
+def checkered_cell(rgb: np.ndarray) -> np.ndarray:
+    """A cell's outline filled with a checkerboard in stain colours: it passes the pixel gate
+    (one segmented object, in range) but is nothing the model was trained on."""
+    mask = rgb.max(axis=-1) > 12
+    yy, xx = np.mgrid[: rgb.shape[0], : rgb.shape[1]]
+    texture = ((yy // 6 + xx // 6) % 2 * 120 + 60).astype(np.uint8)
+    out = np.zeros_like(rgb)
+    out[mask] = np.stack([texture, texture // 2, texture], axis=-1)[mask]
+    return out
+
+
+def test_out_of_distribution_score_on_cnn_features(shipped_runtime, cell_paths):
+    cells = [cell(p) for p in cell_paths]
+    real = shipped_runtime.predict_with_issues(np.stack([shipped_runtime.preprocess(c) for c in cells]))
+    assert all(list(found) == [] for found in real.issues)
+    odd = [checkered_cell(c) for c in cells]
+    assert all(shipped_runtime.check_quality(o) == [] for o in odd[:2])  # the pixel gate lets them through
+    flagged = shipped_runtime.predict_with_issues(np.stack([shipped_runtime.preprocess(o) for o in odd]))
+    for (issue,) in flagged.issues:
+        assert issue.code == "OUT_OF_DISTRIBUTION" and issue.value > issue.accepted_max
+    np.testing.assert_allclose(flagged.probabilities, shipped_runtime.predict(np.stack([shipped_runtime.preprocess(o) for o in odd])))
+
+
+def test_ood_model_fits_flags_and_refuses_a_tampered_file(tmp_path):
+    from dxserve_lymphoblast import ood
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, (2000, 16)) @ rng.normal(0, 1, (16, 16))
+    model = ood.fit(train)
+    assert (ood.distance(train, model) > model["threshold"]).mean() == pytest.approx(0.005, abs=0.002)
+    far = train[:3] + 50 * rng.normal(0, 1, (3, 16))
+    assert all(found and found[0].code == "OUT_OF_DISTRIBUTION" for found in ood.issues(far, model))
+    entry = ood.save(model, tmp_path)
+    np.testing.assert_allclose(ood.load(tmp_path, entry)["threshold"], model["threshold"])
+    (tmp_path / entry["file"]).write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="refusing"):
+        ood.load(tmp_path, entry)

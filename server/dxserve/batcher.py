@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import errors, metrics
-from .runtime import Decision, ModelRuntime
+from .runtime import Decision, ModelRuntime, QualityIssue
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Result:
     queued_ms: float
     model_ms: float
     batch_size: int
+    issues: tuple[QualityIssue, ...] = ()  # problems the model itself found (Prediction.issues)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
         started = time.monotonic()
         try:
-            probabilities, decisions = await loop.run_in_executor(
+            probabilities, decisions, issues = await loop.run_in_executor(
                 self._executor, self._predict, np.stack([item.model_input for item in live])
             )
         except Exception as error:
@@ -116,9 +117,9 @@ class Batcher:
             return
         model_ms = (time.monotonic() - started) * 1000
         metrics.BATCH_SIZE.labels(self.plugin).observe(len(live))
-        for item, p, decision in zip(live, probabilities, decisions, strict=True):
+        for item, p, decision, found in zip(live, probabilities, decisions, issues, strict=True):
             if not item.future.done():
-                item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live)))
+                item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live), tuple(found)))
 
     def _still_wanted(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()
@@ -135,9 +136,11 @@ class Batcher:
                 live.append(item)
         return live
 
-    def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, list[Decision]]:
-        probabilities = np.asarray(self.runtime.predict(batch), dtype=np.float64)
+    def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, list[Decision], list]:
+        output = self.runtime.predict_with_issues(batch)
+        issues = list(output.issues)
+        probabilities = np.asarray(output.probabilities, dtype=np.float64)
         expected = (len(batch), len(self.runtime.info.labels))
-        if probabilities.shape != expected:
-            raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
-        return probabilities, [self.runtime.decide(p) for p in probabilities]
+        if probabilities.shape != expected or len(issues) != len(batch):
+            raise ValueError(f"predict returned shape {probabilities.shape} and {len(issues)} issue lists, expected {expected}")
+        return probabilities, [self.runtime.decide(p) for p in probabilities], issues

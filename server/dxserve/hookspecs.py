@@ -51,6 +51,8 @@ def dxserve_model_runtimes() -> list[type]:
     ``check_quality(image)`` (an input quality gate: a list of
     :class:`~dxserve.runtime.QualityIssue` for an image the model should not classify, such
     as a blank frame or several cells; the server then answers indeterminate with those
-    reasons in ``ClassifyResponse.quality``).
+    reasons in ``ClassifyResponse.quality``), and ``predict_with_issues(batch)`` (the
+    probabilities plus, per image, problems the model itself found, such as features far from
+    its training data, from one forward pass; answered like a failed ``check_quality``).
     """
 

@@ -75,6 +75,15 @@ class QualityIssue:
     accepted_max: float = float("inf")
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What `predict` may return instead of bare probabilities: the probabilities, and for
+    each image the problems the model itself found (e.g. features unlike its training data)."""
+
+    probabilities: np.ndarray  # (n, len(labels)), rows summing to 1
+    issues: Sequence[Sequence[QualityIssue]]  # n lists; empty where the image is fine
+
+
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file: what ModelVersion.weights_sha256 must be."""
     digest = hashlib.sha256()
@@ -123,6 +132,14 @@ class ModelRuntime:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Stacked `preprocess` outputs -> probabilities (n, len(info.labels)), rows summing to 1."""
         raise NotImplementedError
+
+    def predict_with_issues(self, batch: np.ndarray) -> Prediction:
+        """Optional: the probabilities and, per image, the problems the model itself found
+        (e.g. features unlike its training data), from one pass. The server calls this and
+        answers an image with issues like one that failed `check_quality`. Default:
+        `predict`, with no issues."""
+        probabilities = self.predict(batch)
+        return Prediction(probabilities, [()] * len(probabilities))
 
     def decide(self, probabilities: np.ndarray) -> Decision:
         """The decision for one image's probabilities; override for thresholds or abstention."""

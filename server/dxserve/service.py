@@ -108,7 +108,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             raise errors.deadline_exceeded(entry.name)
         result = await batcher.submit(model_input, remaining)
         metrics.LATENCY.labels(entry.name).observe(time.monotonic() - started)
-        if issues:  # the gate overrules the model: no call on an image it refused
+        issues = issues + list(result.issues)  # the plugin's gate, then what the model itself found
+        if issues:  # they overrule the call: no label on an image the plugin refused
             metrics.GATE_REFUSED.labels(entry.name).inc()
             result = dataclasses.replace(result, decision=Decision(
                 INDETERMINATE, True, "input quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues),

@@ -182,6 +182,10 @@ def render_markdown(card: dict) -> str:
             low, high = gate["ranges"][name]
             accepted = f"{'-inf' if low is None else f'{low:.3g}'} to {'inf' if high is None else f'{high:.3g}'}"
             lines.append(f"| {code} | {what} | {accepted} | {dev['failed_per_code'][code]} |")
+        if ood := card.get("ood"):
+            lines += ["", f"Out of distribution (`OUT_OF_DISTRIBUTION`): {ood['method']} features, above "
+                      f"{ood['threshold']:.1f}, their {ood['percentile']}th percentile (`{ood['file']}`, SHA-256 "
+                      f"`{ood['sha256']}`). By construction {100 - ood['percentile']:.1f} % of developer images exceed it."]
         lines += ["", "An indeterminate answer means: do not act on the probabilities; re-acquire or re-segment the "
                   "cell, or have a person review it."]
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]

@@ -113,12 +113,14 @@ def train_command(args: argparse.Namespace) -> int:
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
+    card["ood"] = fit_ood_for(version_dir, features, config.test_views)
     write_card(version_dir, card)
     # The same weights with 8-orientation averaging: a version of its own, with its own
     # calibration and thresholds fitted on that mode's out-of-fold predictions.
     tta = evaluation.pop("test_time_averaging")
     tta_dir = args.out / f"{args.version}-tta{VIEWS}"
     tta_dir.mkdir(parents=True, exist_ok=True)
+    card["ood"] = fit_ood_for(tta_dir, features, VIEWS)
     tta_card = {**card, "version": tta_dir.name, "input": {**card["input"], "views": VIEWS},
                 "calibration": {**card["calibration"], "temperature": tta.pop("temperature")},
                 "thresholds": tta.pop("thresholds"),
@@ -126,6 +128,34 @@ def train_command(args: argparse.Namespace) -> int:
     write_card(tta_dir, tta_card, weights_file=f"../{args.version}/{WEIGHTS_FILE}")
     log(f"wrote {version_dir} and {tta_dir} in {(time.time() - started) / 60:.1f} min")
     return 0
+
+
+def fit_ood_for(folder: Path, features, views: int) -> dict:
+    """Fit the out-of-distribution model on the developer set's features as a version serves
+    them (averaged over its first `views` orientations), save it there; the card's entry."""
+    from . import ood
+
+    return ood.save(ood.fit(features[:, :views].astype("float32").mean(axis=1)), folder)
+
+
+def ood_command(args: argparse.Namespace) -> int:
+    """Fit the out-of-distribution model of a version (and its serving variants) on the
+    developer set's cached CNN features, and write it into their cards."""
+    from .backbone import imagenet_weights
+    from .card import CARD_FILE, read_card, write_card
+    from .data import load_cells
+    from .features import cached_features
+
+    folders = [d for d in sorted(args.models.iterdir()) if (d / CARD_FILE).exists()
+               and (d.name == args.version or d.name.startswith(args.version + "-"))]
+    for folder in folders:
+        card = read_card(folder)
+        cells = load_cells(args.data, card["input"]["image_size"], args.cache)
+        features = cached_features(cells.images, cells.paths, tuple(card["training"]["scales"]), args.cache, imagenet_weights(None))
+        entry = fit_ood_for(folder, features, int(card["input"].get("views", 1)))
+        write_card(folder, {**card, "ood": entry}, weights_file=card["weights"]["file"])
+        print(f"{folder.name}: out-of-distribution threshold {entry['threshold']:.1f} (developer set, {entry['percentile']}th percentile)")
+    return 0 if folders else 2
 
 
 def gate_command(args: argparse.Namespace) -> int:
@@ -237,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--version", required=True, help="version whose card (and variants' cards) get the gate")
     gate.add_argument("--models", type=Path, default=MODELS_DIR)
     gate.set_defaults(run=gate_command)
+
+    ood = sub.add_parser("fit-ood", help="fit the out-of-distribution score on the developer set's cached features")
+    ood.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with manifest.csv (default: %(default)s)")
+    ood.add_argument("--version", required=True, help="version whose card (and variants' cards) get it")
+    ood.add_argument("--models", type=Path, default=MODELS_DIR)
+    ood.add_argument("--cache", type=Path, default=Path(".cache"), help="cache of preprocessed cells and backbone features")
+    ood.set_defaults(run=ood_command)
 
     evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")
     evaluate.add_argument("--data", type=Path, required=True, help="folder of *_all/*_hem images, or a manifest.csv")

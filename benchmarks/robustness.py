@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 
 from dxserve.images import to_rgb
 from dxserve_lymphoblast.data import read_manifest
-from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+from dxserve_lymphoblast.plugin import MODELS_DIR, LymphoblastRuntime, find_version
 from dxserve_lymphoblast.preprocess import crop_to_cell, foreground_mask
 
 
@@ -61,11 +61,13 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cnmc2019"))
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--version", default="")
-    parser.add_argument("--models", type=Path, default=None, help="a models folder other than the plugin's own")
+    parser.add_argument("--models", type=Path, default=MODELS_DIR, help="models folder (default: the plugin's own)")
     args = parser.parse_args()
 
-    versions = {v.version: v for v in (shipped_versions(args.models) if args.models else shipped_versions())}
-    runtime = LymphoblastRuntime(versions[args.version] if args.version else next(iter(versions.values())))
+    version = find_version(args.version, args.models)
+    if version is None:
+        parser.error(f"no model version {args.version!r}")
+    runtime = LymphoblastRuntime(version)
     runtime.load()
     rows = read_manifest(args.data)
     picked = np.random.default_rng(0).choice(len(rows), min(args.images, len(rows)), replace=False)

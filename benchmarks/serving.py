@@ -49,10 +49,9 @@ def sample_images(n: int) -> list[bytes]:
 
 def load_runtime(version: str | None = None):
     """The lymphoblast runtime of `version` (default: the shipped default), loaded."""
-    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version
 
-    versions = shipped_versions()
-    runtime = LymphoblastRuntime(next(v for v in versions if v.version == version) if version else versions[0])
+    runtime = LymphoblastRuntime(find_version(version or ""))
     runtime.load()
     return runtime
 

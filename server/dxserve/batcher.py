@@ -28,7 +28,7 @@ class Result:
     queued_ms: float
     model_ms: float
     batch_size: int
-    issues: tuple[QualityIssue, ...] = ()  # problems the model itself found (Prediction.issues)
+    issues: tuple[QualityIssue, ...] = ()  # problems the model itself found (runtime.predict_with_issues)
 
 
 @dataclass
@@ -142,5 +142,6 @@ class Batcher:
         probabilities = np.asarray(output.probabilities, dtype=np.float64)
         expected = (len(batch), len(self.runtime.info.labels))
         if probabilities.shape != expected or len(issues) != len(batch):
-            raise ValueError(f"predict returned shape {probabilities.shape} and {len(issues)} issue lists, expected {expected}")
+            raise ValueError(f"predict_with_issues returned probabilities of shape {probabilities.shape} and "
+                             f"{len(issues)} issue lists, expected {expected}")
         return probabilities, [self.runtime.decide(p) for p in probabilities], issues

@@ -77,8 +77,8 @@ class QualityIssue:
 
 @dataclass(frozen=True)
 class Prediction:
-    """What `predict` may return instead of bare probabilities: the probabilities, and for
-    each image the problems the model itself found (e.g. features unlike its training data)."""
+    """What `ModelRuntime.predict_with_issues` returns: the probabilities, and for each image
+    the problems the model itself found (e.g. features unlike its training data)."""
 
     probabilities: np.ndarray  # (n, len(labels)), rows summing to 1
     issues: Sequence[Sequence[QualityIssue]]  # n lists; empty where the image is fine
@@ -98,7 +98,8 @@ class ModelRuntime:
 
     Subclasses set `info` and `versions()`, and implement `load` and `predict`. They may
     override `preprocess` (default: the image as float32 in [0, 1]), `decide` (default:
-    the most probable label) and `check_quality` (default: no gate).
+    the most probable label), `check_quality` (default: no gate) and `predict_with_issues`
+    (default: `predict`, with no issues).
     """
 
     info: ClassVar[PluginInfo]

@@ -120,14 +120,22 @@ def train_command(args: argparse.Namespace) -> int:
     tta = evaluation.pop("test_time_averaging")
     tta_dir = args.out / f"{args.version}-tta{VIEWS}"
     tta_dir.mkdir(parents=True, exist_ok=True)
-    card["ood"] = fit_ood_for(tta_dir, features, VIEWS)
     tta_card = {**card, "version": tta_dir.name, "input": {**card["input"], "views": VIEWS},
+                "ood": fit_ood_for(tta_dir, features, VIEWS),
                 "calibration": {**card["calibration"], "temperature": tta.pop("temperature")},
                 "thresholds": tta.pop("thresholds"),
                 "evaluation": {**evaluation, **tta, "folds": evaluation["candidates"][MODEL_8_VIEWS]["folds"]}}
     write_card(tta_dir, tta_card, weights_file=f"../{args.version}/{WEIGHTS_FILE}")
     log(f"wrote {version_dir} and {tta_dir} in {(time.time() - started) / 60:.1f} min")
     return 0
+
+
+def version_folders(models: Path, version: str) -> list[Path]:
+    """The folders of `version` and of its serving variants (`<version>-tta8`, ...)."""
+    from .card import CARD_FILE
+
+    return [d for d in sorted(models.iterdir()) if (d / CARD_FILE).exists()
+            and (d.name == version or d.name.startswith(version + "-"))]
 
 
 def fit_ood_for(folder: Path, features, views: int) -> dict:
@@ -142,20 +150,24 @@ def ood_command(args: argparse.Namespace) -> int:
     """Fit the out-of-distribution model of a version (and its serving variants) on the
     developer set's cached CNN features, and write it into their cards."""
     from .backbone import imagenet_weights
-    from .card import CARD_FILE, read_card, write_card
+    from .card import read_card, write_card
     from .data import load_cells
     from .features import cached_features
 
-    folders = [d for d in sorted(args.models.iterdir()) if (d / CARD_FILE).exists()
-               and (d.name == args.version or d.name.startswith(args.version + "-"))]
+    folders = version_folders(args.models, args.version)
+    if not folders:
+        print(f"no model version {args.version!r} in {args.models}", file=sys.stderr)
+        return 2
+    # The variants share the weights and the training recipe, so one set of features serves all.
+    recipe = read_card(folders[0])
+    cells = load_cells(args.data, recipe["input"]["image_size"], args.cache)
+    features = cached_features(cells.images, cells.paths, tuple(recipe["training"]["scales"]), args.cache, imagenet_weights(None))
     for folder in folders:
         card = read_card(folder)
-        cells = load_cells(args.data, card["input"]["image_size"], args.cache)
-        features = cached_features(cells.images, cells.paths, tuple(card["training"]["scales"]), args.cache, imagenet_weights(None))
         entry = fit_ood_for(folder, features, int(card["input"].get("views", 1)))
         write_card(folder, {**card, "ood": entry}, weights_file=card["weights"]["file"])
         print(f"{folder.name}: out-of-distribution threshold {entry['threshold']:.1f} (developer set, {entry['percentile']}th percentile)")
-    return 0 if folders else 2
+    return 0
 
 
 def gate_command(args: argparse.Namespace) -> int:
@@ -165,17 +177,19 @@ def gate_command(args: argparse.Namespace) -> int:
     from .data import read_manifest
     from .gate import fit_on_files
 
+    folders = version_folders(args.models, args.version)
+    if not folders:
+        print(f"no model version {args.version!r} in {args.models}", file=sys.stderr)
+        return 2
     gate = fit_on_files([str(args.data / r["path"]) for r in read_manifest(args.data)])
     summary = gate["developer_set"]
     print(f"developer set: {summary['pass_rate']:.2%} of {summary['images']} images pass; "
           f"failed per check: {', '.join(f'{k} {v}' for k, v in summary['failed_per_code'].items() if v) or 'none'}")
-    folders = [d for d in sorted(args.models.iterdir()) if (d / CARD_FILE).exists()
-               and (d.name == args.version or d.name.startswith(args.version + "-"))]
     for folder in folders:
         card = read_card(folder)
         write_card(folder, {**card, "quality_gate": gate}, weights_file=card["weights"]["file"])
         print(f"wrote the gate into {folder / CARD_FILE}")
-    return 0 if folders else 2
+    return 0
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -185,14 +199,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from .baselines import SIZE_ALONE, size_alone_probability
     from .data import read_manifest
     from .metrics import plot, summarise
-    from .plugin import LymphoblastRuntime, shipped_versions
+    from .plugin import LymphoblastRuntime, find_version, shipped_versions
 
     root = args.data.parent if args.data.is_file() else args.data
     rows = read_manifest(root)
-    versions = {v.version: v for v in shipped_versions(args.models)}
-    version = versions.get(args.version) if args.version else next(iter(versions.values()), None)
+    version = find_version(args.version, args.models)
     if version is None:
-        print(f"no model version {args.version!r} in {args.models} (have: {', '.join(versions)})", file=sys.stderr)
+        have = ", ".join(v.version for v in shipped_versions(args.models))
+        print(f"no model version {args.version!r} in {args.models} (have: {have})", file=sys.stderr)
         return 2
     runtime = LymphoblastRuntime(version)
     runtime.load()

@@ -38,6 +38,13 @@ MARGIN = 0.25
 
 def measure(rgb: np.ndarray, colour_stats: dict | None = None) -> dict[str, float]:
     """The gate's statistics of a decoded uint8 RGB image (colour_distance needs `colour_stats`)."""
+    stats, mean_colour = _measure(rgb)
+    distance = colour_distance(mean_colour, colour_stats) if colour_stats and mean_colour is not None else 0.0
+    return {**stats, "colour_distance": distance}
+
+
+def _measure(rgb: np.ndarray) -> tuple[dict[str, float], np.ndarray | None]:
+    """Every statistic but the colour distance, and the cell's mean RGB (None without a cell)."""
     mask = foreground_mask(rgb)
     area = int(mask.sum())
     border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
@@ -48,8 +55,7 @@ def measure(rgb: np.ndarray, colour_stats: dict | None = None) -> dict[str, floa
         "log_diameter": float(np.log(max(np.sqrt(area), 1.0))),
     }
     if area < 16:
-        return {**stats, "saturated_fraction": 0.0, "other_objects_fraction": 0.0, "noise": 0.0, "sharpness": 0.0,
-                "colour_distance": 0.0}
+        return {**stats, "saturated_fraction": 0.0, "other_objects_fraction": 0.0, "noise": 0.0, "sharpness": 0.0}, None
     # The rest works on the foreground's bounding box (about a fifth of a C-NMC image), 4 px wider.
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = (slice(max(rows[0] - 4, 0), rows[-1] + 5), slice(max(cols[0] - 4, 0), cols[-1] + 5))
@@ -63,15 +69,13 @@ def measure(rgb: np.ndarray, colour_stats: dict | None = None) -> dict[str, floa
         inner = mask
     step = np.abs(np.diff(grey, axis=1))[inner[:, 1:] & inner[:, :-1]]
     laplacian = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[inner]
-    mean_colour = np.array([r[mask].mean(), g[mask].mean(), b[mask].mean()])
     stats.update(
         saturated_fraction=float((np.minimum(np.minimum(r, g), b)[mask] >= 250).mean()),
         other_objects_fraction=float(1.0 - sizes.max() / area),
         noise=float(np.median(step)) if step.size else 0.0,
         sharpness=float(laplacian.mean()),
-        colour_distance=colour_distance(mean_colour, colour_stats) if colour_stats else 0.0,
     )
-    return stats
+    return stats, np.array([r[mask].mean(), g[mask].mean(), b[mask].mean()], np.float64)
 
 
 def colour_distance(mean_rgb: np.ndarray, colour_stats: dict) -> float:
@@ -112,14 +116,13 @@ def check(rgb: np.ndarray, gate: dict) -> list[QualityIssue]:
     return issues
 
 
-def _measure_file(path: str) -> tuple[dict[str, float], np.ndarray]:
+def _measure_file(path: str) -> tuple[dict[str, float], np.ndarray | None]:
     from PIL import Image
 
     from dxserve.images import to_rgb
 
     with Image.open(path) as image:
-        rgb = to_rgb(image)  # as the server decodes requests
-    return measure(rgb), rgb[foreground_mask(rgb)].astype(np.float64).mean(axis=0)
+        return _measure(to_rgb(image))  # decoded as the server decodes requests
 
 
 def fit_on_files(paths: list[str], workers: int = 2) -> dict:

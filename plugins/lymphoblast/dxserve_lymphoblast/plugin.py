@@ -50,6 +50,12 @@ def shipped_versions(models_dir: Path = MODELS_DIR) -> list[ModelVersion]:
     return versions
 
 
+def find_version(name: str = "", models_dir: Path = MODELS_DIR) -> ModelVersion | None:
+    """The shipped version called `name`, or the default (newest) one; None if there is none."""
+    versions = shipped_versions(models_dir)
+    return next((v for v in versions if v.version == name), None) if name else next(iter(versions), None)
+
+
 def averaged_over_views(model, views: int = 8):
     """Test-time averaging: the model's logit averaged over the first `views` of the cell's 8
     orientations (4 rotations, then the same mirrored; cells have no orientation), run as

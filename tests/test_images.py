@@ -76,3 +76,16 @@ def test_size_is_checked_before_decoding():
     assert len(buffer.getvalue()) < 200_000
     with pytest.raises(ServingError, match="exceeds the limit"):
         decode(encoded(buffer.getvalue()), max_pixels=1_000_000)
+
+
+def test_pillow_bomb_limit_follows_the_servers_pixel_limit(monkeypatch):
+    """After limit_pixels, Pillow itself refuses a larger image as it opens it, on any code
+    path that opens images in the server process (decode turns its warning into an error)."""
+    from dxserve.images import limit_pixels
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    limit_pixels(1_000)
+    assert Image.MAX_IMAGE_PIXELS == 1_000
+    with pytest.raises(ServingError) as caught:
+        decode(encoded(png_bytes(np.zeros((40, 40, 3), np.uint8))), max_pixels=10_000)  # the header check alone allows it
+    assert "IMAGE_TOO_LARGE" in str(caught.value.to_status()) and "decompression bomb" in caught.value.message

@@ -499,3 +499,19 @@ def test_ood_model_fits_flags_and_refuses_a_tampered_file(tmp_path):
     (tmp_path / entry["file"]).write_bytes(b"tampered")
     with pytest.raises(ValueError, match="refusing"):
         ood.load(tmp_path, entry)
+
+
+def test_fit_gate_command_writes_every_variants_card(tiny_version, tmp_path):
+    import shutil
+
+    from dxserve_lymphoblast.cli import main
+    from dxserve_lymphoblast.plugin import shipped_versions
+
+    version_dir, _, _ = tiny_version
+    models = tmp_path / "models"
+    shutil.copytree(version_dir.parent, models, ignore=shutil.ignore_patterns("cache"))
+    assert main(["fit-gate", "--data", str(FIXTURES / "cells"), "--version", "9.9.9", "--models", str(models)]) == 2
+    assert main(["fit-ood", "--data", str(FIXTURES / "cells"), "--version", "9.9.9", "--models", str(models)]) == 2
+    assert main(["fit-gate", "--data", str(FIXTURES / "cells"), "--version", "0.0.1", "--models", str(models)]) == 0
+    gates = [json.loads(v.model_card_json)["quality_gate"] for v in shipped_versions(models)]
+    assert len(gates) == 2 and gates[0] == gates[1] and gates[0]["developer_set"]["images"] == 6

@@ -108,3 +108,24 @@ def test_output_piped_into_a_reader_that_leaves_early(server, cell_paths):
     proc.stdout.close()  # as `| head -1` does
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and b"Traceback" not in err
+
+
+def test_classify_with_specimens_per_folder_and_explanations(server, capsys, cell_paths, tmp_path):
+    for smear, paths in (("smear-1", cell_paths[:3]), ("smear-2", cell_paths[3:5])):
+        (tmp_path / "smears" / smear).mkdir(parents=True)
+        for path in paths:
+            shutil.copy(path, tmp_path / "smears" / smear / path.name)
+    summaries, heatmaps = tmp_path / "specimens.json", tmp_path / "heatmaps"
+    code, out, err = run(capsys, "--server", server.address, "classify", str(tmp_path / "smears"), "--specimen-per-folder",
+                         "--format", "csv", "--quiet", "--specimen-output", str(summaries), "--explain", str(heatmaps))
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["specimen_id"] for r in rows] == ["smears/smear-1"] * 3 + ["smears/smear-2"] * 2
+    written = json.loads(summaries.read_text())
+    assert [(s["specimen_id"], s["cells_seen"], s["final"]) for s in written] == [("smears/smear-1", 3, True), ("smears/smear-2", 2, True)]
+    assert "specimen smears/smear-1" in err and "not a diagnosis" in err
+    assert len(list(heatmaps.glob("*.overlay.png"))) == 5 and len(list(heatmaps.glob("*.heatmap.png"))) == 5
+
+    code, out, err = run(capsys, "--server", server.address, "classify", str(cell_paths[0]), "--specimen-id", "S9",
+                         "--format", "jsonl", "--quiet")
+    assert code == 0 and json.loads(out)["specimen_id"] == "S9" and "specimen S9" in err

@@ -515,3 +515,77 @@ def test_fit_gate_command_writes_every_variants_card(tiny_version, tmp_path):
     assert main(["fit-gate", "--data", str(FIXTURES / "cells"), "--version", "0.0.1", "--models", str(models)]) == 0
     gates = [json.loads(v.model_card_json)["quality_gate"] for v in shipped_versions(models)]
     assert len(gates) == 2 and gates[0] == gates[1] and gates[0]["developer_set"]["images"] == 6
+
+
+def test_specimen_rule_needs_enough_cells_and_a_clear_interval():
+    from dxserve import SpecimenCounts
+    from dxserve_lymphoblast.specimen import SpecimenRule
+
+    rule = SpecimenRule(min_called=20, positive_at_least=0.5, negative_below=0.5)
+    decide = lambda blasts, normals, indeterminate=0: rule.decide(  # noqa: E731
+        SpecimenCounts(blasts + normals + indeterminate, 0, blasts + normals, indeterminate,
+                       {"lymphoblast": blasts, "normal": normals}), "9.9.9")
+    assert decide(15, 0, indeterminate=40).label == "indeterminate"  # 15 called cells: too few, however clear
+    assert decide(18, 2).label == "lymphoblast"  # 90 %, Wilson [0.70, 0.97]
+    assert decide(2, 38).label == "normal"
+    assert decide(13, 9).label == "indeterminate"  # 59 %, Wilson [0.39, 0.77] straddles 0.5
+    assert decide(130, 90).label == "lymphoblast"  # the same 59 % of ten times the cells: [0.52, 0.66]
+    d = decide(18, 2)
+    assert not d.indeterminate and "9.9.9" in d.rule and "0.90" in d.reason
+
+
+@pytest.mark.parametrize("version", ["2.0.0", "2.0.0-tta8"])
+def test_shipped_specimen_rule_and_its_evaluation_are_reproducible(version):
+    """The card's specimen section is what its rule gives on the out-of-fold predictions now."""
+    from dxserve_lymphoblast.plugin import find_version
+    from dxserve_lymphoblast.specimen import SpecimenRule, evaluate_out_of_fold
+
+    v = find_version(version)
+    card = v.extra["card"]
+    again = evaluate_out_of_fold(SpecimenRule(**card["specimen"]["rule"]), card, v.weights.parent / "out_of_fold.csv")
+    assert again == card["specimen"]
+    outcomes = card["specimen"]["outcomes_by_true_label"]
+    assert outcomes["lymphoblast"].get("normal", 0) == 0  # no ALL subject was called normal
+
+
+def test_occlusion_map_finds_what_the_logit_depends_on():
+    from dxserve_lymphoblast.explain import occlusion_map
+    from dxserve_lymphoblast.preprocess import input_dtype
+
+    record = np.zeros((), input_dtype(224))
+    record["cell"][32:192, 32:192] = 0.5  # a square "cell" on black
+    logits = lambda batch: batch["cell"][:, 96:128, 96:128].sum(axis=(1, 2, 3))  # noqa: E731  depends on one spot
+    heat = occlusion_map(logits, record)
+    assert heat.shape == (224, 224) and heat.max() == pytest.approx(1.0)
+    assert heat[100:124, 100:124].min() > 0.5 and heat[:32].max() == 0 and heat[40:60, 40:60].max() == 0
+    assert occlusion_map(logits, record, sign=-1.0).max() == 0  # hiding it never argues for the opposite label
+
+
+def test_explanation_maps_back_onto_any_image_shape():
+    from dxserve_lymphoblast.preprocess import cell_square, foreground_mask, to_image_coordinates
+
+    for image in (synthetic_cell(), synthetic_cell(centre=(5, 5)), np.full((40, 900, 3), 120, np.uint8)):
+        square = np.ones((224, 224), np.float32)
+        placed = to_image_coordinates(square, image)
+        assert placed.shape == image.shape[:2]
+        assert placed[foreground_mask(image)].min() > 0.99  # the cell is always inside the square
+        y0, x0, side = cell_square(foreground_mask(image))
+        outside = np.ones(image.shape[:2], bool)
+        outside[max(y0, 0):y0 + side, max(x0, 0):x0 + side] = False
+        assert placed[outside].max(initial=0) == 0
+
+
+def test_specimen_rule_command_writes_every_variants_card(tiny_version, tmp_path):
+    import shutil
+
+    from dxserve_lymphoblast.cli import main
+    from dxserve_lymphoblast.plugin import shipped_versions
+
+    version_dir, _, _ = tiny_version
+    assert all("specimen" in json.loads(v.model_card_json) for v in shipped_versions(version_dir.parent))  # train wrote it
+    models = tmp_path / "models"
+    shutil.copytree(version_dir.parent, models, ignore=shutil.ignore_patterns("cache"))
+    assert main(["specimen-rule", "--version", "9.9.9", "--models", str(models)]) == 2
+    assert main(["specimen-rule", "--version", "0.0.1", "--models", str(models), "--min-called", "3"]) == 0
+    rules = [json.loads(v.model_card_json)["specimen"]["rule"] for v in shipped_versions(models)]
+    assert len(rules) == 2 and all(r["min_called"] == 3 for r in rules)

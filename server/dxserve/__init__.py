@@ -1,7 +1,8 @@
 """dxserve: a gRPC model-serving and plugin platform for medical image diagnostics."""
 
 from .hookspecs import hookimpl
-from .runtime import Decision, InputSpec, ModelRuntime, ModelVersion, PluginInfo, Prediction, QualityIssue
+from .runtime import (Decision, Explanation, InputSpec, ModelRuntime, ModelVersion, PluginInfo, Prediction, QualityIssue,
+                      SpecimenCounts)
 
 __version__ = "0.1.0"
-__all__ = ["Decision", "InputSpec", "ModelRuntime", "ModelVersion", "PluginInfo", "Prediction", "QualityIssue", "hookimpl", "__version__"]
+__all__ = ["Decision", "Explanation", "InputSpec", "ModelRuntime", "ModelVersion", "PluginInfo", "Prediction", "QualityIssue", "SpecimenCounts", "hookimpl", "__version__"]

@@ -43,9 +43,15 @@ def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
 
 def bad_image(reason: str, description: str, field: str = "image") -> ServingError:
     """INVALID_ARGUMENT for an image that cannot be read or breaks a limit."""
+    return invalid_field(field, reason, f"invalid image: {description}", description)
+
+
+def invalid_field(field: str, reason: str, message: str, description: str = "") -> ServingError:
+    """INVALID_ARGUMENT for a request field that breaks a rule or limit."""
+    description = description or message
     return ServingError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"invalid image: {description}",
+        message,
         error_details_pb2.BadRequest(
             field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
         ),
@@ -99,6 +105,11 @@ def plugin_crashed(plugin: str, error: BaseException) -> ServingError:
         f"plugin {plugin!r} failed on this input: {type(error).__name__}: {error}",
         _error_info("PLUGIN_ERROR", plugin=plugin, exception=type(error).__name__),
     )
+
+
+def unimplemented(plugin: str, feature: str, description: str) -> ServingError:
+    """UNIMPLEMENTED for an optional capability (e.g. explanations) the plugin does not offer."""
+    return ServingError(grpc.StatusCode.UNIMPLEMENTED, description, _error_info(f"{feature}_UNSUPPORTED", plugin=plugin))
 
 
 def unexpected(error: BaseException) -> ServingError:

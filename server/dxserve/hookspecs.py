@@ -53,6 +53,12 @@ def dxserve_model_runtimes() -> list[type]:
     as a blank frame or several cells; the server then answers indeterminate with those
     reasons in ``ClassifyResponse.quality``), and ``predict_with_issues(batch)`` (the
     probabilities plus, per image, problems the model itself found, such as features far from
-    its training data, from one forward pass; answered like a failed ``check_quality``).
+    its training data, from one forward pass; answered like a failed ``check_quality``),
+    ``decide_specimen(counts)`` (a specimen-level :class:`~dxserve.runtime.Decision` from the
+    :class:`~dxserve.runtime.SpecimenCounts` of one specimen's cells in a stream, e.g. the
+    blast fraction with its Wilson interval against versioned thresholds: decision support,
+    not a diagnosis) and ``explain(image)`` (an :class:`~dxserve.runtime.Explanation`: a
+    heatmap of the image's size showing what drove the score, for requests that set
+    ``explain``; a plugin without it is listed with ``explains = false``).
     """
 

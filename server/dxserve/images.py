@@ -11,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ServingError, bad_image
 from .v1 import diagnostics_pb2 as pb
@@ -104,3 +104,21 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return np.asarray(Image.alpha_composite(black, rgba).convert("RGB"))
     return np.asarray(image.convert("RGB"))
+
+
+def heatmap_pngs(rgb: np.ndarray, heatmap: np.ndarray) -> tuple[bytes, bytes]:
+    """An explanation's heatmap (float (H, W) in [0, 1]) as PNGs: the heatmap alone (8-bit
+    grey) and blended over the image in colour (blue-yellow-red, opaque where it is hot)."""
+    if heatmap.shape != rgb.shape[:2]:
+        raise ValueError(f"the heatmap is {heatmap.shape}, the image {rgb.shape[:2]}")
+    heat = Image.fromarray(np.round(np.clip(np.nan_to_num(heatmap), 0.0, 1.0) * 255).astype(np.uint8))
+    colour = ImageOps.colorize(heat, black="blue", mid="yellow", white="red")
+    opacity = heat.point(lambda v: int(v * 0.6))  # the cell stays visible under the hottest spot
+    overlay = Image.composite(colour, Image.fromarray(rgb), opacity)
+    return _png(heat), _png(overlay)
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -84,6 +84,42 @@ class Prediction:
     issues: Sequence[Sequence[QualityIssue]]  # n lists; empty where the image is fine
 
 
+@dataclass(frozen=True)
+class SpecimenCounts:
+    """What the server has counted for one specimen (one `specimen_id` in one stream), as
+    `ModelRuntime.decide_specimen` receives it."""
+
+    seen: int  # items answered, failed ones included
+    failed: int  # items answered with an error
+    passed_gate: int  # results that passed the quality gate
+    indeterminate: int  # results with an indeterminate decision (failed gate included)
+    called: dict[str, int]  # label -> cells called that label (every label present, maybe 0)
+
+    @property
+    def total_called(self) -> int:
+        return sum(self.called.values())
+
+    def fraction(self, label: str, confidence: float = 0.95) -> tuple[float, float, float]:
+        """(fraction of called cells called `label`, Wilson score interval low, high); (0, 0, 1)
+        when no cell was called."""
+        n, k = self.total_called, self.called.get(label, 0)
+        if n == 0:
+            return 0.0, 0.0, 1.0
+        from scipy.stats import binomtest
+
+        interval = binomtest(k, n).proportion_ci(confidence, method="wilson")
+        return k / n, float(interval.low), float(interval.high)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What `ModelRuntime.explain` returns: a heatmap over the image the request sent."""
+
+    heatmap: np.ndarray  # float (H, W) of the image's height and width, in [0, 1]; 1: drove the score most
+    label: str  # the label whose score it explains
+    method: str  # how it was made, in words
+
+
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file: what ModelVersion.weights_sha256 must be."""
     digest = hashlib.sha256()
@@ -98,8 +134,9 @@ class ModelRuntime:
 
     Subclasses set `info` and `versions()`, and implement `load` and `predict`. They may
     override `preprocess` (default: the image as float32 in [0, 1]), `decide` (default:
-    the most probable label), `check_quality` (default: no gate) and `predict_with_issues`
-    (default: `predict`, with no issues).
+    the most probable label), `check_quality` (default: no gate), `predict_with_issues`
+    (default: `predict`, with no issues), `decide_specimen` (default: no specimen-level call)
+    and `explain` (default: none; the server answers explain requests UNIMPLEMENTED).
     """
 
     info: ClassVar[PluginInfo]
@@ -146,3 +183,22 @@ class ModelRuntime:
         """The decision for one image's probabilities; override for thresholds or abstention."""
         top = int(np.argmax(probabilities))
         return Decision(self.info.labels[top], False, "most probable label")
+
+    def decide_specimen(self, counts: SpecimenCounts) -> Decision | None:
+        """Optional: a call on a whole specimen from its cells' counts, e.g. "blast-like cells
+        predominate", with the rule and its versioned thresholds (`Decision.rule`); an
+        indeterminate Decision when the counts do not support a call. Decision support, not a
+        diagnosis. Called in the event loop after each counted item: keep it cheap. Default:
+        None (the plugin makes no specimen-level call; the server still reports the counts)."""
+        return None
+
+    def explain(self, image: np.ndarray) -> Explanation:
+        """Optional: what drove the score for the decoded uint8 RGB image (H, W, 3), as an
+        `Explanation` whose heatmap has the image's height and width (Grad-CAM, occlusion, ...).
+        Runs in a worker thread, only for requests that set `explain`. Default: not available."""
+        raise NotImplementedError
+
+    @classmethod
+    def explains(cls) -> bool:
+        """Whether this runtime overrides `explain`."""
+        return cls.explain is not ModelRuntime.explain

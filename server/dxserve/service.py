@@ -18,6 +18,7 @@ from .batcher import Batcher, Result
 from .config import Settings
 from .registry import FAILED, LOADING, PluginEntry
 from .runtime import INDETERMINATE, Decision, QualityIssue
+from .specimens import MAX_SPECIMENS_PER_STREAM, Tally, check_specimen_id
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
@@ -51,27 +52,60 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         # Items run concurrently (so they share batches) but are answered in request order.
         # The bounded window stops reading from a client that sends faster than we classify.
-        window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(self.settings.stream_window)
+        window: asyncio.Queue[tuple[asyncio.Future, Tally | None] | None] = asyncio.Queue(self.settings.stream_window)
+        tallies: dict[tuple[str, str, str], Tally] = {}  # this stream's specimens
+        answered = 0
 
         async def read() -> None:
             try:
                 index = 0
                 async for request in request_iterator:
-                    await window.put(asyncio.ensure_future(self._stream_item(request, index, context.time_remaining())))
+                    try:
+                        tally = self._tally(request, tallies)
+                        item = asyncio.ensure_future(self._stream_item(request, index, context.time_remaining()))
+                    except errors.ServingError as refusal:
+                        tally, item = None, asyncio.get_running_loop().create_future()
+                        item.set_result(pb.ClassifyStreamResponse(request_id=request.request_id, index=index, error=refusal.to_status()))
+                    await window.put((item, tally))
                     index += 1
             finally:  # also when reading fails, so the writer below never waits forever
                 await window.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
-            while (task := await window.get()) is not None:
-                yield await task
+            while (entry := await window.get()) is not None:
+                task, tally = entry
+                response = await task
+                if tally is not None:  # counted in order, so each summary includes exactly the items before it
+                    tally.add(response)
+                    response.specimen.CopyFrom(tally.summary())
+                answered += 1
+                yield response
             await reader
+            for tally in tallies.values():  # the client half-closed: each specimen's final summary
+                yield pb.ClassifyStreamResponse(index=answered, final_summary=tally.summary(final=True))
         finally:  # the client left or the call ended: drop what it will never read
             reader.cancel()
             while not window.empty():
-                if (task := window.get_nowait()) is not None:
-                    task.cancel()
+                if (entry := window.get_nowait()) is not None:
+                    entry[0].cancel()
+
+    def _tally(self, request: pb.ClassifyRequest, tallies: dict[tuple[str, str, str], Tally]) -> Tally | None:
+        """The running summary this stream item counts into: one per specimen, plugin and model version."""
+        if not request.specimen_id:
+            return None
+        entry = self.plugins.get(request.plugin)
+        version = request.model_version or (entry.default_version if entry else "")
+        key = (request.specimen_id, request.plugin, version)
+        if key not in tallies:
+            check_specimen_id(request.specimen_id)
+            if len(tallies) >= MAX_SPECIMENS_PER_STREAM:
+                raise errors.invalid_field("specimen_id", "TOO_MANY_SPECIMENS", f"this stream already summarises "
+                                           f"{MAX_SPECIMENS_PER_STREAM} specimens, the limit: start a new stream")
+            batcher = entry.batchers.get(version) if entry else None
+            tallies[key] = Tally(request.specimen_id, errors.clip(request.plugin), errors.clip(version),
+                                 batcher.runtime if batcher else None)
+        return tallies[key]
 
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
@@ -99,32 +133,51 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None) -> pb.ClassifyResponse:
         started = time.monotonic()
+        check_specimen_id(request.specimen_id)
         entry, batcher = self._route(request)
         runtime = batcher.runtime
+        if request.explain and not runtime.explains():
+            raise errors.unimplemented(entry.name, "EXPLANATION", f"plugin {entry.name!r} cannot explain its results")
         loop = asyncio.get_running_loop()
-        model_input, issues = await loop.run_in_executor(self._decode_pool, self._prepare, request.image, batcher)
+        rgb, model_input, issues = await loop.run_in_executor(self._decode_pool, self._prepare, request, batcher)
         remaining = None if timeout is None else timeout - (time.monotonic() - started)
         if remaining is not None and remaining <= 0:
             raise errors.deadline_exceeded(entry.name)
         result = await batcher.submit(model_input, remaining)
-        metrics.LATENCY.labels(entry.name).observe(time.monotonic() - started)
         issues = issues + list(result.issues)  # the plugin's gate, then what the model itself found
         if issues:  # they overrule the call: no label on an image the plugin refused
             metrics.GATE_REFUSED.labels(entry.name).inc()
             result = dataclasses.replace(result, decision=Decision(
                 INDETERMINATE, True, "input quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues),
                 rule=result.decision.rule))
-        return self._response(request_id, entry, runtime, result, issues)
+        response = self._response(request_id, entry, runtime, result, issues)
+        response.specimen_id = request.specimen_id
+        if request.explain:  # only now: a request that does not ask never waits for this
+            response.explanation.CopyFrom(await loop.run_in_executor(self._decode_pool, self._explain, rgb, batcher))
+        metrics.LATENCY.labels(entry.name).observe(time.monotonic() - started)
+        return response
 
-    def _prepare(self, image: pb.Image, batcher: Batcher):
+    def _prepare(self, request: pb.ClassifyRequest, batcher: Batcher):
         """Decode, validate, check and preprocess one image (in a worker thread):
-        (model input, the plugin's quality issues)."""
+        (the decoded image if an explanation was asked for, model input, the plugin's quality issues)."""
         runtime = batcher.runtime
-        rgb = images.decode(image, self.settings.max_image_pixels, runtime.info.input.min_side)
+        rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
         try:
-            return runtime.preprocess(rgb), list(runtime.check_quality(rgb))
+            return rgb if request.explain else None, runtime.preprocess(rgb), list(runtime.check_quality(rgb))
         except Exception as error:
             raise errors.plugin_crashed(batcher.plugin, error) from None
+
+    def _explain(self, rgb, batcher: Batcher) -> pb.Explanation:
+        """The plugin's heatmap for one image, as PNGs (in a worker thread)."""
+        try:
+            explanation = batcher.runtime.explain(rgb)
+        except NotImplementedError as error:  # e.g. an older model version of a plugin that explains newer ones
+            raise errors.unimplemented(batcher.plugin, "EXPLANATION", f"plugin {batcher.plugin!r} cannot explain this "
+                                       f"model version: {error}") from None
+        except Exception as error:
+            raise errors.plugin_crashed(batcher.plugin, error) from None
+        heatmap_png, overlay_png = images.heatmap_pngs(rgb, explanation.heatmap)
+        return pb.Explanation(method=explanation.method, label=explanation.label, heatmap_png=heatmap_png, overlay_png=overlay_png)
 
     def _route(self, request: pb.ClassifyRequest) -> tuple[PluginEntry, Batcher]:
         entry = self.plugins.get(request.plugin)
@@ -165,7 +218,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     def _describe(self, entry: PluginEntry) -> pb.PluginInfo:
         info = entry.info
         message = pb.PluginInfo(name=entry.name, state=STATES[entry.state], state_reason=entry.reason,
-                                default_model_version=entry.default_version)
+                                default_model_version=entry.default_version,
+                                explains=bool(entry.runtime_class and entry.runtime_class.explains()))
         if info is not None:
             message.version, message.description, message.intended_use = info.version, info.description, info.intended_use
             message.labels.extend(info.labels)

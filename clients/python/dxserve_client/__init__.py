@@ -1,5 +1,5 @@
 """Python client for dxserve: classify images over gRPC."""
 
-from .client import Client, DxServeError, Result, to_image
+from .client import Client, DxServeError, Explanation, Result, Specimen, to_image
 
-__all__ = ["Client", "DxServeError", "Result", "to_image"]
+__all__ = ["Client", "DxServeError", "Explanation", "Result", "Specimen", "to_image"]

@@ -3,6 +3,9 @@
     dxserve-client list-plugins
     dxserve-client classify cells/ one.png --format csv --output results.csv
     dxserve-client classify --watch incoming/      # classify new files as they appear
+    dxserve-client classify smear-17/ --specimen-id smear-17     # plus a summary of the specimen
+    dxserve-client classify smears/ --specimen-per-folder         # one specimen per sub-folder
+    dxserve-client classify cell.png --explain heatmaps/          # write what drove each score
 
 Exit status: 0 when every image was classified, 1 when any item failed, 2 on usage or
 connection errors.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -20,10 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .client import DEFAULT_SERVER, Client, DxServeError, Result
+from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-FIELDS = ["path", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
+FIELDS = ["path", "specimen_id", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
           "weights_sha256", "rule", "quality_issues", "error_code", "error_message"]
 
 
@@ -57,7 +61,7 @@ def watch(folder: Path, poll_s: float, seen: set[Path], idle_exit_s: float | Non
 
 def record(path: Path, result: Result, labels: list[str]) -> dict:
     row = {
-        "path": str(path), "request_id": result.request_id, "label": result.decision,
+        "path": str(path), "specimen_id": result.specimen.specimen_id if result.specimen else "", "request_id": result.request_id, "label": result.decision,
         "indeterminate": result.indeterminate if result.ok else "",
         # A flag for review at the plugin's high-sensitivity threshold, apart from the call.
         "screen_positive": result.screen_positive if result.ok else "",
@@ -77,7 +81,7 @@ class Writer:
 
     def __init__(self, out: TextIO, fmt: str, labels: list[str]):
         self.out, self.fmt, self.labels = out, fmt, labels
-        self.fields = FIELDS[:6] + [f"p_{label}" for label in labels] + FIELDS[6:]
+        self.fields = FIELDS[:7] + [f"p_{label}" for label in labels] + FIELDS[7:]
         if fmt == "csv":
             self.csv = csv.DictWriter(out, self.fields)
             self.csv.writeheader()
@@ -103,6 +107,38 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
+def specimen_of(path: Path, roots: list[Path], args: argparse.Namespace) -> str:
+    """The specimen an image belongs to: --specimen-id, or with --specimen-per-folder its
+    folder (relative to the folder given on the command line)."""
+    if not args.specimen_per_folder:
+        return args.specimen_id
+    for root in roots:
+        if root.is_dir() and path.is_relative_to(root):
+            return str(path.parent.relative_to(root.parent))
+    return str(path.parent)
+
+
+def print_specimens(specimens: list[Specimen], out: TextIO) -> None:
+    """The final per-specimen summaries, for people."""
+    for s in specimens:
+        fractions = ", ".join(f"{label} {count} ({fraction:.1%}, 95% CI {low:.1%}-{high:.1%})"
+                              for label, (count, fraction, low, high) in s.labels.items())
+        print(f"specimen {s.specimen_id} ({s.plugin} {s.model_version}): {s.cells_seen} cells, {s.cells_passed_gate} passed "
+              f"the quality gate, {s.cells_failed} failed, {s.indeterminate} indeterminate; called: {fractions or 'none'}", file=out)
+        if s.call:
+            print(f"  specimen call: {s.call} - {s.call_reason}\n  rule: {s.rule}\n  decision support for a person "
+                  "reviewing the specimen, not a diagnosis", file=out)
+
+
+def write_explanation(folder: Path, index: int, path: Path, result: Result) -> None:
+    """The result's heatmap overlay and heatmap as <index>_<name>.overlay.png / .heatmap.png."""
+    if result.explanation is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{index:05d}_{path.stem}.overlay.png").write_bytes(result.explanation.overlay_png)
+    (folder / f"{index:05d}_{path.stem}.heatmap.png").write_bytes(result.explanation.heatmap_png)
+
+
 def classify_command(args: argparse.Namespace, client: Client) -> int:
     plugins = {p.name: p for p in client.list_plugins()}
     if args.plugin not in plugins:
@@ -124,25 +160,33 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
         for i, path in enumerate(paths):
             sent.append(path)
             try:
-                yield (f"{i}:{path.name}", path.read_bytes())
+                data = path.read_bytes()
             except OSError as error:  # unreadable here: let the server report it like any bad image
                 print(f"dxserve-client: {path}: {error}", file=sys.stderr)
-                yield (f"{i}:{path.name}", b"")
+                data = b""
+            yield (f"{i}:{path.name}", data, specimen_of(path, args.paths, args))
 
     from tqdm import tqdm
 
     failed = 0
+    specimens: list[Specimen] = []
     progress = tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet or None)
     try:
-        for path_index, result in enumerate(client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version)):
+        for path_index, result in enumerate(client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version,
+                                                                   explain=bool(args.explain), final_summaries=specimens)):
             failed += not result.ok
             writer.write(record(sent[path_index], result, labels))
+            if args.explain:
+                write_explanation(args.explain, path_index, sent[path_index], result)
             progress.update()
     finally:
         progress.close()
         if args.output:
             out.close()
     print(f"{len(sent)} images, {len(sent) - failed} classified, {failed} failed", file=sys.stderr)
+    print_specimens(specimens, sys.stderr)
+    if args.specimen_output:
+        args.specimen_output.write_text(json.dumps([dataclasses.asdict(s) for s in specimens], indent=2) + "\n")
     return 1 if failed else 0
 
 
@@ -185,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans with --watch")
     classify.add_argument("--idle-exit", type=float, help="with --watch, stop after this many seconds without a new image")
     classify.add_argument("--quiet", action="store_true", help="no progress bar")
+    specimen = classify.add_mutually_exclusive_group()
+    specimen.add_argument("--specimen-id", default="", help="every image belongs to this specimen: print (standard error) "
+                          "and write its summary (decision support, not a diagnosis)")
+    specimen.add_argument("--specimen-per-folder", action="store_true", help="each image's folder is its specimen")
+    classify.add_argument("--specimen-output", type=Path, help="write the final specimen summaries here as JSON")
+    classify.add_argument("--explain", type=Path, metavar="DIR",
+                          help="ask for explanations and write each image's heatmap overlay into DIR")
     classify.set_defaults(run=classify_command)
 
     args = parser.parse_args(argv)

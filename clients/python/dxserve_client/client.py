@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,40 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # google.rpc.C
 
 # A path, encoded file bytes, or a uint8 array (H, W), (H, W, 1|3|4).
 ImageInput = Union[str, Path, bytes, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Specimen:
+    """A specimen's summary within one stream (decision support, not a diagnosis)."""
+
+    specimen_id: str
+    plugin: str
+    model_version: str
+    cells_seen: int
+    cells_failed: int
+    cells_passed_gate: int
+    indeterminate: int
+    labels: dict[str, tuple[int, float, float, float]]  # label -> (count, fraction of called cells, 95 % CI low, high)
+    call: str  # the plugin's specimen-level label, "indeterminate", or "" when it makes no such call
+    call_reason: str
+    rule: str
+    final: bool  # sent after the stream's last item
+
+    @classmethod
+    def from_proto(cls, s: pb.SpecimenSummary) -> "Specimen":
+        return cls(s.specimen_id, s.plugin, s.model_version, s.cells_seen, s.cells_failed, s.cells_passed_gate, s.indeterminate,
+                   {f.label: (f.count, f.fraction, f.ci_low, f.ci_high) for f in s.labels}, s.decision.label,
+                   s.decision.reason, s.decision.rule, s.final)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What drove a result's score: PNGs of the image's size."""
+
+    method: str
+    label: str  # the label whose score it explains
+    heatmap_png: bytes  # 8-bit grey, 255 = drove the score most
+    overlay_png: bytes  # the heatmap blended over the image
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,9 @@ class Result:
     error_code: str = ""  # a grpc.StatusCode name, e.g. "INVALID_ARGUMENT"
     error_message: str = ""
     error_details: tuple = ()  # the unpacked google.rpc detail messages
+    specimen_id: str = ""
+    specimen: Specimen | None = None  # in a stream: the running summary of this item's specimen, this item included
+    explanation: Explanation | None = None  # when the request asked for one
 
     @property
     def ok(self) -> bool:
@@ -64,7 +102,9 @@ class Result:
             reason=r.decision.reason, screen_positive=r.decision.screen_positive, rule=r.decision.rule,
             quality_passed=r.quality.passed if r.HasField("quality") else True,
             quality_issues=tuple((i.code, i.message) for i in r.quality.issues), queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
-            batch_size=r.timing.batch_size,
+            batch_size=r.timing.batch_size, specimen_id=r.specimen_id,
+            explanation=Explanation(r.explanation.method, r.explanation.label, r.explanation.heatmap_png,
+                                    r.explanation.overlay_png) if r.HasField("explanation") else None,
         )
 
     @classmethod
@@ -180,28 +220,41 @@ class Client:
         return list(self._call(self.stub.ListPlugins, pb.ListPluginsRequest()).plugins)
 
     def classify(self, image: ImageInput, plugin: str = "lymphoblast", model_version: str = "",
-                 request_id: str = "", timeout_s: float | None = None) -> Result:
-        """Classify one image; raises DxServeError when the call fails."""
-        request = pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image))
+                 request_id: str = "", timeout_s: float | None = None, specimen_id: str = "", explain: bool = False) -> Result:
+        """Classify one image; raises DxServeError when the call fails. `explain`: also get
+        a heatmap of what drove the score (Result.explanation)."""
+        request = pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image),
+                                     specimen_id=specimen_id, explain=explain)
         return Result.from_response(self._call(self.stub.Classify, request, timeout_s))
 
-    def classify_stream(self, images: Iterable[ImageInput | tuple[str, ImageInput]], plugin: str = "lymphoblast",
-                        model_version: str = "", timeout_s: float | None = None) -> Iterator[Result]:
+    def classify_stream(self, images: Iterable[ImageInput | tuple], plugin: str = "lymphoblast", model_version: str = "",
+                        timeout_s: float | None = None, specimen_id: str = "", explain: bool = False,
+                        final_summaries: list[Specimen] | None = None) -> Iterator[Result]:
         """Stream images and yield one Result per image, in order; failed items come back
-        as Results with `ok` False. Items may be (request_id, image) pairs. The timeout
-        covers the whole stream (None: no deadline)."""
+        as Results with `ok` False. Items may be (request_id, image) or (request_id, image,
+        specimen_id) tuples; `specimen_id` is the default for items that name none. Each
+        Result of an item with a specimen carries its running summary (Result.specimen); the
+        final summary per specimen, sent once every image is answered, is appended to
+        `final_summaries`. The timeout covers the whole stream (None: no deadline)."""
 
         def requests() -> Iterator[pb.ClassifyRequest]:
             for item in images:
-                request_id, image = item if isinstance(item, tuple) else ("", item)
-                yield pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image))
+                request_id, image, specimen = (item + (specimen_id,))[:3] if isinstance(item, tuple) else ("", item, specimen_id)
+                yield pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image),
+                                         specimen_id=specimen, explain=explain)
 
         try:
             for response in self.stub.ClassifyStream(requests(), timeout=timeout_s):
-                if response.WhichOneof("outcome") == "result":
-                    yield Result.from_response(response.result)
+                outcome = response.WhichOneof("outcome")
+                if outcome == "final_summary":
+                    if final_summaries is not None:
+                        final_summaries.append(Specimen.from_proto(response.final_summary))
+                    continue
+                specimen = Specimen.from_proto(response.specimen) if response.HasField("specimen") else None
+                if outcome == "result":
+                    yield dataclasses.replace(Result.from_response(response.result), specimen=specimen)
                 else:
-                    yield Result.from_status(response.request_id, response.error)
+                    yield dataclasses.replace(Result.from_status(response.request_id, response.error), specimen=specimen)
         except grpc.RpcError as error:
             raise _error(error) from None
 

@@ -188,5 +188,26 @@ def render_markdown(card: dict) -> str:
                       f"`{ood['sha256']}`). By construction {100 - ood['percentile']:.1f} % of developer images exceed it."]
         lines += ["", "An indeterminate answer means: do not act on the probabilities; re-acquire or re-segment the "
                   "cell, or have a person review it."]
+    if specimen := card.get("specimen"):
+        from .specimen import SpecimenRule
+
+        rule, outcomes = SpecimenRule(**specimen["rule"]), specimen["outcomes_by_true_label"]
+        enough = [r for r in specimen["per_subject"].values() if r["called"] >= rule.min_called]
+        lines += [
+            "",
+            "## Specimen-level rule (decision support, not a diagnosis)",
+            "",
+            f"Within a stream, cells sent with the same `specimen_id` are summed up: {rule.describe(card['version'])}.",
+            f"Outcome with {specimen['evaluated_on']}:",
+            "",
+            "| true label of the subject | specimen call: lymphoblast | normal | indeterminate |",
+            "|---|---|---|---|",
+        ] + [f"| {label} | {o.get('lymphoblast', 0)} | {o.get('normal', 0)} | {o.get('indeterminate', 0)} |"
+             for label, o in outcomes.items()] + [
+            "",
+            f"Subjects with at least {rule.min_called} called cells: " + ", ".join(
+                f"{s} ({r['label']}, blast fraction {r['blast_fraction']:.2f} of {r['called']}: {r['specimen_call']})"
+                for s, r in specimen["per_subject"].items() if r in enough) + ".",
+        ]
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_DATA = Path("../shared/data/cnmc2019")
+SPECIMEN_DEFAULTS = {"min_called": 20, "positive_at_least": 0.5, "negative_below": 0.5}
 
 
 def write_out_of_fold(version_dir: Path, oof, threshold: float) -> None:
@@ -126,6 +127,7 @@ def train_command(args: argparse.Namespace) -> int:
                 "thresholds": tta.pop("thresholds"),
                 "evaluation": {**evaluation, **tta, "folds": evaluation["candidates"][MODEL_8_VIEWS]["folds"]}}
     write_card(tta_dir, tta_card, weights_file=f"../{args.version}/{WEIGHTS_FILE}")
+    specimen_command(argparse.Namespace(models=args.out, version=args.version, **SPECIMEN_DEFAULTS))
     log(f"wrote {version_dir} and {tta_dir} in {(time.time() - started) / 60:.1f} min")
     return 0
 
@@ -189,6 +191,26 @@ def gate_command(args: argparse.Namespace) -> int:
         card = read_card(folder)
         write_card(folder, {**card, "quality_gate": gate}, weights_file=card["weights"]["file"])
         print(f"wrote the gate into {folder / CARD_FILE}")
+    return 0
+
+
+def specimen_command(args: argparse.Namespace) -> int:
+    """Write the specimen rule, and its outcome on the developer subjects' out-of-fold
+    predictions, into a version's card and its serving variants' cards."""
+    from .card import read_card, write_card
+    from .specimen import SpecimenRule, evaluate_out_of_fold
+
+    folders = version_folders(args.models, args.version)
+    if not folders:
+        print(f"no model version {args.version!r} in {args.models}", file=sys.stderr)
+        return 2
+    rule = SpecimenRule(args.min_called, args.positive_at_least, args.negative_below)
+    for folder in folders:
+        card = read_card(folder)
+        out_of_fold = (folder / card["weights"]["file"]).resolve().parent / "out_of_fold.csv"  # a variant shares its weights' folder's
+        entry = evaluate_out_of_fold(rule, card, out_of_fold)
+        write_card(folder, {**card, "specimen": entry}, weights_file=card["weights"]["file"])
+        print(f"{folder.name}: specimen calls by true label (developer subjects, out of fold): {entry['outcomes_by_true_label']}")
     return 0
 
 
@@ -288,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     ood.add_argument("--models", type=Path, default=MODELS_DIR)
     ood.add_argument("--cache", type=Path, default=Path(".cache"), help="cache of preprocessed cells and backbone features")
     ood.set_defaults(run=ood_command)
+
+    specimen = sub.add_parser("specimen-rule", help="write the specimen-level rule and its out-of-fold outcome per "
+                              "developer subject into a version's card")
+    specimen.add_argument("--version", required=True)
+    specimen.add_argument("--models", type=Path, default=MODELS_DIR)
+    specimen.add_argument("--min-called", type=int, help="fewer called cells: indeterminate")
+    specimen.add_argument("--positive-at-least", type=float, help="Wilson lower end at or above: blast-like cells predominate")
+    specimen.add_argument("--negative-below", type=float, help="Wilson upper end below: no excess of blast-like cells")
+    specimen.set_defaults(run=specimen_command, **SPECIMEN_DEFAULTS)
 
     evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")
     evaluate.add_argument("--data", type=Path, required=True, help="folder of *_all/*_hem images, or a manifest.csv")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dxserve import Decision, InputSpec, ModelRuntime, ModelVersion, PluginInfo, Prediction, QualityIssue, hookimpl
+from dxserve import (Decision, Explanation, InputSpec, ModelRuntime, ModelVersion, PluginInfo, Prediction, QualityIssue, SpecimenCounts,
+                     hookimpl)
 from dxserve.runtime import INDETERMINATE
 
 from .calibration import Thresholds, calibrated
@@ -15,7 +16,8 @@ from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
 from .gate import check
 from .ood import issues as ood_issues
 from .ood import load as load_ood
-from .preprocess import input_dtype, model_input
+from .preprocess import input_dtype, model_input, to_image_coordinates
+from .specimen import SpecimenRule
 
 MODELS_DIR = Path(__file__).parent / "models"
 PLUGIN_VERSION = "1.0.0"
@@ -108,6 +110,7 @@ class LymphoblastRuntime(ModelRuntime):
         import tensorflow as tf
 
         self.views = int(card["input"].get("views", 1))
+        self.specimen_rule = SpecimenRule(**card["specimen"]["rule"]) if "specimen" in card else None
         self.model = keras.models.load_model(self.version.weights, compile=False)
         self.ood = None
         if "ood" in card:  # the model also returns its CNN features, for the out-of-distribution score
@@ -135,12 +138,15 @@ class LymphoblastRuntime(ModelRuntime):
     def predict_with_issues(self, batch: np.ndarray) -> Prediction:
         """The probabilities and, for versions with an out-of-distribution model (the card's
         `ood`, 2.x), each image's OUT_OF_DISTRIBUTION issue, from one forward pass."""
-        inputs = {"cell": batch["cell"], "log_diameter": batch["log_diameter"][:, None]}
-        outputs = self._forward(inputs)
-        logits = (outputs[0] if self.ood else outputs).numpy()[:, 0]
+        logits, features = self._run(batch)
         p_blast = calibrated(logits, self.temperature)
-        issues = ood_issues(outputs[1].numpy(), self.ood) if self.ood else [[] for _ in logits]
+        issues = ood_issues(features, self.ood) if self.ood else [[] for _ in logits]
         return Prediction(np.stack([p_blast, 1.0 - p_blast], axis=1), issues)
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The served logits (n,) of stacked `model_input` records, and the CNN features when the version has an OOD model."""
+        outputs = self._forward({"cell": batch["cell"], "log_diameter": batch["log_diameter"][:, None]})
+        return (outputs[0].numpy()[:, 0], outputs[1].numpy()) if self.ood else (outputs.numpy()[:, 0], None)
 
     def decide(self, probabilities: np.ndarray) -> Decision:
         p = float(probabilities[0])
@@ -155,6 +161,21 @@ class LymphoblastRuntime(ModelRuntime):
             return Decision("normal", False, f"P(lymphoblast) {p:.3f} < {min(t.lower, 0.5):.3f}{flag}", screen, rule)
         return Decision(INDETERMINATE, True, f"P(lymphoblast) {p:.3f} lies in the indeterminate band "
                         f"[{min(t.lower, 0.5):.3f}, {max(t.upper, 0.5):.3f}){flag}: review by a person", screen, rule)
+
+
+    def decide_specimen(self, counts: SpecimenCounts) -> Decision | None:
+        """The card's specimen rule (`specimen.py`) on the blast fraction; None for versions without one (1.x)."""
+        return self.specimen_rule.decide(counts, self.version.version) if self.specimen_rule else None
+
+    def explain(self, image: np.ndarray) -> Explanation:
+        """An occlusion map (`explain.py`) of the served logit for the most probable label."""
+        from .explain import METHOD, occlusion_map
+
+        record = self.preprocess(image)
+        logit = self._run(record[None])[0][0]
+        label = LABELS[0] if logit >= 0 else LABELS[1]  # calibration keeps the sign: P >= 0.5 iff logit >= 0
+        square = occlusion_map(lambda batch: self._run(batch)[0], record, 1.0 if label == LABELS[0] else -1.0)
+        return Explanation(to_image_coordinates(square, image), label, METHOD.format(size=self.image_size))
 
 
 @hookimpl

@@ -38,8 +38,20 @@ def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > BACKGROUND_MAX
 
 
+def cell_square(mask: np.ndarray) -> tuple[int, int, int] | None:
+    """(top, left, side) of the square the model sees, centred on the cell's bounding box with
+    MARGIN, in the image's coordinates (it may reach past the image's edges); None without a cell."""
+    if not mask.any():
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = int(max(bottom - top, right - left) * (1 + 2 * MARGIN)) + 1
+    cy, cx = (top + bottom) // 2, (left + right) // 2
+    return int(cy - side // 2), int(cx - side // 2), side
+
+
 def crop_to_cell(rgb: np.ndarray, size: int | None = None) -> np.ndarray:
-    """Square crop around the cell, padded with black where the square leaves the image.
+    """Square crop around the cell (`cell_square`), padded with black where the square leaves the image.
 
     With `size` (the model's input side), a square more than twice that is first shrunk by
     an integer factor (box average) before it is padded, so memory stays proportional to the
@@ -47,14 +59,10 @@ def crop_to_cell(rgb: np.ndarray, size: int | None = None) -> np.ndarray:
     28000 px black square (2.4 GB) before being resized. Cells at the training magnification
     (squares of 150-400 px) take the direct path unchanged.
     """
-    mask = foreground_mask(rgb)
-    if not mask.any():
+    square = cell_square(foreground_mask(rgb))
+    if square is None:
         return rgb
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    side = int(max(bottom - top, right - left) * (1 + 2 * MARGIN)) + 1
-    cy, cx = (top + bottom) // 2, (left + right) // 2
-    y0, x0 = cy - side // 2, cx - side // 2
+    y0, x0, side = square
     sy0, sx0 = max(y0, 0), max(x0, 0)
     sy1, sx1 = min(y0 + side, rgb.shape[0]), min(x0 + side, rgb.shape[1])
     region = rgb[sy0:sy1, sx0:sx1]  # a view: no copy of the image
@@ -65,6 +73,24 @@ def crop_to_cell(rgb: np.ndarray, size: int | None = None) -> np.ndarray:
     out = np.zeros((side, side, 3), dtype=np.uint8)
     h, w = min(region.shape[0], side - (sy0 - y0)), min(region.shape[1], side - (sx0 - x0))
     out[sy0 - y0 : sy0 - y0 + h, sx0 - x0 : sx0 - x0 + w] = region[:h, :w]
+    return out
+
+
+def to_image_coordinates(square_map: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """A float map over the model's input square (e.g. a heatmap) placed on the image it came
+    from: stretched over the `cell_square` (the whole image when there is no cell, as
+    `prepare` does) and zero elsewhere; float32 of the image's (H, W). Only the part of the
+    square inside the image is ever made, so memory follows the image's pixels."""
+    height, width = rgb.shape[:2]
+    square = cell_square(foreground_mask(rgb))
+    y0, x0, side = square if square is not None else (0, 0, None)
+    scale_y, scale_x = ((side, side) if side else (height, width))
+    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y0 + scale_y, height), min(x0 + scale_x, width)
+    m = square_map.shape[0] / scale_y, square_map.shape[1] / scale_x  # map cells per image pixel
+    box = ((sx0 - x0) * m[1], (sy0 - y0) * m[0], (sx1 - x0) * m[1], (sy1 - y0) * m[0])
+    window = Image.fromarray(square_map.astype(np.float32)).resize((sx1 - sx0, sy1 - sy0), Image.Resampling.BILINEAR, box)
+    out = np.zeros((height, width), np.float32)
+    out[sy0:sy1, sx0:sx1] = np.asarray(window)
     return out
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64xserve/v1/diagnostics.proto\x12\ndxserve.v1\x1a\x17google/rpc/status.proto\"\x14\n\x12ListPluginsRequest\">\n\x13ListPluginsResponse\x12\'\n\x07plugins\x18\x01 \x03(\x0b\x32\x16.dxserve.v1.PluginInfo\"\x9b\x02\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x30\n\x0emodel_versions\x18\x05 \x03(\x0b\x32\x18.dxserve.v1.ModelVersion\x12\x1d\n\x15\x64\x65\x66\x61ult_model_version\x18\x06 \x01(\t\x12$\n\x05input\x18\x07 \x01(\x0b\x32\x15.dxserve.v1.InputSpec\x12\x14\n\x0cintended_use\x18\x08 \x01(\t\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.dxserve.v1.PluginState\x12\x14\n\x0cstate_reason\x18\n \x01(\t\"d\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\t\x12\x12\n\nmodel_card\x18\x03 \x01(\t\x12\x17\n\x0fmodel_card_json\x18\x04 \x01(\t\"r\n\tInputSpec\x12\x0f\n\x07\x66ormats\x18\x01 \x03(\t\x12\x12\n\nmax_pixels\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x10\n\x08min_side\x18\x04 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"G\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.dxserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"n\n\x0f\x43lassifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x11.dxserve.v1.Image\"6\n\x10LabelProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"g\n\x08\x44\x65\x63ision\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rindeterminate\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fscreen_positive\x18\x04 \x01(\x08\x12\x0c\n\x04rule\x18\x05 \x01(\t\"A\n\x06Timing\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x10\n\x08model_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"\xb8\x02\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12\x33\n\rprobabilities\x18\x05 \x03(\x0b\x32\x1c.dxserve.v1.LabelProbability\x12\x11\n\ttop_label\x18\x06 \x01(\t\x12\x12\n\nconfidence\x18\x07 \x01(\x02\x12&\n\x08\x64\x65\x63ision\x18\x08 \x01(\x0b\x32\x14.dxserve.v1.Decision\x12\"\n\x06timing\x18\t \x01(\x0b\x32\x12.dxserve.v1.Timing\x12)\n\x07quality\x18\n \x01(\x0b\x32\x18.dxserve.v1.QualityCheck\"H\n\x0cQualityCheck\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12(\n\x06issues\x18\x02 \x03(\x0b\x32\x18.dxserve.v1.QualityIssue\"h\n\x0cQualityIssue\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x14\n\x0c\x61\x63\x63\x65pted_min\x18\x04 \x01(\x01\x12\x14\n\x0c\x61\x63\x63\x65pted_max\x18\x05 \x01(\x01\"\x9b\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x04\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.dxserve.v1.ClassifyResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome*v\n\x0bPluginState\x12\x1c\n\x18PLUGIN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14PLUGIN_STATE_LOADING\x10\x01\x12\x16\n\x12PLUGIN_STATE_READY\x10\x02\x12\x17\n\x13PLUGIN_STATE_FAILED\x10\x03\x32\x82\x02\n\x12\x44iagnosticsService\x12N\n\x0bListPlugins\x12\x1e.dxserve.v1.ListPluginsRequest\x1a\x1f.dxserve.v1.ListPluginsResponse\x12\x45\n\x08\x43lassify\x12\x1b.dxserve.v1.ClassifyRequest\x1a\x1c.dxserve.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1b.dxserve.v1.ClassifyRequest\x1a\".dxserve.v1.ClassifyStreamResponse(\x01\x30\x01\x42I\n\rio.dxserve.v1P\x01Z6github.com/dxserve/dxserve/gen/go/dxserve/v1;dxservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64xserve/v1/diagnostics.proto\x12\ndxserve.v1\x1a\x17google/rpc/status.proto\"\x14\n\x12ListPluginsRequest\">\n\x13ListPluginsResponse\x12\'\n\x07plugins\x18\x01 \x03(\x0b\x32\x16.dxserve.v1.PluginInfo\"\xad\x02\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x30\n\x0emodel_versions\x18\x05 \x03(\x0b\x32\x18.dxserve.v1.ModelVersion\x12\x1d\n\x15\x64\x65\x66\x61ult_model_version\x18\x06 \x01(\t\x12$\n\x05input\x18\x07 \x01(\x0b\x32\x15.dxserve.v1.InputSpec\x12\x14\n\x0cintended_use\x18\x08 \x01(\t\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.dxserve.v1.PluginState\x12\x14\n\x0cstate_reason\x18\n \x01(\t\x12\x10\n\x08\x65xplains\x18\x0b \x01(\x08\"d\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\t\x12\x12\n\nmodel_card\x18\x03 \x01(\t\x12\x17\n\x0fmodel_card_json\x18\x04 \x01(\t\"r\n\tInputSpec\x12\x0f\n\x07\x66ormats\x18\x01 \x03(\t\x12\x12\n\nmax_pixels\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x10\n\x08min_side\x18\x04 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"G\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.dxserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"\x94\x01\n\x0f\x43lassifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x11.dxserve.v1.Image\x12\x13\n\x0bspecimen_id\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"6\n\x10LabelProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"g\n\x08\x44\x65\x63ision\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rindeterminate\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fscreen_positive\x18\x04 \x01(\x08\x12\x0c\n\x04rule\x18\x05 \x01(\t\"A\n\x06Timing\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x10\n\x08model_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"\xfb\x02\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12\x33\n\rprobabilities\x18\x05 \x03(\x0b\x32\x1c.dxserve.v1.LabelProbability\x12\x11\n\ttop_label\x18\x06 \x01(\t\x12\x12\n\nconfidence\x18\x07 \x01(\x02\x12&\n\x08\x64\x65\x63ision\x18\x08 \x01(\x0b\x32\x14.dxserve.v1.Decision\x12\"\n\x06timing\x18\t \x01(\x0b\x32\x12.dxserve.v1.Timing\x12)\n\x07quality\x18\n \x01(\x0b\x32\x18.dxserve.v1.QualityCheck\x12\x13\n\x0bspecimen_id\x18\x0b \x01(\t\x12,\n\x0b\x65xplanation\x18\x0c \x01(\x0b\x32\x17.dxserve.v1.Explanation\"V\n\x0b\x45xplanation\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bheatmap_png\x18\x03 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x04 \x01(\x0c\"\x8b\x02\n\x0fSpecimenSummary\x12\x13\n\x0bspecimen_id\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncells_seen\x18\x04 \x01(\r\x12\x14\n\x0c\x63\x65lls_failed\x18\x05 \x01(\r\x12\x19\n\x11\x63\x65lls_passed_gate\x18\x06 \x01(\r\x12\x15\n\rindeterminate\x18\x07 \x01(\r\x12)\n\x06labels\x18\x08 \x03(\x0b\x32\x19.dxserve.v1.LabelFraction\x12&\n\x08\x64\x65\x63ision\x18\t \x01(\x0b\x32\x14.dxserve.v1.Decision\x12\r\n\x05\x66inal\x18\n \x01(\x08\"`\n\rLabelFraction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\"H\n\x0cQualityCheck\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12(\n\x06issues\x18\x02 \x03(\x0b\x32\x18.dxserve.v1.QualityIssue\"h\n\x0cQualityIssue\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x14\n\x0c\x61\x63\x63\x65pted_min\x18\x04 \x01(\x01\x12\x14\n\x0c\x61\x63\x63\x65pted_max\x18\x05 \x01(\x01\"\x80\x02\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x04\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.dxserve.v1.ClassifyResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x34\n\rfinal_summary\x18\x06 \x01(\x0b\x32\x1b.dxserve.v1.SpecimenSummaryH\x00\x12-\n\x08specimen\x18\x05 \x01(\x0b\x32\x1b.dxserve.v1.SpecimenSummaryB\t\n\x07outcome*v\n\x0bPluginState\x12\x1c\n\x18PLUGIN_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14PLUGIN_STATE_LOADING\x10\x01\x12\x16\n\x12PLUGIN_STATE_READY\x10\x02\x12\x17\n\x13PLUGIN_STATE_FAILED\x10\x03\x32\x82\x02\n\x12\x44iagnosticsService\x12N\n\x0bListPlugins\x12\x1e.dxserve.v1.ListPluginsRequest\x1a\x1f.dxserve.v1.ListPluginsResponse\x12\x45\n\x08\x43lassify\x12\x1b.dxserve.v1.ClassifyRequest\x1a\x1c.dxserve.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1b.dxserve.v1.ClassifyRequest\x1a\".dxserve.v1.ClassifyStreamResponse(\x01\x30\x01\x42I\n\rio.dxserve.v1P\x01Z6github.com/dxserve/dxserve/gen/go/dxserve/v1;dxservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dxserve.v1.diagnostics_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rio.dxserve.v1P\001Z6github.com/dxserve/dxserve/gen/go/dxserve/v1;dxservev1'
-  _globals['_PLUGINSTATE']._serialized_start=1802
-  _globals['_PLUGINSTATE']._serialized_end=1920
+  _globals['_PLUGINSTATE']._serialized_start=2483
+  _globals['_PLUGINSTATE']._serialized_end=2601
   _globals['_LISTPLUGINSREQUEST']._serialized_start=69
   _globals['_LISTPLUGINSREQUEST']._serialized_end=89
   _globals['_LISTPLUGINSRESPONSE']._serialized_start=91
   _globals['_LISTPLUGINSRESPONSE']._serialized_end=153
   _globals['_PLUGININFO']._serialized_start=156
-  _globals['_PLUGININFO']._serialized_end=439
-  _globals['_MODELVERSION']._serialized_start=441
-  _globals['_MODELVERSION']._serialized_end=541
-  _globals['_INPUTSPEC']._serialized_start=543
-  _globals['_INPUTSPEC']._serialized_end=657
-  _globals['_IMAGE']._serialized_start=659
-  _globals['_IMAGE']._serialized_end=730
-  _globals['_RAWIMAGE']._serialized_start=732
-  _globals['_RAWIMAGE']._serialized_end=807
-  _globals['_CLASSIFYREQUEST']._serialized_start=809
-  _globals['_CLASSIFYREQUEST']._serialized_end=919
-  _globals['_LABELPROBABILITY']._serialized_start=921
-  _globals['_LABELPROBABILITY']._serialized_end=975
-  _globals['_DECISION']._serialized_start=977
-  _globals['_DECISION']._serialized_end=1080
-  _globals['_TIMING']._serialized_start=1082
-  _globals['_TIMING']._serialized_end=1147
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1150
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1462
-  _globals['_QUALITYCHECK']._serialized_start=1464
-  _globals['_QUALITYCHECK']._serialized_end=1536
-  _globals['_QUALITYISSUE']._serialized_start=1538
-  _globals['_QUALITYISSUE']._serialized_end=1642
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=1645
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1800
-  _globals['_DIAGNOSTICSSERVICE']._serialized_start=1923
-  _globals['_DIAGNOSTICSSERVICE']._serialized_end=2181
+  _globals['_PLUGININFO']._serialized_end=457
+  _globals['_MODELVERSION']._serialized_start=459
+  _globals['_MODELVERSION']._serialized_end=559
+  _globals['_INPUTSPEC']._serialized_start=561
+  _globals['_INPUTSPEC']._serialized_end=675
+  _globals['_IMAGE']._serialized_start=677
+  _globals['_IMAGE']._serialized_end=748
+  _globals['_RAWIMAGE']._serialized_start=750
+  _globals['_RAWIMAGE']._serialized_end=825
+  _globals['_CLASSIFYREQUEST']._serialized_start=828
+  _globals['_CLASSIFYREQUEST']._serialized_end=976
+  _globals['_LABELPROBABILITY']._serialized_start=978
+  _globals['_LABELPROBABILITY']._serialized_end=1032
+  _globals['_DECISION']._serialized_start=1034
+  _globals['_DECISION']._serialized_end=1137
+  _globals['_TIMING']._serialized_start=1139
+  _globals['_TIMING']._serialized_end=1204
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1207
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1586
+  _globals['_EXPLANATION']._serialized_start=1588
+  _globals['_EXPLANATION']._serialized_end=1674
+  _globals['_SPECIMENSUMMARY']._serialized_start=1677
+  _globals['_SPECIMENSUMMARY']._serialized_end=1944
+  _globals['_LABELFRACTION']._serialized_start=1946
+  _globals['_LABELFRACTION']._serialized_end=2042
+  _globals['_QUALITYCHECK']._serialized_start=2044
+  _globals['_QUALITYCHECK']._serialized_end=2116
+  _globals['_QUALITYISSUE']._serialized_start=2118
+  _globals['_QUALITYISSUE']._serialized_end=2222
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=2225
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=2481
+  _globals['_DIAGNOSTICSSERVICE']._serialized_start=2604
+  _globals['_DIAGNOSTICSSERVICE']._serialized_end=2862
 # @@protoc_insertion_point(module_scope)

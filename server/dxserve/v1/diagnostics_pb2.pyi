@@ -30,7 +30,7 @@ class ListPluginsResponse(_message.Message):
     def __init__(self, plugins: _Optional[_Iterable[_Union[PluginInfo, _Mapping]]] = ...) -> None: ...
 
 class PluginInfo(_message.Message):
-    __slots__ = ("name", "version", "description", "labels", "model_versions", "default_model_version", "input", "intended_use", "state", "state_reason")
+    __slots__ = ("name", "version", "description", "labels", "model_versions", "default_model_version", "input", "intended_use", "state", "state_reason", "explains")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class PluginInfo(_message.Message):
     INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -51,7 +52,8 @@ class PluginInfo(_message.Message):
     intended_use: str
     state: PluginState
     state_reason: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_model_version: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., intended_use: _Optional[str] = ..., state: _Optional[_Union[PluginState, str]] = ..., state_reason: _Optional[str] = ...) -> None: ...
+    explains: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_model_version: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., intended_use: _Optional[str] = ..., state: _Optional[_Union[PluginState, str]] = ..., state_reason: _Optional[str] = ..., explains: _Optional[bool] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "weights_sha256", "model_card", "model_card_json")
@@ -100,16 +102,20 @@ class RawImage(_message.Message):
     def __init__(self, pixels: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "image")
+    __slots__ = ("request_id", "plugin", "model_version", "image", "specimen_id", "explain")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SPECIMEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
     image: Image
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    specimen_id: str
+    explain: bool
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class LabelProbability(_message.Message):
     __slots__ = ("label", "probability")
@@ -144,7 +150,7 @@ class Timing(_message.Message):
     def __init__(self, queued_ms: _Optional[float] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality")
+    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality", "specimen_id", "explanation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +161,8 @@ class ClassifyResponse(_message.Message):
     DECISION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    SPECIMEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
@@ -165,7 +173,59 @@ class ClassifyResponse(_message.Message):
     decision: Decision
     timing: Timing
     quality: QualityCheck
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ...) -> None: ...
+    specimen_id: str
+    explanation: Explanation
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("method", "label", "heatmap_png", "overlay_png")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    label: str
+    heatmap_png: bytes
+    overlay_png: bytes
+    def __init__(self, method: _Optional[str] = ..., label: _Optional[str] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+
+class SpecimenSummary(_message.Message):
+    __slots__ = ("specimen_id", "plugin", "model_version", "cells_seen", "cells_failed", "cells_passed_gate", "indeterminate", "labels", "decision", "final")
+    SPECIMEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CELLS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CELLS_PASSED_GATE_FIELD_NUMBER: _ClassVar[int]
+    INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    specimen_id: str
+    plugin: str
+    model_version: str
+    cells_seen: int
+    cells_failed: int
+    cells_passed_gate: int
+    indeterminate: int
+    labels: _containers.RepeatedCompositeFieldContainer[LabelFraction]
+    decision: Decision
+    final: bool
+    def __init__(self, specimen_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., cells_seen: _Optional[int] = ..., cells_failed: _Optional[int] = ..., cells_passed_gate: _Optional[int] = ..., indeterminate: _Optional[int] = ..., labels: _Optional[_Iterable[_Union[LabelFraction, _Mapping]]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class LabelFraction(_message.Message):
+    __slots__ = ("label", "count", "fraction", "ci_low", "ci_high")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    count: int
+    fraction: float
+    ci_low: float
+    ci_high: float
+    def __init__(self, label: _Optional[str] = ..., count: _Optional[int] = ..., fraction: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ...) -> None: ...
 
 class QualityCheck(_message.Message):
     __slots__ = ("passed", "issues")
@@ -190,13 +250,17 @@ class QualityIssue(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., value: _Optional[float] = ..., accepted_min: _Optional[float] = ..., accepted_max: _Optional[float] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
-    __slots__ = ("request_id", "index", "result", "error")
+    __slots__ = ("request_id", "index", "result", "error", "final_summary", "specimen")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FINAL_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SPECIMEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     result: ClassifyResponse
     error: _status_pb2.Status
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    final_summary: SpecimenSummary
+    specimen: SpecimenSummary
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., final_summary: _Optional[_Union[SpecimenSummary, _Mapping]] = ..., specimen: _Optional[_Union[SpecimenSummary, _Mapping]] = ...) -> None: ...

@@ -72,7 +72,9 @@ class DiagnosticsServiceServicer:
 
     def ClassifyStream(self, request_iterator, context):
         """Classifies a stream of images: exactly one response per request, in request order.
-        A failed item is answered with its error and the stream goes on.
+        A failed item is answered with its error and the stream goes on. When requests carry a
+        specimen_id, each response also carries its specimen's running summary, and after the
+        client half-closes, one more response per specimen carries its final summary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,74 @@
+"""Running per-specimen summaries within one ClassifyStream.
+
+Acquisition software streams a smear cell by cell; a reviewer also wants the picture of the
+whole specimen: how many cells were seen and usable, how many were called each label, the
+fraction of each with its Wilson interval, and the plugin's specimen-level call
+(`ModelRuntime.decide_specimen`). Summaries live only as long as their stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import errors
+from .runtime import ModelRuntime, SpecimenCounts
+from .v1 import diagnostics_pb2 as pb
+
+# Longest accepted ClassifyRequest.specimen_id, and most specimens one stream may summarise:
+# a client must not be able to grow the server's memory through either.
+MAX_SPECIMEN_ID = 128
+MAX_SPECIMENS_PER_STREAM = 1024
+
+
+def check_specimen_id(specimen_id: str) -> None:
+    if len(specimen_id) > MAX_SPECIMEN_ID:
+        raise errors.invalid_field("specimen_id", "SPECIMEN_ID_TOO_LONG",
+                                   f"specimen_id has {len(specimen_id)} characters; the limit is {MAX_SPECIMEN_ID}")
+
+
+@dataclass
+class Tally:
+    """The counts of one (specimen, plugin, model version) in one stream."""
+
+    specimen_id: str
+    plugin: str
+    model_version: str
+    runtime: ModelRuntime | None  # None when the plugin or version is unknown: counts, no call
+    seen: int = 0
+    failed: int = 0
+    passed_gate: int = 0
+    indeterminate: int = 0
+    called: dict[str, int] = field(default_factory=dict)
+
+    def add(self, response: pb.ClassifyStreamResponse) -> None:
+        """Count one answered item."""
+        self.seen += 1
+        if response.HasField("error"):
+            self.failed += 1
+            return
+        result = response.result
+        self.passed_gate += result.quality.passed
+        if result.decision.indeterminate:
+            self.indeterminate += 1
+        else:
+            self.called[result.decision.label] = self.called.get(result.decision.label, 0) + 1
+
+    def counts(self) -> SpecimenCounts:
+        labels = self.runtime.info.labels if self.runtime else tuple(sorted(self.called))
+        return SpecimenCounts(self.seen, self.failed, self.passed_gate, self.indeterminate,
+                              {label: self.called.get(label, 0) for label in labels})
+
+    def summary(self, final: bool = False) -> pb.SpecimenSummary:
+        counts = self.counts()
+        message = pb.SpecimenSummary(
+            specimen_id=self.specimen_id, plugin=self.plugin, model_version=self.model_version, cells_seen=counts.seen,
+            cells_failed=counts.failed, cells_passed_gate=counts.passed_gate, indeterminate=counts.indeterminate, final=final)
+        for label, count in counts.called.items():
+            fraction, low, high = counts.fraction(label)
+            message.labels.add(label=label, count=count, fraction=fraction, ci_low=low, ci_high=high)
+        decision = self.runtime.decide_specimen(counts) if self.runtime else None
+        if decision is not None:
+            message.decision.CopyFrom(pb.Decision(label=decision.label, indeterminate=decision.indeterminate,
+                                                  reason=decision.reason, screen_positive=decision.screen_positive,
+                                                  rule=decision.rule))
+        return message

@@ -27,11 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, plugins: list[str | None], timeout_s: float = 180.0, root_certificates: bytes | None = None) -> None:
+def wait_serving(address: str, plugins: list[str | None], timeout_s: float = 180.0, root_certificates: bytes | None = None,
+                 client_certificate: tuple[bytes, bytes] | None = None) -> None:
     """Block until the server (None) and every named plugin answer SERVING in health."""
     from dxserve_client import Client
 
-    with Client(address, root_certificates=root_certificates) as client:
+    with Client(address, root_certificates=root_certificates, client_certificate=client_certificate) as client:
         for plugin in plugins:
             client.wait_until_serving(plugin, timeout_s)
 
@@ -43,8 +44,9 @@ class ServerProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
+        self.audit_path = tmp / f"audit-{self.port}.sqlite3"
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_SITE), os.environ.get("PYTHONPATH", "")]),
-                       "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+                       "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": str(self.audit_path), **(env or {})}
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dxserve.cli", "serve", "--address", self.address, *flags],

@@ -19,12 +19,13 @@ LIGHT = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")  # 
 
 
 @contextmanager
-def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None):
+def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None, client_certificate=None):
     """A server without TensorFlow, ready once `ready` plugins (None: the server) serve;
     on leaving, SIGTERM (if the test sent none) and a clean exit are required."""
     server = ServerProcess(*LIGHT, *flags, tmp=tmp_path)
     try:
-        wait_serving(server.address, list(ready), timeout_s=60, root_certificates=root_certificates)
+        wait_serving(server.address, list(ready), timeout_s=60, root_certificates=root_certificates,
+                     client_certificate=client_certificate)
         yield server
     finally:
         assert server.stop() == 0, server.logs()[-3000:]

@@ -59,7 +59,7 @@ def test_loading_plugin_is_unavailable_then_serves():
     from conftest import free_port
 
     async def scenario():
-        settings = Settings(address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"],
+        settings = Settings(address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"], audit_db="",
                             disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])
         server = Server(settings)
         await server.start()
@@ -101,7 +101,8 @@ def test_an_unexpected_server_error_costs_one_stream_item(monkeypatch):
     monkeypatch.setattr(images, "decode", decode)
 
     async def scenario():
-        settings = Settings(address=f"127.0.0.1:{free_port()}", disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])
+        settings = Settings(address=f"127.0.0.1:{free_port()}", disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"],
+                            audit_db="")
         server = Server(settings)
         await server.start()
         await server.wait_loaded()

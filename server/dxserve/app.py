@@ -11,6 +11,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import images
+from .audit import AuditTrail, open_store
+from .auth import CallerInterceptor, KeyFile, open_methods
 from .config import Settings
 from .registry import READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
@@ -45,17 +47,23 @@ class Server:
         self.settings = settings
         images.limit_pixels(settings.max_image_pixels)
         self.plugins: dict[str, PluginEntry] = discover(settings)
-        self.service = DiagnosticsService(self.plugins, settings)
+        self.audit = AuditTrail(open_store(settings.audit_db), settings.audit_required) if settings.audit_db else None
+        self.service = DiagnosticsService(self.plugins, settings, self.audit)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._loading: asyncio.Task | None = None
         self._stopping = False
+        # Identity, authorization context and limits for every call; health is never limited.
+        callers = CallerInterceptor(
+            KeyFile.load(settings.auth_keys_file) if settings.auth_keys_file else None,
+            open_methods(settings.auth_open_health, settings.auth_open_reflection),
+            settings.max_concurrent_calls, settings.max_calls_per_caller, settings.max_streams_per_caller)
         self._server = grpc.aio.server(
+            interceptors=[callers],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
-            maximum_concurrent_rpcs=settings.max_concurrent_calls,
         )
         pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -112,6 +120,8 @@ class Server:
             for batcher in entry.batchers.values():
                 await batcher.stop()
         self.service.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 async def serve(settings: Settings) -> None:

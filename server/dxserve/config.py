@@ -21,7 +21,9 @@ class Settings(BaseModel):
     address: str = Field("127.0.0.1:50051", description="HOST:PORT to listen on (port 0 picks a free one)")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request message")
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (width x height)")
-    max_concurrent_calls: int = Field(256, ge=1, description="calls served at once; more get RESOURCE_EXHAUSTED")
+    max_concurrent_calls: int = Field(256, ge=1, description="calls and streams served at once (health not counted); more get RESOURCE_EXHAUSTED")
+    max_calls_per_caller: int = Field(64, ge=1, description="unary calls one caller may have in flight")
+    max_streams_per_caller: int = Field(32, ge=1, description="streams one caller may hold open")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per model call, at most")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")
@@ -32,6 +34,12 @@ class Settings(BaseModel):
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, serve TLS")
     tls_key: Path | None = Field(None, description="PEM private key")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a certificate")
+    auth_keys_file: Path | None = Field(None, description="JSON file of callers (`dxserve tokens add`); when set, every call "
+                                        "needs a bearer token or a client certificate it names")
+    auth_open_health: bool = Field(True, description="health checks need no identity")
+    auth_open_reflection: bool = Field(True, description="server reflection needs no identity")
+    audit_db: str = Field("dxserve-audit.sqlite3", description="audit trail: a SQLite file, or a postgresql:// URL; empty = off")
+    audit_required: bool = Field(True, description="a request whose audit record cannot be written fails (UNAVAILABLE)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")
     grace_period_s: float = Field(10.0, ge=0, description="time calls in flight get to finish on SIGTERM")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -49,7 +57,7 @@ class Settings(BaseModel):
     def _tls_pair(self) -> "Settings":
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_keys_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"no such file: {path}")
         return self

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_status import rpc_status
 
-from . import errors, images, metrics
+from . import audit, auth, errors, images, metrics
 from .batcher import Batcher, Result
 from .config import Settings
 from .registry import FAILED, LOADING, PluginEntry
@@ -28,9 +28,10 @@ STATES = {LOADING: pb.PLUGIN_STATE_LOADING, "READY": pb.PLUGIN_STATE_READY, FAIL
 
 
 class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
-    def __init__(self, plugins: dict[str, PluginEntry], settings: Settings):
+    def __init__(self, plugins: dict[str, PluginEntry], settings: Settings, audit_trail: audit.AuditTrail | None = None):
         self.plugins = plugins
         self.settings = settings
+        self.audit = audit_trail
         # Decoding and preprocessing run here, in parallel across requests, off the event loop.
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
@@ -38,11 +39,12 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     async def ListPlugins(self, request: pb.ListPluginsRequest, context) -> pb.ListPluginsResponse:
-        return pb.ListPluginsResponse(plugins=[self._describe(e) for e in self.plugins.values()])
+        caller = auth.CALLER.get()
+        return pb.ListPluginsResponse(plugins=[self._describe(e) for e in self.plugins.values() if caller.may_use(e.name)])
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        outcome = await self._classify_or_error(request, request_id, context.time_remaining())
+        outcome = await self._classify_or_error(request, request_id, context.time_remaining(), "Classify")
         if isinstance(outcome, errors.ServingError):
             await context.abort_with_status(rpc_status.to_status(outcome.to_status()))
         return outcome
@@ -109,27 +111,37 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        outcome = await self._classify_or_error(request, request_id, timeout)
+        outcome = await self._classify_or_error(request, request_id, timeout, "ClassifyStream")
         if isinstance(outcome, errors.ServingError):
             return pb.ClassifyStreamResponse(request_id=request_id, index=index, error=outcome.to_status())
         return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=outcome)
 
-    async def _classify_or_error(self, request: pb.ClassifyRequest, request_id: str,
-                                 timeout: float | None) -> pb.ClassifyResponse | errors.ServingError:
-        """The response, or the error to send for this request (counted and logged)."""
+    async def _classify_or_error(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
+                                 method: str) -> pb.ClassifyResponse | errors.ServingError:
+        """The response, or the error to send for this request: counted, logged, and recorded
+        in the audit trail before it is sent."""
+        started = time.monotonic()
         try:
-            return await self._classify(request, request_id, timeout)
+            outcome = await self._classify(request, request_id, timeout)
         except errors.ServingError as error:
-            failure = error
+            outcome = error
         except Exception as error:  # a server bug costs this item, never the stream or the server
             log.exception("unexpected error", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin)})
-            failure = errors.unexpected(error)
-        # Only the names of plugins the server has become metric labels: one series per
-        # client-chosen name would let any caller grow /metrics without bound.
-        metrics.ERRORS.labels(request.plugin if request.plugin in self.plugins else metrics.UNKNOWN_PLUGIN, failure.code.name).inc()
-        log.info("request failed", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin),
-                                          "code": failure.code.name, "error": failure.message})
-        return failure
+            outcome = errors.unexpected(error)
+        if self.audit is not None:
+            try:
+                await self.audit.record(**audit.outcome_record(method, auth.CALLER.get().name, request, request_id, outcome,
+                                                               time.monotonic() - started))
+            except audit.AuditUnavailable as error:  # no result without a record
+                outcome = errors.unavailable("audit", f"the audit trail cannot be written, so no result is given: {error}",
+                                             "AUDIT_UNAVAILABLE", retry_after_s=1)
+        if isinstance(outcome, errors.ServingError):
+            # Only the names of plugins the server has become metric labels: one series per
+            # client-chosen name would let any caller grow /metrics without bound.
+            metrics.ERRORS.labels(request.plugin if request.plugin in self.plugins else metrics.UNKNOWN_PLUGIN, outcome.code.name).inc()
+            log.info("request failed", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin),
+                                              "code": outcome.code.name, "error": outcome.message})
+        return outcome
 
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None) -> pb.ClassifyResponse:
         started = time.monotonic()
@@ -180,6 +192,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         return pb.Explanation(method=explanation.method, label=explanation.label, heatmap_png=heatmap_png, overlay_png=overlay_png)
 
     def _route(self, request: pb.ClassifyRequest) -> tuple[PluginEntry, Batcher]:
+        auth.authorize(request.plugin)
         entry = self.plugins.get(request.plugin)
         if entry is None:
             known = ", ".join(self.plugins) or "none"

@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
     parser.add_argument("--ca-cert", type=Path, help="PEM root certificate(s) to trust")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for unary calls")
+    parser.add_argument("--token", default=os.environ.get("DXSERVE_TOKEN"),
+                        help="bearer token for a server with callers (default: $DXSERVE_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     listing = sub.add_parser("list-plugins", help="the server's plugins and model versions")
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--watch takes exactly one folder")
     root = args.ca_cert.read_bytes() if args.ca_cert else None
     try:
-        with Client(args.server, timeout_s=args.timeout, tls=args.tls, root_certificates=root) as client:
+        with Client(args.server, timeout_s=args.timeout, tls=args.tls, root_certificates=root, token=args.token) as client:
             return args.run(args, client)
     except DxServeError as error:
         print(f"dxserve-client: {error}", file=sys.stderr)

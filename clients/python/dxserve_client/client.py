@@ -171,6 +171,7 @@ class Client:
         client_certificate: tuple[bytes, bytes] | None = None,  # (private key, certificate chain) for mutual TLS
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: list[tuple[str, object]] | None = None,
+        token: str | None = None,  # a bearer token from `dxserve tokens add`; use it over TLS only
     ):
         channel_options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -185,6 +186,7 @@ class Client:
             self.channel = grpc.insecure_channel(server, channel_options)
         self.stub = pb_grpc.DiagnosticsServiceStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def close(self) -> None:
         self.channel.close()
@@ -244,7 +246,7 @@ class Client:
                                          specimen_id=specimen, explain=explain)
 
         try:
-            for response in self.stub.ClassifyStream(requests(), timeout=timeout_s):
+            for response in self.stub.ClassifyStream(requests(), timeout=timeout_s, metadata=self.metadata):
                 outcome = response.WhichOneof("outcome")
                 if outcome == "final_summary":
                     if final_summaries is not None:
@@ -260,7 +262,7 @@ class Client:
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
-            return method(request, timeout=timeout_s or self.timeout_s)
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             raise _error(error) from None
 

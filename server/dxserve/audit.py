@@ -1,0 +1,290 @@
+"""A tamper-evident audit trail of every request's outcome, in SQLite or PostgreSQL.
+
+Each row records who asked (the caller's identity), about which image (the SHA-256 of its
+bytes as sent, never pixels), which plugin, model version and weights answered, with what
+(decision, probabilities, quality-gate reasons) or which error (status code), and how long it
+took. Admin events (a reload, a change of default version) are rows too.
+
+Rows are hash-chained: each stores the previous row's hash and its own, the SHA-256 of the
+previous hash and its own content (its sequence number included). `verify` recomputes the
+chain and names the first row that was edited, deleted or reordered. Rows cut from the end
+leave no gap: keep the last hash that `dxserve audit verify` prints somewhere else to check
+against.
+
+Records are written off the event loop by one thread, many to a transaction. By default a
+request waits for its record to be committed and fails (UNAVAILABLE) when it cannot be: no
+result without a record (`audit_required = false` answers anyway and logs the failure).
+
+Backends: SQLite (a file path; WAL, synchronous=FULL; several processes on one machine share
+it safely) or PostgreSQL through psycopg 3 (a postgresql:// URL; replicas serialise their
+appends with a transaction-scoped advisory lock, so one chain spans them all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger("dxserve.audit")
+
+#: Columns, in order; `seq`, `prev_hash` and `hash` are the chain's own.
+COLUMNS = ("seq", "time", "event", "caller", "method", "request_id", "specimen_id", "plugin", "model_version",
+           "weights_sha256", "input_sha256", "decision", "probabilities", "quality", "status", "latency_ms", "detail",
+           "prev_hash", "hash")
+CONTENT = COLUMNS[:-2]
+GENESIS = "0" * 64
+ADVISORY_LOCK = 0x6478736572766531  # "dxserve1": the PostgreSQL chain's lock id
+MAX_BATCH = 256
+
+
+def row_hash(prev_hash: str, content: dict[str, Any]) -> str:
+    """SHA-256 of the previous row's hash and this row's content as canonical JSON."""
+    canonical = json.dumps([content.get(c) for c in CONTENT], separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(f"{prev_hash}\n{canonical}".encode()).hexdigest()
+
+
+def input_sha256(image) -> str:
+    """SHA-256 of a request's image as sent: the encoded file, or the raw pixels; "" without one."""
+    kind = image.WhichOneof("data") if image is not None else None
+    data = image.encoded if kind == "encoded" else image.raw.pixels if kind == "raw" else None
+    return hashlib.sha256(data).hexdigest() if data is not None else ""
+
+
+class Store:
+    """Where rows go: `append` chains and commits a batch in one transaction."""
+
+    placeholder = "?"
+
+    def connect(self):
+        raise NotImplementedError
+
+    def __init__(self):
+        self._connection = None
+
+    @property
+    def connection(self):
+        if self._connection is None:
+            self._connection = self.connect()
+        return self._connection
+
+    def append(self, records: list[dict]) -> None:
+        try:
+            self._append(records)
+        except Exception:
+            self.close()  # reconnect next time
+            raise
+
+    def _append(self, records: list[dict]) -> None:
+        raise NotImplementedError
+
+    def _chain(self, last: tuple | None, records: list[dict]) -> list[tuple]:
+        seq, prev = (int(last[0]), last[1]) if last else (0, GENESIS)
+        rows = []
+        for record in records:
+            seq += 1
+            content = {**{c: None for c in CONTENT}, **record, "seq": seq}
+            digest = row_hash(prev, content)
+            rows.append(tuple(content[c] for c in CONTENT) + (prev, digest))
+            prev = digest
+        return rows
+
+    def _insert_sql(self) -> str:
+        return f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join([self.placeholder] * len(COLUMNS))})"
+
+    def rows(self, since: str = "") -> Iterator[dict]:
+        """Every row in chain order (from `since`, an ISO time, when given)."""
+        cursor = self.connection.cursor()
+        where = f" WHERE time >= {self.placeholder}" if since else ""
+        cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM audit{where} ORDER BY seq", (since,) if since else ())
+        for row in cursor:
+            yield dict(zip(COLUMNS, row, strict=True))
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            finally:
+                self._connection = None
+
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS audit (
+    seq BIGINT PRIMARY KEY, time TEXT NOT NULL, event TEXT NOT NULL, caller TEXT, method TEXT, request_id TEXT,
+    specimen_id TEXT, plugin TEXT, model_version TEXT, weights_sha256 TEXT, input_sha256 TEXT, decision TEXT,
+    probabilities TEXT, quality TEXT, status TEXT, latency_ms DOUBLE PRECISION, detail TEXT,
+    prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"""
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def connect(self):
+        import sqlite3
+
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute(SCHEMA)
+        return connection
+
+    def _append(self, records: list[dict]) -> None:
+        connection = self.connection
+        connection.execute("BEGIN IMMEDIATE")  # the write lock first: other processes append after us
+        try:
+            last = connection.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            connection.executemany(self._insert_sql(), self._chain(last, records))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+
+class PostgresStore(Store):
+    placeholder = "%s"
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def connect(self):
+        import psycopg
+
+        connection = psycopg.connect(self.url, autocommit=False)
+        with connection.transaction():
+            connection.execute(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK})")  # replicas creating it at once
+            connection.execute(SCHEMA)
+        return connection
+
+    def _append(self, records: list[dict]) -> None:
+        connection = self.connection
+        with connection.transaction():
+            connection.execute(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK})")  # one appender at a time, over all replicas
+            last = connection.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            with connection.cursor() as cursor:
+                cursor.executemany(self._insert_sql(), self._chain(last, records))
+
+    def rows(self, since: str = "") -> Iterator[dict]:
+        with self.connection.transaction():
+            yield from super().rows(since)
+
+
+def open_store(target: str) -> Store:
+    """A postgresql:// (or postgres://) URL, or a SQLite file path."""
+    if target.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(target)
+    return SQLiteStore(target)
+
+
+def verify(store: Store) -> tuple[int, str, list[str]]:
+    """(rows checked, the last row's hash, problems): each problem names the row and what is wrong."""
+    problems, prev, expected, count = [], GENESIS, 1, 0
+    for row in store.rows():
+        count += 1
+        seq = int(row["seq"])
+        if seq != expected:
+            problems.append(f"rows {expected} to {seq - 1} are missing (deleted)" if seq > expected
+                            else f"row {seq} is out of order (after row {expected - 1})")
+        if row["prev_hash"] != prev:
+            problems.append(f"row {seq}: its link to the previous row is broken (a row before it was edited, deleted or reordered)")
+        if row_hash(row["prev_hash"], row) != row["hash"]:
+            problems.append(f"row {seq}: its content does not match its hash (edited)")
+        prev, expected = row["hash"], seq + 1
+    return count, prev, problems
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class AuditUnavailable(Exception):
+    """The record could not be committed."""
+
+
+class AuditTrail:
+    """Queues records from the event loop; one thread commits them in batches."""
+
+    def __init__(self, store: Store, required: bool = True):
+        self.store, self.required = store, required
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
+        self._thread.start()
+
+    async def record(self, **record: Any) -> None:
+        """Commit one record; raises AuditUnavailable when it cannot be written and records are
+        required (otherwise the failure is logged and the caller goes on)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._queue.put((record, done, loop))
+        try:
+            await asyncio.shield(done)  # a cancelled caller still leaves its record
+        except AuditUnavailable:
+            if self.required:
+                raise
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list) -> None:
+        records = []
+        for record, _, _ in batch:
+            image = record.pop("image", None)
+            records.append({"time": now(), **record, "input_sha256": input_sha256(image) if image is not None else record.get("input_sha256")})
+        started = time.monotonic()
+        try:
+            self.store.append(records)
+            failure = None
+        except Exception as error:  # the database is down, the disk full, ...
+            log.error("audit records not written", extra={"records": len(records), "error": f"{type(error).__name__}: {error}"})
+            failure = AuditUnavailable(f"{type(error).__name__}: {error}")
+        log.debug("audit batch", extra={"records": len(records), "ms": round((time.monotonic() - started) * 1000, 2)})
+        for _, done, loop in batch:
+            loop.call_soon_threadsafe(_settle, done, failure)
+
+    def close(self) -> None:
+        """Write what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+        self.store.close()
+
+
+def _settle(done: asyncio.Future, failure: Exception | None) -> None:
+    if done.cancelled():
+        return
+    if failure is None:
+        done.set_result(None)
+    else:
+        done.set_exception(failure)
+
+
+def outcome_record(method: str, caller: str, request, request_id: str, outcome, latency_s: float) -> dict:
+    """The record of one Classify call or stream item: `outcome` is the ClassifyResponse or the
+    errors.ServingError it was answered with. The image itself is only hashed, in the writer thread."""
+    record = {"event": "classify", "method": method, "caller": caller, "request_id": request_id,
+              "specimen_id": request.specimen_id, "plugin": request.plugin, "model_version": request.model_version,
+              "latency_ms": round(latency_s * 1000, 3), "image": request.image if request.HasField("image") else None}
+    if hasattr(outcome, "code"):  # an error
+        return {**record, "status": outcome.code.name, "detail": outcome.message}
+    return {**record, "status": "OK", "model_version": outcome.model_version, "weights_sha256": outcome.weights_sha256,
+            "decision": outcome.decision.label,
+            "probabilities": json.dumps({p.label: round(float(p.probability), 6) for p in outcome.probabilities}),
+            "quality": json.dumps([i.code for i in outcome.quality.issues])}

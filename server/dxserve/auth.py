@@ -1,0 +1,248 @@
+"""Who is calling, what they may use, and how much of the server they may hold at once.
+
+One grpc.aio server interceptor (`CallerInterceptor`) does it for every method:
+
+1. **Identity.** A bearer token (`authorization: Bearer <token>` metadata), looked up by its
+   SHA-256 in the key file, which never holds a token itself; else the client certificate's
+   subject under mutual TLS, if the key file names it; else, when the server runs without a
+   key file, an anonymous caller named after the peer's address. With a key file, any other
+   call is refused UNAUTHENTICATED. Health (and reflection) stay open unless settings close them.
+2. **Authorization.** The caller is put in `CALLER` (a context variable) for the call's
+   lifetime; `authorize(plugin)` refuses a plugin the caller may not use (PERMISSION_DENIED),
+   and `require_admin()` guards the admin methods.
+3. **Limits.** Calls (unary) and streams in flight per caller, and in total, are capped:
+   one caller cannot starve the others, and health checks, never counted, are always answered.
+
+Tokens are 256 random bits, so their SHA-256 needs no salt or slow hash: it cannot be
+inverted or guessed. `dxserve tokens add NAME --plugins ...` makes one, prints it once, and
+stores its hash.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from . import errors
+
+TOKEN_PREFIX = "dxs_"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIX = "/grpc.reflection."
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An identified caller and what it may do."""
+
+    name: str
+    plugins: frozenset[str] | None = None  # None: every plugin
+    admin: bool = False
+    how: str = "anonymous"  # "token", "certificate" or "anonymous"
+
+    def may_use(self, plugin: str) -> bool:
+        return self.plugins is None or plugin in self.plugins
+
+
+ANONYMOUS = Caller("anonymous")
+#: The caller of the call being served (set by CallerInterceptor for its lifetime).
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("dxserve_caller", default=ANONYMOUS)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class KeyFile:
+    """The callers the server knows (JSON): per caller a name, the token's SHA-256 or a
+    certificate subject, the plugins it may use ("*" for all) and whether it is an admin."""
+
+    path: Path
+    callers: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> "KeyFile":
+        if not path.exists():
+            return cls(path)
+        callers = json.loads(path.read_text())["callers"]
+        for entry in callers:
+            if not entry.get("name") or not (entry.get("token_sha256") or entry.get("certificate_subject")):
+                raise ValueError(f"{path}: every caller needs a name and a token_sha256 or certificate_subject: {entry}")
+        return cls(path, callers)
+
+    def save(self) -> None:
+        """Written to a new file, then renamed over the old one, readable by its owner only."""
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"callers": self.callers}, indent=2) + "\n")
+        os.chmod(temporary, 0o600)
+        temporary.replace(self.path)
+
+    def add(self, name: str, plugins: list[str], admin: bool = False, certificate_subject: str = "") -> str:
+        """Add a caller; returns its new token (shown once, never stored), or "" for a certificate."""
+        if any(entry["name"] == name for entry in self.callers):
+            raise ValueError(f"a caller named {name!r} exists already")
+        token = "" if certificate_subject else TOKEN_PREFIX + secrets.token_urlsafe(32)
+        entry = {"name": name, "plugins": plugins or ["*"], "admin": admin}
+        entry.update({"certificate_subject": certificate_subject} if certificate_subject else {"token_sha256": hash_token(token)})
+        self.callers.append(entry)
+        return token
+
+    def _caller(self, entry: dict, how: str) -> Caller:
+        plugins = entry.get("plugins", ["*"])
+        return Caller(entry["name"], None if "*" in plugins else frozenset(plugins), bool(entry.get("admin")), how)
+
+    def by_token(self, token: str) -> Caller | None:
+        digest = hash_token(token)
+        for entry in self.callers:
+            if "token_sha256" in entry and hmac.compare_digest(entry["token_sha256"], digest):
+                return self._caller(entry, "token")
+        return None
+
+    def by_certificate(self, subject: str) -> Caller | None:
+        entry = next((e for e in self.callers if e.get("certificate_subject") == subject), None)
+        return self._caller(entry, "certificate") if entry else None
+
+
+def authorize(plugin: str) -> None:
+    """Refuse (PERMISSION_DENIED) a plugin the current caller may not use."""
+    caller = CALLER.get()
+    if not caller.may_use(plugin):
+        raise permission_denied(f"caller {caller.name!r} may not use plugin {errors.clip(plugin)!r}", f"plugin:{errors.clip(plugin)}")
+
+
+def require_admin() -> None:
+    caller = CALLER.get()
+    if not caller.admin:
+        raise permission_denied(f"caller {caller.name!r} is not an admin", "admin")
+
+
+def permission_denied(message: str, resource: str) -> errors.ServingError:
+    return errors.ServingError(grpc.StatusCode.PERMISSION_DENIED, message, errors._error_info("PERMISSION_DENIED", resource=resource))
+
+
+def unauthenticated(message: str) -> errors.ServingError:
+    return errors.ServingError(grpc.StatusCode.UNAUTHENTICATED, message, errors._error_info("UNAUTHENTICATED"))
+
+
+def over_limit(subject: str, limit: int, what: str) -> errors.ServingError:
+    return errors.ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"{subject} has {limit} {what} open, its limit; retry when one ends",
+        error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=f"{what} limit {limit}")]),
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)),
+        errors._error_info("TOO_MANY_CALLS", subject=subject))
+
+
+def _certificate_subject(context: grpc.aio.ServicerContext) -> str:
+    names = context.auth_context().get("x509_subject") or context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    peer = context.peer() or "unknown"  # "ipv4:127.0.0.1:5432", "ipv6:[::1]:5432", "unix:..."
+    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+class CallerInterceptor(grpc.aio.ServerInterceptor):
+    """Identity, authorization context and per-caller limits for every call (see the module)."""
+
+    def __init__(self, keys: KeyFile | None, open_methods: Callable[[str], bool], max_calls: int, max_calls_per_caller: int,
+                 max_streams_per_caller: int):
+        self.keys, self.is_open = keys, open_methods
+        self.max_calls, self.max_per_caller, self.max_streams = max_calls, max_calls_per_caller, max_streams_per_caller
+        self.calls, self.streams = Counter(), Counter()  # per caller name; the event loop is the only writer
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Caller:
+        metadata = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        if self.keys is None:
+            return Caller(f"anonymous@{_peer_host(context)}")
+        if scheme.lower() == "bearer" and token:
+            caller = self.keys.by_token(token.strip())
+            if caller is None:
+                raise unauthenticated("unknown or revoked token")
+            return caller
+        subject = _certificate_subject(context)
+        caller = self.keys.by_certificate(subject) if subject else None
+        if caller is None:
+            presented = f" (the client certificate's subject {errors.clip(subject)!r} is not a known caller)" if subject else ""
+            raise unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client certificate{presented}")
+        return caller
+
+    def _admit(self, caller: Caller, streaming: bool) -> None:
+        if sum(self.calls.values()) >= self.max_calls:
+            raise over_limit("the server", self.max_calls, "calls")
+        if streaming and self.streams[caller.name] >= self.max_streams:
+            raise over_limit(f"caller {caller.name!r}", self.max_streams, "streams")
+        if not streaming and self.calls[caller.name] - self.streams[caller.name] >= self.max_per_caller:
+            raise over_limit(f"caller {caller.name!r}", self.max_per_caller, "calls")
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or self.is_open(details.method):
+            return handler
+        streaming = handler.request_streaming or handler.response_streaming
+        counted = not details.method.startswith(HEALTH_PREFIX)  # health is never limited, even when closed
+        interceptor = self
+
+        async def enter(context) -> Caller:
+            try:
+                caller = interceptor.identify(context)
+                if counted:
+                    interceptor._admit(caller, streaming)
+            except errors.ServingError as refusal:
+                await context.abort_with_status(rpc_status.to_status(refusal.to_status()))
+                raise  # not reached: abort_with_status raises
+            interceptor.calls[caller.name] += counted
+            interceptor.streams[caller.name] += counted and streaming
+            CALLER.set(caller)  # each call runs in its own task, whose context ends with it
+            return caller
+
+        def leave(caller: Caller) -> None:
+            interceptor.calls[caller.name] -= counted
+            interceptor.streams[caller.name] -= counted and streaming
+            for counter in (interceptor.calls, interceptor.streams):
+                if counter[caller.name] <= 0:
+                    del counter[caller.name]
+
+        if handler.response_streaming:
+            behavior = handler.stream_stream or handler.unary_stream
+
+            async def wrapped(request, context):
+                caller = await enter(context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    leave(caller)
+        else:
+            behavior = handler.stream_unary or handler.unary_unary
+
+            async def wrapped(request, context):
+                caller = await enter(context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    leave(caller)
+
+        make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+        return make[handler.request_streaming, handler.response_streaming](
+            wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def open_methods(health_open: bool, reflection_open: bool) -> Callable[[str], bool]:
+    """Which methods skip identity and limits: health (always uncounted) and reflection, by setting."""
+    return lambda method: (health_open and method.startswith(HEALTH_PREFIX)) or (reflection_open and method.startswith(REFLECTION_PREFIX))

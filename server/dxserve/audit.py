@@ -90,7 +90,7 @@ class Store:
         rows = []
         for record in records:
             seq += 1
-            content = {**{c: None for c in CONTENT}, **record, "seq": seq}
+            content = {**{c: None for c in CONTENT}, "time": now(), **record, "seq": seq}
             digest = row_hash(prev, content)
             rows.append(tuple(content[c] for c in CONTENT) + (prev, digest))
             prev = digest
@@ -248,7 +248,7 @@ class AuditTrail:
         records = []
         for record, _, _ in batch:
             image = record.pop("image", None)
-            records.append({"time": now(), **record, "input_sha256": input_sha256(image) if image is not None else record.get("input_sha256")})
+            records.append({**record, "input_sha256": input_sha256(image) if image is not None else record.get("input_sha256")})
         started = time.monotonic()
         try:
             self.store.append(records)

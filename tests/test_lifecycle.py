@@ -19,10 +19,10 @@ LIGHT = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")  # 
 
 
 @contextmanager
-def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None, client_certificate=None):
+def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None, client_certificate=None, env=None):
     """A server without TensorFlow, ready once `ready` plugins (None: the server) serve;
     on leaving, SIGTERM (if the test sent none) and a clean exit are required."""
-    server = ServerProcess(*LIGHT, *flags, tmp=tmp_path)
+    server = ServerProcess(*LIGHT, *flags, tmp=tmp_path, env=env)
     try:
         wait_serving(server.address, list(ready), timeout_s=60, root_certificates=root_certificates,
                      client_certificate=client_certificate)

@@ -11,17 +11,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import images
+from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, open_methods
 from .config import Settings
 from .registry import READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
+from .v1 import admin_pb2, admin_pb2_grpc
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dxserve.app")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 def plugin_health_name(plugin: str) -> str:
@@ -54,21 +57,23 @@ class Server:
         self._loading: asyncio.Task | None = None
         self._stopping = False
         # Identity, authorization context and limits for every call; health is never limited.
-        callers = CallerInterceptor(
+        self.callers = CallerInterceptor(
             KeyFile.load(settings.auth_keys_file) if settings.auth_keys_file else None,
             open_methods(settings.auth_open_health, settings.auth_open_reflection),
             settings.max_concurrent_calls, settings.max_calls_per_caller, settings.max_streams_per_caller)
         self._server = grpc.aio.server(
-            interceptors=[callers],
+            interceptors=[self.callers],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
+        self.operations = Operations(self.plugins, settings, self.audit, self._on_plugin_change)
         pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.operations), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
 
@@ -99,6 +104,16 @@ class Server:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(health.OVERALL_HEALTH, status)
         await self.health.set(SERVICE_NAME, status)
+
+    async def reload(self, who: str) -> None:
+        """SIGHUP: read the key file again (new and revoked callers), then reload every plugin."""
+        if self.settings.auth_keys_file:
+            try:
+                self.callers.keys = KeyFile.load(self.settings.auth_keys_file)
+            except (OSError, ValueError) as error:
+                log.error("key file not reloaded; the old one stays in force", extra={"error": str(error)})
+        await self.wait_loaded()
+        await self.operations.reload([], who)
 
     async def wait_loaded(self) -> None:
         if self._loading:
@@ -132,5 +147,6 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload("signal:SIGHUP")))
     await stop.wait()
     await server.stop()

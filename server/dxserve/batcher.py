@@ -9,6 +9,7 @@ so the event loop keeps serving while the model works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{plugin}")
         self._worker: asyncio.Task | None = None
         self.dropped = 0  # items whose caller left before their batch ran
+        self.in_flight = 0  # requests routed here and not yet answered (see `use`)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.plugin}")
@@ -62,6 +64,22 @@ class Batcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def use(self):
+        """Held by a request from routing to its answer, so a retired batcher outlives its calls."""
+        self.in_flight += 1
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+
+    async def retire(self, timeout_s: float) -> None:
+        """Stop once the calls routed here are answered (or after `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
 
     @property
     def queued(self) -> int:

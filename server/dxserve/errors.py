@@ -107,6 +107,18 @@ def plugin_crashed(plugin: str, error: BaseException) -> ServingError:
     )
 
 
+def weights_mismatch(plugin: str, version: str, served: str, asked: str) -> ServingError:
+    """FAILED_PRECONDITION: the request pinned weights that the version it would get does not have."""
+    asked = clip(asked)
+    description = (f"the request asks for weights {asked}, but {plugin} {version} serves {served}" if version
+                   else f"plugin {plugin!r} serves no version with weights {asked}")
+    return ServingError(
+        grpc.StatusCode.FAILED_PRECONDITION, description + ": never answered by other weights",
+        error_details_pb2.PreconditionFailure(violations=[error_details_pb2.PreconditionFailure.Violation(
+            type="WEIGHTS_SHA256", subject=f"{plugin}/{version}", description=description)]),
+        _error_info("WEIGHTS_MISMATCH", plugin=plugin, model_version=version, weights_sha256=asked))
+
+
 def unimplemented(plugin: str, feature: str, description: str) -> ServingError:
     """UNIMPLEMENTED for an optional capability (e.g. explanations) the plugin does not offer."""
     return ServingError(grpc.StatusCode.UNIMPLEMENTED, description, _error_info(f"{feature}_UNSUPPORTED", plugin=plugin))

@@ -34,6 +34,7 @@ class PluginEntry:
     runtime_class: type[ModelRuntime] | None = None
     versions: list[ModelVersion] = field(default_factory=list)
     batchers: dict[str, Batcher] = field(default_factory=dict)  # by model version, once loaded
+    default_override: str = ""  # set by AdminService.SetDefaultVersion (e.g. a rollback)
 
     @property
     def info(self) -> PluginInfo | None:
@@ -41,6 +42,8 @@ class PluginEntry:
 
     @property
     def default_version(self) -> str:
+        if self.default_override in self.batchers:
+            return self.default_override
         return self.versions[0].version if self.versions else ""
 
 
@@ -87,22 +90,34 @@ def discover(settings: Settings) -> dict[str, PluginEntry]:
     return dict(sorted(entries.items()))
 
 
-def load_entry(entry: PluginEntry) -> list[ModelRuntime]:
-    """Blocking: list, verify and load every version of one plugin. Raises on any failure."""
+def load_versions(entry: PluginEntry, loaded: dict[str, Batcher] | None = None) -> tuple[list[ModelVersion], dict[str, ModelRuntime]]:
+    """Blocking: list the plugin's versions, then verify and load each one that is not in
+    `loaded` with the same weights. Returns (every version, the newly loaded runtimes).
+    Raises on any failure, having changed nothing."""
     assert entry.runtime_class is not None
-    entry.versions = list(entry.runtime_class.versions())
-    if not entry.versions:
+    versions = list(entry.runtime_class.versions())
+    if not versions:
         raise RuntimeError("the plugin declares no model versions")
-    runtimes = []
-    for version in entry.versions:
+    loaded = loaded or {}
+    runtimes = {}
+    for version in versions:
+        kept = loaded.get(version.version)
+        if kept is not None and kept.runtime.version.weights_sha256 == version.weights_sha256:
+            continue
         actual = sha256_of(version.weights)
         if actual != version.weights_sha256:
             raise RuntimeError(f"weights {version.weights.name} of version {version.version} have SHA-256 "
                                f"{actual}, not the declared {version.weights_sha256}: refusing corrupt or altered weights")
         runtime = entry.runtime_class(version)
-        runtime.load()
-        runtimes.append(runtime)
-    return runtimes
+        runtime.load()  # plugins warm their model here: a version takes traffic only once it is fast
+        runtimes[version.version] = runtime
+    return versions, runtimes
+
+
+def _batcher(entry: PluginEntry, runtime: ModelRuntime, settings: Settings) -> Batcher:
+    batcher = Batcher(entry.name, runtime, settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queue_size)
+    batcher.start()
+    return batcher
 
 
 async def load_all(entries: dict[str, PluginEntry], settings: Settings, on_change) -> None:
@@ -110,18 +125,57 @@ async def load_all(entries: dict[str, PluginEntry], settings: Settings, on_chang
 
     async def load_one(entry: PluginEntry) -> None:
         try:
-            runtimes = await asyncio.to_thread(load_entry, entry)
+            entry.versions, runtimes = await asyncio.to_thread(load_versions, entry)
         except Exception as error:
             entry.state, entry.reason = FAILED, f"{type(error).__name__}: {error}"
             log.error("plugin failed to load", extra={"plugin": entry.name, "reason": entry.reason})
         else:
-            for runtime in runtimes:
-                batcher = Batcher(entry.name, runtime, settings.max_batch_size,
-                                  settings.max_batch_wait_ms / 1000, settings.max_queue_size)
-                batcher.start()
-                entry.batchers[runtime.version.version] = batcher
+            entry.batchers = {name: _batcher(entry, runtime, settings) for name, runtime in runtimes.items()}
             entry.state = READY
             log.info("plugin ready", extra={"plugin": entry.name, "versions": list(entry.batchers)})
         await on_change(entry)
 
     await asyncio.gather(*(load_one(e) for e in entries.values() if e.state == LOADING))
+
+
+@dataclass
+class ReloadReport:
+    """What `reload` did to one plugin (AdminService.PluginReload)."""
+
+    plugin: str
+    ok: bool
+    error: str = ""
+    loaded: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    previous_default: str = ""
+    default_version: str = ""
+
+
+async def reload(entry: PluginEntry, settings: Settings) -> ReloadReport:
+    """List the plugin's versions again; load and warm new or changed ones off the event loop,
+    then switch to the new set at once. Calls in flight finish on the batcher they hold; retired
+    batchers stop once idle. On failure nothing changes. A FAILED plugin may recover here."""
+    previous_default = entry.default_version
+    if entry.runtime_class is None:
+        return ReloadReport(entry.name, False, entry.reason or "the plugin could not be imported", previous_default=previous_default)
+    old = dict(entry.batchers)
+    try:
+        versions, runtimes = await asyncio.to_thread(load_versions, entry, old)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        log.error("plugin reload failed; it keeps serving what it served", extra={"plugin": entry.name, "reason": reason})
+        return ReloadReport(entry.name, False, reason, kept=list(old), previous_default=previous_default,
+                            default_version=previous_default)
+    batchers = {v.version: _batcher(entry, runtimes[v.version], settings) if v.version in runtimes else old[v.version]
+                for v in versions}
+    entry.versions, entry.batchers, entry.state, entry.reason = versions, batchers, READY, ""  # one step on the event loop
+    retired = [b for name, b in old.items() if batchers.get(name) is not b]
+    for batcher in retired:
+        asyncio.ensure_future(batcher.retire(settings.grace_period_s))
+    report = ReloadReport(entry.name, True, loaded=list(runtimes), removed=[n for n in old if n not in batchers],
+                          kept=[n for n in batchers if n not in runtimes], previous_default=previous_default,
+                          default_version=entry.default_version)
+    log.info("plugin reloaded", extra={"plugin": entry.name, "loaded": report.loaded, "removed": report.removed,
+                                       "default": report.default_version})
+    return report

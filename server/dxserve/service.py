@@ -147,6 +147,11 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         started = time.monotonic()
         check_specimen_id(request.specimen_id)
         entry, batcher = self._route(request)
+        with batcher.use():  # a reload retires this version only once we are done with it
+            return await self._run(request, request_id, entry, batcher, started, timeout)
+
+    async def _run(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher, started: float,
+                   timeout: float | None) -> pb.ClassifyResponse:
         runtime = batcher.runtime
         if request.explain and not runtime.explains():
             raise errors.unimplemented(entry.name, "EXPLANATION", f"plugin {entry.name!r} cannot explain its results")
@@ -201,12 +206,21 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             raise errors.unavailable(entry.name, f"plugin {entry.name!r} is still loading", "PLUGIN_LOADING", retry_after_s=1)
         if entry.state == FAILED:
             raise errors.unavailable(entry.name, f"plugin {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
-        version = request.model_version or entry.default_version
+        pinned = request.weights_sha256.lower()
+        version = request.model_version or self._version_with(entry, pinned) or entry.default_version
         batcher = entry.batchers.get(version)
         if batcher is None:
             raise errors.not_found("model_version", f"{entry.name}/{version}",
                                    f"plugin {entry.name!r} has no model version {errors.clip(version)!r} (has: {', '.join(entry.batchers)})")
+        if pinned and batcher.runtime.version.weights_sha256 != pinned:
+            raise errors.weights_mismatch(entry.name, version, batcher.runtime.version.weights_sha256, pinned)
         return entry, batcher
+
+    @staticmethod
+    def _version_with(entry: PluginEntry, weights_sha256: str) -> str:
+        """The version serving these weights: the default if it does, else the newest that does; "" if none."""
+        having = [name for name, b in entry.batchers.items() if weights_sha256 and b.runtime.version.weights_sha256 == weights_sha256]
+        return entry.default_version if entry.default_version in having else next((v.version for v in entry.versions if v.version in having), "")
 
     def _response(self, request_id: str, entry: PluginEntry, runtime, result: Result, issues: list[QualityIssue]) -> pb.ClassifyResponse:
         labels = runtime.info.labels

@@ -102,20 +102,22 @@ class RawImage(_message.Message):
     def __init__(self, pixels: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "image", "specimen_id", "explain")
+    __slots__ = ("request_id", "plugin", "model_version", "image", "specimen_id", "explain", "weights_sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SPECIMEN_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
     image: Image
     specimen_id: str
     explain: bool
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+    weights_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explain: _Optional[bool] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
 
 class LabelProbability(_message.Message):
     __slots__ = ("label", "probability")

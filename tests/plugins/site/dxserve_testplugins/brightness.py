@@ -1,6 +1,7 @@
 """A second, independent plugin: dark vs bright by mean intensity, with a one-number model."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,13 @@ class BrightnessRuntime(ModelRuntime):
 
     @classmethod
     def versions(cls):
-        return [ModelVersion("2.0", WEIGHTS, WEIGHTS_SHA256, model_card="# brightness 2.0")]
+        """2.0, plus each <version>.json in $DXSERVE_BRIGHTNESS_VERSIONS with its declared hash
+        in <version>.sha256 (the reload tests add versions there); newest first."""
+        found = [ModelVersion("2.0", WEIGHTS, WEIGHTS_SHA256, model_card="# brightness 2.0")]
+        folder = Path(os.environ.get("DXSERVE_BRIGHTNESS_VERSIONS", "/nonexistent"))
+        for weights in folder.glob("*.json"):
+            found.append(ModelVersion(weights.stem, weights, weights.with_suffix(".sha256").read_text().strip()))
+        return sorted(found, key=lambda v: float(v.version), reverse=True)
 
     def load(self):
         self.threshold = json.loads(self.version.weights.read_text())["threshold"]

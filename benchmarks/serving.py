@@ -13,7 +13,9 @@ against the in-process baseline, because absolute numbers on a shared machine dr
    ratio against the baseline (above 1: the server's own cost);
 4. gRPC unary latency: sequential Classify calls, p50 and p99;
 5. explanations: unary calls that ask for one (explain=true) against the same calls that do
-   not; the streaming figure above is for requests that do not ask.
+   not; the streaming figure above is for requests that do not ask;
+6. the audit trail: streaming and unary again on a second server with the audit trail off
+   (the first writes its default SQLite trail, synchronous=FULL, every result waiting for its row).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -93,10 +96,13 @@ def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float, floa
     return alone, raw, averaged
 
 
-def start_server(port: int) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
-                             "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_server(port: int, audit_db: str) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": audit_db}
+    server = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
+                               "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Client(f"127.0.0.1:{port}") as client:
+        client.wait_until_serving("lymphoblast", timeout_s=180)
+    return server
 
 
 def streaming(address: str, images: list[bytes], streams: int) -> float:
@@ -143,14 +149,20 @@ def main() -> int:
     images = sample_images(args.images)
     alone, raw, averaged = in_process(images)
     address = f"127.0.0.1:{args.port}"
-    server = start_server(args.port)
+    with tempfile.TemporaryDirectory() as folder:
+        server = start_server(args.port, str(Path(folder) / "audit.sqlite3"))
+        try:
+            stream_rate = streaming(address, images, args.streams)
+            p50, p99 = unary_latency(address, images, args.unary)
+            explained_p50, _ = unary_latency(address, images, args.explained, explain=True)
+            plain_p50, _ = unary_latency(address, images, args.explained)  # the same calls, without
+        finally:
+            server.terminate()
+            server.wait(60)
+    server = start_server(args.port, "")
     try:
-        with Client(address) as client:
-            client.wait_until_serving("lymphoblast", timeout_s=180)
-        stream_rate = streaming(address, images, args.streams)
-        p50, p99 = unary_latency(address, images, args.unary)
-        explained_p50, _ = unary_latency(address, images, args.explained, explain=True)
-        plain_p50, _ = unary_latency(address, images, args.explained)  # the same calls, without
+        unaudited_rate = streaming(address, images, args.streams)
+        unaudited_p50, unaudited_p99 = unary_latency(address, images, args.unary)
     finally:
         server.terminate()
         server.wait(60)
@@ -163,6 +175,8 @@ def main() -> int:
     print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"time ratio streaming / in-process baseline: {raw / stream_rate:8.2f}   (above 1: the server's own cost)")
     print(f"time ratio streaming / model only:          {alone / stream_rate:8.2f}")
+    print(f"audit trail off: streaming {unaudited_rate:.1f} images/s, unary p50 {unaudited_p50:.1f} ms, p99 {unaudited_p99:.1f} ms")
+    print(f"time ratio audit on / off: streaming {unaudited_rate / stream_rate:.2f}, unary p50 {p50 / unaudited_p50:.2f}")
     print(f"explain=true unary p50 {explained_p50:.0f} ms vs {plain_p50:.0f} ms without ({args.explained} calls each): "
           f"x{explained_p50 / plain_p50:.1f} for the requests that ask")
     return 0

@@ -40,8 +40,8 @@ def wait_serving(address: str, plugins: list[str | None], timeout_s: float = 180
 class ServerProcess:
     """`dxserve serve` in a subprocess; stop() sends SIGTERM and returns the exit code."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None, tmp: Path):
-        self.port = free_port()
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, tmp: Path, port: int | None = None):
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
         self.audit_path = tmp / f"audit-{self.port}.sqlite3"

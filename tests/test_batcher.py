@@ -144,3 +144,32 @@ def test_wrong_output_shape_is_an_internal_error():
 
     (error,) = run(_with_batcher(Wrong(), go))
     assert error.code == grpc.StatusCode.INTERNAL and "shape" in error.message
+
+
+def test_a_full_queue_refuses_unary_calls_before_decoding_and_makes_stream_items_wait():
+    """Places are taken before any decoding: without one a unary call is refused at once,
+    a stream item waits (its stream stops reading) and goes on when a place frees up."""
+
+    async def go(batcher):
+        held = [batcher.admit(wait=False) for _ in range(2)]
+        for place in held:
+            await place.__aenter__()
+        with pytest.raises(ServingError) as caught:
+            async with batcher.admit(wait=False):
+                pass
+        entered = asyncio.Event()
+
+        async def stream_item():
+            async with batcher.admit(wait=True):
+                entered.set()
+
+        waiting = asyncio.ensure_future(stream_item())
+        await asyncio.sleep(0.1)
+        assert not entered.is_set() and batcher.in_flight == 3
+        await held[0].__aexit__(None, None, None)
+        await asyncio.wait_for(waiting, 5)
+        await held[1].__aexit__(None, None, None)
+        return caught.value, batcher.in_flight
+
+    error, in_flight = run(_with_batcher(FakeRuntime(), go, max_queue_size=2))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and in_flight == 0

@@ -31,30 +31,61 @@ def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None
         assert server.stop() == 0, server.logs()[-3000:]
 
 
-def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
+def _slow_images(n: int, on_third):
+    """n images, one every 50 ms; before the fourth, `on_third()` (e.g. SIGTERM the server)."""
+    for i in range(n):
+        if i == 3:
+            on_third()
+        yield (str(i), np.full((8, 8, 3), i * 15 % 256, np.uint8))
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_reading_answers_what_was_read_and_says_where_to_resume(tmp_path):
     with light_server(tmp_path, "--grace-period-s", "20") as server:
         first_result = threading.Event()
 
-        def slow_images():
-            for i in range(15):
-                if i == 3:
-                    first_result.wait(10)
-                    server.process.send_signal(15)  # SIGTERM while the stream is open
-                    time.sleep(0.5)
-                yield np.full((8, 8, 3), i * 15, np.uint8)
-                time.sleep(0.05)
+        def stop_server():
+            first_result.wait(10)
+            server.process.send_signal(15)  # SIGTERM while the stream is open
+            time.sleep(0.5)
 
+        results = []
         with Client(server.address) as client:
-            results = []
-            for result in client.classify_stream(slow_images(), plugin="brightness"):
-                results.append(result)
-                first_result.set()
-            assert len(results) == 15 and all(r.ok for r in results)
+            with pytest.raises(DxServeError) as caught:
+                for result in client.classify_stream(_slow_images(40, stop_server), plugin="brightness"):
+                    results.append(result)
+                    first_result.set()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.resume_index == len(results) < 40  # every item read was answered; resend from there
+            assert [r.request_id for r in results] == [str(i) for i in range(len(results))] and all(r.ok for r in results)
             with pytest.raises(DxServeError) as caught:  # new calls are refused
                 client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness", timeout_s=5)
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        stopped = time.monotonic()
         assert server.process.wait(30) == 0
+        assert time.monotonic() - stopped < 15, "it waited out the grace period instead of ending its streams"
     assert "shutting down" in server.logs()
+
+
+def test_client_resumes_a_drained_stream_on_the_next_server(tmp_path):
+    """The server behind an address is replaced mid-stream: the client resends what was not
+    answered, and the caller sees every image once, in order."""
+    first = ServerProcess(*LIGHT, tmp=tmp_path)
+    wait_serving(first.address, ["brightness"], timeout_s=60)
+    replacement = []
+
+    def replace_server():
+        first.process.send_signal(15)
+        assert first.process.wait(30) == 0
+        replacement.append(ServerProcess(*LIGHT, tmp=tmp_path, port=first.port))
+
+    try:
+        with Client(first.address) as client:
+            results = list(client.classify_stream(_slow_images(30, replace_server), plugin="brightness", resume_within_s=60))
+        assert [r.request_id for r in results] == [str(i) for i in range(30)] and all(r.ok for r in results)
+    finally:
+        first.stop()
+        assert replacement and replacement[0].stop() == 0
 
 
 def test_health_goes_not_serving_on_sigterm(tmp_path):
@@ -128,3 +159,25 @@ def test_client_chosen_names_never_grow_metrics_or_logs(tmp_path):
         assert series == ['dxserve_errors_total{code="NOT_FOUND",plugin="unknown"} 1002.0'], series
         assert len(body) < 100_000
     assert max(len(line) for line in server.logs().splitlines()) < 2000
+
+
+def test_streams_are_slowed_down_not_refused_when_the_model_queue_is_full(tmp_path):
+    """32 concurrent streams against a queue of 4 places: every item answered, in order, none
+    refused (they used to get RESOURCE_EXHAUSTED after being decoded)."""
+    n_streams, n_items = 32, 150
+    with light_server(tmp_path, "--max-queue-size", "4", "--max-streams-per-caller", "64") as server:
+        outcomes = [None] * n_streams
+
+        def stream(k: int) -> None:
+            with Client(server.address) as client:
+                images = [(f"{k}-{i}", np.full((8, 8, 3), i % 256, np.uint8)) for i in range(n_items)]
+                outcomes[k] = [(r.request_id, r.error_code) for r in client.classify_stream(images, plugin="brightness")]
+
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(n_streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for k, outcome in enumerate(outcomes):
+            assert [request_id for request_id, _ in outcome] == [f"{k}-{i}" for i in range(n_items)]
+            assert {code for _, code in outcome} == {""}, "some items were refused"

@@ -122,7 +122,7 @@ def test_a_retired_version_finishes_its_calls_first():
         runtime.load()
         batcher = Batcher("brightness", runtime, 8, 0.001, 16)
         batcher.start()
-        with batcher.use():
+        async with batcher.admit(wait=False):
             retiring = asyncio.ensure_future(batcher.retire(timeout_s=30))
             await asyncio.sleep(0.3)
             assert not retiring.done()  # waits for the call in flight

@@ -126,6 +126,7 @@ class Server:
         """Graceful: health goes NOT_SERVING, new calls are refused, calls in flight finish."""
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
         self._stopping = True
+        self.service.draining.set()  # streams stop reading now and end with where to resume
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace_s})
         await self._server.stop(grace_s)
@@ -140,13 +141,14 @@ class Server:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
     server = Server(settings)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before start: once health says SERVING, a SIGTERM must already mean a graceful stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload("signal:SIGHUP")))
+    await server.start()
     await stop.wait()
     await server.stop()

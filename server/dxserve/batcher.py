@@ -54,7 +54,10 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{plugin}")
         self._worker: asyncio.Task | None = None
         self.dropped = 0  # items whose caller left before their batch ran
-        self.in_flight = 0  # requests routed here and not yet answered (see `use`)
+        self.in_flight = 0  # requests admitted here and not yet answered (see `admit`)
+        # Places in the queue, taken before decoding: a full model refuses a unary call before
+        # any work is spent on it, and makes a stream item wait (so the stream stops reading).
+        self._places = asyncio.Semaphore(max_queue_size)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.plugin}")
@@ -65,12 +68,19 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    @contextlib.contextmanager
-    def use(self):
-        """Held by a request from routing to its answer, so a retired batcher outlives its calls."""
+    @contextlib.asynccontextmanager
+    async def admit(self, wait: bool):
+        """Held by a request from routing to its answer: a place in this model's queue, taken
+        before the image is decoded. `wait` False (unary calls): RESOURCE_EXHAUSTED at once when
+        the queue is full. `wait` True (stream items): wait for a place; the stream meanwhile
+        stops reading, and HTTP/2 flow control slows the sender. A retired batcher outlives
+        the requests it admitted."""
+        if not wait and self._places.locked():
+            raise errors.queue_full(self.plugin, self.max_queue_size)
         self.in_flight += 1
         try:
-            yield self
+            async with self._places:
+                yield self
         finally:
             self.in_flight -= 1
 

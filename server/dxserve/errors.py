@@ -119,6 +119,16 @@ def weights_mismatch(plugin: str, version: str, served: str, asked: str) -> Serv
         _error_info("WEIGHTS_MISMATCH", plugin=plugin, model_version=version, weights_sha256=asked))
 
 
+def draining(resume_index: int) -> ServingError:
+    """UNAVAILABLE ending a stream while the server stops: every item before `resume_index` was
+    answered, none from it on was read; resend those, to this server's successor or a replica."""
+    return ServingError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the server is stopping: items 0 to {resume_index - 1} were answered; resend from item {resume_index}",
+        _error_info("SERVER_DRAINING", resume_index=str(resume_index)),
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+
+
 def unimplemented(plugin: str, feature: str, description: str) -> ServingError:
     """UNIMPLEMENTED for an optional capability (e.g. explanations) the plugin does not offer."""
     return ServingError(grpc.StatusCode.UNIMPLEMENTED, description, _error_info(f"{feature}_UNSUPPORTED", plugin=plugin))

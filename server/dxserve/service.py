@@ -32,6 +32,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self.plugins = plugins
         self.settings = settings
         self.audit = audit_trail
+        self.draining = asyncio.Event()  # set on SIGTERM: streams stop reading (see ClassifyStream)
         # Decoding and preprocessing run here, in parallel across requests, off the event loop.
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
@@ -68,12 +69,18 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                     except errors.ServingError as refusal:
                         tally, item = None, asyncio.get_running_loop().create_future()
                         item.set_result(pb.ClassifyStreamResponse(request_id=request.request_id, index=index, error=refusal.to_status()))
-                    await window.put((item, tally))
+                    try:
+                        await window.put((item, tally))
+                    except asyncio.CancelledError:  # read, but never to be answered: the client resends it
+                        item.cancel()
+                        raise
                     index += 1
             finally:  # also when reading fails, so the writer below never waits forever
                 await window.put(None)
 
         reader = asyncio.ensure_future(read())
+        # On SIGTERM: stop reading at once, answer what was read, then say where to resume.
+        stop_reading = asyncio.ensure_future(self._stop_reading_on_drain(reader))
         try:
             while (entry := await window.get()) is not None:
                 task, tally = entry
@@ -83,14 +90,21 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                     response.specimen.CopyFrom(tally.summary())
                 answered += 1
                 yield response
+            if reader.cancelled() and self.draining.is_set():
+                await context.abort_with_status(rpc_status.to_status(errors.draining(answered).to_status()))
             await reader
             for tally in tallies.values():  # the client half-closed: each specimen's final summary
                 yield pb.ClassifyStreamResponse(index=answered, final_summary=tally.summary(final=True))
         finally:  # the client left or the call ended: drop what it will never read
             reader.cancel()
+            stop_reading.cancel()
             while not window.empty():
                 if (entry := window.get_nowait()) is not None:
                     entry[0].cancel()
+
+    async def _stop_reading_on_drain(self, reader: asyncio.Future) -> None:
+        await self.draining.wait()
+        reader.cancel()
 
     def _tally(self, request: pb.ClassifyRequest, tallies: dict[tuple[str, str, str], Tally]) -> Tally | None:
         """The running summary this stream item counts into: one per specimen, plugin and model version."""
@@ -122,7 +136,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         in the audit trail before it is sent."""
         started = time.monotonic()
         try:
-            outcome = await self._classify(request, request_id, timeout)
+            outcome = await self._classify(request, request_id, timeout, wait=method == "ClassifyStream")
         except errors.ServingError as error:
             outcome = error
         except Exception as error:  # a server bug costs this item, never the stream or the server
@@ -143,11 +157,14 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                                               "code": outcome.code.name, "error": outcome.message})
         return outcome
 
-    async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None) -> pb.ClassifyResponse:
+    async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
+                        wait: bool) -> pb.ClassifyResponse:
         started = time.monotonic()
         check_specimen_id(request.specimen_id)
         entry, batcher = self._route(request)
-        with batcher.use():  # a reload retires this version only once we are done with it
+        # A place in the model's queue before any decoding: refused at once (unary) or waited
+        # for (stream items: backpressure). A reload retires this version only once we are done.
+        async with batcher.admit(wait):
             return await self._run(request, request_id, entry, batcher, started, timeout)
 
     async def _run(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher, started: float,

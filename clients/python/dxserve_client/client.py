@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,14 @@ class DxServeError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code, self.message, self.details = code, message, details
 
+    @property
+    def resume_index(self) -> int | None:
+        """For a stream ended by a stopping server: the index of the first item it did not read."""
+        for detail in self.details:
+            if detail.DESCRIPTOR.name == "ErrorInfo" and detail.reason == "SERVER_DRAINING":
+                return int(detail.metadata["resume_index"])
+        return None
+
 
 def unpack_details(status) -> list:
     """google.rpc.Status details as messages (BadRequest, ErrorInfo, ...)."""
@@ -231,40 +241,100 @@ class Client:
 
     def classify_stream(self, images: Iterable[ImageInput | tuple], plugin: str = "lymphoblast", model_version: str = "",
                         timeout_s: float | None = None, specimen_id: str = "", explain: bool = False,
-                        final_summaries: list[Specimen] | None = None) -> Iterator[Result]:
+                        final_summaries: list[Specimen] | None = None, resume_within_s: float = 0.0) -> Iterator[Result]:
         """Stream images and yield one Result per image, in order; failed items come back
         as Results with `ok` False. Items may be (request_id, image) or (request_id, image,
         specimen_id) tuples; `specimen_id` is the default for items that name none. Each
         Result of an item with a specimen carries its running summary (Result.specimen); the
         final summary per specimen, sent once every image is answered, is appended to
-        `final_summaries`. The timeout covers the whole stream (None: no deadline)."""
+        `final_summaries`. The timeout covers each stream (None: no deadline).
 
-        def requests() -> Iterator[pb.ClassifyRequest]:
-            for item in images:
+        When the server stops mid-stream it answers what it read and says where to resume;
+        with `resume_within_s` the client then waits up to that long for a server (a restarted
+        one, or another replica behind the address) and resends the unanswered images on a new
+        stream, so the caller sees one unbroken sequence. Running specimen summaries then start
+        again on the new stream."""
+
+        def requests(items: Iterable) -> Iterator[pb.ClassifyRequest]:
+            for item in items:
                 request_id, image, specimen = (item + (specimen_id,))[:3] if isinstance(item, tuple) else ("", item, specimen_id)
                 yield pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image),
                                          specimen_id=specimen, explain=explain)
 
-        try:
-            for response in self.stub.ClassifyStream(requests(), timeout=timeout_s, metadata=self.metadata):
-                outcome = response.WhichOneof("outcome")
-                if outcome == "final_summary":
-                    if final_summaries is not None:
-                        final_summaries.append(Specimen.from_proto(response.final_summary))
-                    continue
-                specimen = Specimen.from_proto(response.specimen) if response.HasField("specimen") else None
-                if outcome == "result":
-                    yield dataclasses.replace(Result.from_response(response.result), specimen=specimen)
-                else:
-                    yield dataclasses.replace(Result.from_status(response.request_id, response.error), specimen=specimen)
-        except grpc.RpcError as error:
-            raise _error(error) from None
+        feed = _Resendable(requests(images))
+        while True:
+            try:
+                for response in self.stub.ClassifyStream(feed.attempt(), timeout=timeout_s, metadata=self.metadata):
+                    outcome = response.WhichOneof("outcome")
+                    if outcome == "final_summary":
+                        if final_summaries is not None:
+                            final_summaries.append(Specimen.from_proto(response.final_summary))
+                        continue
+                    feed.answered()
+                    specimen = Specimen.from_proto(response.specimen) if response.HasField("specimen") else None
+                    if outcome == "result":
+                        yield dataclasses.replace(Result.from_response(response.result), specimen=specimen)
+                    else:
+                        yield dataclasses.replace(Result.from_status(response.request_id, response.error), specimen=specimen)
+                return
+            except grpc.RpcError as error:
+                failure = _error(error)
+                if failure.resume_index is None or not resume_within_s:
+                    raise failure from None
+            self.wait_until_serving(plugin, resume_within_s)
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
             return method(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             raise _error(error) from None
+
+
+class _Resendable:
+    """The requests of a stream that may have to be sent again on a new stream: those sent
+    and not yet answered are kept, and each `attempt()` sends them again first, then goes on
+    with the source. gRPC pulls an attempt's requests in its own thread, and an ended
+    attempt's thread may still be waiting on the source (a watched folder), so the source is
+    pulled by one thread at a time and an item pulled for an ended attempt is kept for the next."""
+
+    def __init__(self, source: Iterator[pb.ClassifyRequest]):
+        self.source = source
+        self.pending: collections.deque[pb.ClassifyRequest] = collections.deque()
+        self.done = 0  # requests answered: pending[0] is request number `done`
+        self.current = 0  # the attempt now sending
+        self.state, self.pulling = threading.Lock(), threading.Lock()
+
+    def answered(self) -> None:
+        with self.state:
+            self.pending.popleft()
+            self.done += 1
+
+    def attempt(self) -> Iterator[pb.ClassifyRequest]:
+        with self.state:
+            self.current += 1
+            me, position = self.current, self.done
+        while True:
+            stale, request = self._at(me, position)
+            if request is None and not stale:
+                with self.pulling:  # one puller; what another one kept may have arrived meanwhile
+                    stale, request = self._at(me, position)
+                    if request is None and not stale:
+                        request = next(self.source, None)
+                        if request is None:
+                            return
+                        with self.state:
+                            self.pending.append(request)  # at `position`: only the puller appends
+                            stale = self.current != me  # then it is kept for the next attempt
+            if stale:
+                return
+            position += 1
+            yield request
+
+    def _at(self, me: int, position: int) -> tuple[bool, pb.ClassifyRequest | None]:
+        """(whether attempt `me` has ended, the kept request at `position` or None)."""
+        with self.state:
+            offset = position - self.done
+            return self.current != me, self.pending[offset] if offset < len(self.pending) else None
 
 
 def _error(error: grpc.RpcError) -> DxServeError:

@@ -362,3 +362,19 @@ def test_out_of_distribution_image_is_indeterminate(client, cell_paths):
     result = client.classify(odd)
     assert result.indeterminate and not result.quality_passed
     assert [code for code, _ in result.quality_issues] == ["OUT_OF_DISTRIBUTION"]
+
+
+def test_other_versions_load_on_first_use_and_concurrent_first_calls_share_the_load(client, server, cell_paths):
+    """Only the default version loads at start (cold start); the first calls naming another
+    version wait for one load of it, and get that version's own answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
+    assert {"1.2.0", "2.0.0-tta8"} <= {v.version for v in plugin.model_versions}  # listed before they are loaded
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: client.classify(cell_paths[0], model_version="1.2.0"), range(4)))
+    assert {r.model_version for r in results} == {"1.2.0"}
+    assert len({round(r.probabilities["lymphoblast"], 6) for r in results}) == 1
+    assert server.logs().count('"loading model version on first use", "plugin": "lymphoblast", "version": "1.2.0"') == 1
+    pinned = client.classify(cell_paths[0], model_version="2.0.0-tta8")
+    assert pinned.model_version == "2.0.0-tta8" and pinned.weights_sha256 == plugin.model_versions[0].weights_sha256

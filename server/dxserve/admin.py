@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from . import auth, errors
 from .audit import AuditTrail, AuditUnavailable
-from .registry import PluginEntry, ReloadReport, reload
+from .registry import PluginEntry, ReloadReport, ensure_loaded, reload
 from .config import Settings
 from .v1 import admin_pb2 as pb
 from .v1 import admin_pb2_grpc as pb_grpc
@@ -45,9 +45,11 @@ class Operations:
         entry = self.plugins.get(name)
         if entry is None:
             raise errors.not_found("plugin", name, f"unknown plugin {errors.clip(name)!r}")
-        if version and version not in entry.batchers:
-            raise errors.not_found("model_version", f"{name}/{version}", f"plugin {name!r} has no loaded version "
-                                   f"{errors.clip(version)!r} (has: {', '.join(entry.batchers)})")
+        if version and not any(v.version == version for v in entry.versions):
+            raise errors.not_found("model_version", f"{name}/{version}", f"plugin {name!r} has no version "
+                                   f"{errors.clip(version)!r} (has: {', '.join(v.version for v in entry.versions)})")
+        if version:
+            await ensure_loaded(entry, version, self.settings)  # loaded and warm before it takes the traffic
         previous = entry.default_version
         entry.default_override = version
         await self._record("default_version", who, name, entry.default_version, {"previous_default": previous})

@@ -25,10 +25,13 @@ class Settings(BaseModel):
     max_calls_per_caller: int = Field(64, ge=1, description="unary calls one caller may have in flight")
     max_streams_per_caller: int = Field(32, ge=1, description="streams one caller may hold open")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per model call, at most")
-    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill")
+    max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long an idle model waits to fill a batch (0: "
+                                     "it runs at once; batches still form from what queues while a batch runs)")
     max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")
     stream_window: int = Field(64, ge=1, description="items of one stream in flight before it stops reading")
     decode_threads: int = Field(4, ge=1, le=64, description="threads that decode and preprocess images")
+    preload_versions: bool = Field(False, description="load every model version at start; false: the default one, "
+                                   "the others on first use")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to register, as 'package.module'")
     disabled_plugins: list[str] = Field(default_factory=list, description="entry-point plugins not to load")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, serve TLS")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from . import hookspecs
+from . import errors, hookspecs
 from .batcher import Batcher
 from .config import Settings
 from .runtime import ModelRuntime, ModelVersion, PluginInfo, sha256_of
@@ -35,6 +35,7 @@ class PluginEntry:
     versions: list[ModelVersion] = field(default_factory=list)
     batchers: dict[str, Batcher] = field(default_factory=dict)  # by model version, once loaded
     default_override: str = ""  # set by AdminService.SetDefaultVersion (e.g. a rollback)
+    loading: dict[str, asyncio.Future] = field(default_factory=dict)  # versions loading on first use
 
     @property
     def info(self) -> PluginInfo | None:
@@ -42,7 +43,7 @@ class PluginEntry:
 
     @property
     def default_version(self) -> str:
-        if self.default_override in self.batchers:
+        if any(v.version == self.default_override for v in self.versions):
             return self.default_override
         return self.versions[0].version if self.versions else ""
 
@@ -90,28 +91,64 @@ def discover(settings: Settings) -> dict[str, PluginEntry]:
     return dict(sorted(entries.items()))
 
 
-def load_versions(entry: PluginEntry, loaded: dict[str, Batcher] | None = None) -> tuple[list[ModelVersion], dict[str, ModelRuntime]]:
-    """Blocking: list the plugin's versions, then verify and load each one that is not in
-    `loaded` with the same weights. Returns (every version, the newly loaded runtimes).
-    Raises on any failure, having changed nothing."""
+def load_versions(entry: PluginEntry, loaded: dict[str, Batcher] | None = None,
+                  eager: bool = True) -> tuple[list[ModelVersion], dict[str, ModelRuntime]]:
+    """Blocking: list the plugin's versions, verify every one's weights against its SHA-256,
+    then load each one that is not in `loaded` with the same weights; with `eager` False only
+    the default one (and changed ones that were loaded), the others on first use
+    (`ensure_loaded`). Returns (every version, the newly loaded runtimes). Raises on any
+    failure, having changed nothing."""
     assert entry.runtime_class is not None
     versions = list(entry.runtime_class.versions())
     if not versions:
         raise RuntimeError("the plugin declares no model versions")
     loaded = loaded or {}
+    default = entry.default_override if any(v.version == entry.default_override for v in versions) else versions[0].version
     runtimes = {}
     for version in versions:
         kept = loaded.get(version.version)
         if kept is not None and kept.runtime.version.weights_sha256 == version.weights_sha256:
             continue
-        actual = sha256_of(version.weights)
-        if actual != version.weights_sha256:
-            raise RuntimeError(f"weights {version.weights.name} of version {version.version} have SHA-256 "
-                               f"{actual}, not the declared {version.weights_sha256}: refusing corrupt or altered weights")
-        runtime = entry.runtime_class(version)
-        runtime.load()  # plugins warm their model here: a version takes traffic only once it is fast
-        runtimes[version.version] = runtime
+        if eager or kept is not None or version.version == default:
+            runtimes[version.version] = load_runtime(entry.runtime_class, version)
+        else:
+            verify_weights(version)  # a corrupt file is found now, not by the first request
     return versions, runtimes
+
+
+def verify_weights(version: ModelVersion) -> None:
+    actual = sha256_of(version.weights)
+    if actual != version.weights_sha256:
+        raise RuntimeError(f"weights {version.weights.name} of version {version.version} have SHA-256 "
+                           f"{actual}, not the declared {version.weights_sha256}: refusing corrupt or altered weights")
+
+
+def load_runtime(runtime_class: type[ModelRuntime], version: ModelVersion) -> ModelRuntime:
+    """Blocking: verify one version's weights against their declared SHA-256, then load it."""
+    verify_weights(version)
+    runtime = runtime_class(version)
+    runtime.load()  # plugins warm their model here: a version takes traffic only once it is fast
+    return runtime
+
+
+async def ensure_loaded(entry: PluginEntry, name: str, settings: Settings) -> Batcher:
+    """The batcher of version `name`, loading it first if it was left for first use; the
+    requests that arrive meanwhile wait for the same load. A failed load is remembered (and
+    answered UNAVAILABLE) until the next reload."""
+    if name in entry.batchers:
+        return entry.batchers[name]
+    version = next(v for v in entry.versions if v.version == name)
+    if name not in entry.loading:
+        log.info("loading model version on first use", extra={"plugin": entry.name, "version": name})
+        entry.loading[name] = asyncio.ensure_future(asyncio.to_thread(load_runtime, entry.runtime_class, version))
+    try:
+        runtime = await asyncio.shield(entry.loading[name])
+    except Exception as error:
+        raise errors.unavailable(entry.name, f"model version {name!r} of plugin {entry.name!r} failed to load: "
+                                 f"{type(error).__name__}: {error}", "VERSION_FAILED") from None
+    if name not in entry.batchers and entry.loading.get(name) is not None:  # the first waiter starts it
+        entry.batchers[name] = _batcher(entry, runtime, settings)
+    return entry.batchers[name]
 
 
 def _batcher(entry: PluginEntry, runtime: ModelRuntime, settings: Settings) -> Batcher:
@@ -125,7 +162,7 @@ async def load_all(entries: dict[str, PluginEntry], settings: Settings, on_chang
 
     async def load_one(entry: PluginEntry) -> None:
         try:
-            entry.versions, runtimes = await asyncio.to_thread(load_versions, entry)
+            entry.versions, runtimes = await asyncio.to_thread(load_versions, entry, None, settings.preload_versions)
         except Exception as error:
             entry.state, entry.reason = FAILED, f"{type(error).__name__}: {error}"
             log.error("plugin failed to load", extra={"plugin": entry.name, "reason": entry.reason})
@@ -161,15 +198,16 @@ async def reload(entry: PluginEntry, settings: Settings) -> ReloadReport:
         return ReloadReport(entry.name, False, entry.reason or "the plugin could not be imported", previous_default=previous_default)
     old = dict(entry.batchers)
     try:
-        versions, runtimes = await asyncio.to_thread(load_versions, entry, old)
+        versions, runtimes = await asyncio.to_thread(load_versions, entry, old, settings.preload_versions)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         log.error("plugin reload failed; it keeps serving what it served", extra={"plugin": entry.name, "reason": reason})
         return ReloadReport(entry.name, False, reason, kept=list(old), previous_default=previous_default,
                             default_version=previous_default)
     batchers = {v.version: _batcher(entry, runtimes[v.version], settings) if v.version in runtimes else old[v.version]
-                for v in versions}
+                for v in versions if v.version in runtimes or v.version in old}  # the rest load on first use
     entry.versions, entry.batchers, entry.state, entry.reason = versions, batchers, READY, ""  # one step on the event loop
+    entry.loading = {}  # a version that failed to load on first use gets another try
     retired = [b for name, b in old.items() if batchers.get(name) is not b]
     for batcher in retired:
         asyncio.ensure_future(batcher.retire(settings.grace_period_s))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -16,7 +17,7 @@ from grpc_status import rpc_status
 from . import audit, auth, errors, images, metrics
 from .batcher import Batcher, Result
 from .config import Settings
-from .registry import FAILED, LOADING, PluginEntry
+from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
 from .runtime import INDETERMINATE, Decision, QualityIssue
 from .specimens import MAX_SPECIMENS_PER_STREAM, Tally, check_specimen_id
 from .v1 import diagnostics_pb2 as pb
@@ -118,10 +119,14 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             if len(tallies) >= MAX_SPECIMENS_PER_STREAM:
                 raise errors.invalid_field("specimen_id", "TOO_MANY_SPECIMENS", f"this stream already summarises "
                                            f"{MAX_SPECIMENS_PER_STREAM} specimens, the limit: start a new stream")
-            batcher = entry.batchers.get(version) if entry else None
             tallies[key] = Tally(request.specimen_id, errors.clip(request.plugin), errors.clip(version),
-                                 batcher.runtime if batcher else None)
+                                 functools.partial(self._loaded_runtime, entry, version))
         return tallies[key]
+
+    @staticmethod
+    def _loaded_runtime(entry: PluginEntry | None, version: str):
+        batcher = entry.batchers.get(version) if entry else None
+        return batcher.runtime if batcher else None
 
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
@@ -161,7 +166,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                         wait: bool) -> pb.ClassifyResponse:
         started = time.monotonic()
         check_specimen_id(request.specimen_id)
-        entry, batcher = self._route(request)
+        entry, batcher = await self._route(request)
         # A place in the model's queue before any decoding: refused at once (unary) or waited
         # for (stream items: backpressure). A reload retires this version only once we are done.
         async with batcher.admit(wait):
@@ -213,7 +218,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         heatmap_png, overlay_png = images.heatmap_pngs(rgb, explanation.heatmap)
         return pb.Explanation(method=explanation.method, label=explanation.label, heatmap_png=heatmap_png, overlay_png=overlay_png)
 
-    def _route(self, request: pb.ClassifyRequest) -> tuple[PluginEntry, Batcher]:
+    async def _route(self, request: pb.ClassifyRequest) -> tuple[PluginEntry, Batcher]:
         auth.authorize(request.plugin)
         entry = self.plugins.get(request.plugin)
         if entry is None:
@@ -225,19 +230,19 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             raise errors.unavailable(entry.name, f"plugin {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
         pinned = request.weights_sha256.lower()
         version = request.model_version or self._version_with(entry, pinned) or entry.default_version
-        batcher = entry.batchers.get(version)
-        if batcher is None:
-            raise errors.not_found("model_version", f"{entry.name}/{version}",
-                                   f"plugin {entry.name!r} has no model version {errors.clip(version)!r} (has: {', '.join(entry.batchers)})")
-        if pinned and batcher.runtime.version.weights_sha256 != pinned:
-            raise errors.weights_mismatch(entry.name, version, batcher.runtime.version.weights_sha256, pinned)
-        return entry, batcher
+        served = next((v for v in entry.versions if v.version == version), None)
+        if served is None:
+            raise errors.not_found("model_version", f"{entry.name}/{version}", f"plugin {entry.name!r} has no model version "
+                                   f"{errors.clip(version)!r} (has: {', '.join(v.version for v in entry.versions)})")
+        if pinned and served.weights_sha256 != pinned:
+            raise errors.weights_mismatch(entry.name, version, served.weights_sha256, pinned)
+        return entry, await ensure_loaded(entry, version, self.settings)  # versions other than the default load on first use
 
     @staticmethod
     def _version_with(entry: PluginEntry, weights_sha256: str) -> str:
         """The version serving these weights: the default if it does, else the newest that does; "" if none."""
-        having = [name for name, b in entry.batchers.items() if weights_sha256 and b.runtime.version.weights_sha256 == weights_sha256]
-        return entry.default_version if entry.default_version in having else next((v.version for v in entry.versions if v.version in having), "")
+        having = [v.version for v in entry.versions if weights_sha256 and v.weights_sha256 == weights_sha256]
+        return entry.default_version if entry.default_version in having else next(iter(having), "")
 
     def _response(self, request_id: str, entry: PluginEntry, runtime, result: Result, issues: list[QualityIssue]) -> pb.ClassifyResponse:
         labels = runtime.info.labels

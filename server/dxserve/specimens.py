@@ -8,6 +8,7 @@ fraction of each with its Wilson interval, and the plugin's specimen-level call
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import errors
@@ -33,7 +34,7 @@ class Tally:
     specimen_id: str
     plugin: str
     model_version: str
-    runtime: ModelRuntime | None  # None when the plugin or version is unknown: counts, no call
+    runtime_of: Callable[[], ModelRuntime | None]  # the version's runtime once loaded; None if unknown: counts, no call
     seen: int = 0
     failed: int = 0
     passed_gate: int = 0
@@ -53,20 +54,21 @@ class Tally:
         else:
             self.called[result.decision.label] = self.called.get(result.decision.label, 0) + 1
 
-    def counts(self) -> SpecimenCounts:
-        labels = self.runtime.info.labels if self.runtime else tuple(sorted(self.called))
+    def counts(self, runtime: ModelRuntime | None) -> SpecimenCounts:
+        labels = runtime.info.labels if runtime else tuple(sorted(self.called))
         return SpecimenCounts(self.seen, self.failed, self.passed_gate, self.indeterminate,
                               {label: self.called.get(label, 0) for label in labels})
 
     def summary(self, final: bool = False) -> pb.SpecimenSummary:
-        counts = self.counts()
+        runtime = self.runtime_of()
+        counts = self.counts(runtime)
         message = pb.SpecimenSummary(
             specimen_id=self.specimen_id, plugin=self.plugin, model_version=self.model_version, cells_seen=counts.seen,
             cells_failed=counts.failed, cells_passed_gate=counts.passed_gate, indeterminate=counts.indeterminate, final=final)
         for label, count in counts.called.items():
             fraction, low, high = counts.fraction(label)
             message.labels.add(label=label, count=count, fraction=fraction, ci_low=low, ci_high=high)
-        decision = self.runtime.decide_specimen(counts) if self.runtime else None
+        decision = runtime.decide_specimen(counts) if runtime else None
         if decision is not None:
             message.decision.CopyFrom(pb.Decision(label=decision.label, indeterminate=decision.indeterminate,
                                                   reason=decision.reason, screen_positive=decision.screen_positive,

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+from pathlib import Path
 from contextlib import contextmanager
 import threading
 import time
@@ -19,10 +20,10 @@ LIGHT = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")  # 
 
 
 @contextmanager
-def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None, client_certificate=None, env=None):
+def light_server(tmp_path, *flags, ready=("brightness",), root_certificates=None, client_certificate=None, env=None, light=LIGHT):
     """A server without TensorFlow, ready once `ready` plugins (None: the server) serve;
     on leaving, SIGTERM (if the test sent none) and a clean exit are required."""
-    server = ServerProcess(*LIGHT, *flags, tmp=tmp_path, env=env)
+    server = ServerProcess(*light, *flags, tmp=tmp_path, env=env)
     try:
         wait_serving(server.address, list(ready), timeout_s=60, root_certificates=root_certificates,
                      client_certificate=client_certificate)
@@ -114,8 +115,42 @@ def test_tls_and_metrics(tmp_path):
                 plaintext.list_plugins()
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        assert 'dxserve_classify_seconds_count{plugin="brightness"} 1.0' in body
-        assert 'dxserve_batch_size_count{plugin="brightness"} 1.0' in body
+        assert 'dxserve_request_seconds_count{plugin="brightness",version="2.0"} 1.0' in body
+        assert 'dxserve_batch_size_count{plugin="brightness",version="2.0"} 1.0' in body
+
+
+def _metrics(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith("dxserve_")}
+
+
+def test_operator_metrics_per_plugin_and_version(tmp_path):
+    """Requests by status code (deadline misses included), decisions, latency buckets past
+    10 s, and live queue depth and in-flight gauges, each per plugin and model version."""
+    metrics_port = free_port()
+    with light_server(tmp_path, "--metrics-port", str(metrics_port), light=LIGHT[:2], ready=("brightness", "flaky")) as server, \
+            Client(server.address) as client:
+        for value in (20, 20, 240):
+            client.classify(np.full((8, 8, 3), value, np.uint8), plugin="brightness")
+        with pytest.raises(DxServeError):
+            client.classify(b"junk", plugin="brightness")
+        with pytest.raises(DxServeError):
+            client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness", model_version="no-such-version")
+        cyan = np.zeros((8, 8, 3), np.uint8)
+        cyan[..., 1:] = 255
+        with pytest.raises(DxServeError) as caught:  # the flaky plugin takes a second over cyan: past the deadline
+            client.classify(cyan, plugin="flaky", timeout_s=0.3)
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.5)
+        m = _metrics(metrics_port)
+    labels = 'plugin="brightness",version="2.0"'
+    assert m[f'dxserve_requests_total{{code="OK",{labels}}}'] == 3
+    assert m[f'dxserve_requests_total{{code="INVALID_ARGUMENT",{labels}}}'] == 1
+    assert m['dxserve_requests_total{code="DEADLINE_EXCEEDED",plugin="flaky",version="2.0"}'] == 1  # missed deadlines count
+    assert m['dxserve_requests_total{code="NOT_FOUND",plugin="brightness",version="unknown"}'] == 1
+    assert m[f'dxserve_decisions_total{{decision="dark",{labels}}}'] == 2 and m[f'dxserve_decisions_total{{decision="bright",{labels}}}'] == 1
+    assert f'dxserve_request_seconds_bucket{{le="160.0",{labels}}}' in m
+    assert m[f'dxserve_queue_depth{{{labels}}}'] == 0 and m[f'dxserve_in_flight{{{labels}}}'] == 0
 
 
 def test_concurrent_call_limit_is_resource_exhausted(tmp_path):
@@ -155,8 +190,8 @@ def test_client_chosen_names_never_grow_metrics_or_logs(tmp_path):
             assert item.error_code == "NOT_FOUND" and len(item.error_message) < 500
             assert client.classify(pixel, plugin="brightness").ok
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        series = [line for line in body.splitlines() if line.startswith("dxserve_errors_total{")]
-        assert series == ['dxserve_errors_total{code="NOT_FOUND",plugin="unknown"} 1002.0'], series
+        series = [line for line in body.splitlines() if line.startswith("dxserve_requests_total{") and "NOT_FOUND" in line]
+        assert series == ['dxserve_requests_total{code="NOT_FOUND",plugin="unknown",version="unknown"} 1002.0'], series
         assert len(body) < 100_000
     assert max(len(line) for line in server.logs().splitlines()) < 2000
 
@@ -181,3 +216,31 @@ def test_streams_are_slowed_down_not_refused_when_the_model_queue_is_full(tmp_pa
         for k, outcome in enumerate(outcomes):
             assert [request_id for request_id, _ in outcome] == [f"{k}-{i}" for i in range(n_items)]
             assert {code for _, code in outcome} == {""}, "some items were refused"
+
+
+def test_workers_share_one_port_and_stop_together(tmp_path):
+    """`--workers 2`: two server processes behind one port, both answering (each counts its own
+    requests on its own metrics port); SIGTERM to the supervisor stops both, and it exits 0."""
+    metrics_port = free_port()
+    with light_server(tmp_path, "--workers", "2", "--metrics-port", str(metrics_port)) as server:
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        assert len(children) == 2
+        for _ in range(40):  # new connections: the kernel spreads them over the workers
+            with Client(server.address) as client:
+                assert client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness").ok
+        counts = []
+        for port in (metrics_port, metrics_port + 1):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            line = next(line for line in body.splitlines() if line.startswith('dxserve_request_seconds_count{plugin="brightness",version="2.0"}'))
+            counts.append(float(line.split()[-1]))
+        assert sum(counts) == 40 and min(counts) > 0, counts
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def test_tracing_sends_a_span_per_call_when_enabled(tmp_path):
+    """`--tracing true` with the console exporter (chosen by OTEL_TRACES_EXPORTER): a span per call."""
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "dxserve-test"}
+    with light_server(tmp_path, "--tracing", "true", env=env) as server, Client(server.address) as client:
+        assert client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness").ok
+    spans = server.logs()
+    assert '"name": "/dxserve.v1.DiagnosticsService/Classify"' in spans and '"service.name": "dxserve-test"' in spans

@@ -61,11 +61,17 @@ class Server:
             KeyFile.load(settings.auth_keys_file) if settings.auth_keys_file else None,
             open_methods(settings.auth_open_health, settings.auth_open_reflection),
             settings.max_concurrent_calls, settings.max_calls_per_caller, settings.max_streams_per_caller)
+        interceptors = [self.callers]
+        if settings.tracing:  # outermost: refused calls are traced too
+            from .tracing import server_interceptor
+
+            interceptors.insert(0, server_interceptor())
         self._server = grpc.aio.server(
-            interceptors=[self.callers],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 1),  # `--workers N`: N processes listen on one port, the kernel spreads connections
             ],
         )
         self.operations = Operations(self.plugins, settings, self.audit, self._on_plugin_change)
@@ -138,6 +144,10 @@ class Server:
         self.service.close()
         if self.audit is not None:
             self.audit.close()
+        if self.settings.tracing:
+            from .tracing import shutdown
+
+            shutdown()
 
 
 async def serve(settings: Settings) -> None:

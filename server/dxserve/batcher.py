@@ -46,6 +46,7 @@ class Batcher:
     def __init__(self, plugin: str, runtime: ModelRuntime, max_batch_size: int, max_wait_s: float, max_queue_size: int):
         self.plugin = plugin
         self.runtime = runtime
+        self.version = runtime.version.version
         self.max_batch_size = max(1, min(max_batch_size, runtime.max_batch_size))
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
@@ -61,8 +62,10 @@ class Batcher:
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.plugin}")
+        metrics.watch(self)
 
     async def stop(self) -> None:
+        metrics.unwatch(self)
         if self._worker:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -144,7 +147,7 @@ class Batcher:
                 live[0].future.set_exception(errors.plugin_crashed(self.plugin, error))
             return
         model_ms = (time.monotonic() - started) * 1000
-        metrics.BATCH_SIZE.labels(self.plugin).observe(len(live))
+        metrics.BATCH_SIZE.labels(self.plugin, self.version).observe(len(live))
         for item, p, decision, found in zip(live, probabilities, decisions, issues, strict=True):
             if not item.future.done():
                 item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live), tuple(found)))
@@ -155,10 +158,10 @@ class Batcher:
         for item in batch:
             if item.future.done():  # cancelled: the client went away
                 self.dropped += 1
-                metrics.DROPPED.labels(self.plugin, "cancelled").inc()
+                metrics.DROPPED.labels(self.plugin, self.version, "cancelled").inc()
             elif item.deadline is not None and now >= item.deadline:
                 self.dropped += 1
-                metrics.DROPPED.labels(self.plugin, "deadline").inc()
+                metrics.DROPPED.labels(self.plugin, self.version, "deadline").inc()
                 item.future.set_exception(errors.deadline_exceeded(self.plugin))
             else:
                 live.append(item)

@@ -32,13 +32,42 @@ class TextFormatter(logging.Formatter):
         return f"{super().format(record)} {fields}".rstrip()
 
 
+NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+
+
+def route_native_stderr() -> "io.TextIOWrapper":
+    """Make everything written to file descriptor 2 (TensorFlow's and gRPC's C++ logs, which
+    bypass Python) a JSON log line of the "native" logger; returns a stream to the real stderr."""
+    import io
+    import os
+    import threading
+
+    real = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0, closefd=False), write_through=True)
+    native = logging.getLogger("native")
+
+    def forward() -> None:
+        with os.fdopen(read_end, errors="replace") as lines:
+            for line in lines:
+                if line.strip():  # "I0000 00:00:... file.cc:12] text": the first letter is the level
+                    native.log(NATIVE_LEVELS.get(line[:1], logging.INFO) if line[1:5].isdigit() else logging.WARNING, line.rstrip())
+
+    threading.Thread(target=forward, name="native-stderr", daemon=True).start()
+    return real
+
+
 def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
+        handler = logging.StreamHandler(route_native_stderr())
         handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False))
+        logging.captureWarnings(True)  # Python warnings (Keras, ...) become log records too
     else:
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
 
@@ -51,6 +80,29 @@ def _flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action="append", help=field.description)
         else:
             parser.add_argument(flag, dest=name, help=field.description)
+
+
+def supervise(settings: Settings, argv: list[str]) -> int:
+    """`--workers N`: run N single-process servers on one port (SO_REUSEPORT), each with its
+    share of the CPU's threads for TensorFlow and its own metrics port (metrics_port + i);
+    pass SIGTERM, SIGINT and SIGHUP on to them; exit 0 when every worker did."""
+    import os
+    import signal
+    import subprocess
+
+    log = logging.getLogger("dxserve.workers")
+    threads = str(max(1, (os.cpu_count() or 1) // settings.workers))
+    workers = []
+    for i in range(settings.workers):
+        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": threads}
+        metrics = ["--metrics-port", str(settings.metrics_port + i)] if settings.metrics_port else []
+        workers.append(subprocess.Popen([sys.executable, "-m", "dxserve.cli", *argv, "--workers", "1", *metrics], env=env))
+    log.info("workers started", extra={"workers": [w.pid for w in workers], "address": settings.address, "tf_threads": threads})
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: [w.send_signal(number) for w in workers if w.poll() is None])
+    codes = [w.wait() for w in workers]
+    log.info("workers stopped", extra={"exit_codes": codes})
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 def tokens_command(args: argparse.Namespace) -> int:
@@ -150,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    if settings.workers > 1:
+        return supervise(settings, argv if argv is not None else sys.argv[1:])
     if settings.metrics_port:
         from prometheus_client import start_http_server
 

@@ -30,6 +30,8 @@ class Settings(BaseModel):
     max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")
     stream_window: int = Field(64, ge=1, description="items of one stream in flight before it stops reading")
     decode_threads: int = Field(4, ge=1, le=64, description="threads that decode and preprocess images")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), the CPU's "
+                         "threads split between them; needs a fixed port")
     preload_versions: bool = Field(False, description="load every model version at start; false: the default one, "
                                    "the others on first use")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to register, as 'package.module'")
@@ -43,6 +45,8 @@ class Settings(BaseModel):
     auth_open_reflection: bool = Field(True, description="server reflection needs no identity")
     audit_db: str = Field("dxserve-audit.sqlite3", description="audit trail: a SQLite file, or a postgresql:// URL; empty = off")
     audit_required: bool = Field(True, description="a request whose audit record cannot be written fails (UNAVAILABLE)")
+    tracing: bool = Field(False, description="OpenTelemetry traces of every call; the exporter comes from the "
+                          "standard OTEL_* variables (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, ...)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")
     grace_period_s: float = Field(10.0, ge=0, description="time calls in flight get to finish on SIGTERM")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -55,6 +59,12 @@ class Settings(BaseModel):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected HOST:PORT, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _workers_need_a_port(self) -> "Settings":
+        if self.workers > 1 and self.address.endswith(":0"):
+            raise ValueError("workers > 1 share one port: give a fixed port, not 0")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

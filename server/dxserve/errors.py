@@ -98,6 +98,11 @@ def deadline_exceeded(plugin: str) -> ServingError:
     )
 
 
+def cancelled() -> ServingError:
+    """CANCELLED: the client went away before its answer (for metrics and the audit trail)."""
+    return ServingError(grpc.StatusCode.CANCELLED, "the client cancelled the call", _error_info("CANCELLED"))
+
+
 def plugin_crashed(plugin: str, error: BaseException) -> ServingError:
     """INTERNAL for an exception raised inside a plugin's preprocess or predict."""
     return ServingError(

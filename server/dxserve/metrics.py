@@ -1,15 +1,57 @@
-"""Prometheus metrics (served on settings.metrics_port when it is set)."""
+"""Prometheus metrics (served on settings.metrics_port when it is set), per plugin and model version.
 
-from prometheus_client import Counter, Histogram
+Label values are bounded: plugins and versions the server has, gRPC status code names, the
+plugins' own labels and "indeterminate"; anything a client invents is counted as "unknown".
+"""
 
-# The `plugin` label of a request naming no plugin the server has.
-UNKNOWN_PLUGIN = "unknown"
+from prometheus_client import Counter, Gauge, Histogram
 
-LATENCY = Histogram("dxserve_classify_seconds", "Time from request to result, per image", ["plugin"],
-                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-ERRORS = Counter("dxserve_errors_total", "Images answered with an error", ["plugin", "code"])
-BATCH_SIZE = Histogram("dxserve_batch_size", "Images per model call", ["plugin"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+# The `plugin` / `version` label of a request naming none the server has.
+UNKNOWN = "unknown"
+UNKNOWN_PLUGIN = UNKNOWN
+
+REQUESTS = Counter("dxserve_requests_total", "Images answered (calls and stream items), by gRPC status code",
+                   ["plugin", "version", "code"])
+LATENCY = Histogram("dxserve_request_seconds", "Time from request to answer, per image (explanations included)",
+                    ["plugin", "version"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320))
+DECISIONS = Counter("dxserve_decisions_total", "Results by decided label ('indeterminate' included)",
+                    ["plugin", "version", "decision"])
 GATE_REFUSED = Counter("dxserve_quality_gate_refused_total", "Images refused by the plugin's input quality gate "
-                       "or by its model's own check (answered indeterminate)", ["plugin"])
-DROPPED = Counter("dxserve_dropped_total", "Queued images dropped before the model because the caller left",
-                  ["plugin", "why"])
+                       "or by its model's own check (answered indeterminate)", ["plugin", "version"])
+BATCH_SIZE = Histogram("dxserve_batch_size", "Images per model call", ["plugin", "version"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+DROPPED = Counter("dxserve_dropped_total", "Queued images dropped before the model, by reason (deadline, cancelled)",
+                  ["plugin", "version", "reason"])
+QUEUE_DEPTH = Gauge("dxserve_queue_depth", "Images waiting for the model", ["plugin", "version"])
+IN_FLIGHT = Gauge("dxserve_in_flight", "Requests admitted to a model version and not yet answered", ["plugin", "version"])
+
+
+_watched: dict[tuple[str, str], object] = {}  # (plugin, version) -> the batcher whose gauges are exported
+
+
+def watch(batcher) -> None:
+    """Export a loaded version's queue depth and requests in flight, read when scraped."""
+    labels = (batcher.plugin, batcher.version)
+    _watched[labels] = batcher
+    QUEUE_DEPTH.labels(*labels).set_function(lambda: batcher.queued)
+    IN_FLIGHT.labels(*labels).set_function(lambda: batcher.in_flight)
+
+
+def unwatch(batcher) -> None:
+    """Stop exporting a stopped batcher's gauges, unless its successor (a reload) took them over."""
+    labels = (batcher.plugin, batcher.version)
+    if _watched.get(labels) is batcher:
+        del _watched[labels]
+        for gauge in (QUEUE_DEPTH, IN_FLIGHT):
+            gauge.remove(*labels)
+
+
+def answered(plugin: str, version: str, code: str, seconds: float, decision: str = "", gate_refused: bool = False) -> None:
+    """Count one answered image (plugin and version already bounded to known names or UNKNOWN)."""
+    REQUESTS.labels(plugin, version, code).inc()
+    LATENCY.labels(plugin, version).observe(seconds)
+    if decision:
+        DECISIONS.labels(plugin, version, decision).inc()
+    if gate_refused:
+        GATE_REFUSED.labels(plugin, version).inc()

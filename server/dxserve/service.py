@@ -144,6 +144,14 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             outcome = await self._classify(request, request_id, timeout, wait=method == "ClassifyStream")
         except errors.ServingError as error:
             outcome = error
+        except asyncio.CancelledError:  # gRPC ended the call: its deadline passed, or the client left
+            timed_out = timeout is not None and time.monotonic() - started >= timeout
+            outcome = errors.deadline_exceeded(request.plugin) if timed_out else errors.cancelled()
+            self._count(request, outcome, time.monotonic() - started)
+            if self.audit is not None:  # recorded all the same, but nobody waits for it
+                asyncio.ensure_future(self.audit.record(**audit.outcome_record(
+                    method, auth.CALLER.get().name, request, request_id, outcome, time.monotonic() - started)))
+            raise
         except Exception as error:  # a server bug costs this item, never the stream or the server
             log.exception("unexpected error", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin)})
             outcome = errors.unexpected(error)
@@ -154,13 +162,23 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             except audit.AuditUnavailable as error:  # no result without a record
                 outcome = errors.unavailable("audit", f"the audit trail cannot be written, so no result is given: {error}",
                                              "AUDIT_UNAVAILABLE", retry_after_s=1)
+        self._count(request, outcome, time.monotonic() - started)
         if isinstance(outcome, errors.ServingError):
-            # Only the names of plugins the server has become metric labels: one series per
-            # client-chosen name would let any caller grow /metrics without bound.
-            metrics.ERRORS.labels(request.plugin if request.plugin in self.plugins else metrics.UNKNOWN_PLUGIN, outcome.code.name).inc()
             log.info("request failed", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin),
                                               "code": outcome.code.name, "error": outcome.message})
         return outcome
+
+    def _count(self, request: pb.ClassifyRequest, outcome, seconds: float) -> None:
+        """Metrics of one answer. Only names the server has become label values: one series per
+        client-chosen name would let any caller grow /metrics without bound."""
+        entry = self.plugins.get(request.plugin)
+        if isinstance(outcome, errors.ServingError):
+            version = request.model_version or (entry.default_version if entry else "")
+            known = entry is not None and any(v.version == version for v in entry.versions)
+            metrics.answered(entry.name if entry else metrics.UNKNOWN, version if known else metrics.UNKNOWN,
+                             outcome.code.name, seconds)
+        else:
+            metrics.answered(outcome.plugin, outcome.model_version, "OK", seconds, outcome.decision.label, not outcome.quality.passed)
 
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
                         wait: bool) -> pb.ClassifyResponse:
@@ -185,7 +203,6 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         result = await batcher.submit(model_input, remaining)
         issues = issues + list(result.issues)  # the plugin's gate, then what the model itself found
         if issues:  # they overrule the call: no label on an image the plugin refused
-            metrics.GATE_REFUSED.labels(entry.name).inc()
             result = dataclasses.replace(result, decision=Decision(
                 INDETERMINATE, True, "input quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues),
                 rule=result.decision.rule))
@@ -193,7 +210,6 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         response.specimen_id = request.specimen_id
         if request.explain:  # only now: a request that does not ask never waits for this
             response.explanation.CopyFrom(await loop.run_in_executor(self._decode_pool, self._explain, rgb, batcher))
-        metrics.LATENCY.labels(entry.name).observe(time.monotonic() - started)
         return response
 
     def _prepare(self, request: pb.ClassifyRequest, batcher: Batcher):

@@ -1,0 +1,115 @@
+"""Load benchmark: unary Classify at 1, 16 and 64 concurrent callers, against the same
+single-image work in process, with the batcher dispatching at once (max_batch_wait_ms 0, the
+default) and with the old fixed 5 ms wait, in one run.
+
+    python benchmarks/load.py [--seconds 8] [--callers 1 16 64] [--workers 1 2]
+
+Baseline: the latency of one image through decode + quality gate + preprocess + model in
+this process (what one caller's request costs without gRPC). Printed as ratios against it,
+so read them, not the absolute numbers, on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import load_runtime, sample_images  # noqa: E402
+
+from dxserve.images import to_rgb  # noqa: E402
+from dxserve_client import Client  # noqa: E402
+
+
+def in_process_p50(images: list[bytes], n: int = 60) -> float:
+    runtime = load_runtime()
+    latencies = []
+    for i in range(n + 5):
+        started = time.perf_counter()
+        rgb = to_rgb(Image.open(io.BytesIO(images[i % len(images)])))
+        runtime.check_quality(rgb)
+        runtime.predict(runtime.preprocess(rgb)[None])
+        if i >= 5:  # warm-up
+            latencies.append((time.perf_counter() - started) * 1000)
+    return statistics.median(latencies)
+
+
+def start_server(port: int, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": ""}
+    server = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
+                               "--log-level", "WARNING", "--max-calls-per-caller", "256", *flags],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Client(f"127.0.0.1:{port}") as client:
+        client.wait_until_serving("lymphoblast", timeout_s=180)
+        for image in sample_images(8):
+            client.classify(image)  # warm up
+    return server
+
+
+def load(address: str, images: list[bytes], callers: int, seconds: float) -> tuple[float, float, float, int]:
+    """(images/s, p50 ms, p99 ms, refused) with `callers` threads calling Classify back to back."""
+    latencies: list[list[float]] = [[] for _ in range(callers)]
+    refused = [0] * callers
+    stop = time.monotonic() + seconds
+
+    def caller(k: int) -> None:
+        with Client(address) as client:
+            i = k
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                try:
+                    client.classify(images[i % len(images)])
+                    latencies[k].append((time.perf_counter() - started) * 1000)
+                except Exception:
+                    refused[k] += 1
+                i += callers
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    flat = [x for per in latencies for x in per]
+    return len(flat) / elapsed, statistics.median(flat), float(np.percentile(flat, 99)), sum(refused)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--callers", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--port", type=int, default=50098)
+    args = parser.parse_args()
+
+    images = sample_images(64)
+    baseline = in_process_p50(images)
+    print(f"machine: {os.cpu_count()} CPU cores; in-process single image (decode+gate+prep+model) p50 {baseline:.1f} ms (baseline)")
+    address = f"127.0.0.1:{args.port}"
+    for label, flags in (("dispatch at once (max_batch_wait_ms 0, default)", ()),
+                         ("fixed 5 ms batch wait (old default)", ("--max-batch-wait-ms", "5"))):
+        server = start_server(args.port, *flags)
+        try:
+            print(label)
+            for callers in args.callers:
+                rate, p50, p99, refused = load(address, images, callers, args.seconds)
+                print(f"  {callers:3d} callers: {rate:6.1f} images/s, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms, refused {refused}"
+                      + (f"; p50 - baseline {p50 - baseline:+.1f} ms, ratio {p50 / baseline:.2f}" if callers == 1 else ""))
+        finally:
+            server.terminate()
+            server.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -266,19 +266,29 @@ def test_health_per_plugin(server):
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_the_service(server):
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+def test_reflection_lists_and_describes_the_services(server, version):
+    from google.protobuf import descriptor_pb2
 
+    if version == "v1alpha":
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    else:
+        from dxserve.v1 import grpc_reflection_v1_pb2 as reflection_pb2
+        from dxserve.v1 import grpc_reflection_v1_pb2_grpc as reflection_pb2_grpc
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = stub.ServerReflectionInfo(iter([
             reflection_pb2.ServerReflectionRequest(list_services=""),
             reflection_pb2.ServerReflectionRequest(file_containing_symbol="dxserve.v1.DiagnosticsService"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="no.such.Symbol"),
         ]), timeout=10)
-        listed, described = list(responses)
+        listed, described, unknown = list(responses)
     names = {s.name for s in listed.list_services_response.service}
-    assert {"dxserve.v1.DiagnosticsService", "grpc.health.v1.Health"} <= names
-    assert described.file_descriptor_response.file_descriptor_proto
+    assert {"dxserve.v1.DiagnosticsService", "dxserve.v1.AdminService", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(f) for f in described.file_descriptor_response.file_descriptor_proto]
+    assert any(f.package == "dxserve.v1" and any(s.name == "DiagnosticsService" for s in f.service) for f in files)
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def test_failures_are_logged_as_json_without_pixels(client, server):

@@ -8,9 +8,8 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from . import images
+from . import images, reflection
 from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, open_methods
@@ -78,10 +77,7 @@ class Server:
         pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.operations), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
-        )
+        reflection.enable(self._server, (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
 
     async def start(self) -> None:
         """Listen at once (ListPlugins and health answer while plugins load), then load them."""

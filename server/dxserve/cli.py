@@ -4,6 +4,7 @@
     dxserve serve --address 0.0.0.0:8500 --config dxserve.toml
     DXSERVE_MAX_BATCH_SIZE=64 dxserve serve
     dxserve tokens add lab-7 --plugins lymphoblast --keys-file callers.json   # prints the token once
+    dxserve health --address 127.0.0.1:50051                                 # exit 0 when SERVING
     dxserve audit verify --db dxserve-audit.sqlite3                          # or a postgresql:// URL
     dxserve audit export --db dxserve-audit.sqlite3 --since 2026-11-01 --format csv
 
@@ -105,6 +106,23 @@ def supervise(settings: Settings, argv: list[str]) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
+def health_command(args: argparse.Namespace) -> int:
+    """Exit 0 when the server (or one of its gRPC health service names) answers SERVING: for
+    container health checks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                                timeout=args.timeout).status
+    except grpc.RpcError as error:
+        print(f"dxserve: health check failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def tokens_command(args: argparse.Namespace) -> int:
     from .auth import KeyFile
 
@@ -181,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_argument("--certificate-subject", default="", help="identify it by this client-certificate subject, "
                         "e.g. 'CN=lab-7', instead of a token")
     tokens.set_defaults(run=tokens_command)
+
+    health = sub.add_parser("health", help="exit 0 if the server answers SERVING (gRPC health protocol)")
+    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--service", default="", help="e.g. dxserve.v1.DiagnosticsService/lymphoblast (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(run=health_command)
 
     audit = sub.add_parser("audit", help="check or export the audit trail")
     audit.add_argument("action", choices=["verify", "export"])

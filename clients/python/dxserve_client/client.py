@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -182,12 +183,15 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: list[tuple[str, object]] | None = None,
         token: str | None = None,  # a bearer token from `dxserve tokens add`; use it over TLS only
+        round_robin: bool = False,  # spread calls over every address the name resolves to (a headless Service)
     ):
         channel_options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             *(options or []),
         ]
+        if round_robin:  # e.g. "dns:///dxserve-headless.default.svc.cluster.local:50051"
+            channel_options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
         if tls or root_certificates or client_certificate:
             key, chain = client_certificate or (None, None)
             credentials = grpc.ssl_channel_credentials(root_certificates, key, chain)

@@ -1,7 +1,10 @@
-"""Regenerate the Python protobuf/gRPC code (with .pyi stubs) from protos/.
+"""Regenerate the code made from protos/: the Python protobuf/gRPC modules (with .pyi stubs)
+in server/dxserve/v1/, and the .proto files the Node.js client loads at run time
+(clients/node/protos/: dxserve's own and the google.rpc ones it needs, from
+googleapis-common-protos).
 
-    python scripts/generate_protos.py            # write into server/dxserve/v1/
-    python scripts/generate_protos.py --out DIR  # write elsewhere (the staleness test does)
+    python scripts/generate_protos.py            # write into the repository
+    python scripts/generate_protos.py --out DIR  # write under DIR instead (the staleness test does)
 
 The generated files are committed; tests/test_generated_code.py fails when they differ
 from what this script makes from the current .proto files.
@@ -16,14 +19,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-DEFAULT_OUT = ROOT / "server"  # the proto package dxserve.v1 lands in server/dxserve/v1/
+NODE_PROTOS = Path("clients/node/protos")  # relative to the output root
+GOOGLE_RPC = ("status.proto", "error_details.proto")  # what the Node.js client needs beside dxserve's
 
 
 def proto_files() -> list[Path]:
     return sorted(PROTOS.rglob("*.proto"))
 
 
-def generate(out: Path) -> list[Path]:
+def generate(root: Path) -> list[Path]:
+    """Python code under root/server, Node.js protos under root/clients/node/protos; the files written."""
+    written = generate_python(root / "server")
+    import google.rpc
+
+    node = root / NODE_PROTOS
+    copies = [(p, node / p.relative_to(PROTOS)) for p in proto_files() if p.parent.name == "v1" and "reflection" not in p.name]
+    copies += [(Path(google.rpc.__path__[0]) / name, node / "google" / "rpc" / name) for name in GOOGLE_RPC]
+    for source, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        written.append(target)
+    return written
+
+
+def generate_python(out: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) over every .proto; return the files written."""
     import google.rpc  # googleapis-common-protos ships google/rpc/*.proto
     from grpc_tools import protoc
@@ -50,7 +69,7 @@ def generate(out: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=ROOT)
     for path in generate(parser.parse_args().out):
         print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     return 0

@@ -14,7 +14,7 @@ def test_generated_code_is_fresh(tmp_path):
     assert written, "no .proto files found"
     stale = []
     for fresh in written:
-        committed = ROOT / "server" / fresh.relative_to(tmp_path)
+        committed = ROOT / fresh.relative_to(tmp_path)
         if not committed.exists() or committed.read_bytes() != fresh.read_bytes():
             stale.append(str(committed.relative_to(ROOT)))
     assert not stale, f"stale generated code, run `{sys.executable} scripts/generate_protos.py`: {stale}"

@@ -1,8 +1,8 @@
 """Load benchmark: unary Classify at 1, 16 and 64 concurrent callers, against the same
-single-image work in process, with the batcher dispatching at once (max_batch_wait_ms 0, the
-default) and with the old fixed 5 ms wait, in one run.
+single-image work in process, in one run: the batcher dispatching at once (max_batch_wait_ms
+0, the default), the old fixed 5 ms wait, and two worker processes on one port.
 
-    python benchmarks/load.py [--seconds 8] [--callers 1 16 64] [--workers 1 2]
+    python benchmarks/load.py [--seconds 8] [--callers 1 16 64]
 
 Baseline: the latency of one image through decode + quality gate + preprocess + model in
 this process (what one caller's request costs without gRPC). Printed as ratios against it,
@@ -31,15 +31,14 @@ from dxserve.images import to_rgb  # noqa: E402
 from dxserve_client import Client  # noqa: E402
 
 
-def in_process_p50(images: list[bytes], n: int = 60) -> float:
-    runtime = load_runtime()
+def in_process_p50(runtime, images: list[bytes], n: int = 100, warm_up: int = 20) -> float:
     latencies = []
-    for i in range(n + 5):
+    for i in range(n + warm_up):
         started = time.perf_counter()
         rgb = to_rgb(Image.open(io.BytesIO(images[i % len(images)])))
         runtime.check_quality(rgb)
         runtime.predict(runtime.preprocess(rgb)[None])
-        if i >= 5:  # warm-up
+        if i >= warm_up:
             latencies.append((time.perf_counter() - started) * 1000)
     return statistics.median(latencies)
 
@@ -93,21 +92,29 @@ def main() -> int:
     args = parser.parse_args()
 
     images = sample_images(64)
-    baseline = in_process_p50(images)
+    runtime = load_runtime()
+    baseline = in_process_p50(runtime, images)
     print(f"machine: {os.cpu_count()} CPU cores; in-process single image (decode+gate+prep+model) p50 {baseline:.1f} ms (baseline)")
     address = f"127.0.0.1:{args.port}"
-    for label, flags in (("dispatch at once (max_batch_wait_ms 0, default)", ()),
-                         ("fixed 5 ms batch wait (old default)", ("--max-batch-wait-ms", "5"))):
+    rates: dict[tuple[str, int], float] = {}
+    for key, label, flags in (("now", "1 worker, dispatch at once (max_batch_wait_ms 0, default)", ()),
+                              ("wait", "1 worker, fixed 5 ms batch wait (old default)", ("--max-batch-wait-ms", "5")),
+                              ("workers", "2 workers, dispatch at once", ("--workers", "2"))):
         server = start_server(args.port, *flags)
         try:
             print(label)
             for callers in args.callers:
                 rate, p50, p99, refused = load(address, images, callers, args.seconds)
+                rates[key, callers] = rate
                 print(f"  {callers:3d} callers: {rate:6.1f} images/s, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms, refused {refused}"
                       + (f"; p50 - baseline {p50 - baseline:+.1f} ms, ratio {p50 / baseline:.2f}" if callers == 1 else ""))
         finally:
-            server.terminate()
+            server.send_signal(15)
             server.wait(60)
+    print(f"in-process single image p50 again, after the servers: {in_process_p50(runtime, images):.1f} ms")
+    for callers in args.callers:
+        print(f"{callers:3d} callers, throughput ratios: dispatch at once / 5 ms wait {rates['now', callers] / rates['wait', callers]:.2f}, "
+              f"2 workers / 1 worker {rates['workers', callers] / rates['now', callers]:.2f}")
     return 0
 
 

@@ -3,6 +3,10 @@ single-image work in process, in one run: the batcher dispatching at once (max_b
 0, the default), the old fixed 5 ms wait, and two worker processes on one port.
 
     python benchmarks/load.py [--seconds 8] [--callers 1 16 64]
+    python benchmarks/load.py --streams 32 --stream-items 500   # only: many long streams, default settings
+
+Streams: N concurrent ClassifyStream calls of M images each against a server with default
+settings; every item must come back, in order, and none refused (backpressure, not shedding).
 
 Baseline: the latency of one image through decode + quality gate + preprocess + model in
 this process (what one caller's request costs without gRPC). Printed as ratios against it,
@@ -84,12 +88,46 @@ def load(address: str, images: list[bytes], callers: int, seconds: float) -> tup
     return len(flat) / elapsed, statistics.median(flat), float(np.percentile(flat, 99)), sum(refused)
 
 
+def streams(address: str, images: list[bytes], n: int, items: int) -> None:
+    """n concurrent streams of `items` images: results, order, refusals, throughput."""
+    outcomes: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+
+    def run(k: int) -> None:
+        with Client(address) as client:
+            sent = [(f"{k}-{i}", images[(k + i) % len(images)]) for i in range(items)]
+            outcomes[k] = [(r.request_id, r.error_code) for r in client.classify_stream(sent)]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    results = sum(len(o) for o in outcomes)
+    in_order = all([rid for rid, _ in o] == [f"{k}-{i}" for i in range(items)] for k, o in enumerate(outcomes))
+    refused = sum(code == "RESOURCE_EXHAUSTED" for o in outcomes for _, code in o)
+    failed = sum(bool(code) for o in outcomes for _, code in o)
+    print(f"{n} streams x {items} images, default settings: {results} results of {n * items}, in order: {in_order}, "
+          f"refused: {refused}, other errors: {failed - refused}; {results / elapsed:.1f} images/s over {elapsed:.0f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--port", type=int, default=50098)
+    parser.add_argument("--streams", type=int, default=0, help="run only the streams scenario with this many streams")
+    parser.add_argument("--stream-items", type=int, default=500)
     args = parser.parse_args()
+    if args.streams:
+        server = start_server(args.port, "--max-streams-per-caller", str(args.streams))
+        try:
+            streams(f"127.0.0.1:{args.port}", sample_images(64), args.streams, args.stream_items)
+        finally:
+            server.send_signal(15)
+            server.wait(60)
+        return 0
 
     images = sample_images(64)
     runtime = load_runtime()

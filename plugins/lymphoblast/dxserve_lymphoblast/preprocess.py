@@ -50,7 +50,7 @@ def cell_square(mask: np.ndarray) -> tuple[int, int, int] | None:
     return int(cy - side // 2), int(cx - side // 2), side
 
 
-def crop_to_cell(rgb: np.ndarray, size: int | None = None) -> np.ndarray:
+def crop_to_cell(rgb: np.ndarray, size: int | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Square crop around the cell (`cell_square`), padded with black where the square leaves the image.
 
     With `size` (the model's input side), a square more than twice that is first shrunk by
@@ -59,7 +59,7 @@ def crop_to_cell(rgb: np.ndarray, size: int | None = None) -> np.ndarray:
     28000 px black square (2.4 GB) before being resized. Cells at the training magnification
     (squares of 150-400 px) take the direct path unchanged.
     """
-    square = cell_square(foreground_mask(rgb))
+    square = cell_square(foreground_mask(rgb) if mask is None else mask)
     if square is None:
         return rgb
     y0, x0, side = square
@@ -101,21 +101,22 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size, size), method))
 
 
-def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
+def prepare(rgb: np.ndarray, size: int, mask: np.ndarray | None = None) -> np.ndarray:
     """The full preprocessing: uint8 RGB (H, W, 3) of any size -> float32 (size, size, 3) in [0, 1]."""
-    return resize(crop_to_cell(rgb, size), size).astype(np.float32) / 255.0
+    return resize(crop_to_cell(rgb, size, mask), size).astype(np.float32) / 255.0
 
 
-def log_diameter(rgb: np.ndarray) -> float:
+def log_diameter(rgb: np.ndarray, mask: np.ndarray | None = None) -> float:
     """log of the cell's equivalent diameter, sqrt(area in pixels): its size, magnification-bound."""
-    return float(np.log(max(np.sqrt(foreground_mask(rgb).sum()), 1.0)))
+    return float(np.log(max(np.sqrt((foreground_mask(rgb) if mask is None else mask).sum()), 1.0)))
 
 
 def model_input(rgb: np.ndarray, size: int) -> np.void:
     """One record with both model inputs; a list of these stacks (np.stack) into a batch."""
     record = np.zeros((), input_dtype(size))
-    record["cell"] = prepare(rgb, size)
-    record["log_diameter"] = log_diameter(rgb)
+    mask = foreground_mask(rgb)  # once for both
+    record["cell"] = prepare(rgb, size, mask)
+    record["log_diameter"] = log_diameter(rgb, mask)
     return record
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 import uuid
@@ -19,7 +18,7 @@ from .batcher import Batcher, Result
 from .config import Settings
 from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
 from .runtime import INDETERMINATE, Decision, QualityIssue
-from .specimens import MAX_SPECIMENS_PER_STREAM, Tally, check_specimen_id
+from .specimens import StreamSpecimens, Tally, check_specimen_id
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
@@ -57,7 +56,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         # Items run concurrently (so they share batches) but are answered in request order.
         # The bounded window stops reading from a client that sends faster than we classify.
         window: asyncio.Queue[tuple[asyncio.Future, Tally | None] | None] = asyncio.Queue(self.settings.stream_window)
-        tallies: dict[tuple[str, str, str], Tally] = {}  # this stream's specimens
+        specimens = StreamSpecimens(self.plugins)  # this stream's running summaries
         answered = 0
 
         async def read() -> None:
@@ -65,7 +64,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 index = 0
                 async for request in request_iterator:
                     try:
-                        tally = self._tally(request, tallies)
+                        tally = specimens.tally_for(request)
                         item = asyncio.ensure_future(self._stream_item(request, index, context.time_remaining()))
                     except errors.ServingError as refusal:
                         tally, item = None, asyncio.get_running_loop().create_future()
@@ -94,8 +93,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             if reader.cancelled() and self.draining.is_set():
                 await context.abort_with_status(rpc_status.to_status(errors.draining(answered).to_status()))
             await reader
-            for tally in tallies.values():  # the client half-closed: each specimen's final summary
-                yield pb.ClassifyStreamResponse(index=answered, final_summary=tally.summary(final=True))
+            for summary in specimens.finals():  # the client half-closed: each specimen's final summary
+                yield pb.ClassifyStreamResponse(index=answered, final_summary=summary)
         finally:  # the client left or the call ended: drop what it will never read
             reader.cancel()
             stop_reading.cancel()
@@ -106,27 +105,6 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     async def _stop_reading_on_drain(self, reader: asyncio.Future) -> None:
         await self.draining.wait()
         reader.cancel()
-
-    def _tally(self, request: pb.ClassifyRequest, tallies: dict[tuple[str, str, str], Tally]) -> Tally | None:
-        """The running summary this stream item counts into: one per specimen, plugin and model version."""
-        if not request.specimen_id:
-            return None
-        entry = self.plugins.get(request.plugin)
-        version = request.model_version or (entry.default_version if entry else "")
-        key = (request.specimen_id, request.plugin, version)
-        if key not in tallies:
-            check_specimen_id(request.specimen_id)
-            if len(tallies) >= MAX_SPECIMENS_PER_STREAM:
-                raise errors.invalid_field("specimen_id", "TOO_MANY_SPECIMENS", f"this stream already summarises "
-                                           f"{MAX_SPECIMENS_PER_STREAM} specimens, the limit: start a new stream")
-            tallies[key] = Tally(request.specimen_id, errors.clip(request.plugin), errors.clip(version),
-                                 functools.partial(self._loaded_runtime, entry, version))
-        return tallies[key]
-
-    @staticmethod
-    def _loaded_runtime(entry: PluginEntry | None, version: str):
-        batcher = entry.batchers.get(version) if entry else None
-        return batcher.runtime if batcher else None
 
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())

@@ -8,6 +8,7 @@ fraction of each with its Wilson interval, and the plugin's specimen-level call
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,3 +75,37 @@ class Tally:
                                                   reason=decision.reason, screen_positive=decision.screen_positive,
                                                   rule=decision.rule))
         return message
+
+
+class StreamSpecimens:
+    """The running summaries of one stream: one Tally per (specimen, plugin, model version)."""
+
+    def __init__(self, plugins: dict):
+        self.plugins = plugins  # name -> registry.PluginEntry
+        self.tallies: dict[tuple[str, str, str], Tally] = {}
+
+    def tally_for(self, request: pb.ClassifyRequest) -> Tally | None:
+        """The summary this stream item counts into; None without a specimen_id. Raises
+        INVALID_ARGUMENT for a too long id, or one specimen too many for the stream."""
+        if not request.specimen_id:
+            return None
+        entry = self.plugins.get(request.plugin)
+        version = request.model_version or (entry.default_version if entry else "")
+        key = (request.specimen_id, request.plugin, version)
+        if key not in self.tallies:
+            check_specimen_id(request.specimen_id)
+            if len(self.tallies) >= MAX_SPECIMENS_PER_STREAM:
+                raise errors.invalid_field("specimen_id", "TOO_MANY_SPECIMENS", f"this stream already summarises "
+                                           f"{MAX_SPECIMENS_PER_STREAM} specimens, the limit: start a new stream")
+            self.tallies[key] = Tally(request.specimen_id, errors.clip(request.plugin), errors.clip(version),
+                                      functools.partial(_loaded_runtime, entry, version))
+        return self.tallies[key]
+
+    def finals(self) -> list[pb.SpecimenSummary]:
+        return [tally.summary(final=True) for tally in self.tallies.values()]
+
+
+def _loaded_runtime(entry, version: str) -> ModelRuntime | None:
+    """The version's runtime once it is loaded (versions load on first use)."""
+    batcher = entry.batchers.get(version) if entry else None
+    return batcher.runtime if batcher else None

@@ -173,7 +173,8 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     progress = tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet or None)
     try:
         for path_index, result in enumerate(client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version,
-                                                                   explain=bool(args.explain), final_summaries=specimens)):
+                                                                   explain=bool(args.explain), final_summaries=specimens,
+                                                                   resume_within_s=args.resume_within)):
             failed += not result.ok
             writer.write(record(sent[path_index], result, labels))
             if args.explain:
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans with --watch")
     classify.add_argument("--idle-exit", type=float, help="with --watch, stop after this many seconds without a new image")
     classify.add_argument("--quiet", action="store_true", help="no progress bar")
+    classify.add_argument("--resume-within", type=float, default=60.0, metavar="S",
+                          help="when the server stops mid-stream, wait up to S seconds for one (a restart, another "
+                               "replica) and resend what was not answered (0: fail instead; default %(default)s)")
     specimen = classify.add_mutually_exclusive_group()
     specimen.add_argument("--specimen-id", default="", help="every image belongs to this specimen: print (standard error) "
                           "and write its summary (decision support, not a diagnosis)")

@@ -501,6 +501,33 @@ def test_ood_model_fits_flags_and_refuses_a_tampered_file(tmp_path):
         ood.load(tmp_path, entry)
 
 
+def test_ood_threshold_is_set_on_subjects_the_fit_did_not_see(tmp_path):
+    """Subjects differ: an in-sample percentile flags far more than 0.5 % of a new subject's
+    ordinary cells; the out-of-fold one keeps to about 0.5 %."""
+    from dxserve_lymphoblast import ood
+
+    rng = np.random.default_rng(1)
+    subjects = np.repeat(np.arange(40), 60)
+    x = rng.normal(0, 1, (len(subjects), 24)) + rng.normal(0, 0.8, (40, 24))[subjects]  # a shift per subject
+    folds = subjects % 5
+    in_sample, out_of_fold = ood.fit(x), ood.fit(x, folds=folds)
+    assert out_of_fold["threshold"] > in_sample["threshold"]
+    new = rng.normal(0, 1, (3000, 24)) + rng.normal(0, 0.8, (50, 24)).repeat(60, axis=0)  # 50 unseen subjects
+    flagged = lambda model: (ood.distance(new, model) > model["threshold"]).mean()  # noqa: E731
+    assert flagged(in_sample) > 0.01 and flagged(out_of_fold) < flagged(in_sample) / 2
+    entry = ood.fit_and_save(x, folds, tmp_path)
+    assert entry["flagged_out_of_fold"] == pytest.approx(0.005, abs=0.002) and entry["in_sample_threshold_flagged_out_of_fold"] > 0.01
+
+
+@pytest.mark.parametrize("version", ["2.0.0", "2.0.0-tta8"])
+def test_shipped_ood_threshold_is_out_of_fold(version):
+    from dxserve_lymphoblast.plugin import find_version
+
+    entry = find_version(version).extra["card"]["ood"]
+    assert entry["threshold_from"].startswith("out-of-fold") and entry["flagged_out_of_fold"] == pytest.approx(0.005, abs=0.001)
+    assert entry["threshold"] > entry["in_sample_threshold"] and entry["in_sample_threshold_flagged_out_of_fold"] > 0.03
+
+
 def test_fit_gate_command_writes_every_variants_card(tiny_version, tmp_path):
     import shutil
 

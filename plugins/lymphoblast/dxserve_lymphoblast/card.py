@@ -184,8 +184,12 @@ def render_markdown(card: dict) -> str:
             lines.append(f"| {code} | {what} | {accepted} | {dev['failed_per_code'][code]} |")
         if ood := card.get("ood"):
             lines += ["", f"Out of distribution (`OUT_OF_DISTRIBUTION`): {ood['method']} features, above "
-                      f"{ood['threshold']:.1f}, their {ood['percentile']}th percentile (`{ood['file']}`, SHA-256 "
-                      f"`{ood['sha256']}`). By construction {100 - ood['percentile']:.1f} % of developer images exceed it."]
+                      f"{ood['threshold']:.1f} (`{ood['file']}`, SHA-256 `{ood['sha256']}`)."]
+            if "flagged_out_of_fold" in ood:
+                lines[-1] += (f" The threshold is the {ood['percentile']}th percentile of {ood['threshold_from']}: each "
+                              f"developer cell scored by a fit that never saw its subject; it flags "
+                              f"{ood['flagged_out_of_fold']:.2%} of them. The in-sample percentile ({ood['in_sample_threshold']:.1f}) "
+                              f"would flag {ood['in_sample_threshold_flagged_out_of_fold']:.2%} of unseen subjects' cells.")
         lines += ["", "An indeterminate answer means: do not act on the probabilities; re-acquire or re-segment the "
                   "cell, or have a person review it."]
     if specimen := card.get("specimen"):

@@ -114,7 +114,7 @@ def train_command(args: argparse.Namespace) -> int:
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
-    card["ood"] = fit_ood_for(version_dir, features, config.test_views)
+    card["ood"] = fit_ood_for(version_dir, features, config.test_views, oof.fold)
     write_card(version_dir, card)
     # The same weights with 8-orientation averaging: a version of its own, with its own
     # calibration and thresholds fitted on that mode's out-of-fold predictions.
@@ -122,7 +122,7 @@ def train_command(args: argparse.Namespace) -> int:
     tta_dir = args.out / f"{args.version}-tta{VIEWS}"
     tta_dir.mkdir(parents=True, exist_ok=True)
     tta_card = {**card, "version": tta_dir.name, "input": {**card["input"], "views": VIEWS},
-                "ood": fit_ood_for(tta_dir, features, VIEWS),
+                "ood": fit_ood_for(tta_dir, features, VIEWS, oof.fold),
                 "calibration": {**card["calibration"], "temperature": tta.pop("temperature")},
                 "thresholds": tta.pop("thresholds"),
                 "evaluation": {**evaluation, **tta, "folds": evaluation["candidates"][MODEL_8_VIEWS]["folds"]}}
@@ -140,12 +140,24 @@ def version_folders(models: Path, version: str) -> list[Path]:
             and (d.name == version or d.name.startswith(version + "-"))]
 
 
-def fit_ood_for(folder: Path, features, views: int) -> dict:
+def fit_ood_for(folder: Path, features, views: int, folds) -> dict:
     """Fit the out-of-distribution model on the developer set's features as a version serves
-    them (averaged over its first `views` orientations), save it there; the card's entry."""
+    them (averaged over its first `views` orientations), its threshold out of fold over
+    `folds` (a fold per cell), save it there; the card's entry."""
     from . import ood
 
-    return ood.save(ood.fit(features[:, :views].astype("float32").mean(axis=1)), folder)
+    return ood.fit_and_save(features[:, :views].astype("float32").mean(axis=1), folds, folder)
+
+
+def folds_of(version_dir: Path, paths) -> "np.ndarray":
+    """The cross-validation fold of each cell (in `paths` order), from the version's out_of_fold.csv."""
+    import csv
+
+    import numpy as np
+
+    with (version_dir / "out_of_fold.csv").open() as f:
+        fold = {row["path"]: int(row["fold"]) for row in csv.DictReader(f)}
+    return np.array([fold[p] for p in paths])
 
 
 def ood_command(args: argparse.Namespace) -> int:
@@ -166,9 +178,12 @@ def ood_command(args: argparse.Namespace) -> int:
     features = cached_features(cells.images, cells.paths, tuple(recipe["training"]["scales"]), args.cache, imagenet_weights(None))
     for folder in folders:
         card = read_card(folder)
-        entry = fit_ood_for(folder, features, int(card["input"].get("views", 1)))
+        weights_dir = (folder / card["weights"]["file"]).resolve().parent  # a variant's CV is its weights' version's
+        entry = fit_ood_for(folder, features, int(card["input"].get("views", 1)), folds_of(weights_dir, cells.paths.tolist()))
         write_card(folder, {**card, "ood": entry}, weights_file=card["weights"]["file"])
-        print(f"{folder.name}: out-of-distribution threshold {entry['threshold']:.1f} (developer set, {entry['percentile']}th percentile)")
+        print(f"{folder.name}: out-of-distribution threshold {entry['threshold']:.1f} ({entry['percentile']}th percentile of "
+              f"out-of-fold distances; flags {entry['flagged_out_of_fold']:.2%} of unseen subjects' cells, where the in-sample "
+              f"{entry['in_sample_threshold']:.1f} flagged {entry['in_sample_threshold_flagged_out_of_fold']:.2%})")
     return 0
 
 

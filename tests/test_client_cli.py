@@ -129,3 +129,43 @@ def test_classify_with_specimens_per_folder_and_explanations(server, capsys, cel
     code, out, err = run(capsys, "--server", server.address, "classify", str(cell_paths[0]), "--specimen-id", "S9",
                          "--format", "jsonl", "--quiet")
     assert code == 0 and json.loads(out)["specimen_id"] == "S9" and "specimen S9" in err
+
+
+def test_watching_client_carries_on_across_a_server_restart(capsys, tmp_path):
+    """`classify --watch`: the server behind the address is replaced while images keep arriving;
+    the CLI resends what the stopping server did not answer and every image is classified once
+    (with --resume-within 0 the same run exits 2)."""
+    import numpy as np
+
+    from conftest import ServerProcess, wait_serving
+    from dxserve_client.client import encode_png
+
+    light = ("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky")
+    first = ServerProcess(*light, tmp=tmp_path)
+    wait_serving(first.address, ["brightness"], timeout_s=60)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    replacement = []
+
+    def arrive_and_restart():
+        for i in range(12):
+            (inbox / f"{i:02d}.png").write_bytes(encode_png(np.full((8, 8, 3), 20 * i, np.uint8)))
+            if i == 5:
+                first.process.send_signal(15)
+                assert first.process.wait(30) == 0
+                replacement.append(ServerProcess(*light, tmp=tmp_path, port=first.port))
+            time.sleep(0.3)
+
+    feeder = threading.Thread(target=arrive_and_restart)
+    feeder.start()
+    try:
+        code, out, err = run(capsys, "--server", first.address, "classify", str(inbox), "--watch", "--plugin", "brightness",
+                             "--poll-interval", "0.1", "--idle-exit", "4", "--format", "jsonl", "--quiet")
+        feeder.join()
+        assert code == 0, err
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [r["path"].rsplit("/", 1)[-1] for r in records] == [f"{i:02d}.png" for i in range(12)]
+        assert all(r["label"] in ("dark", "bright") for r in records)
+    finally:
+        first.stop()
+        assert replacement and replacement[0].stop() == 0

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from conftest import FIXTURES, ROOT
 
@@ -443,6 +443,19 @@ def test_quality_gate_refuses_what_is_not_one_well_imaged_cell(shipped_runtime, 
         for kind, image in generated_images(rgb).items():
             codes = [issue.code for issue in shipped_runtime.check_quality(image)]
             assert EXPECTED_GATE_CODES[kind] in codes, (path.name, kind, codes)
+
+
+def test_focus_falls_with_blur_and_a_3px_blur_is_refused(shipped_runtime, cell_paths):
+    """Read in the cell's core, sharpness falls with every step of blur (read near the edge, a
+    1 px blur measured *sharper*), and 3 px of blur is out of focus for every sample cell."""
+    from dxserve_lymphoblast.gate import measure
+
+    for path in cell_paths:
+        rgb = cell(path)
+        blurred = [np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(r))) if r else rgb for r in (0, 1, 2, 3)]
+        sharpness = [measure(b)["sharpness"] for b in blurred]
+        assert sharpness == sorted(sharpness, reverse=True), (path.name, sharpness)
+        assert "OUT_OF_FOCUS" in [i.code for i in shipped_runtime.check_quality(blurred[3])], path.name
 
 
 def test_quality_gate_ships_in_the_card_with_its_developer_pass_rate(shipped_runtime):

@@ -26,7 +26,7 @@ CHECKS = {
     "other_objects_fraction": ("MULTIPLE_CELLS", "share of the foreground outside the largest object", "high", 0.05),
     "border_fraction": ("CUT_BY_BORDER", "share of the image border covered by the cell", "high", 0.02),
     "noise": ("NOISE", "median brightness step between neighbouring cell pixels", "high", 3.0),
-    "sharpness": ("OUT_OF_FOCUS", "mean absolute Laplacian inside the cell", "low", 0.0),
+    "sharpness": ("OUT_OF_FOCUS", "mean absolute Laplacian in the cell's core (over 12 px from its edge)", "low", 0.0),
     "log_diameter": ("SIZE_OUT_OF_RANGE", "log of the cell's equivalent diameter in pixels", "both", 0.0),
     "colour_distance": ("COLOUR_OUT_OF_RANGE", "Mahalanobis distance of the cell's mean colour to the training cells'", "high", 0.0),
 }
@@ -34,6 +34,8 @@ CHECKS = {
 # its 1st-99th percentile spread (or the check's least slack, whichever is more).
 PERCENTILE = 0.1
 MARGIN = 0.25
+# Pixels deeper than this inside the cell are where its focus is measured.
+CORE_DEPTH = 12
 
 
 def measure(rgb: np.ndarray, colour_stats: dict | None = None) -> dict[str, float]:
@@ -68,7 +70,10 @@ def _measure(rgb: np.ndarray) -> tuple[dict[str, float], np.ndarray | None]:
     if not inner.any():
         inner = mask
     step = np.abs(np.diff(grey, axis=1))[inner[:, 1:] & inner[:, :-1]]
-    laplacian = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[inner]
+    # Focus is read in the cell's core only: a blurred edge spreads the mask outwards, and within a
+    # few pixels of it the edge's own Laplacian made a 1 px blur look *sharper*.
+    core = ndimage.distance_transform_edt(mask) > CORE_DEPTH
+    laplacian = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[core if core.any() else inner]
     stats.update(
         saturated_fraction=float((np.minimum(np.minimum(r, g), b)[mask] >= 250).mean()),
         other_objects_fraction=float(1.0 - sizes.max() / area),

@@ -19,9 +19,7 @@ import argparse
 import io
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import load_runtime, sample_images  # noqa: E402
+from serving import concurrently, load_runtime, sample_images, start_server  # noqa: E402
 
 from dxserve.images import to_rgb  # noqa: E402
 from dxserve_client import Client  # noqa: E402
@@ -45,18 +43,6 @@ def in_process_p50(runtime, images: list[bytes], n: int = 100, warm_up: int = 20
         if i >= warm_up:
             latencies.append((time.perf_counter() - started) * 1000)
     return statistics.median(latencies)
-
-
-def start_server(port: int, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": ""}
-    server = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
-                               "--log-level", "WARNING", "--max-calls-per-caller", "256", *flags],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with Client(f"127.0.0.1:{port}") as client:
-        client.wait_until_serving("lymphoblast", timeout_s=180)
-        for image in sample_images(8):
-            client.classify(image)  # warm up
-    return server
 
 
 def load(address: str, images: list[bytes], callers: int, seconds: float) -> tuple[float, float, float, int]:
@@ -77,13 +63,7 @@ def load(address: str, images: list[bytes], callers: int, seconds: float) -> tup
                     refused[k] += 1
                 i += callers
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
+    elapsed = concurrently(callers, caller)
     flat = [x for per in latencies for x in per]
     return len(flat) / elapsed, statistics.median(flat), float(np.percentile(flat, 99)), sum(refused)
 
@@ -97,13 +77,7 @@ def streams(address: str, images: list[bytes], n: int, items: int) -> None:
             sent = [(f"{k}-{i}", images[(k + i) % len(images)]) for i in range(items)]
             outcomes[k] = [(r.request_id, r.error_code) for r in client.classify_stream(sent)]
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
+    elapsed = concurrently(n, run)
     results = sum(len(o) for o in outcomes)
     in_order = all([rid for rid, _ in o] == [f"{k}-{i}" for i in range(items)] for k, o in enumerate(outcomes))
     refused = sum(code == "RESOURCE_EXHAUSTED" for o in outcomes for _, code in o)
@@ -121,7 +95,7 @@ def main() -> int:
     parser.add_argument("--stream-items", type=int, default=500)
     args = parser.parse_args()
     if args.streams:
-        server = start_server(args.port, "--max-streams-per-caller", str(args.streams))
+        server = start_server(args.port, "--max-streams-per-caller", str(args.streams), "--max-calls-per-caller", "256")
         try:
             streams(f"127.0.0.1:{args.port}", sample_images(64), args.streams, args.stream_items)
         finally:
@@ -138,7 +112,7 @@ def main() -> int:
     for key, label, flags in (("now", "1 worker, dispatch at once (max_batch_wait_ms 0, default)", ()),
                               ("wait", "1 worker, fixed 5 ms batch wait (old default)", ("--max-batch-wait-ms", "5")),
                               ("workers", "2 workers, dispatch at once", ("--workers", "2"))):
-        server = start_server(args.port, *flags)
+        server = start_server(args.port, "--max-calls-per-caller", "256", *flags)
         try:
             print(label)
             for callers in args.callers:

@@ -96,13 +96,27 @@ def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float, floa
     return alone, raw, averaged
 
 
-def start_server(port: int, audit_db: str) -> subprocess.Popen:
+def start_server(port: int, *flags: str, audit_db: str = "") -> subprocess.Popen:
+    """`dxserve serve` on 127.0.0.1:port with `flags`, once lymphoblast serves and has answered a few calls."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": audit_db}
     server = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
-                               "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--log-level", "WARNING", *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}") as client:
         client.wait_until_serving("lymphoblast", timeout_s=180)
+        for image in sample_images(8):
+            client.classify(image)  # warm up
     return server
+
+
+def concurrently(n: int, work) -> float:
+    """Run work(0) ... work(n - 1) in n threads at once; the seconds until all are done."""
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
 
 
 def streaming(address: str, images: list[bytes], streams: int) -> float:
@@ -114,14 +128,9 @@ def streaming(address: str, images: list[bytes], streams: int) -> float:
         with Client(address) as client:
             counts[k] = sum(r.ok for r in client.classify_stream(shares[k]))
 
-    list(Client(address).classify_stream(images[:64]))  # warm up
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    with Client(address) as client:
+        list(client.classify_stream(images[:64]))  # warm up
+    elapsed = concurrently(streams, run)
     assert sum(counts) == len(images), f"only {sum(counts)} of {len(images)} classified"
     return len(images) / elapsed
 
@@ -150,7 +159,7 @@ def main() -> int:
     alone, raw, averaged = in_process(images)
     address = f"127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory() as folder:
-        server = start_server(args.port, str(Path(folder) / "audit.sqlite3"))
+        server = start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3"))
         try:
             stream_rate = streaming(address, images, args.streams)
             p50, p99 = unary_latency(address, images, args.unary)
@@ -159,7 +168,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(60)
-    server = start_server(args.port, "")
+    server = start_server(args.port)
     try:
         unaudited_rate = streaming(address, images, args.streams)
         unaudited_p50, unaudited_p99 = unary_latency(address, images, args.unary)

@@ -15,7 +15,7 @@ import pytest
 from dxserve.audit import open_store
 from dxserve.auth import KeyFile
 from dxserve.v1 import admin_pb2, admin_pb2_grpc
-from dxserve_client import Client, DxServeError
+from dxserve_client import Client
 from test_lifecycle import light_server
 
 GREY = np.full((8, 8, 3), 120, np.uint8)  # mean 0.47: "dark" at threshold 0.5, "bright" at 0.3

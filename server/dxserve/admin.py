@@ -10,8 +10,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
-from grpc_status import rpc_status
-
 from . import auth, errors
 from .audit import AuditTrail, AuditUnavailable
 from .registry import PluginEntry, ReloadReport, ensure_loaded, reload
@@ -74,7 +72,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             auth.require_admin()
             reports = await self.operations.reload(list(request.plugins), auth.CALLER.get().name)
         except errors.ServingError as error:
-            await context.abort_with_status(rpc_status.to_status(error.to_status()))
+            await error.abort(context)
         return pb.ReloadPluginsResponse(plugins=[pb.PluginReload(
             plugin=r.plugin, ok=r.ok, error=r.error, loaded=r.loaded, removed=r.removed, kept=r.kept,
             previous_default=r.previous_default, default_model_version=r.default_version) for r in reports])
@@ -84,5 +82,5 @@ class AdminService(pb_grpc.AdminServiceServicer):
             auth.require_admin()
             previous, current = await self.operations.set_default(request.plugin, request.model_version, auth.CALLER.get().name)
         except errors.ServingError as error:
-            await context.abort_with_status(rpc_status.to_status(error.to_status()))
+            await error.abort(context)
         return pb.SetDefaultVersionResponse(previous_default=previous, default_model_version=current)

@@ -32,9 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from . import errors
 
@@ -120,29 +117,13 @@ def authorize(plugin: str) -> None:
     """Refuse (PERMISSION_DENIED) a plugin the current caller may not use."""
     caller = CALLER.get()
     if not caller.may_use(plugin):
-        raise permission_denied(f"caller {caller.name!r} may not use plugin {errors.clip(plugin)!r}", f"plugin:{errors.clip(plugin)}")
+        raise errors.permission_denied(f"caller {caller.name!r} may not use plugin {errors.clip(plugin)!r}", f"plugin:{errors.clip(plugin)}")
 
 
 def require_admin() -> None:
     caller = CALLER.get()
     if not caller.admin:
-        raise permission_denied(f"caller {caller.name!r} is not an admin", "admin")
-
-
-def permission_denied(message: str, resource: str) -> errors.ServingError:
-    return errors.ServingError(grpc.StatusCode.PERMISSION_DENIED, message, errors._error_info("PERMISSION_DENIED", resource=resource))
-
-
-def unauthenticated(message: str) -> errors.ServingError:
-    return errors.ServingError(grpc.StatusCode.UNAUTHENTICATED, message, errors._error_info("UNAUTHENTICATED"))
-
-
-def over_limit(subject: str, limit: int, what: str) -> errors.ServingError:
-    return errors.ServingError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, f"{subject} has {limit} {what} open, its limit; retry when one ends",
-        error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=f"{what} limit {limit}")]),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)),
-        errors._error_info("TOO_MANY_CALLS", subject=subject))
+        raise errors.permission_denied(f"caller {caller.name!r} is not an admin", "admin")
 
 
 def _certificate_subject(context: grpc.aio.ServicerContext) -> str:
@@ -172,22 +153,22 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if scheme.lower() == "bearer" and token:
             caller = self.keys.by_token(token.strip())
             if caller is None:
-                raise unauthenticated("unknown or revoked token")
+                raise errors.unauthenticated("unknown or revoked token")
             return caller
         subject = _certificate_subject(context)
         caller = self.keys.by_certificate(subject) if subject else None
         if caller is None:
             presented = f" (the client certificate's subject {errors.clip(subject)!r} is not a known caller)" if subject else ""
-            raise unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client certificate{presented}")
+            raise errors.unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client certificate{presented}")
         return caller
 
     def _admit(self, caller: Caller, streaming: bool) -> None:
         if sum(self.calls.values()) >= self.max_calls:
-            raise over_limit("the server", self.max_calls, "calls")
+            raise errors.too_many_calls("the server", self.max_calls, "calls")
         if streaming and self.streams[caller.name] >= self.max_streams:
-            raise over_limit(f"caller {caller.name!r}", self.max_streams, "streams")
+            raise errors.too_many_calls(f"caller {caller.name!r}", self.max_streams, "streams")
         if not streaming and self.calls[caller.name] - self.streams[caller.name] >= self.max_per_caller:
-            raise over_limit(f"caller {caller.name!r}", self.max_per_caller, "calls")
+            raise errors.too_many_calls(f"caller {caller.name!r}", self.max_per_caller, "calls")
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -203,8 +184,8 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 if counted:
                     interceptor._admit(caller, streaming)
             except errors.ServingError as refusal:
-                await context.abort_with_status(rpc_status.to_status(refusal.to_status()))
-                raise  # not reached: abort_with_status raises
+                await refusal.abort(context)
+                raise  # not reached: abort raises
             interceptor.calls[caller.name] += counted
             interceptor.streams[caller.name] += counted and streaming
             CALLER.set(caller)  # each call runs in its own task, whose context ends with it

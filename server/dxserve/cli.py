@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import sys
+from typing import TextIO
 from pathlib import Path
 
 from .config import Settings, SettingsError, load_settings
@@ -36,7 +37,7 @@ class TextFormatter(logging.Formatter):
 NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
 
 
-def route_native_stderr() -> "io.TextIOWrapper":
+def route_native_stderr() -> TextIO:
     """Make everything written to file descriptor 2 (TensorFlow's and gRPC's C++ logs, which
     bypass Python) a JSON log line of the "native" logger; returns a stream to the real stderr."""
     import io

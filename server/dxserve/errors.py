@@ -36,6 +36,12 @@ class ServingError(Exception):
             packed.append(any_detail)
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
 
+    async def abort(self, context) -> None:
+        """End a grpc.aio call with this error and its details (raises, as abort_with_status does)."""
+        from grpc_status import rpc_status
+
+        await context.abort_with_status(rpc_status.to_status(self.to_status()))
+
 
 def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
     return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
@@ -78,16 +84,34 @@ def unavailable(plugin: str, description: str, reason: str, retry_after_s: float
     return ServingError(grpc.StatusCode.UNAVAILABLE, description, *details)
 
 
-def queue_full(plugin: str, size: int) -> ServingError:
+def _quota(message: str, subject: str, description: str, retry_after: duration_pb2.Duration, reason: str,
+           metadata: dict[str, str]) -> ServingError:
+    """RESOURCE_EXHAUSTED for a full queue or too many calls: which limit, and when to retry."""
     return ServingError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"plugin {plugin!r} has {size} images queued, its limit; retry shortly",
-        error_details_pb2.QuotaFailure(
-            violations=[error_details_pb2.QuotaFailure.Violation(subject=f"plugin:{plugin}", description=f"queue limit {size}")]
-        ),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=100_000_000)),
-        _error_info("QUEUE_FULL", plugin=plugin),
+        grpc.StatusCode.RESOURCE_EXHAUSTED, message,
+        error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]),
+        error_details_pb2.RetryInfo(retry_delay=retry_after),
+        _error_info(reason, **metadata),
     )
+
+
+def queue_full(plugin: str, size: int) -> ServingError:
+    return _quota(f"plugin {plugin!r} has {size} images queued, its limit; retry shortly", f"plugin:{plugin}",
+                  f"queue limit {size}", duration_pb2.Duration(nanos=100_000_000), "QUEUE_FULL", {"plugin": plugin})
+
+
+def too_many_calls(subject: str, limit: int, what: str) -> ServingError:
+    """RESOURCE_EXHAUSTED: a caller (or the server) holds its limit of calls or streams."""
+    return _quota(f"{subject} has {limit} {what} open, its limit; retry when one ends", subject, f"{what} limit {limit}",
+                  duration_pb2.Duration(seconds=1), "TOO_MANY_CALLS", {"subject": subject})
+
+
+def permission_denied(message: str, resource: str) -> ServingError:
+    return ServingError(grpc.StatusCode.PERMISSION_DENIED, message, _error_info("PERMISSION_DENIED", resource=resource))
+
+
+def unauthenticated(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.UNAUTHENTICATED, message, _error_info("UNAUTHENTICATED"))
 
 
 def deadline_exceeded(plugin: str) -> ServingError:

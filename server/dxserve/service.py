@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_status import rpc_status
 
 from . import audit, auth, errors, images, metrics
 from .batcher import Batcher, Result
@@ -47,7 +46,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         request_id = request.request_id or str(uuid.uuid4())
         outcome = await self._classify_or_error(request, request_id, context.time_remaining(), "Classify")
         if isinstance(outcome, errors.ServingError):
-            await context.abort_with_status(rpc_status.to_status(outcome.to_status()))
+            await outcome.abort(context)
         return outcome
 
     async def ClassifyStream(
@@ -91,7 +90,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 answered += 1
                 yield response
             if reader.cancelled() and self.draining.is_set():
-                await context.abort_with_status(rpc_status.to_status(errors.draining(answered).to_status()))
+                await errors.draining(answered).abort(context)
             await reader
             for summary in specimens.finals():  # the client half-closed: each specimen's final summary
                 yield pb.ClassifyStreamResponse(index=answered, final_summary=summary)
@@ -127,16 +126,14 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             outcome = errors.deadline_exceeded(request.plugin) if timed_out else errors.cancelled()
             self._count(request, outcome, time.monotonic() - started)
             if self.audit is not None:  # recorded all the same, but nobody waits for it
-                asyncio.ensure_future(self.audit.record(**audit.outcome_record(
-                    method, auth.CALLER.get().name, request, request_id, outcome, time.monotonic() - started)))
+                asyncio.ensure_future(self._record(method, request, request_id, outcome, started))
             raise
         except Exception as error:  # a server bug costs this item, never the stream or the server
             log.exception("unexpected error", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin)})
             outcome = errors.unexpected(error)
         if self.audit is not None:
             try:
-                await self.audit.record(**audit.outcome_record(method, auth.CALLER.get().name, request, request_id, outcome,
-                                                               time.monotonic() - started))
+                await self._record(method, request, request_id, outcome, started)
             except audit.AuditUnavailable as error:  # no result without a record
                 outcome = errors.unavailable("audit", f"the audit trail cannot be written, so no result is given: {error}",
                                              "AUDIT_UNAVAILABLE", retry_after_s=1)
@@ -145,6 +142,11 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             log.info("request failed", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin),
                                               "code": outcome.code.name, "error": outcome.message})
         return outcome
+
+    def _record(self, method: str, request: pb.ClassifyRequest, request_id: str, outcome, started: float):
+        """The audit trail's write of this outcome (a coroutine)."""
+        return self.audit.record(**audit.outcome_record(method, auth.CALLER.get().name, request, request_id, outcome,
+                                                        time.monotonic() - started))
 
     def _count(self, request: pb.ClassifyRequest, outcome, seconds: float) -> None:
         """Metrics of one answer. Only names the server has become label values: one series per
@@ -249,9 +251,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             probabilities=[pb.LabelProbability(label=l, probability=float(p)) for l, p in zip(labels, result.probabilities, strict=True)],
             top_label=labels[top],
             confidence=float(result.probabilities[top]),
-            decision=pb.Decision(label=result.decision.label, indeterminate=result.decision.indeterminate,
-                                 reason=result.decision.reason, screen_positive=result.decision.screen_positive,
-                                 rule=result.decision.rule),
+            decision=pb.Decision(**dataclasses.asdict(result.decision)),
             timing=pb.Timing(queued_ms=result.queued_ms, model_ms=result.model_ms, batch_size=result.batch_size),
             quality=pb.QualityCheck(passed=not issues, issues=[
                 pb.QualityIssue(code=i.code, message=i.message, value=i.value, accepted_min=i.accepted_min,

@@ -8,6 +8,7 @@ fraction of each with its Wilson interval, and the plugin's specimen-level call
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,9 +72,7 @@ class Tally:
             message.labels.add(label=label, count=count, fraction=fraction, ci_low=low, ci_high=high)
         decision = runtime.decide_specimen(counts) if runtime else None
         if decision is not None:
-            message.decision.CopyFrom(pb.Decision(label=decision.label, indeterminate=decision.indeterminate,
-                                                  reason=decision.reason, screen_positive=decision.screen_positive,
-                                                  rule=decision.rule))
+            message.decision.CopyFrom(pb.Decision(**dataclasses.asdict(decision)))
         return message
 
 

@@ -149,7 +149,7 @@ def fit_ood_for(folder: Path, features, views: int, folds) -> dict:
     return ood.fit_and_save(features[:, :views].astype("float32").mean(axis=1), folds, folder)
 
 
-def folds_of(version_dir: Path, paths) -> "np.ndarray":
+def folds_of(version_dir: Path, paths: list[str]):
     """The cross-validation fold of each cell (in `paths` order), from the version's out_of_fold.csv."""
     import csv
 

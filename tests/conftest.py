@@ -15,6 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SITE = ROOT / "tests" / "plugins" / "site"
+# The test plugins have no quality gate or out-of-distribution check: servers under test allow
+# them explicitly, as an operator would for research (lymphoblast's ungated 1.x stay refused).
+TEST_PLUGINS_UNGATED = "brightness/*,flaky/*,slow/*,hang/*,broken_load/*"
+UNGATED = TEST_PLUGINS_UNGATED.split(",")
 FIXTURES = ROOT / "tests" / "fixtures"
 
 # In-process tests see the test plugins as installed too.
@@ -46,7 +50,8 @@ class ServerProcess:
         self.log_path = tmp / f"server-{self.port}.log"
         self.audit_path = tmp / f"audit-{self.port}.sqlite3"
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_SITE), os.environ.get("PYTHONPATH", "")]),
-                       "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": str(self.audit_path), **(env or {})}
+                       "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": str(self.audit_path),
+                       "DXSERVE_UNGATED_VERSIONS_ALLOWED": TEST_PLUGINS_UNGATED, **(env or {})}
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dxserve.cli", "serve", "--address", self.address, *flags],

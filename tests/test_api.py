@@ -383,11 +383,40 @@ def test_other_versions_load_on_first_use_and_concurrent_first_calls_share_the_l
     from concurrent.futures import ThreadPoolExecutor
 
     plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
-    assert {"1.2.0", "2.0.0-tta8"} <= {v.version for v in plugin.model_versions}  # listed before they are loaded
+    states = {v.version: v.state for v in plugin.model_versions}
+    assert states["2.0.0"] == pb.VERSION_STATE_READY and states["2.0.0-tta8"] == pb.VERSION_STATE_AVAILABLE  # listed, not loaded
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: client.classify(cell_paths[0], model_version="1.2.0"), range(4)))
-    assert {r.model_version for r in results} == {"1.2.0"}
+        results = list(pool.map(lambda _: client.classify(cell_paths[0], model_version="2.0.0-tta8"), range(4)))
+    assert {r.model_version for r in results} == {"2.0.0-tta8"}
     assert len({round(r.probabilities["lymphoblast"], 6) for r in results}) == 1
-    assert server.logs().count('"loading model version on first use", "plugin": "lymphoblast", "version": "1.2.0"') == 1
-    pinned = client.classify(cell_paths[0], model_version="2.0.0-tta8")
-    assert pinned.model_version == "2.0.0-tta8" and pinned.weights_sha256 == plugin.model_versions[0].weights_sha256
+    assert server.logs().count('"loading model version on first use", "plugin": "lymphoblast", "version": "2.0.0-tta8"') == 1
+    assert results[0].weights_sha256 == plugin.model_versions[0].weights_sha256  # the same weights, averaged over 8 views
+    plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
+    assert {v.version: v.state for v in plugin.model_versions}["2.0.0-tta8"] == pb.VERSION_STATE_READY
+
+
+def test_versions_without_a_quality_gate_and_ood_check_are_not_served(client, server, cell_paths):
+    """The safety contract: lymphoblast's 1.x versions have neither check, so a lab that pins
+    one gets FAILED_PRECONDITION saying what is missing, not garbage labelled, and they never load."""
+    from google.rpc import error_details_pb2
+
+    plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
+    versions = {v.version: v for v in plugin.model_versions}
+    assert list(versions["2.0.0"].safety_checks) == ["out_of_distribution", "quality_gate"]
+    for old in ("1.0.0", "1.1.0", "1.2.0"):
+        assert list(versions[old].safety_checks) == [] and versions[old].state == pb.VERSION_STATE_NOT_SERVED
+        assert "quality_gate, out_of_distribution" in versions[old].state_reason
+        with pytest.raises(DxServeError) as caught:
+            client.classify(cell_paths[0], model_version=old)
+        assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_UNGATED")
+        failure = next(d for d in caught.value.details if isinstance(d, error_details_pb2.PreconditionFailure))
+        assert (failure.violations[0].type, failure.violations[0].subject) == ("SAFETY_CHECKS", f"lymphoblast/{old}")
+        pinned = pb.ClassifyRequest(plugin="lymphoblast", image=pb.Image(encoded=cell_paths[0].read_bytes()),
+                                    weights_sha256=versions[old].weights_sha256)
+        with pytest.raises(grpc.RpcError) as by_hash:  # pinning its weights instead of its name: the same refusal
+            client.stub.Classify(pinned, timeout=30)
+        assert by_hash.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # Streams say so per item and go on.
+        results = list(client.classify_stream([cell_paths[0], cell_paths[1]], model_version=old))
+        assert [r.error_code for r in results] == ["FAILED_PRECONDITION"] * 2
+    assert "loading model version on first use\", \"plugin\": \"lymphoblast\", \"version\": \"1." not in server.logs()

@@ -100,7 +100,7 @@ def test_health_goes_not_serving_on_sigterm(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
-def test_tls_and_metrics(tmp_path):
+def test_tls_and_metrics(tmp_path, monkeypatch):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
@@ -114,6 +114,14 @@ def test_tls_and_metrics(tmp_path):
             with pytest.raises(DxServeError) as caught:
                 plaintext.list_plugins()
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        from dxserve.cli import main
+
+        # `dxserve health` (the container's HEALTHCHECK) speaks TLS too, from flags or DXSERVE_HEALTH_* variables.
+        assert main(["health", "--address", server.address, "--timeout", "3"]) == 1  # plaintext cannot
+        assert main(["health", "--address", server.address, "--tls-ca", str(cert)]) == 0
+        monkeypatch.setenv("DXSERVE_HEALTH_TLS_CA", str(cert))
+        monkeypatch.setenv("DXSERVE_HEALTH_SERVER_NAME", "localhost")
+        assert main(["health", "--address", server.address]) == 0
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert 'dxserve_request_seconds_count{plugin="brightness",version="2.0"} 1.0' in body
         assert 'dxserve_batch_size_count{plugin="brightness",version="2.0"} 1.0' in body

@@ -5,6 +5,7 @@ import asyncio
 import grpc
 import pytest
 
+from conftest import UNGATED
 from dxserve.app import Server
 from dxserve.config import Settings
 from dxserve.registry import FAILED, LOADING, discover
@@ -15,7 +16,7 @@ ONLY_TEST_PLUGINS = ["lymphoblast"]  # keep TensorFlow out of these in-process t
 
 
 def test_entry_point_plugins_are_discovered_without_server_changes():
-    plugins = discover(Settings(disabled_plugins=ONLY_TEST_PLUGINS))
+    plugins = discover(Settings(ungated_versions_allowed=UNGATED, disabled_plugins=ONLY_TEST_PLUGINS))
     assert {"brightness", "flaky", "broken_load"} <= set(plugins)
     assert plugins["brightness"].state == LOADING
     assert plugins["broken_import"].state == FAILED
@@ -30,7 +31,7 @@ def test_lymphoblast_registers_through_the_entry_point_group():
 
 
 def test_disabled_plugins_are_not_loaded():
-    plugins = discover(Settings(disabled_plugins=ONLY_TEST_PLUGINS + ["flaky"]))
+    plugins = discover(Settings(ungated_versions_allowed=UNGATED, disabled_plugins=ONLY_TEST_PLUGINS + ["flaky"]))
     assert "flaky" not in plugins and "lymphoblast" not in plugins
 
 
@@ -38,7 +39,7 @@ def test_weights_with_a_wrong_hash_fail_the_plugin(monkeypatch):
     from dxserve_testplugins import brightness
 
     monkeypatch.setattr(brightness, "WEIGHTS_SHA256", "0" * 64)
-    plugins = discover(Settings(disabled_plugins=ONLY_TEST_PLUGINS))
+    plugins = discover(Settings(ungated_versions_allowed=UNGATED, disabled_plugins=ONLY_TEST_PLUGINS))
 
     async def load():
         from dxserve.registry import load_all
@@ -46,7 +47,7 @@ def test_weights_with_a_wrong_hash_fail_the_plugin(monkeypatch):
         async def ignore(entry):
             pass
 
-        await load_all({"brightness": plugins["brightness"]}, Settings(), ignore)
+        await load_all({"brightness": plugins["brightness"]}, Settings(ungated_versions_allowed=UNGATED, ), ignore)
 
     asyncio.run(load())
     assert plugins["brightness"].state == FAILED
@@ -59,7 +60,7 @@ def test_loading_plugin_is_unavailable_then_serves():
     from conftest import free_port
 
     async def scenario():
-        settings = Settings(address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"], audit_db="",
+        settings = Settings(ungated_versions_allowed=UNGATED, address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"], audit_db="",
                             disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])
         server = Server(settings)
         await server.start()
@@ -101,7 +102,7 @@ def test_an_unexpected_server_error_costs_one_stream_item(monkeypatch):
     monkeypatch.setattr(images, "decode", decode)
 
     async def scenario():
-        settings = Settings(address=f"127.0.0.1:{free_port()}", disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"],
+        settings = Settings(ungated_versions_allowed=UNGATED, address=f"127.0.0.1:{free_port()}", disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"],
                             audit_db="")
         server = Server(settings)
         await server.start()
@@ -126,7 +127,7 @@ def test_a_plugin_returning_something_else_is_failed(tmp_path, monkeypatch):
         "from dxserve import hookimpl\n\n@hookimpl\ndef dxserve_model_runtimes():\n    return [object]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    plugins = discover(Settings(plugins=["dxserve_not_a_runtime"], disabled_plugins=ONLY_TEST_PLUGINS))
+    plugins = discover(Settings(ungated_versions_allowed=UNGATED, plugins=["dxserve_not_a_runtime"], disabled_plugins=ONLY_TEST_PLUGINS))
     assert plugins["dxserve_not_a_runtime"].state == FAILED
     assert "not a ModelRuntime subclass" in plugins["dxserve_not_a_runtime"].reason
     assert plugins["brightness"].state == LOADING  # the others are unaffected

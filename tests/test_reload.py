@@ -15,7 +15,8 @@ import pytest
 from dxserve.audit import open_store
 from dxserve.auth import KeyFile
 from dxserve.v1 import admin_pb2, admin_pb2_grpc
-from dxserve_client import Client
+from dxserve_client import Client, DxServeError
+from dxserve.v1 import diagnostics_pb2 as pb
 from test_lifecycle import light_server
 
 GREY = np.full((8, 8, 3), 120, np.uint8)  # mean 0.47: "dark" at threshold 0.5, "bright" at 0.3
@@ -97,7 +98,15 @@ def test_sighup_loads_a_new_version_and_admins_roll_back(tmp_path, setup):
             (brightness,) = report.plugins
             assert not brightness.ok and "refusing corrupt or altered weights" in brightness.error
             assert lab.classify(GREY, plugin="brightness").model_version == "2.0"  # still serving as before
+            (listed,) = [p for p in lab.list_plugins() if p.name == "brightness"]
+            states = {v.version: (pb.VersionState.Name(v.state), v.state_reason) for v in listed.model_versions}
+            assert states["4.0"][0] == "VERSION_STATE_FAILED" and "refusing corrupt" in states["4.0"][1]  # it fails alone
+            assert states["3.0"][0] == "VERSION_STATE_READY" and states["2.0"][0] == "VERSION_STATE_READY"
+            with pytest.raises(DxServeError) as caught:
+                lab.classify(GREY, plugin="brightness", model_version="4.0")
+            assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "VERSION_FAILED")
             (versions / "4.0.json").unlink()
+            admin.ReloadPlugins(admin_pb2.ReloadPluginsRequest(plugins=["brightness"]), metadata=ops.metadata, timeout=30)
             back = admin.SetDefaultVersion(admin_pb2.SetDefaultVersionRequest(plugin="brightness"), metadata=ops.metadata, timeout=10)
             assert back.default_model_version == "3.0"
             with pytest.raises(grpc.RpcError) as caught:
@@ -131,3 +140,49 @@ def test_a_retired_version_finishes_its_calls_first():
         await asyncio.wait_for(retiring, 5)
 
     asyncio.run(scenario())
+
+
+def _versions(client: Client, plugin: str = "brightness") -> dict[str, tuple[str, str]]:
+    listed = next(p for p in client.list_plugins() if p.name == plugin)
+    return {v.version: (pb.VersionState.Name(v.state), v.state_reason) for v in listed.model_versions}
+
+
+def _health(client: Client, plugin: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(client.channel).Check(
+        health_pb2.HealthCheckRequest(service=f"dxserve.v1.DiagnosticsService/{plugin}"), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_a_weights_file_corrupted_under_a_loaded_version_fails_that_version_alone(tmp_path):
+    """Reload hashes loaded versions' files again: the damage is found now, not at the next
+    restart, and it costs that version only; the default falls back only where allowed."""
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    env = {"DXSERVE_BRIGHTNESS_VERSIONS": str(versions)}
+    add_version(versions, "3.0", threshold=0.3)
+    with light_server(tmp_path, env=env) as server, Client(server.address) as client:
+        assert client.classify(GREY, plugin="brightness").model_version == "3.0"
+        (versions / "3.0.json").write_text(json.dumps({"threshold": 0.9}))  # the file changes under the loaded version
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while _versions(client)["3.0"][0] != "VERSION_STATE_FAILED":
+            assert time.monotonic() < deadline, "reload did not notice the damaged file"
+            time.sleep(0.1)
+        assert "refusing corrupt or altered weights" in _versions(client)["3.0"][1]
+        assert _versions(client)["2.0"][0] == "VERSION_STATE_AVAILABLE"  # not loaded yet: it loads on first use
+        with pytest.raises(DxServeError) as caught:  # the default is the damaged one, and no fallback was allowed
+            client.classify(GREY, plugin="brightness")
+        assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "VERSION_FAILED")
+        assert _health(client, "brightness") == "NOT_SERVING"
+        assert client.classify(GREY, plugin="brightness", model_version="2.0").model_version == "2.0"  # the others serve
+    assert '"plugin reloaded"' in server.logs() and '"failed": ["3.0"]' in server.logs()
+
+    # At the next start the plugin is not FAILED as a whole; with default_fallback the newest healthy version takes over.
+    with light_server(tmp_path, "--default-fallback", "true", env=env) as server, Client(server.address) as client:
+        assert _versions(client)["3.0"][0] == "VERSION_STATE_FAILED"
+        listed = next(p for p in client.list_plugins() if p.name == "brightness")
+        assert listed.state == pb.PLUGIN_STATE_READY and listed.default_model_version == "2.0"
+        assert client.classify(GREY, plugin="brightness").model_version == "2.0"
+        assert _health(client, "brightness") == "SERVING"

@@ -9,12 +9,12 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import images, reflection
+from . import images, metrics, reflection
 from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, open_methods
 from .config import Settings
-from .registry import READY, PluginEntry, discover, load_all
+from .registry import PluginEntry, discover, load_all
 from .service import DiagnosticsService
 from .v1 import admin_pb2, admin_pb2_grpc
 from .v1 import diagnostics_pb2 as pb
@@ -23,6 +23,7 @@ from .v1 import diagnostics_pb2_grpc as pb_grpc
 log = logging.getLogger("dxserve.app")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
@@ -49,7 +50,11 @@ class Server:
         self.settings = settings
         images.limit_pixels(settings.max_image_pixels)
         self.plugins: dict[str, PluginEntry] = discover(settings)
-        self.audit = AuditTrail(open_store(settings.audit_db), settings.audit_required) if settings.audit_db else None
+        for entry in self.plugins.values():
+            entry.notify = self._on_plugin_change  # a version failing, hanging or recovering changes health
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.audit = AuditTrail(open_store(settings.audit_db, settings.audit_min_free_mb * 2**20), settings.audit_required,
+                                self._on_audit_change) if settings.audit_db else None
         self.service = DiagnosticsService(self.plugins, settings, self.audit)
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -70,7 +75,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 1),  # `--workers N`: N processes listen on one port, the kernel spreads connections
+                # Only `--workers N` shares a port (the kernel spreads connections over its own workers):
+                # a second server on a taken port is refused, instead of silently taking a share.
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
         )
         self.operations = Operations(self.plugins, settings, self.audit, self._on_plugin_change)
@@ -81,13 +88,18 @@ class Server:
 
     async def start(self) -> None:
         """Listen at once (ListPlugins and health answer while plugins load), then load them."""
+        self._loop = asyncio.get_running_loop()
         credentials = _credentials(self.settings)
-        if credentials:
-            self.port = self._server.add_secure_port(self.settings.address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(self.settings.address)
+        try:
+            if credentials:
+                self.port = self._server.add_secure_port(self.settings.address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(self.settings.address)
+        except RuntimeError as error:  # gRPC's words for a port that is taken or not ours to bind
+            raise OSError(f"cannot listen on {self.settings.address}: the address is in use or cannot be bound "
+                          f"({str(error).split(';')[0]})") from None
         for name in self.plugins:
-            await self.health.set(plugin_health_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(plugin_health_name(name), NOT_SERVING)
         await self._set_overall()
         await self._server.start()
         host = self.settings.address.rpartition(":")[0]
@@ -96,16 +108,37 @@ class Server:
         self._loading = asyncio.ensure_future(load_all(self.plugins, self.settings, self._on_plugin_change))
 
     async def _on_plugin_change(self, entry: PluginEntry) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if entry.state == READY else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set(plugin_health_name(entry.name), status)
+        metrics.version_states(entry)
+        await self._set_plugin(entry)
+        await self._set_overall()
+
+    def _on_audit_change(self) -> None:
+        """From the audit writer thread: the trail failed or recovered."""
+        if self.audit.failing:
+            log.error("audit trail cannot be written: health NOT_SERVING until it can", extra={"error": self.audit.failing})
+        else:
+            log.warning("audit trail writable again: health follows the plugins")
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._set_all(), self._loop)
+
+    def _answering(self) -> bool:
+        """Whether a result can be given at all: not stopping, and (when records are required) the trail is writable."""
+        return not self._stopping and not (self.audit is not None and self.audit.required and self.audit.failing)
+
+    async def _set_plugin(self, entry: PluginEntry) -> None:
+        serving = self._answering() and entry.serving
+        await self.health.set(plugin_health_name(entry.name), SERVING if serving else NOT_SERVING)
+
+    async def _set_all(self) -> None:
+        for entry in self.plugins.values():
+            await self._set_plugin(entry)
         await self._set_overall()
 
     async def _set_overall(self) -> None:
         # The server as a whole serves once any plugin does; per-plugin names tell the rest.
-        serving = not self._stopping and any(e.state == READY for e in self.plugins.values())
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set(health.OVERALL_HEALTH, status)
-        await self.health.set(SERVICE_NAME, status)
+        serving = self._answering() and any(e.serving for e in self.plugins.values())
+        await self.health.set(health.OVERALL_HEALTH, SERVING if serving else NOT_SERVING)
+        await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
 
     async def reload(self, who: str) -> None:
         """SIGHUP: read the key file again (new and revoked callers), then reload every plugin."""

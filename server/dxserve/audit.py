@@ -23,13 +23,17 @@ appends with a transaction-scoped advisory lock, so one chain spans them all).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import queue
 import threading
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -123,9 +127,10 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS audit (
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str):
+    def __init__(self, path: str, min_free_bytes: int = 0):
         super().__init__()
         self.path = path
+        self.min_free_bytes = min_free_bytes
 
     def connect(self):
         import sqlite3
@@ -138,14 +143,24 @@ class SQLiteStore(Store):
 
     def _append(self, records: list[dict]) -> None:
         connection = self.connection
+        self._check_free_space()
         connection.execute("BEGIN IMMEDIATE")  # the write lock first: other processes append after us
         try:
             last = connection.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             connection.executemany(self._insert_sql(), self._chain(last, records))
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            with contextlib.suppress(Exception):  # SQLite may have rolled back itself: the first error is the cause
+                connection.execute("ROLLBACK")
             raise
+
+    def _check_free_space(self) -> None:
+        """Refuse cleanly before the disk is full: below `min_free_bytes` nothing is written."""
+        if self.min_free_bytes:
+            free = shutil.disk_usage(Path(self.path).resolve().parent).free
+            if free < self.min_free_bytes:
+                raise OSError(errno.ENOSPC, f"only {free // 2**20} MiB free on the audit disk, below its low-water mark "
+                              f"of {self.min_free_bytes // 2**20} MiB (audit_min_free_mb)")
 
 
 class PostgresStore(Store):
@@ -177,11 +192,14 @@ class PostgresStore(Store):
             yield from super().rows(since)
 
 
-def open_store(target: str) -> Store:
-    """A postgresql:// (or postgres://) URL, or a SQLite file path."""
+def open_store(target: str, min_free_bytes: int = 0, must_exist: bool = False) -> Store:
+    """A postgresql:// (or postgres://) URL, or a SQLite file path (`must_exist`: one that is
+    there already; `min_free_bytes`: the disk's low-water mark for writes)."""
     if target.startswith(("postgresql://", "postgres://")):
         return PostgresStore(target)
-    return SQLiteStore(target)
+    if must_exist and not Path(target).is_file():
+        raise FileNotFoundError(f"no audit database at {target}")
+    return SQLiteStore(target, min_free_bytes)
 
 
 def verify(store: Store) -> tuple[int, str, list[str]]:
@@ -210,10 +228,20 @@ class AuditUnavailable(Exception):
 
 
 class AuditTrail:
-    """Queues records from the event loop; one thread commits them in batches."""
+    """Queues records from the event loop; one thread commits them in batches.
 
-    def __init__(self, store: Store, required: bool = True):
+    `failing` says why the last write failed ("" while writes succeed). While it fails, the
+    writer tries again every `retry_s` with an `audit_gap` row that records the outage, so the
+    trail becomes writable again, and says so, without waiting for a request; `on_change()` is
+    called (from the writer thread) whenever `failing` changes.
+    """
+
+    def __init__(self, store: Store, required: bool = True, on_change: Callable[[], None] | None = None, retry_s: float = 1.0):
         self.store, self.required = store, required
+        self.failing = ""
+        self.on_change = on_change
+        self.retry_s = retry_s
+        self._failing_since = ""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
         self._thread.start()
@@ -231,7 +259,7 @@ class AuditTrail:
                 raise
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._next()) is not None:
             batch = [item]
             while len(batch) < MAX_BATCH:
                 try:
@@ -244,11 +272,35 @@ class AuditTrail:
                 batch.append(item)
             self._write(batch)
 
+    def _next(self):
+        """The next queued item; while failing, an `audit_gap` probe whenever none comes for `retry_s`."""
+        while True:
+            try:
+                return self._queue.get(timeout=self.retry_s if self.failing else None)
+            except queue.Empty:
+                self._write([({"event": "audit_gap", "status": "OK", "detail": self._gap_detail()}, None, None)])
+
+    def _gap_detail(self) -> str:
+        return f"audit records could not be written from {self._failing_since}: {self.failing}"
+
+    def _health(self, failure: Exception | None) -> None:
+        reason = "" if failure is None else str(failure)
+        if bool(reason) != bool(self.failing):
+            if reason:
+                self._failing_since = now()
+            self.failing = reason
+            if self.on_change is not None:
+                self.on_change()
+        elif reason:
+            self.failing = reason
+
     def _write(self, batch: list) -> None:
         records = []
         for record, _, _ in batch:
             image = record.pop("image", None)
             records.append({**record, "input_sha256": input_sha256(image) if image is not None else record.get("input_sha256")})
+        if self.failing and records[0]["event"] != "audit_gap":  # the first row after an outage says it was one
+            records.insert(0, {"event": "audit_gap", "status": "OK", "detail": self._gap_detail()})
         started = time.monotonic()
         try:
             self.store.append(records)
@@ -257,8 +309,10 @@ class AuditTrail:
             log.error("audit records not written", extra={"records": len(records), "error": f"{type(error).__name__}: {error}"})
             failure = AuditUnavailable(f"{type(error).__name__}: {error}")
         log.debug("audit batch", extra={"records": len(records), "ms": round((time.monotonic() - started) * 1000, 2)})
+        self._health(failure)
         for _, done, loop in batch:
-            loop.call_soon_threadsafe(_settle, done, failure)
+            if done is not None:
+                loop.call_soon_threadsafe(_settle, done, failure)
 
     def close(self) -> None:
         """Write what is queued, then stop."""

@@ -4,13 +4,19 @@ Items wait in a bounded queue. A worker takes the first item, then gathers more 
 batch is full or `max_wait_s` has passed since that first item, drops items whose caller
 has gone (cancelled, or past the deadline), and runs `predict` in the model's own thread,
 so the event loop keeps serving while the model works.
+
+A watchdog bounds each model call: one still running after `predict_timeout_s` marks the
+version unresponsive (`unresponsive` says why; health reports it), fails its batch and its
+queue with UNAVAILABLE at once, and refuses new items fast, until the call returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +24,8 @@ import numpy as np
 
 from . import errors, metrics
 from .runtime import Decision, ModelRuntime, QualityIssue
+
+log = logging.getLogger("dxserve.batcher")
 
 
 @dataclass
@@ -43,7 +51,8 @@ class _Item:
 class Batcher:
     """One per loaded model version; `submit` from any task on the event loop."""
 
-    def __init__(self, plugin: str, runtime: ModelRuntime, max_batch_size: int, max_wait_s: float, max_queue_size: int):
+    def __init__(self, plugin: str, runtime: ModelRuntime, max_batch_size: int, max_wait_s: float, max_queue_size: int,
+                 predict_timeout_s: float = float("inf"), on_change: Callable[[], Awaitable[None]] | None = None):
         self.plugin = plugin
         self.runtime = runtime
         self.version = runtime.version.version
@@ -59,6 +68,9 @@ class Batcher:
         # Places in the queue, taken before decoding: a full model refuses a unary call before
         # any work is spent on it, and makes a stream item wait (so the stream stops reading).
         self._places = asyncio.Semaphore(max_queue_size)
+        self.predict_timeout_s = predict_timeout_s
+        self.unresponsive = ""  # why, while a model call has run past predict_timeout_s
+        self._on_change = on_change  # awaited when `unresponsive` changes (health)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.plugin}")
@@ -69,7 +81,8 @@ class Batcher:
         if self._worker:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        # A model call that never returns is abandoned, not waited for: the server must stop.
+        self._executor.shutdown(wait=not self.unresponsive, cancel_futures=True)
 
     @contextlib.asynccontextmanager
     async def admit(self, wait: bool):
@@ -103,6 +116,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         item = _Item(model_input, loop.create_future(), now, None if timeout_s is None else now + timeout_s)
+        if self.unresponsive:
+            raise self._unresponsive_error()
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -134,10 +149,12 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
         started = time.monotonic()
+        call = loop.run_in_executor(self._executor, self._predict, np.stack([item.model_input for item in live]))
         try:
-            probabilities, decisions, issues = await loop.run_in_executor(
-                self._executor, self._predict, np.stack([item.model_input for item in live])
-            )
+            probabilities, decisions, issues = await asyncio.wait_for(asyncio.shield(call), self.predict_timeout_s)
+        except asyncio.TimeoutError:
+            await self._stalled(call, live)
+            return
         except Exception as error:
             if len(live) > 1:
                 # One bad image must not fail its batch-mates: retry each alone to isolate it.
@@ -151,6 +168,33 @@ class Batcher:
         for item, p, decision, found in zip(live, probabilities, decisions, issues, strict=True):
             if not item.future.done():
                 item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live), tuple(found)))
+
+    def _unresponsive_error(self) -> errors.ServingError:
+        return errors.unavailable(self.plugin, self.unresponsive, "VERSION_UNRESPONSIVE", retry_after_s=1)
+
+    async def _stalled(self, call: asyncio.Future, batch: list[_Item]) -> None:
+        """The watchdog: a model call ran past `predict_timeout_s`. Fail its batch and the queue
+        now, refuse new items, and wait (the model's one thread is taken) for it to return."""
+        self.unresponsive = (f"model version {self.version!r} of plugin {self.plugin!r} is unresponsive: a model call "
+                             f"has run over {self.predict_timeout_s:g} s (predict_timeout_s); requests are refused until it returns")
+        log.error("model call hung; version marked unresponsive", extra={"plugin": self.plugin, "version": self.version,
+                                                                        "predict_timeout_s": self.predict_timeout_s})
+        metrics.UNRESPONSIVE.labels(self.plugin, self.version).inc()
+        error = self._unresponsive_error()
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+        if self._on_change:
+            await self._on_change()
+        stalled_at = time.monotonic()
+        await asyncio.gather(call, return_exceptions=True)
+        self.unresponsive = ""
+        log.warning("hung model call returned; version serves again", extra={
+            "plugin": self.plugin, "version": self.version, "seconds": round(time.monotonic() - stalled_at + self.predict_timeout_s, 1)})
+        if self._on_change:
+            await self._on_change()
 
     def _still_wanted(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()

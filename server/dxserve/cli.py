@@ -5,6 +5,7 @@
     DXSERVE_MAX_BATCH_SIZE=64 dxserve serve
     dxserve tokens add lab-7 --plugins lymphoblast --keys-file callers.json   # prints the token once
     dxserve health --address 127.0.0.1:50051                                 # exit 0 when SERVING
+    dxserve health --tls-ca ca.pem --server-name localhost                   # the same over TLS (--tls-cert/--tls-key: mTLS)
     dxserve audit verify --db dxserve-audit.sqlite3                          # or a postgresql:// URL
     dxserve audit export --db dxserve-audit.sqlite3 --since 2026-11-01 --format csv
 
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import TextIO
 from pathlib import Path
@@ -98,7 +100,8 @@ def supervise(settings: Settings, argv: list[str]) -> int:
     for i in range(settings.workers):
         env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": threads}
         metrics = ["--metrics-port", str(settings.metrics_port + i)] if settings.metrics_port else []
-        workers.append(subprocess.Popen([sys.executable, "-m", "dxserve.cli", *argv, "--workers", "1", *metrics], env=env))
+        workers.append(subprocess.Popen([sys.executable, "-m", "dxserve.cli", *argv, "--workers", "1", "--reuse-port", "true",
+                                         *metrics], env=env))
     log.info("workers started", extra={"workers": [w.pid for w in workers], "address": settings.address, "tf_threads": threads})
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: [w.send_signal(number) for w in workers if w.poll() is None])
@@ -114,14 +117,28 @@ def health_command(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with _health_channel(args) as channel:
+            metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
-                                                                timeout=args.timeout).status
+                                                                timeout=args.timeout, metadata=metadata).status
     except grpc.RpcError as error:
         print(f"dxserve: health check failed: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _health_channel(args: argparse.Namespace):
+    """A plain channel, or TLS when any TLS option is given (the server's own CA, and a client
+    certificate for mTLS), as the client library connects."""
+    import grpc
+
+    if not (args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.address)
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    return grpc.secure_channel(args.address, credentials, options)
 
 
 def tokens_command(args: argparse.Namespace) -> int:
@@ -157,7 +174,11 @@ def tokens_command(args: argparse.Namespace) -> int:
 def audit_command(args: argparse.Namespace) -> int:
     from .audit import COLUMNS, open_store, verify
 
-    store = open_store(args.db)
+    try:
+        store = open_store(args.db, must_exist=True)
+    except FileNotFoundError as error:
+        print(f"dxserve: {error}", file=sys.stderr)
+        return 2
     try:
         if args.action == "verify":
             count, last, problems = verify(store)
@@ -205,6 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--address", default="127.0.0.1:50051")
     health.add_argument("--service", default="", help="e.g. dxserve.v1.DiagnosticsService/lymphoblast (default: the server)")
     health.add_argument("--timeout", type=float, default=3.0)
+    # Each option defaults to DXSERVE_HEALTH_<OPTION>, so a container's HEALTHCHECK line stays the same under TLS.
+    env = lambda name: os.environ.get(f"DXSERVE_HEALTH_{name}", "")  # noqa: E731
+    health.add_argument("--tls-ca", default=env("TLS_CA"), help="PEM CA bundle that signed the server's certificate: "
+                        "check over TLS")
+    health.add_argument("--tls-cert", default=env("TLS_CERT"), help="PEM client certificate (mTLS; with --tls-key); implies TLS")
+    health.add_argument("--tls-key", default=env("TLS_KEY"), help="PEM client private key")
+    health.add_argument("--server-name", default=env("SERVER_NAME"), help="the name the server's certificate carries, when "
+                        "the address does not (e.g. 'localhost' for 127.0.0.1)")
+    health.add_argument("--token", default=env("TOKEN"), help="bearer token, for a server whose health checks need one "
+                        "(auth_open_health = false)")
     health.set_defaults(run=health_command)
 
     audit = sub.add_parser("audit", help="check or export the audit trail")
@@ -240,7 +271,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # e.g. the port is taken
         logging.getLogger("dxserve").error("cannot serve", extra={"error": str(error)})
         return 1
-    return 0
+    return _exit_past_hung_threads(0)
+
+
+def _exit_past_hung_threads(code: int) -> int:
+    """Return `code`; but a model call that never returned (the watchdog's unresponsive
+    version) would keep the interpreter from exiting, so then exit at once, having said so."""
+    import os
+    import threading
+
+    hung = [t.name for t in threading.enumerate() if t.name.startswith("model-") and t.is_alive()]
+    if hung:
+        logging.getLogger("dxserve").error("exiting past model calls that never returned", extra={"threads": hung})
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -32,8 +32,17 @@ class Settings(BaseModel):
     decode_threads: int = Field(4, ge=1, le=64, description="threads that decode and preprocess images")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), the CPU's "
                          "threads split between them; needs a fixed port")
+    reuse_port: bool = Field(False, description="share the port with other processes (SO_REUSEPORT); `--workers N` "
+                             "sets it for its own workers; false: a port in use is an error")
     preload_versions: bool = Field(False, description="load every model version at start; false: the default one, "
                                    "the others on first use")
+    ungated_versions_allowed: list[str] = Field(default_factory=list, description="model versions served although they "
+                                                "lack an input quality gate or an out-of-distribution check, as "
+                                                "'plugin/version' patterns ('lymphoblast/1.*', '*'): for research use only")
+    default_fallback: bool = Field(False, description="when a plugin's default version cannot be served (failed, "
+                                   "ungated), requests without a version get its newest servable one; false: refused")
+    predict_timeout_s: float = Field(30.0, gt=0, description="a model call running longer marks its version "
+                                     "unresponsive (health NOT_SERVING, its queue failed fast) until it returns")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to register, as 'package.module'")
     disabled_plugins: list[str] = Field(default_factory=list, description="entry-point plugins not to load")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, serve TLS")
@@ -44,7 +53,10 @@ class Settings(BaseModel):
     auth_open_health: bool = Field(True, description="health checks need no identity")
     auth_open_reflection: bool = Field(True, description="server reflection needs no identity")
     audit_db: str = Field("dxserve-audit.sqlite3", description="audit trail: a SQLite file, or a postgresql:// URL; empty = off")
-    audit_required: bool = Field(True, description="a request whose audit record cannot be written fails (UNAVAILABLE)")
+    audit_required: bool = Field(True, description="a request whose audit record cannot be written fails (UNAVAILABLE), "
+                                 "and health reports NOT_SERVING until the trail is writable again")
+    audit_min_free_mb: int = Field(64, ge=0, description="SQLite audit trail: below this much free disk, records are "
+                                   "refused cleanly (as if the disk were full) before it fills; 0 = no low-water mark")
     tracing: bool = Field(False, description="OpenTelemetry traces of every call; the exporter comes from the "
                           "standard OTEL_* variables (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, ...)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")

@@ -148,6 +148,15 @@ def weights_mismatch(plugin: str, version: str, served: str, asked: str) -> Serv
         _error_info("WEIGHTS_MISMATCH", plugin=plugin, model_version=version, weights_sha256=asked))
 
 
+def version_ungated(plugin: str, version: str, missing: list[str], description: str) -> ServingError:
+    """FAILED_PRECONDITION: the version lacks a required safety check and the operator did not allow it."""
+    return ServingError(
+        grpc.StatusCode.FAILED_PRECONDITION, description,
+        error_details_pb2.PreconditionFailure(violations=[error_details_pb2.PreconditionFailure.Violation(
+            type="SAFETY_CHECKS", subject=f"{plugin}/{version}", description=f"missing: {', '.join(missing)}")]),
+        _error_info("VERSION_UNGATED", plugin=plugin, model_version=version, missing=",".join(missing)))
+
+
 def draining(resume_index: int) -> ServingError:
     """UNAVAILABLE ending a stream while the server stops: every item before `resume_index` was
     answered, none from it on was read; resend those, to this server's successor or a replica."""

@@ -39,8 +39,8 @@ def dxserve_model_runtimes() -> list[type]:
     - ``versions()``: the available :class:`~dxserve.runtime.ModelVersion` s, the default
       first, each with its weights file, SHA-256 and model card. The server refuses to
       load weights whose hash differs.
-    - ``load()``: load one version's weights. Raising marks the plugin FAILED (with the
-      exception as its reason) while every other plugin keeps serving.
+    - ``load()``: load one version's weights. Raising marks that version FAILED (with the
+      exception as its reason) while its other versions and every other plugin keep serving.
     - ``predict(batch)``: probabilities for a batch of preprocessed images.
 
     and may override ``preprocess(image)`` (decoded uint8 RGB -> model input) and
@@ -60,5 +60,15 @@ def dxserve_model_runtimes() -> list[type]:
     not a diagnosis) and ``explain(image)`` (an :class:`~dxserve.runtime.Explanation`: a
     heatmap of the image's size showing what drove the score, for requests that set
     ``explain``; a plugin without it is listed with ``explains = false``).
+
+    **The safety contract.** The server serves a version only if
+    ``safety_checks(version)`` names both an input quality gate (``QUALITY_GATE``) and an
+    out-of-distribution check (``OUT_OF_DISTRIBUTION``); by default a runtime has each one
+    that it overrides ``check_quality`` / ``predict_with_issues`` for, and a runtime whose
+    versions differ says so per version. A version without both is listed as
+    ``VERSION_STATE_NOT_SERVED`` and refused with ``FAILED_PRECONDITION``
+    (``VERSION_UNGATED``) unless the operator names it in ``ungated_versions_allowed``.
+    ``predict`` should return within the server's ``predict_timeout_s``: one that does not
+    marks its version unresponsive (health NOT_SERVING, its queue failed fast) until it returns.
     """
 

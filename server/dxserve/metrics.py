@@ -23,6 +23,11 @@ BATCH_SIZE = Histogram("dxserve_batch_size", "Images per model call", ["plugin",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 DROPPED = Counter("dxserve_dropped_total", "Queued images dropped before the model, by reason (deadline, cancelled)",
                   ["plugin", "version", "reason"])
+UNRESPONSIVE = Counter("dxserve_unresponsive_total", "Model calls that ran past predict_timeout_s (the version "
+                       "was marked unresponsive until the call returned)", ["plugin", "version"])
+VERSION_STATE = Gauge("dxserve_version_state", "1 for the state each listed model version is in (AVAILABLE, READY, "
+                      "FAILED, NOT_SERVED, UNRESPONSIVE), 0 for the others", ["plugin", "version", "state"])
+VERSION_STATES = ("AVAILABLE", "READY", "FAILED", "NOT_SERVED", "UNRESPONSIVE")
 QUEUE_DEPTH = Gauge("dxserve_queue_depth", "Images waiting for the model", ["plugin", "version"])
 IN_FLIGHT = Gauge("dxserve_in_flight", "Requests admitted to a model version and not yet answered", ["plugin", "version"])
 
@@ -55,3 +60,11 @@ def answered(plugin: str, version: str, code: str, seconds: float, decision: str
         DECISIONS.labels(plugin, version, decision).inc()
     if gate_refused:
         GATE_REFUSED.labels(plugin, version).inc()
+
+
+def version_states(entry) -> None:
+    """Export one plugin's version states (called whenever they change)."""
+    for version in entry.versions:
+        current, _ = entry.version_state(version.version)
+        for state in VERSION_STATES:
+            VERSION_STATE.labels(entry.name, version.version, state).set(1 if state == current else 0)

@@ -10,11 +10,12 @@ import asyncio
 import importlib
 import importlib.metadata
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pluggy
 
-from . import errors, hookspecs
+from . import errors, hookspecs, safety
 from .batcher import Batcher
 from .config import Settings
 from .runtime import ModelRuntime, ModelVersion, PluginInfo, sha256_of
@@ -22,6 +23,7 @@ from .runtime import ModelRuntime, ModelVersion, PluginInfo, sha256_of
 log = logging.getLogger("dxserve.registry")
 
 LOADING, READY, FAILED = "LOADING", "READY", "FAILED"
+AVAILABLE, NOT_SERVED, UNRESPONSIVE = "AVAILABLE", "NOT_SERVED", "UNRESPONSIVE"  # a version's other states
 
 
 @dataclass
@@ -36,16 +38,43 @@ class PluginEntry:
     batchers: dict[str, Batcher] = field(default_factory=dict)  # by model version, once loaded
     default_override: str = ""  # set by AdminService.SetDefaultVersion (e.g. a rollback)
     loading: dict[str, asyncio.Future] = field(default_factory=dict)  # versions loading on first use
+    faults: dict[str, tuple[str, str]] = field(default_factory=dict)  # version -> (FAILED or NOT_SERVED, why)
+    fallback: bool = False  # settings.default_fallback
+    #: Awaited with the entry after any change of its or its versions' state (health, ...).
+    notify: Callable[["PluginEntry"], Awaitable[None]] | None = None
 
     @property
     def info(self) -> PluginInfo | None:
         return self.runtime_class.info if self.runtime_class else None
 
+    def version_state(self, name: str) -> tuple[str, str]:
+        """(AVAILABLE, READY, FAILED, NOT_SERVED or UNRESPONSIVE, why) of one listed version."""
+        if name in self.faults:
+            return self.faults[name]
+        batcher = self.batchers.get(name)
+        if batcher is None:
+            return AVAILABLE, ""
+        return (UNRESPONSIVE, batcher.unresponsive) if batcher.unresponsive else (READY, "")
+
+    def servable(self, name: str) -> bool:
+        return self.version_state(name)[0] in (AVAILABLE, READY)
+
     @property
     def default_version(self) -> str:
-        if any(v.version == self.default_override for v in self.versions):
-            return self.default_override
-        return self.versions[0].version if self.versions else ""
+        names = [v.version for v in self.versions]
+        default = self.default_override if self.default_override in names else next(iter(names), "")
+        if self.fallback and default and not self.servable(default):  # only if the operator allows it
+            return next((n for n in names if self.servable(n)), default)
+        return default
+
+    @property
+    def serving(self) -> bool:
+        """Ready, and a request that names no version would be answered."""
+        return self.state == READY and bool(self.default_version) and self.servable(self.default_version)
+
+    async def changed(self) -> None:
+        if self.notify is not None:
+            await self.notify(self)
 
 
 def plugin_manager(settings: Settings) -> tuple[pluggy.PluginManager, dict[str, str]]:
@@ -87,33 +116,45 @@ def discover(settings: Settings) -> dict[str, PluginEntry]:
             if name in entries:
                 log.error("duplicate plugin name ignored", extra={"plugin": name, "module": module_name})
                 continue
-            entries[name] = PluginEntry(name, runtime_class=cls)
+            entries[name] = PluginEntry(name, runtime_class=cls, fallback=settings.default_fallback)
     return dict(sorted(entries.items()))
 
 
-def load_versions(entry: PluginEntry, loaded: dict[str, Batcher] | None = None,
-                  eager: bool = True) -> tuple[list[ModelVersion], dict[str, ModelRuntime]]:
-    """Blocking: list the plugin's versions, verify every one's weights against its SHA-256,
-    then load each one that is not in `loaded` with the same weights; with `eager` False only
-    the default one (and changed ones that were loaded), the others on first use
-    (`ensure_loaded`). Returns (every version, the newly loaded runtimes). Raises on any
-    failure, having changed nothing."""
+def load_versions(entry: PluginEntry, settings: Settings, loaded: dict[str, Batcher] | None = None,
+                  ) -> tuple[list[ModelVersion], dict[str, ModelRuntime], dict[str, tuple[str, str]]]:
+    """Blocking: list the plugin's versions and check each one alone: a version without the
+    required safety checks (and not allowed) is NOT_SERVED; every other version's weights are
+    hashed again (loaded ones too: the file is what the next start will load), and one not in
+    `loaded` with the same weights is loaded: all of them with `settings.preload_versions`,
+    else the default one (and changed ones that were loaded), the others on first use
+    (`ensure_loaded`). A version that fails is FAILED alone. Returns (every version, the newly
+    loaded runtimes, {version: (state, reason)} of those that cannot be served). Raises only
+    when the plugin lists no versions."""
     assert entry.runtime_class is not None
     versions = list(entry.runtime_class.versions())
     if not versions:
         raise RuntimeError("the plugin declares no model versions")
     loaded = loaded or {}
     default = entry.default_override if any(v.version == entry.default_override for v in versions) else versions[0].version
-    runtimes = {}
+    runtimes, faults = {}, {}
     for version in versions:
-        kept = loaded.get(version.version)
-        if kept is not None and kept.runtime.version.weights_sha256 == version.weights_sha256:
+        missing = safety.missing_checks(entry.runtime_class, version)
+        if missing and not safety.allowed_ungated(settings.ungated_versions_allowed, entry.name, version.version):
+            faults[version.version] = NOT_SERVED, safety.refusal_reason(entry.name, version.version, missing)
             continue
-        if eager or kept is not None or version.version == default:
-            runtimes[version.version] = load_runtime(entry.runtime_class, version)
-        else:
-            verify_weights(version)  # a corrupt file is found now, not by the first request
-    return versions, runtimes
+        kept = loaded.get(version.version)
+        try:
+            if kept is not None and kept.runtime.version.weights_sha256 == version.weights_sha256:
+                verify_weights(version)
+            elif settings.preload_versions or kept is not None or version.version == default:
+                runtimes[version.version] = load_runtime(entry.runtime_class, version)
+            else:
+                verify_weights(version)  # a corrupt file is found now, not by the first request
+        except Exception as error:
+            faults[version.version] = FAILED, f"{type(error).__name__}: {error}"
+            log.error("model version failed; the plugin's other versions serve on",
+                      extra={"plugin": entry.name, "version": version.version, "reason": faults[version.version][1]})
+    return versions, runtimes, faults
 
 
 def verify_weights(version: ModelVersion) -> None:
@@ -133,8 +174,17 @@ def load_runtime(runtime_class: type[ModelRuntime], version: ModelVersion) -> Mo
 
 async def ensure_loaded(entry: PluginEntry, name: str, settings: Settings) -> Batcher:
     """The batcher of version `name`, loading it first if it was left for first use; the
-    requests that arrive meanwhile wait for the same load. A failed load is remembered (and
-    answered UNAVAILABLE) until the next reload."""
+    requests that arrive meanwhile wait for the same load. A version that cannot be served is
+    refused: NOT_SERVED with FAILED_PRECONDITION, FAILED (remembered until the next reload)
+    and UNRESPONSIVE with UNAVAILABLE."""
+    state, reason = entry.version_state(name)
+    if state == NOT_SERVED:
+        version = next(v for v in entry.versions if v.version == name)
+        raise errors.version_ungated(entry.name, name, safety.missing_checks(entry.runtime_class, version), reason)
+    if state == FAILED:
+        raise errors.unavailable(entry.name, f"model version {name!r} of plugin {entry.name!r} failed: {reason}", "VERSION_FAILED")
+    if state == UNRESPONSIVE:
+        raise errors.unavailable(entry.name, reason, "VERSION_UNRESPONSIVE", retry_after_s=1)
     if name in entry.batchers:
         return entry.batchers[name]
     version = next(v for v in entry.versions if v.version == name)
@@ -144,17 +194,32 @@ async def ensure_loaded(entry: PluginEntry, name: str, settings: Settings) -> Ba
     try:
         runtime = await asyncio.shield(entry.loading[name])
     except Exception as error:
+        if name not in entry.faults and entry.loading.get(name) is not None:  # the first waiter records it
+            entry.faults[name] = FAILED, f"{type(error).__name__}: {error}"
+            await entry.changed()
         raise errors.unavailable(entry.name, f"model version {name!r} of plugin {entry.name!r} failed to load: "
                                  f"{type(error).__name__}: {error}", "VERSION_FAILED") from None
     if name not in entry.batchers and entry.loading.get(name) is not None:  # the first waiter starts it
         entry.batchers[name] = _batcher(entry, runtime, settings)
+        await entry.changed()
     return entry.batchers[name]
 
 
 def _batcher(entry: PluginEntry, runtime: ModelRuntime, settings: Settings) -> Batcher:
-    batcher = Batcher(entry.name, runtime, settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queue_size)
+    batcher = Batcher(entry.name, runtime, settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queue_size,
+                      settings.predict_timeout_s, entry.changed)
     batcher.start()
     return batcher
+
+
+def _settle(entry: PluginEntry, faults: dict[str, tuple[str, str]]) -> None:
+    """The plugin's own state after a (re)load: READY while any version can be served."""
+    entry.faults = faults
+    if any(entry.servable(v.version) for v in entry.versions):
+        entry.state, entry.reason = READY, ""
+    else:
+        entry.state = FAILED
+        entry.reason = "no model version can be served: " + "; ".join(f"{name}: {why}" for name, (_, why) in faults.items())
 
 
 async def load_all(entries: dict[str, PluginEntry], settings: Settings, on_change) -> None:
@@ -162,14 +227,15 @@ async def load_all(entries: dict[str, PluginEntry], settings: Settings, on_chang
 
     async def load_one(entry: PluginEntry) -> None:
         try:
-            entry.versions, runtimes = await asyncio.to_thread(load_versions, entry, None, settings.preload_versions)
+            entry.versions, runtimes, faults = await asyncio.to_thread(load_versions, entry, settings)
         except Exception as error:
             entry.state, entry.reason = FAILED, f"{type(error).__name__}: {error}"
             log.error("plugin failed to load", extra={"plugin": entry.name, "reason": entry.reason})
         else:
             entry.batchers = {name: _batcher(entry, runtime, settings) for name, runtime in runtimes.items()}
-            entry.state = READY
-            log.info("plugin ready", extra={"plugin": entry.name, "versions": list(entry.batchers)})
+            _settle(entry, faults)
+            log.info("plugin loaded", extra={"plugin": entry.name, "state": entry.state, "versions": list(entry.batchers),
+                                             "not_served": sorted(faults)})
         await on_change(entry)
 
     await asyncio.gather(*(load_one(e) for e in entries.values() if e.state == LOADING))
@@ -190,30 +256,39 @@ class ReloadReport:
 
 
 async def reload(entry: PluginEntry, settings: Settings) -> ReloadReport:
-    """List the plugin's versions again; load and warm new or changed ones off the event loop,
-    then switch to the new set at once. Calls in flight finish on the batcher they hold; retired
-    batchers stop once idle. On failure nothing changes. A FAILED plugin may recover here."""
+    """List the plugin's versions again; hash every weights file again, load and warm new or
+    changed versions off the event loop, then switch to the new set at once. Calls in flight
+    finish on the batcher they hold; retired batchers stop once idle. A version that fails
+    (a corrupt file, a load that raises) fails alone, and the report says so (`ok` false);
+    when the plugin cannot list its versions, nothing changes. A FAILED plugin may recover here."""
     previous_default = entry.default_version
     if entry.runtime_class is None:
         return ReloadReport(entry.name, False, entry.reason or "the plugin could not be imported", previous_default=previous_default)
     old = dict(entry.batchers)
     try:
-        versions, runtimes = await asyncio.to_thread(load_versions, entry, old, settings.preload_versions)
+        versions, runtimes, faults = await asyncio.to_thread(load_versions, entry, settings, old)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         log.error("plugin reload failed; it keeps serving what it served", extra={"plugin": entry.name, "reason": reason})
         return ReloadReport(entry.name, False, reason, kept=list(old), previous_default=previous_default,
                             default_version=previous_default)
     batchers = {v.version: _batcher(entry, runtimes[v.version], settings) if v.version in runtimes else old[v.version]
-                for v in versions if v.version in runtimes or v.version in old}  # the rest load on first use
-    entry.versions, entry.batchers, entry.state, entry.reason = versions, batchers, READY, ""  # one step on the event loop
+                for v in versions if v.version not in faults and (v.version in runtimes or v.version in old)}
+    entry.versions, entry.batchers = versions, batchers  # one step on the event loop
+    _settle(entry, faults)
+    if not entry.servable(entry.default_version) and entry.servable(previous_default) and previous_default in batchers:
+        entry.default_override = previous_default  # a new version that fails never takes the default traffic
+        log.warning("the new default version cannot be served; the previous default keeps the traffic",
+                    extra={"plugin": entry.name, "default": previous_default})
     entry.loading = {}  # a version that failed to load on first use gets another try
     retired = [b for name, b in old.items() if batchers.get(name) is not b]
     for batcher in retired:
         asyncio.ensure_future(batcher.retire(settings.grace_period_s))
-    report = ReloadReport(entry.name, True, loaded=list(runtimes), removed=[n for n in old if n not in batchers],
+    failed = {name: why for name, (state, why) in faults.items() if state == FAILED}
+    report = ReloadReport(entry.name, not failed, "; ".join(f"{name}: {why}" for name, why in failed.items()),
+                          loaded=list(runtimes), removed=[n for n in old if n not in batchers],
                           kept=[n for n in batchers if n not in runtimes], previous_default=previous_default,
                           default_version=entry.default_version)
     log.info("plugin reloaded", extra={"plugin": entry.name, "loaded": report.loaded, "removed": report.removed,
-                                       "default": report.default_version})
+                                       "failed": sorted(failed), "default": report.default_version})
     return report

@@ -63,6 +63,14 @@ class Decision:
 
 INDETERMINATE = "indeterminate"
 
+#: The input safety checks a model version can apply to every image (`ModelRuntime.safety_checks`).
+QUALITY_GATE = "quality_gate"  # `check_quality` refuses images the model should not classify
+OUT_OF_DISTRIBUTION = "out_of_distribution"  # `predict_with_issues` flags inputs unlike the training data
+#: What the server requires of a version before it serves it: a version lacking any of them is
+#: not served (FAILED_PRECONDITION, state NOT_SERVED in ListPlugins) unless the operator lists it
+#: in the `ungated_versions_allowed` setting, e.g. for research on an old version.
+REQUIRED_SAFETY_CHECKS = (QUALITY_GATE, OUT_OF_DISTRIBUTION)
+
 
 @dataclass(frozen=True)
 class QualityIssue:
@@ -137,6 +145,10 @@ class ModelRuntime:
     the most probable label), `check_quality` (default: no gate), `predict_with_issues`
     (default: `predict`, with no issues), `decide_specimen` (default: no specimen-level call)
     and `explain` (default: none; the server answers explain requests UNIMPLEMENTED).
+
+    The server serves a version only when `safety_checks(version)` includes every one of
+    `REQUIRED_SAFETY_CHECKS` (an input quality gate and an out-of-distribution check), unless
+    the operator allows it explicitly (`ungated_versions_allowed`).
     """
 
     info: ClassVar[PluginInfo]
@@ -197,6 +209,19 @@ class ModelRuntime:
         `Explanation` whose heatmap has the image's height and width (Grad-CAM, occlusion, ...).
         Runs in a worker thread, only for requests that set `explain`. Default: not available."""
         raise NotImplementedError
+
+    @classmethod
+    def safety_checks(cls, version: ModelVersion) -> frozenset[str]:
+        """The input safety checks (`QUALITY_GATE`, `OUT_OF_DISTRIBUTION`) this runtime applies
+        to every image under `version`. Override when they differ between versions (e.g. an
+        old version without a gate). Default: QUALITY_GATE when `check_quality` is overridden,
+        OUT_OF_DISTRIBUTION when `predict_with_issues` is."""
+        checks = set()
+        if cls.check_quality is not ModelRuntime.check_quality:
+            checks.add(QUALITY_GATE)
+        if cls.predict_with_issues is not ModelRuntime.predict_with_issues:
+            checks.add(OUT_OF_DISTRIBUTION)
+        return frozenset(checks)
 
     @classmethod
     def explains(cls) -> bool:

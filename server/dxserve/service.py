@@ -15,6 +15,7 @@ import grpc
 from . import audit, auth, errors, images, metrics
 from .batcher import Batcher, Result
 from .config import Settings
+from . import registry
 from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
 from .runtime import INDETERMINATE, Decision, QualityIssue
 from .specimens import StreamSpecimens, Tally, check_specimen_id
@@ -23,7 +24,10 @@ from .v1 import diagnostics_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dxserve.service")
 
-STATES = {LOADING: pb.PLUGIN_STATE_LOADING, "READY": pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
+STATES = {LOADING: pb.PLUGIN_STATE_LOADING, registry.READY: pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
+VERSION_STATES = {registry.AVAILABLE: pb.VERSION_STATE_AVAILABLE, registry.READY: pb.VERSION_STATE_READY,
+                  FAILED: pb.VERSION_STATE_FAILED, registry.NOT_SERVED: pb.VERSION_STATE_NOT_SERVED,
+                  registry.UNRESPONSIVE: pb.VERSION_STATE_UNRESPONSIVE}
 
 
 class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
@@ -272,6 +276,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 description=info.input.description,
             ))
         for v in entry.versions:
-            message.model_versions.add(version=v.version, weights_sha256=v.weights_sha256,
-                                       model_card=v.model_card, model_card_json=v.model_card_json)
+            state, reason = entry.version_state(v.version)
+            message.model_versions.add(version=v.version, weights_sha256=v.weights_sha256, model_card=v.model_card,
+                                       model_card_json=v.model_card_json, state=VERSION_STATES[state], state_reason=reason,
+                                       safety_checks=sorted(entry.runtime_class.safety_checks(v)))
         return message

@@ -124,6 +124,11 @@ class DxServeError(Exception):
         self.code, self.message, self.details = code, message, details
 
     @property
+    def reason(self) -> str:
+        """The google.rpc.ErrorInfo reason, e.g. "VERSION_UNGATED", "QUEUE_FULL"; "" without one."""
+        return next((d.reason for d in self.details if d.DESCRIPTOR.name == "ErrorInfo"), "")
+
+    @property
     def resume_index(self) -> int | None:
         """For a stream ended by a stopping server: the index of the first item it did not read."""
         for detail in self.details:
@@ -137,7 +142,7 @@ def unpack_details(status) -> list:
     from google.rpc import error_details_pb2
 
     known = {name: getattr(error_details_pb2, name) for name in
-             ("BadRequest", "ErrorInfo", "ResourceInfo", "RetryInfo", "QuotaFailure", "DebugInfo")}
+             ("BadRequest", "ErrorInfo", "ResourceInfo", "RetryInfo", "QuotaFailure", "PreconditionFailure", "DebugInfo")}
     out = []
     for any_detail in status.details:
         cls = known.get(any_detail.TypeName().rsplit(".", 1)[-1])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dxserve import (Decision, Explanation, InputSpec, ModelRuntime, ModelVersion, PluginInfo, Prediction, QualityIssue, SpecimenCounts,
-                     hookimpl)
+from dxserve import (OUT_OF_DISTRIBUTION, QUALITY_GATE, Decision, Explanation, InputSpec, ModelRuntime, ModelVersion, PluginInfo,
+                     Prediction, QualityIssue, SpecimenCounts, hookimpl)
 from dxserve.runtime import INDETERMINATE
 
 from .calibration import Thresholds, calibrated
@@ -97,6 +97,13 @@ class LymphoblastRuntime(ModelRuntime):
     @classmethod
     def versions(cls) -> list[ModelVersion]:
         return shipped_versions()
+
+    @classmethod
+    def safety_checks(cls, version: ModelVersion) -> frozenset[str]:
+        """What the version's card gives it: 2.x has a quality gate and an out-of-distribution
+        model; 1.x has neither, so the server does not serve it unless an operator allows it."""
+        card = version.extra["card"]
+        return frozenset(name for name, key in ((QUALITY_GATE, "quality_gate"), (OUT_OF_DISTRIBUTION, "ood")) if key in card)
 
     def load(self) -> None:
         import keras

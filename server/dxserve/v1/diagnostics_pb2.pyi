@@ -14,10 +14,25 @@ class PluginState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLUGIN_STATE_LOADING: _ClassVar[PluginState]
     PLUGIN_STATE_READY: _ClassVar[PluginState]
     PLUGIN_STATE_FAILED: _ClassVar[PluginState]
+
+class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERSION_STATE_UNSPECIFIED: _ClassVar[VersionState]
+    VERSION_STATE_AVAILABLE: _ClassVar[VersionState]
+    VERSION_STATE_READY: _ClassVar[VersionState]
+    VERSION_STATE_FAILED: _ClassVar[VersionState]
+    VERSION_STATE_NOT_SERVED: _ClassVar[VersionState]
+    VERSION_STATE_UNRESPONSIVE: _ClassVar[VersionState]
 PLUGIN_STATE_UNSPECIFIED: PluginState
 PLUGIN_STATE_LOADING: PluginState
 PLUGIN_STATE_READY: PluginState
 PLUGIN_STATE_FAILED: PluginState
+VERSION_STATE_UNSPECIFIED: VersionState
+VERSION_STATE_AVAILABLE: VersionState
+VERSION_STATE_READY: VersionState
+VERSION_STATE_FAILED: VersionState
+VERSION_STATE_NOT_SERVED: VersionState
+VERSION_STATE_UNRESPONSIVE: VersionState
 
 class ListPluginsRequest(_message.Message):
     __slots__ = ()
@@ -56,16 +71,22 @@ class PluginInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_model_version: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., intended_use: _Optional[str] = ..., state: _Optional[_Union[PluginState, str]] = ..., state_reason: _Optional[str] = ..., explains: _Optional[bool] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("version", "weights_sha256", "model_card", "model_card_json")
+    __slots__ = ("version", "weights_sha256", "model_card", "model_card_json", "safety_checks", "state", "state_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
     version: str
     weights_sha256: str
     model_card: str
     model_card_json: str
-    def __init__(self, version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., model_card: _Optional[str] = ..., model_card_json: _Optional[str] = ...) -> None: ...
+    safety_checks: _containers.RepeatedScalarFieldContainer[str]
+    state: VersionState
+    state_reason: str
+    def __init__(self, version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., model_card: _Optional[str] = ..., model_card_json: _Optional[str] = ..., safety_checks: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[VersionState, str]] = ..., state_reason: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("formats", "max_pixels", "max_message_bytes", "min_side", "description")

@@ -1,0 +1,145 @@
+"""Fault injection: what the server promises still holds, and health tells the truth, when
+a plugin hangs, the audit trail cannot be written, or the port is taken."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServerProcess
+from dxserve_client import Client, DxServeError
+from test_lifecycle import light_server
+
+YELLOW = np.zeros((8, 8, 3), np.uint8) + np.array([255, 255, 0], np.uint8)  # the hang plugin hangs on it
+GREY = np.full((8, 8, 3), 120, np.uint8)
+HANG = ("--plugins", "dxserve_testplugins.hang", "--predict-timeout-s", "1")
+
+
+def health(client: Client, service: str = "") -> str:
+    reply = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_for(condition, timeout_s: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_hung_plugin_is_marked_unresponsive_fails_fast_and_recovers(tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    with light_server(tmp_path, *HANG, ready=("brightness", "hang"), env={"DXSERVE_HANG_FILE": str(hold)}) as server, \
+            Client(server.address, timeout_s=30) as client:
+        assert client.classify(GREY, plugin="hang").ok
+        started = time.monotonic()
+        with pytest.raises(DxServeError) as caught:  # the watchdog answers it after predict_timeout_s
+            client.classify(YELLOW, plugin="hang")
+        assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "VERSION_UNRESPONSIVE")
+        assert time.monotonic() - started < 10
+        assert health(client, "dxserve.v1.DiagnosticsService/hang") == "NOT_SERVING"
+        assert health(client) == "SERVING"  # the other plugins serve
+        started = time.monotonic()
+        with pytest.raises(DxServeError) as caught:  # refused at once while the call hangs, not queued behind it
+            client.classify(GREY, plugin="hang")
+        assert caught.value.reason == "VERSION_UNRESPONSIVE" and time.monotonic() - started < 0.9
+        listed = next(p for p in client.list_plugins() if p.name == "hang")
+        assert listed.model_versions[0].state == 5 and "predict_timeout_s" in listed.model_versions[0].state_reason
+        assert client.classify(GREY, plugin="brightness").ok
+        assert '"model call hung; version marked unresponsive"' in server.logs()
+
+        hold.unlink()  # the hung call returns
+        wait_for(lambda: health(client, "dxserve.v1.DiagnosticsService/hang") == "SERVING", what="recovery")
+        assert client.classify(GREY, plugin="hang").ok and client.classify(YELLOW, plugin="hang").ok
+    assert '"hung model call returned; version serves again"' in server.logs()
+
+
+def test_sigterm_finishes_within_the_grace_period_with_a_hung_plugin(tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()  # never removed: the model call never returns
+    server = ServerProcess("--disabled-plugins", "lymphoblast", *HANG, "--grace-period-s", "3", tmp=tmp_path,
+                           env={"DXSERVE_HANG_FILE": str(hold)})
+    try:
+        with Client(server.address, timeout_s=30) as client:
+            client.wait_until_serving("hang", 60)
+            with pytest.raises(DxServeError):
+                client.classify(YELLOW, plugin="hang")
+        stopped = time.monotonic()
+        server.process.send_signal(15)
+        assert server.process.wait(20) == 0
+        assert time.monotonic() - stopped < 8, "it waited for the hung call"
+        assert "exiting past model calls that never returned" in server.logs()
+    finally:
+        server.stop()
+
+
+def test_an_audit_trail_below_its_low_water_mark_refuses_cleanly_and_health_says_so(tmp_path):
+    # A low-water mark above any disk's free space: the trail is "full" from the first write.
+    with light_server(tmp_path, "--audit-min-free-mb", str(2**40), ready=[]) as server, Client(server.address) as client:
+        client.wait_until_serving("brightness", 30)
+        with pytest.raises(DxServeError) as caught:
+            client.classify(GREY, plugin="brightness")
+        assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+        assert "below its low-water mark" in caught.value.message  # the cause, not a secondary error
+        wait_for(lambda: health(client) == "NOT_SERVING", what="health to report the trail")
+        assert health(client, "dxserve.v1.DiagnosticsService/brightness") == "NOT_SERVING"
+    assert '"audit trail cannot be written: health NOT_SERVING until it can"' in server.logs()
+
+
+def test_the_audit_trail_recovers_by_itself_and_records_its_outage():
+    """A store that fails, then works: `failing` says why, the writer probes until it can
+    write again (no request needed), and the first row after says there was a gap."""
+    from dxserve.audit import AuditTrail, AuditUnavailable, Store
+
+    class Flaky(Store):
+        def __init__(self):
+            super().__init__()
+            self.broken, self.rows_written = True, []
+
+        def connect(self):
+            return object()
+
+        def append(self, records):
+            if self.broken:
+                raise OSError(28, "No space left on device")
+            self.rows_written.extend(records)
+
+    store, changes = Flaky(), []
+    trail = AuditTrail(store, on_change=lambda: changes.append(trail.failing), retry_s=0.05)
+
+    async def scenario():
+        with pytest.raises(AuditUnavailable, match="No space left on device"):
+            await trail.record(event="classify", status="OK")
+        assert "No space left on device" in trail.failing
+        store.broken = False
+        wait_for(lambda: not trail.failing, 5, "the probe to succeed")
+
+    asyncio.run(scenario())
+    trail.close()
+    assert changes[0] == "OSError: [Errno 28] No space left on device" and changes[-1] == ""
+    gap = store.rows_written[0]
+    assert gap["event"] == "audit_gap" and "No space left on device" in gap["detail"]
+
+
+def test_a_second_server_on_a_port_in_use_is_refused(tmp_path):
+    with light_server(tmp_path) as server:
+        second = subprocess.run([sys.executable, "-m", "dxserve.cli", "serve", "--address", server.address,
+                                 "--disabled-plugins", "lymphoblast", "--audit-db", ""], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "the address is in use" in second.stderr
+
+
+def test_audit_verify_on_a_missing_database_fails_and_creates_nothing(tmp_path, capsys):
+    from dxserve.cli import main
+
+    missing = tmp_path / "nope.sqlite3"
+    assert main(["audit", "verify", "--db", str(missing)]) == 2
+    assert not missing.exists() and "no audit database" in capsys.readouterr().err

@@ -4,9 +4,15 @@ single-image work in process, in one run: the batcher dispatching at once (max_b
 
     python benchmarks/load.py [--seconds 8] [--callers 1 16 64]
     python benchmarks/load.py --streams 32 --stream-items 500   # only: many long streams, default settings
+    python benchmarks/load.py --streams 32 --stream-items 500 --restart-after 20   # the same through a SIGTERM and restart
 
 Streams: N concurrent ClassifyStream calls of M images each against a server with default
 settings; every item must come back, in order, and none refused (backpressure, not shedding).
+
+Restart: the streams scenario, with the server sent SIGTERM after --restart-after seconds and
+a new one started on the port once it exited; the clients resume (resume_within_s). Printed:
+every image answered once and in order, and the old server's exit time against its grace
+(a ratio above 1 means the drain overran it).
 
 Baseline: the latency of one image through decode + quality gate + preprocess + model in
 this process (what one caller's request costs without gRPC). Printed as ratios against it,
@@ -20,6 +26,7 @@ import io
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,14 +75,14 @@ def load(address: str, images: list[bytes], callers: int, seconds: float) -> tup
     return len(flat) / elapsed, statistics.median(flat), float(np.percentile(flat, 99)), sum(refused)
 
 
-def streams(address: str, images: list[bytes], n: int, items: int) -> None:
+def streams(address: str, images: list[bytes], n: int, items: int, resume_within_s: float = 0.0) -> None:
     """n concurrent streams of `items` images: results, order, refusals, throughput."""
     outcomes: list[list[tuple[str, str]]] = [[] for _ in range(n)]
 
     def run(k: int) -> None:
         with Client(address) as client:
             sent = [(f"{k}-{i}", images[(k + i) % len(images)]) for i in range(items)]
-            outcomes[k] = [(r.request_id, r.error_code) for r in client.classify_stream(sent)]
+            outcomes[k] = [(r.request_id, r.error_code) for r in client.classify_stream(sent, resume_within_s=resume_within_s)]
 
     elapsed = concurrently(n, run)
     results = sum(len(o) for o in outcomes)
@@ -86,6 +93,18 @@ def streams(address: str, images: list[bytes], n: int, items: int) -> None:
           f"refused: {refused}, other errors: {failed - refused}; {results / elapsed:.1f} images/s over {elapsed:.0f} s")
 
 
+def restart(servers: list, port: int, flags: tuple[str, ...], after_s: float, grace_s: float = 10.0) -> None:
+    """SIGTERM the server after `after_s`, time its exit against the grace, start a new one on the port."""
+    time.sleep(after_s)
+    stopped = time.monotonic()
+    servers[0].send_signal(15)
+    code = servers[0].wait(120)
+    exit_s = time.monotonic() - stopped
+    print(f"SIGTERM after {after_s:.0f} s: exit code {code} in {exit_s:.1f} s, grace {grace_s:.0f} s "
+          f"(exit / grace {exit_s / grace_s:.2f})", flush=True)
+    servers.append(start_server(port, *flags))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -93,14 +112,22 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50098)
     parser.add_argument("--streams", type=int, default=0, help="run only the streams scenario with this many streams")
     parser.add_argument("--stream-items", type=int, default=500)
+    parser.add_argument("--restart-after", type=float, default=0.0, help="streams: SIGTERM the server after this many "
+                        "seconds and start another on the port; the clients resume")
     args = parser.parse_args()
     if args.streams:
-        server = start_server(args.port, "--max-streams-per-caller", str(args.streams), "--max-calls-per-caller", "256")
+        flags = ("--max-streams-per-caller", str(args.streams), "--max-calls-per-caller", "256")
+        servers = [start_server(args.port, *flags)]
+        restarter = threading.Thread(target=restart, args=(servers, args.port, flags, args.restart_after), daemon=True)
+        if args.restart_after:
+            restarter.start()
         try:
-            streams(f"127.0.0.1:{args.port}", sample_images(64), args.streams, args.stream_items)
+            streams(f"127.0.0.1:{args.port}", sample_images(64), args.streams, args.stream_items, 120 if args.restart_after else 0)
         finally:
-            server.send_signal(15)
-            server.wait(60)
+            if args.restart_after:
+                restarter.join()
+            servers[-1].send_signal(15)
+            servers[-1].wait(60)
         return 0
 
     images = sample_images(64)

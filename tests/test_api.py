@@ -192,6 +192,16 @@ def test_oversized_message_is_refused_and_server_keeps_serving(client, cell_path
     assert client.classify(cell_paths[0]).ok
 
 
+def test_an_oversized_stream_item_costs_that_item_only(client, cell_paths):
+    """The transport takes more than the per-request limit, so a 5 MiB item (limit 4 MiB) is
+    refused alone, with its details, and the stream goes on."""
+    big = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)  # 5.9 MB raw
+    results = list(client.classify_stream([cell_paths[0], big, cell_paths[1]]))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error_code == "RESOURCE_EXHAUSTED" and "max_message_bytes" in results[1].error_message
+    assert _reason(results[1].error_details) == "MESSAGE_TOO_LARGE"
+
+
 def test_second_plugin_serves_beside_lymphoblast(client):
     bright = client.classify(np.full((32, 32, 3), 230, np.uint8), plugin="brightness")
     dark = client.classify(np.full((32, 32, 3), 20, np.uint8), plugin="brightness")
@@ -309,12 +319,12 @@ def test_failures_are_logged_as_json_without_pixels(client, server):
     assert any(r["name"] == "native" for r in records)  # TensorFlow did write some (it always does at start)
 
 
-def test_oversized_item_ends_only_its_stream(client, cell_paths):
-    """A message over the limit cannot be read, so it fails its stream (RESOURCE_EXHAUSTED),
-    after the items before it were answered; other calls go on."""
+def test_an_item_over_the_transport_limit_ends_only_its_stream(client, cell_paths):
+    """A message over even the transport's limit (4x max_message_bytes) cannot be read, so it
+    fails its stream (RESOURCE_EXHAUSTED), after the items before it were answered; other calls go on."""
     def requests():
         yield pb.ClassifyRequest(request_id="ok", plugin="lymphoblast", image=pb.Image(encoded=cell_paths[0].read_bytes()))
-        yield pb.ClassifyRequest(request_id="huge", plugin="lymphoblast", image=pb.Image(encoded=b"\0" * (5 * 1024 * 1024)))
+        yield pb.ClassifyRequest(request_id="huge", plugin="lymphoblast", image=pb.Image(encoded=b"\0" * (17 * 1024 * 1024)))
 
     answered = []
     with pytest.raises(grpc.RpcError) as caught:

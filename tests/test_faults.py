@@ -143,3 +143,45 @@ def test_audit_verify_on_a_missing_database_fails_and_creates_nothing(tmp_path, 
     missing = tmp_path / "nope.sqlite3"
     assert main(["audit", "verify", "--db", str(missing)]) == 2
     assert not missing.exists() and "no audit database" in capsys.readouterr().err
+
+
+def test_explanations_have_their_own_bounded_places_and_never_hold_up_classification(tmp_path):
+    """One caller may hold 2 explanations, the server 3; past either, RESOURCE_EXHAUSTED with
+    RetryInfo at once (not a long wait), while plain calls are answered meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxserve.auth import KeyFile
+
+    keys = KeyFile.load(tmp_path / "callers.json")
+    tokens = [keys.add("a", []), keys.add("b", []), keys.add("c", [])]
+    keys.save()
+    flags = ("--plugins", "dxserve_testplugins.hang", "--auth-keys-file", str(tmp_path / "callers.json"),
+             "--max-queued-explanations", "3", "--max-explanations-per-caller", "2")
+    with light_server(tmp_path, *flags, ready=[], env={"DXSERVE_HANG_FILE": str(tmp_path / "never")}) as server:
+        clients = [Client(server.address, token=t, timeout_s=60) for t in tokens]
+        clients[2].wait_until_serving("hang", 60)
+
+        def explain(k: int):
+            try:
+                return clients[k].classify(GREY, plugin="hang", explain=True).explanation is not None
+            except DxServeError as error:
+                return error
+
+        with ThreadPoolExecutor(5) as pool:
+            a = [pool.submit(explain, 0) for _ in range(3)]  # a: 2 admitted, the third refused (a's limit)
+            time.sleep(0.3)
+            b = [pool.submit(explain, 1) for _ in range(2)]  # b: 1 admitted, 1 refused (the server's 3 are taken)
+            time.sleep(0.3)
+            plain = clients[2].classify(GREY, plugin="hang")  # c, without explain: answered while they run
+            running = sum(not f.done() for f in a + b)
+            outcomes = [f.result() for f in a + b]
+        assert plain.ok and running >= 2
+        refused = [o for o in outcomes if isinstance(o, DxServeError)]
+        assert sum(o is True for o in outcomes) == 3 and len(refused) == 2
+        assert {(o.code, o.reason) for o in refused} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "EXPLANATIONS_FULL")}
+        subjects = sorted(d.violations[0].subject for o in refused for d in o.details if d.DESCRIPTOR.name == "QuotaFailure")
+        assert subjects == ["caller:a", "server"]
+        assert all(any(d.DESCRIPTOR.name == "RetryInfo" for d in o.details) for o in refused)
+        assert clients[0].classify(GREY, plugin="hang", explain=True).explanation is not None  # places come back
+        for c in clients:
+            c.close()

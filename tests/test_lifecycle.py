@@ -252,3 +252,48 @@ def test_tracing_sends_a_span_per_call_when_enabled(tmp_path):
         assert client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness").ok
     spans = server.logs()
     assert '"name": "/dxserve.v1.DiagnosticsService/Classify"' in spans and '"service.name": "dxserve-test"' in spans
+
+
+def test_drain_at_full_read_ahead_ends_every_stream_in_the_grace_and_the_client_resumes_each_once(tmp_path):
+    """More items read ahead than the model can finish in the grace (8 streams x 60 against a
+    slow model): every stream still ends with SERVER_DRAINING and its resume point, the server
+    exits 0 inside the grace, unfinished items are dropped unrun, and the clients' resume
+    carries every image through the restart, each answered (and recorded OK) once, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxserve.audit import open_store
+
+    flags = ("--plugins", "dxserve_testplugins.hang", "--grace-period-s", "4", "--drain-answer-s", "1")
+    env = {"DXSERVE_HANG_BATCH_S": "0.1", "DXSERVE_HANG_FILE": str(tmp_path / "never")}
+    first = ServerProcess(*LIGHT, *flags, tmp=tmp_path, env=env)
+    wait_serving(first.address, ["hang"], timeout_s=60)
+    streams, items, answered, replacement, stopped = 8, 60, [], [], {}
+
+    def replace_server():
+        stopped["at"] = time.monotonic()
+        first.process.send_signal(15)
+        assert first.process.wait(30) == 0
+        stopped["exit_s"] = time.monotonic() - stopped["at"]
+        replacement.append(ServerProcess(*LIGHT, *flags, tmp=tmp_path, port=first.port, env=env))
+
+    def stream(s: int) -> list[str]:
+        images = ((f"{s}-{i}", np.full((8, 8, 3), (s * 7 + i) % 200, np.uint8)) for i in range(items))
+        with Client(first.address) as client:
+            return [r.request_id for r in client.classify_stream(images, plugin="hang", resume_within_s=60) if r.ok]
+
+    try:
+        with ThreadPoolExecutor(streams + 1) as pool:
+            running = [pool.submit(stream, s) for s in range(streams)]
+            time.sleep(1.0)
+            pool.submit(replace_server).result()
+            answered = [r.result(timeout=120) for r in running]
+    finally:
+        first.stop()
+        assert replacement and replacement[0].stop() == 0
+    assert answered == [[f"{s}-{i}" for i in range(items)] for s in range(streams)]  # all, once, in order
+    assert stopped["exit_s"] < 4 + 2, f"exit took {stopped['exit_s']:.1f} s, past the 4 s grace"
+    rows = [r for r in open_store(str(first.audit_path)).rows() if r["event"] == "classify"]
+    ok = [r["request_id"] for r in rows if r["status"] == "OK"]
+    assert sorted(ok) == sorted(f"{s}-{i}" for s in range(streams) for i in range(items))  # each result given once
+    dropped = [r for r in rows if r["status"] == "CANCELLED"]
+    assert dropped, "the first server answered everything it read: the scenario did not fill the read-ahead"

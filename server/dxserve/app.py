@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import images, metrics, reflection
 from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
-from .auth import CallerInterceptor, KeyFile, open_methods
+from .auth import CallerInterceptor, KeyFile, Refusals, open_methods
 from .config import Settings
 from .registry import PluginEntry, discover, load_all
 from .service import DiagnosticsService
@@ -43,6 +43,20 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+TRANSPORT_FACTOR = 4
+
+
+def connection_age(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC's connection age limit (GOAWAY: clients reconnect and spread over replicas); its
+    grace outlasts the oldest stream (max_stream_age_s), so streams end first, with a resume point."""
+    if not settings.max_connection_age_s:
+        return []
+    options = [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000))]
+    if settings.max_stream_age_s:
+        options.append(("grpc.max_connection_age_grace_ms", int((settings.max_stream_age_s + 60) * 1000)))
+    return options
+
+
 class Server:
     """A running dxserve server; `await start()`, then `await wait()` or `await stop()`."""
 
@@ -64,7 +78,8 @@ class Server:
         self.callers = CallerInterceptor(
             KeyFile.load(settings.auth_keys_file) if settings.auth_keys_file else None,
             open_methods(settings.auth_open_health, settings.auth_open_reflection),
-            settings.max_concurrent_calls, settings.max_calls_per_caller, settings.max_streams_per_caller)
+            settings.max_concurrent_calls, settings.max_calls_per_caller, settings.max_streams_per_caller,
+            settings.max_requests_per_s_per_caller, Refusals(self.audit))
         interceptors = [self.callers]
         if settings.tracing:  # outermost: refused calls are traced too
             from .tracing import server_interceptor
@@ -73,8 +88,11 @@ class Server:
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # The transport takes up to 4x the per-request limit, which the service checks per
+                # request: an oversized stream item is refused alone and the stream goes on.
+                ("grpc.max_receive_message_length", TRANSPORT_FACTOR * settings.max_message_bytes),
+                ("grpc.max_send_message_length", TRANSPORT_FACTOR * settings.max_message_bytes),
+                *connection_age(settings),
                 # Only `--workers N` shares a port (the kernel spreads connections over its own workers):
                 # a second server on a taken port is refused, instead of silently taking a share.
                 ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
@@ -161,7 +179,7 @@ class Server:
         """Graceful: health goes NOT_SERVING, new calls are refused, calls in flight finish."""
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
         self._stopping = True
-        self.service.draining.set()  # streams stop reading now and end with where to resume
+        self.service.drain()  # streams stop reading now and end, within the grace, with where to resume
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace_s})
         await self._server.stop(grace_s)

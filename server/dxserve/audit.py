@@ -47,6 +47,7 @@ CONTENT = COLUMNS[:-2]
 GENESIS = "0" * 64
 ADVISORY_LOCK = 0x6478736572766531  # "dxserve1": the PostgreSQL chain's lock id
 MAX_BATCH = 256
+MAX_TEXT = 256  # characters kept of a client-chosen string (request id, plugin, ...) in a row
 
 
 def row_hash(prev_hash: str, content: dict[str, Any]) -> str:
@@ -333,11 +334,12 @@ def _settle(done: asyncio.Future, failure: Exception | None) -> None:
 def outcome_record(method: str, caller: str, request, request_id: str, outcome, latency_s: float) -> dict:
     """The record of one Classify call or stream item: `outcome` is the ClassifyResponse or the
     errors.ServingError it was answered with. The image itself is only hashed, in the writer thread."""
-    record = {"event": "classify", "method": method, "caller": caller, "request_id": request_id,
-              "specimen_id": request.specimen_id, "plugin": request.plugin, "model_version": request.model_version,
+    clip = lambda text: text[:MAX_TEXT]  # noqa: E731  client-chosen strings never grow the trail without bound
+    record = {"event": "classify", "method": method, "caller": clip(caller), "request_id": clip(request_id),
+              "specimen_id": clip(request.specimen_id), "plugin": clip(request.plugin), "model_version": clip(request.model_version),
               "latency_ms": round(latency_s * 1000, 3), "image": request.image if request.HasField("image") else None}
     if hasattr(outcome, "code"):  # an error
-        return {**record, "status": outcome.code.name, "detail": outcome.message}
+        return {**record, "status": outcome.code.name, "detail": outcome.message[:4 * MAX_TEXT]}
     return {**record, "status": "OK", "model_version": outcome.model_version, "weights_sha256": outcome.weights_sha256,
             "decision": outcome.decision.label,
             "probabilities": json.dumps({p.label: round(float(p.probability), 6) for p in outcome.probabilities}),

@@ -12,6 +12,13 @@ One grpc.aio server interceptor (`CallerInterceptor`) does it for every method:
    and `require_admin()` guards the admin methods.
 3. **Limits.** Calls (unary) and streams in flight per caller, and in total, are capped:
    one caller cannot starve the others, and health checks, never counted, are always answered.
+   A per-caller rate (`max_requests_per_s_per_caller`, images a second, stream items included)
+   refuses unary calls past it (RESOURCE_EXHAUSTED, RATE_LIMITED) and slows streams down.
+4. **Open streams are re-authorised** at their next item after the key file is reloaded: a
+   revoked token's stream ends UNAUTHENTICATED, a changed one gets its new rights.
+5. **Every refusal is seen**: a metric by reason (`dxserve_auth_refused_total`), and a JSON log
+   line with the peer and an audit row, each at most once a minute per reason and peer, with
+   the count since the last one, so a flood of bad logins cannot fill the disk or the logs.
 
 Tokens are 256 random bits, so their SHA-256 needs no salt or slow hash: it cannot be
 inverted or guessed. `dxserve tokens add NAME --plugins ...` makes one, prints it once, and
@@ -20,12 +27,15 @@ stores its hash.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +44,8 @@ from pathlib import Path
 import grpc
 
 from . import errors
+
+log = logging.getLogger("dxserve.auth")
 
 TOKEN_PREFIX = "dxs_"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -136,14 +148,98 @@ def _peer_host(context: grpc.aio.ServicerContext) -> str:
     return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
+class RateLimit:
+    """A token bucket per caller name: `rate` requests a second, bursts of up to one second's worth."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+
+    def take(self, name: str) -> float:
+        """0 when the request may go now (a token is taken), else the seconds until one is free."""
+        if not self.rate:
+            return 0.0
+        now = time.monotonic()
+        tokens, at = self._buckets.get(name, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - at) * self.rate)
+        if len(self._buckets) > 10_000:  # bounded: forget the idle (their buckets are full anyway)
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 1.0}
+        if tokens >= 1:
+            self._buckets[name] = (tokens - 1, now)
+            return 0.0
+        self._buckets[name] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
+class Refusals:
+    """Counts every refused call by reason; logs it (with the peer) and records it in the
+    audit trail at most once per `window_s` per reason and peer, with the count since then."""
+
+    def __init__(self, audit=None, window_s: float = 60.0):
+        self.audit, self.window_s = audit, window_s
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (reason, peer) -> (unreported count, last report)
+
+    def refused(self, reason: str, peer: str, error: errors.ServingError) -> None:
+        from . import metrics
+
+        metrics.AUTH_REFUSED.labels(reason).inc()
+        now = time.monotonic()
+        key = (reason, errors.clip(peer))
+        count, reported = self._seen.get(key, (0, -self.window_s))
+        count += 1
+        if now - reported < self.window_s:
+            self._seen[key] = (count, reported)
+            return
+        if len(self._seen) > 10_000:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[1] < self.window_s}
+        self._seen[key] = (0, now)
+        detail = f"{count} call(s) refused ({reason}) from {key[1]} since the last report: {error.message}"
+        log.warning("calls refused", extra={"reason": reason, "peer": key[1], "count": count, "code": error.code.name})
+        if self.audit is not None:
+            asyncio.ensure_future(self._record(reason, key[1], error, detail))
+
+    async def _record(self, reason: str, peer: str, error: errors.ServingError, detail: str) -> None:
+        try:
+            await self.audit.record(event="refused", caller=peer, status=error.code.name, detail=detail)
+        except Exception as failure:  # AuditUnavailable: said in the log, never a reason to fail harder
+            log.error("refusal not recorded in the audit trail", extra={"reason": reason, "error": str(failure)})
+
+
+def _refusal_reason(error: errors.ServingError) -> str:
+    info = next((d for d in error.details if d.DESCRIPTOR.name == "ErrorInfo"), None)
+    if info is None:
+        return "other"
+    return info.metadata.get("cause") or info.reason.lower()
+
+
 class CallerInterceptor(grpc.aio.ServerInterceptor):
     """Identity, authorization context and per-caller limits for every call (see the module)."""
 
     def __init__(self, keys: KeyFile | None, open_methods: Callable[[str], bool], max_calls: int, max_calls_per_caller: int,
-                 max_streams_per_caller: int):
+                 max_streams_per_caller: int, max_requests_per_s: float = 0.0, refusals: Refusals | None = None):
         self.keys, self.is_open = keys, open_methods
         self.max_calls, self.max_per_caller, self.max_streams = max_calls, max_calls_per_caller, max_streams_per_caller
         self.calls, self.streams = Counter(), Counter()  # per caller name; the event loop is the only writer
+        self.rate = RateLimit(max_requests_per_s)
+        self.refusals = refusals or Refusals()
+
+    async def checked_requests(self, requests, context, caller: Caller):
+        """A stream's requests, each within the caller's rate (waited for: streams slow down,
+        not refused) and, after a key-file reload, by a caller the new file still knows."""
+        keys = self.keys
+        async for request in requests:
+            if self.keys is not keys:  # reloaded: re-identify before this item goes further
+                keys = self.keys
+                try:
+                    caller = self.identify(context)
+                except errors.ServingError as error:
+                    error = errors.unauthenticated(f"{error.message}: the credentials of this stream were revoked", "revoked")
+                    self.refusals.refused("revoked", context.peer() or "unknown", error)
+                    raise error from None
+                CALLER.set(caller)
+            while (wait := self.rate.take(caller.name)) > 0:
+                await asyncio.sleep(wait)
+            yield request
 
     def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
@@ -153,16 +249,19 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if scheme.lower() == "bearer" and token:
             caller = self.keys.by_token(token.strip())
             if caller is None:
-                raise errors.unauthenticated("unknown or revoked token")
+                raise errors.unauthenticated("unknown or revoked token", "unknown_token")
             return caller
         subject = _certificate_subject(context)
         caller = self.keys.by_certificate(subject) if subject else None
         if caller is None:
             presented = f" (the client certificate's subject {errors.clip(subject)!r} is not a known caller)" if subject else ""
-            raise errors.unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client certificate{presented}")
+            raise errors.unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client "
+                                         f"certificate{presented}", "unknown_certificate" if subject else "no_credentials")
         return caller
 
     def _admit(self, caller: Caller, streaming: bool) -> None:
+        if not streaming and (wait := self.rate.take(caller.name)) > 0:
+            raise errors.rate_limited(f"caller {caller.name!r}", self.rate.rate, wait)
         if sum(self.calls.values()) >= self.max_calls:
             raise errors.too_many_calls("the server", self.max_calls, "calls")
         if streaming and self.streams[caller.name] >= self.max_streams:
@@ -184,6 +283,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 if counted:
                     interceptor._admit(caller, streaming)
             except errors.ServingError as refusal:
+                interceptor.refusals.refused(_refusal_reason(refusal), context.peer() or "unknown", refusal)
                 await refusal.abort(context)
                 raise  # not reached: abort raises
             interceptor.calls[caller.name] += counted
@@ -203,6 +303,8 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
 
             async def wrapped(request, context):
                 caller = await enter(context)
+                if handler.request_streaming:
+                    request = interceptor.checked_requests(request, context, caller)
                 try:
                     async for response in behavior(request, context):
                         yield response

@@ -24,11 +24,24 @@ class Settings(BaseModel):
     max_concurrent_calls: int = Field(256, ge=1, description="calls and streams served at once (health not counted); more get RESOURCE_EXHAUSTED")
     max_calls_per_caller: int = Field(64, ge=1, description="unary calls one caller may have in flight")
     max_streams_per_caller: int = Field(32, ge=1, description="streams one caller may hold open")
+    max_requests_per_s_per_caller: float = Field(1000.0, ge=0, description="images a second one caller may send "
+                                                 "(unary calls past it: RESOURCE_EXHAUSTED; stream items: slowed down); 0 = no limit")
+    stream_idle_timeout_s: float = Field(300.0, ge=0, description="a stream that sends nothing for this long ends "
+                                         "UNAVAILABLE (STREAM_IDLE) with its resume_index, freeing its place; 0 = never")
+    max_stream_age_s: float = Field(3600.0, ge=0, description="a stream open this long stops reading, answers what it "
+                                    "read and ends UNAVAILABLE (STREAM_MAX_AGE) with its resume_index; 0 = never")
+    max_connection_age_s: float = Field(3600.0, ge=0, description="connections are closed (GOAWAY) after this long, so "
+                                        "clients reconnect and spread over replicas; streams end first, by max_stream_age_s; 0 = never")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per model call, at most")
     max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long an idle model waits to fill a batch (0: "
                                      "it runs at once; batches still form from what queues while a batch runs)")
     max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")
     stream_window: int = Field(64, ge=1, description="items of one stream in flight before it stops reading")
+    explain_threads: int = Field(1, ge=1, le=16, description="threads that make explanations (apart from decoding, "
+                                 "so explanations never hold up classification)")
+    max_queued_explanations: int = Field(4, ge=1, description="explanations admitted at once (running or waiting); "
+                                         "more get RESOURCE_EXHAUSTED")
+    max_explanations_per_caller: int = Field(2, ge=1, description="explanations one caller may have admitted at once")
     decode_threads: int = Field(4, ge=1, le=64, description="threads that decode and preprocess images")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), the CPU's "
                          "threads split between them; needs a fixed port")
@@ -61,6 +74,9 @@ class Settings(BaseModel):
                           "standard OTEL_* variables (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, ...)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")
     grace_period_s: float = Field(10.0, ge=0, description="time calls in flight get to finish on SIGTERM")
+    drain_answer_s: float = Field(3.0, ge=0, description="on SIGTERM, how long streams go on answering (in order) "
+                                  "items already read, at most half the grace; the rest are dropped unrun and "
+                                  "resent by the client from the stream's resume_index")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

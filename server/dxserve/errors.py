@@ -100,6 +100,23 @@ def queue_full(plugin: str, size: int) -> ServingError:
                   f"queue limit {size}", duration_pb2.Duration(nanos=100_000_000), "QUEUE_FULL", {"plugin": plugin})
 
 
+def message_too_large(size: int, limit: int) -> ServingError:
+    """RESOURCE_EXHAUSTED (as gRPC's own limit says it) for a request over max_message_bytes, with
+    the field and the limit; in a stream it costs that item only."""
+    description = f"the request is {size} bytes, over the limit of {limit} (max_message_bytes)"
+    return ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, description,
+        error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(field="image", description=description)]),
+        _error_info("MESSAGE_TOO_LARGE", limit=str(limit)))
+
+
+def explanations_full(subject: str, limit: int, plugin: str) -> ServingError:
+    """RESOURCE_EXHAUSTED: the server's (or this caller's) explanation places are all taken."""
+    return _quota(f"{subject} has {limit} explanations in progress, its limit; retry in a few seconds, or ask without "
+                  f"explain", subject, f"explanation limit {limit}", duration_pb2.Duration(seconds=2), "EXPLANATIONS_FULL",
+                  {"subject": subject, "plugin": plugin})
+
+
 def too_many_calls(subject: str, limit: int, what: str) -> ServingError:
     """RESOURCE_EXHAUSTED: a caller (or the server) holds its limit of calls or streams."""
     return _quota(f"{subject} has {limit} {what} open, its limit; retry when one ends", subject, f"{what} limit {limit}",
@@ -110,8 +127,16 @@ def permission_denied(message: str, resource: str) -> ServingError:
     return ServingError(grpc.StatusCode.PERMISSION_DENIED, message, _error_info("PERMISSION_DENIED", resource=resource))
 
 
-def unauthenticated(message: str) -> ServingError:
-    return ServingError(grpc.StatusCode.UNAUTHENTICATED, message, _error_info("UNAUTHENTICATED"))
+def unauthenticated(message: str, cause: str) -> ServingError:
+    """UNAUTHENTICATED; `cause` (no_credentials, unknown_token, unknown_certificate, revoked) in ErrorInfo metadata."""
+    return ServingError(grpc.StatusCode.UNAUTHENTICATED, message, _error_info("UNAUTHENTICATED", cause=cause))
+
+
+def rate_limited(subject: str, rate: float, retry_after_s: float) -> ServingError:
+    """RESOURCE_EXHAUSTED: the caller sends more requests a second than it may."""
+    return _quota(f"{subject} sends more than {rate:g} requests a second, its limit; retry in {retry_after_s:.2f} s",
+                  subject, f"rate limit {rate:g}/s", duration_pb2.Duration(nanos=int(min(retry_after_s, 0.999) * 1e9)),
+                  "RATE_LIMITED", {"subject": subject})
 
 
 def deadline_exceeded(plugin: str) -> ServingError:
@@ -159,12 +184,22 @@ def version_ungated(plugin: str, version: str, missing: list[str], description: 
 
 def draining(resume_index: int) -> ServingError:
     """UNAVAILABLE ending a stream while the server stops: every item before `resume_index` was
-    answered, none from it on was read; resend those, to this server's successor or a replica."""
+    answered, none from it on was (those read were dropped unanswered); resend those, to this
+    server's successor or a replica."""
     return ServingError(
         grpc.StatusCode.UNAVAILABLE,
         f"the server is stopping: items 0 to {resume_index - 1} were answered; resend from item {resume_index}",
         _error_info("SERVER_DRAINING", resume_index=str(resume_index)),
         error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+
+
+def stream_ended(reason: str, resume_index: int, why: str) -> ServingError:
+    """UNAVAILABLE ending a stream the server will not keep open (idle, too old): every item before
+    `resume_index` was answered, none from it on was read; open a new stream and resend from there."""
+    return ServingError(
+        grpc.StatusCode.UNAVAILABLE, f"{why}: items 0 to {resume_index - 1} were answered; resend from item {resume_index} "
+        "on a new stream", _error_info(reason, resume_index=str(resume_index)),
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=0)))
 
 
 def unimplemented(plugin: str, feature: str, description: str) -> ServingError:

@@ -28,6 +28,12 @@ UNRESPONSIVE = Counter("dxserve_unresponsive_total", "Model calls that ran past 
 VERSION_STATE = Gauge("dxserve_version_state", "1 for the state each listed model version is in (AVAILABLE, READY, "
                       "FAILED, NOT_SERVED, UNRESPONSIVE), 0 for the others", ["plugin", "version", "state"])
 VERSION_STATES = ("AVAILABLE", "READY", "FAILED", "NOT_SERVED", "UNRESPONSIVE")
+EXPLANATIONS_REFUSED = Counter("dxserve_explanations_refused_total", "Explanation requests refused RESOURCE_EXHAUSTED, "
+                               "by the limit they hit (server: max_queued_explanations; caller: max_explanations_per_caller)",
+                               ["limit"])
+AUTH_REFUSED = Counter("dxserve_auth_refused_total", "Calls refused before the service: UNAUTHENTICATED by cause "
+                       "(no_credentials, unknown_token, unknown_certificate, revoked), or a caller's limits (too_many_calls, "
+                       "rate_limited)", ["reason"])
 QUEUE_DEPTH = Gauge("dxserve_queue_depth", "Images waiting for the model", ["plugin", "version"])
 IN_FLIGHT = Gauge("dxserve_in_flight", "Requests admitted to a model version and not yet answered", ["plugin", "version"])
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import math
 import logging
 import time
 import uuid
@@ -14,6 +16,7 @@ import grpc
 
 from . import audit, auth, errors, images, metrics
 from .batcher import Batcher, Result
+from .explanations import ExplanationLimits
 from .config import Settings
 from . import registry
 from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
@@ -25,6 +28,7 @@ from .v1 import diagnostics_pb2_grpc as pb_grpc
 log = logging.getLogger("dxserve.service")
 
 STATES = {LOADING: pb.PLUGIN_STATE_LOADING, registry.READY: pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
+MAX_REQUEST_ID = 256  # characters of a client's request_id
 VERSION_STATES = {registry.AVAILABLE: pb.VERSION_STATE_AVAILABLE, registry.READY: pb.VERSION_STATE_READY,
                   FAILED: pb.VERSION_STATE_FAILED, registry.NOT_SERVED: pb.VERSION_STATE_NOT_SERVED,
                   registry.UNRESPONSIVE: pb.VERSION_STATE_UNRESPONSIVE}
@@ -35,12 +39,23 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self.plugins = plugins
         self.settings = settings
         self.audit = audit_trail
-        self.draining = asyncio.Event()  # set on SIGTERM: streams stop reading (see ClassifyStream)
+        self.draining = asyncio.Event()  # set on SIGTERM (`drain`): streams stop reading (see ClassifyStream)
+        self._drain_deadline = float("inf")  # loop time after which a draining stream answers nothing more
         # Decoding and preprocessing run here, in parallel across requests, off the event loop.
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._explanations = ExplanationLimits(settings.explain_threads, settings.max_queued_explanations,
+                                               settings.max_explanations_per_caller)
+
+    def drain(self) -> None:
+        """SIGTERM: streams stop reading at once, answer in order what finishes within
+        `drain_answer_s`, drop the rest unrun, and end with the index to resume from."""
+        self._drain_deadline = asyncio.get_running_loop().time() + min(self.settings.drain_answer_s,
+                                                                       self.settings.grace_period_s / 2)
+        self.draining.set()
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._explanations.close()
 
     async def ListPlugins(self, request: pb.ListPluginsRequest, context) -> pb.ListPluginsResponse:
         caller = auth.CALLER.get()
@@ -62,16 +77,19 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         specimens = StreamSpecimens(self.plugins)  # this stream's running summaries
         answered = 0
 
+        ended = []  # why the server stopped reading, when it was idle or too old (errors.stream_ended)
+
         async def read() -> None:
             try:
                 index = 0
-                async for request in request_iterator:
+                async for request in self._requests_while_open(request_iterator, ended):
                     try:
                         tally = specimens.tally_for(request)
                         item = asyncio.ensure_future(self._stream_item(request, index, context.time_remaining()))
                     except errors.ServingError as refusal:
                         tally, item = None, asyncio.get_running_loop().create_future()
-                        item.set_result(pb.ClassifyStreamResponse(request_id=request.request_id, index=index, error=refusal.to_status()))
+                        item.set_result(pb.ClassifyStreamResponse(request_id=errors.clip(request.request_id), index=index,
+                                                                  error=refusal.to_status()))
                     try:
                         await window.put((item, tally))
                     except asyncio.CancelledError:  # read, but never to be answered: the client resends it
@@ -82,20 +100,28 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 await window.put(None)
 
         reader = asyncio.ensure_future(read())
-        # On SIGTERM: stop reading at once, answer what was read, then say where to resume.
+        # On SIGTERM: stop reading at once, answer what finishes in time, then say where to resume.
         stop_reading = asyncio.ensure_future(self._stop_reading_on_drain(reader))
         try:
             while (entry := await window.get()) is not None:
                 task, tally = entry
-                response = await task
+                if not await self._finished_unless_drained(task, stop_reading):
+                    task.cancel()  # the server stops: this item and those after it are dropped and resent by the client
+                    break
+                response = task.result()
                 if tally is not None:  # counted in order, so each summary includes exactly the items before it
                     tally.add(response)
                     response.specimen.CopyFrom(tally.summary())
                 answered += 1
                 yield response
-            if reader.cancelled() and self.draining.is_set():
+            if self.draining.is_set() and (reader.cancelled() or entry is not None):
                 await errors.draining(answered).abort(context)
-            await reader
+            if ended:
+                await errors.stream_ended(ended[0][0], answered, ended[0][1]).abort(context)
+            try:
+                await reader
+            except errors.ServingError as refusal:  # e.g. the caller's token was revoked mid-stream (auth)
+                await refusal.abort(context)
             for summary in specimens.finals():  # the client half-closed: each specimen's final summary
                 yield pb.ClassifyStreamResponse(index=answered, final_summary=summary)
         finally:  # the client left or the call ended: drop what it will never read
@@ -105,15 +131,53 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 if (entry := window.get_nowait()) is not None:
                     entry[0].cancel()
 
+    async def _requests_while_open(self, requests: AsyncIterator[pb.ClassifyRequest], ended: list):
+        """The stream's requests, until the client half-closes, sends nothing for
+        `stream_idle_timeout_s`, or the stream is `max_stream_age_s` old; then `ended` says why."""
+        loop, iterator = asyncio.get_running_loop(), aiter(requests)
+        idle, age = self.settings.stream_idle_timeout_s or math.inf, self.settings.max_stream_age_s or math.inf
+        closes = loop.time() + age
+        while True:
+            timeout = min(idle, closes - loop.time())
+            try:
+                request = await (asyncio.wait_for(anext(iterator), timeout) if timeout < math.inf else anext(iterator))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                ended.append(("STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)")
+                             if loop.time() < closes else ("STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)"))
+                return
+            yield request
+
+    def _check_limits(self, request: pb.ClassifyRequest) -> None:
+        """The message limit, checked per request (the transport allows more, so an oversized
+        stream item costs that item only, not the stream), and the request id's length."""
+        size = request.ByteSize()
+        if size > self.settings.max_message_bytes:
+            raise errors.message_too_large(size, self.settings.max_message_bytes)
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise errors.invalid_field("request_id", "REQUEST_ID_TOO_LONG", f"request_id has {len(request.request_id)} "
+                                       f"characters; the limit is {MAX_REQUEST_ID}")
+
     async def _stop_reading_on_drain(self, reader: asyncio.Future) -> None:
         await self.draining.wait()
         reader.cancel()
+
+    async def _finished_unless_drained(self, item: asyncio.Future, drained: asyncio.Future) -> bool:
+        """Wait for a stream item; False when the server drains and the item is not done by the
+        drain deadline (so a full read-ahead window never holds the stop past its grace)."""
+        if not self.draining.is_set():
+            await asyncio.wait((item, drained), return_when=asyncio.FIRST_COMPLETED)
+        if not item.done():
+            remaining = self._drain_deadline - asyncio.get_running_loop().time()
+            await asyncio.wait((item,), timeout=max(remaining, 0))
+        return item.done()
 
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
         outcome = await self._classify_or_error(request, request_id, timeout, "ClassifyStream")
         if isinstance(outcome, errors.ServingError):
-            return pb.ClassifyStreamResponse(request_id=request_id, index=index, error=outcome.to_status())
+            return pb.ClassifyStreamResponse(request_id=errors.clip(request_id), index=index, error=outcome.to_status())
         return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=outcome)
 
     async def _classify_or_error(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
@@ -167,12 +231,16 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
                         wait: bool) -> pb.ClassifyResponse:
         started = time.monotonic()
+        self._check_limits(request)
         check_specimen_id(request.specimen_id)
         entry, batcher = await self._route(request)
         # A place in the model's queue before any decoding: refused at once (unary) or waited
         # for (stream items: backpressure). A reload retires this version only once we are done.
-        async with batcher.admit(wait):
-            return await self._run(request, request_id, entry, batcher, started, timeout)
+        # An explanation also needs one of its own few places, or is refused at once.
+        async with (self._explanations.admit(auth.CALLER.get().name, entry.name, wait) if request.explain
+                    else contextlib.nullcontext()):
+            async with batcher.admit(wait):
+                return await self._run(request, request_id, entry, batcher, started, timeout)
 
     async def _run(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher, started: float,
                    timeout: float | None) -> pb.ClassifyResponse:
@@ -193,7 +261,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         response = self._response(request_id, entry, runtime, result, issues)
         response.specimen_id = request.specimen_id
         if request.explain:  # only now: a request that does not ask never waits for this
-            response.explanation.CopyFrom(await loop.run_in_executor(self._decode_pool, self._explain, rgb, batcher))
+            response.explanation.CopyFrom(await self._explanations.run(self._explain, rgb, batcher))
         return response
 
     def _prepare(self, request: pb.ClassifyRequest, batcher: Batcher):

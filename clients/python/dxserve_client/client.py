@@ -130,9 +130,10 @@ class DxServeError(Exception):
 
     @property
     def resume_index(self) -> int | None:
-        """For a stream ended by a stopping server: the index of the first item it did not read."""
+        """For a stream the server ended with a resume point (a stopping server, SERVER_DRAINING;
+        an idle or too old stream, STREAM_IDLE / STREAM_MAX_AGE): the first item it did not answer."""
         for detail in self.details:
-            if detail.DESCRIPTOR.name == "ErrorInfo" and detail.reason == "SERVER_DRAINING":
+            if detail.DESCRIPTOR.name == "ErrorInfo" and "resume_index" in detail.metadata:
                 return int(detail.metadata["resume_index"])
         return None
 

@@ -1,6 +1,7 @@
 """A plugin whose model call hangs on pure yellow (255, 255, 0) images for as long as the
-file named by $DXSERVE_HANG_FILE exists (not an entry point: tests add it through
-settings.plugins)."""
+file named by $DXSERVE_HANG_FILE exists, and takes $DXSERVE_HANG_BATCH_S seconds over every
+batch (default 0): a slow model; its explanations take $DXSERVE_HANG_EXPLAIN_S (default 1)
+(not an entry point: tests add it through settings.plugins)."""
 
 import os
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dxserve import hookimpl
+from dxserve import Explanation, hookimpl
 
 from .brightness import BrightnessRuntime, PluginInfo
 
@@ -17,11 +18,16 @@ class HangRuntime(BrightnessRuntime):
     info = PluginInfo(**{**vars(BrightnessRuntime.info), "name": "hang", "description": "hangs on yellow images"})
 
     def predict(self, batch):
+        time.sleep(float(os.environ.get("DXSERVE_HANG_BATCH_S", "0")))
         if np.any(np.all(batch[:, 0, 0] == np.array([1.0, 1.0, 0.0]), axis=-1)):
             hold = Path(os.environ["DXSERVE_HANG_FILE"])
             while hold.exists():
                 time.sleep(0.05)
         return super().predict(batch)
+
+    def explain(self, image):
+        time.sleep(float(os.environ.get("DXSERVE_HANG_EXPLAIN_S", "1")))
+        return Explanation(np.full(image.shape[:2], 0.5, np.float32), "bright", "uniform (a test)")
 
 
 @hookimpl

@@ -143,3 +143,120 @@ def test_postgresql_trail_from_two_replicas_is_one_intact_chain(tmp_path, postgr
     postgres.psql("\\c replicas\nUPDATE audit SET caller = 'someone else' WHERE seq = 7;")
     assert dxserve(["audit", "verify", "--db", url]) == 1
     assert "row 7: its content does not match its hash (edited)" in capsys.readouterr().out
+
+
+@pytest.fixture
+def signed_trail(tmp_path):
+    """A SQLite trail of 20 rows written with checkpoints (start, two periodic, stop)."""
+    import asyncio
+
+    from dxserve.checkpoints import Checkpointer, generate_key
+
+    key = tmp_path / "signing.pem"
+    public = generate_key(key)
+    db, checkpoints = tmp_path / "audit.sqlite3", tmp_path / "checkpoints.jsonl"
+    trail = AuditTrail(SQLiteStore(str(db)), checkpointer=Checkpointer(key, checkpoints), checkpoint_interval_s=0.05)
+
+    async def write(n: int):
+        for i in range(n):
+            await trail.record(event="classify", request_id=f"r{i}", status="OK")
+
+    asyncio.run(write(10))
+    import time
+
+    time.sleep(0.2)  # a periodic checkpoint of row 10
+    asyncio.run(write(10))
+    trail.close()  # the stop checkpoint: row 20
+    return db, checkpoints, public
+
+
+def _verify(db, checkpoints, public, capsys) -> tuple[int, str]:
+    code = dxserve(["audit", "verify", "--db", str(db), "--checkpoints", str(checkpoints), "--public-key", str(public)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _rechain(db, from_seq: int) -> None:
+    """What a forger with the database but not the key does: recompute every hash from `from_seq` on."""
+    from dxserve.audit import COLUMNS, row_hash
+
+    connection = sqlite3.connect(db)
+    rows = [dict(zip(COLUMNS, r)) for r in connection.execute(f"SELECT {', '.join(COLUMNS)} FROM audit ORDER BY seq")]
+    prev = rows[from_seq - 2]["hash"] if from_seq > 1 else "0" * 64
+    for row in rows[from_seq - 1:]:
+        row["prev_hash"], row["hash"] = prev, row_hash(prev, row)
+        prev = row["hash"]
+        connection.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?", (row["prev_hash"], row["hash"], row["seq"]))
+    connection.commit()
+    connection.close()
+
+
+def test_signed_checkpoints_pass_an_untouched_trail(signed_trail, capsys):
+    db, checkpoints, public = signed_trail
+    reasons = [json.loads(line)["reason"] for line in checkpoints.read_text().splitlines()]
+    assert reasons[0] == "start" and reasons[-1] == "stop" and "periodic" in reasons
+    code, out = _verify(*signed_trail, capsys)
+    assert code == 0 and "chain intact" in out and "signed checkpoints" in out
+
+
+@pytest.mark.parametrize("tamper, found", [
+    ("rewrite", "differs from its checkpoint"),          # a row rewritten and the chain re-chained after it
+    ("truncate", "is missing"),                          # rows cut from the end, the chain still consistent
+    ("append", "forged append"),                         # rows added after the server stopped
+    ("backdate", "back-dated"),                          # an appended row dated in the past
+    ("forge_checkpoint", "signature does not verify"),   # a checkpoint line edited
+])
+def test_signed_checkpoints_find_what_the_chain_alone_cannot(signed_trail, capsys, tamper, found):
+    from dxserve.audit import COLUMNS, row_hash
+
+    db, checkpoints, public = signed_trail
+    connection = sqlite3.connect(db)
+    if tamper == "rewrite":
+        connection.execute("UPDATE audit SET decision = 'normal' WHERE seq = 5")
+        connection.commit()
+        _rechain(db, 5)
+    elif tamper == "truncate":
+        connection.execute("DELETE FROM audit WHERE seq > 15")
+        connection.commit()
+    elif tamper in ("append", "backdate"):
+        last = dict(zip(COLUMNS, connection.execute(f"SELECT {', '.join(COLUMNS)} FROM audit ORDER BY seq DESC LIMIT 1").fetchone()))
+        when = "2020-01-01T00:00:00+00:00" if tamper == "backdate" else "2099-01-01T00:00:00+00:00"
+        forged = {**last, "seq": last["seq"] + 1, "time": when, "request_id": "forged", "prev_hash": last["hash"]}
+        forged["hash"] = row_hash(last["hash"], forged)
+        connection.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                           [forged[c] for c in COLUMNS])
+        connection.commit()
+    else:
+        lines = checkpoints.read_text().splitlines()
+        edited = json.loads(lines[-1])
+        edited["seq"] -= 5
+        checkpoints.write_text("\n".join(lines[:-1] + [json.dumps(edited)]) + "\n")
+    connection.close()
+    chain_alone = verify(open_store(str(db)))[2]
+    if tamper != "forge_checkpoint":
+        assert chain_alone == [], "the chain alone already finds this one: not a test of checkpoints"
+    code, out = _verify(db, checkpoints, public, capsys)
+    assert code == 1 and found in out, out
+
+
+def test_keygen_never_overwrites_a_key(tmp_path, capsys):
+    key = tmp_path / "k.pem"
+    assert dxserve(["audit", "keygen", "--key", str(key)]) == 0
+    assert (key.stat().st_mode & 0o777) == 0o600 and (tmp_path / "k.pem.pub").exists()
+    first = key.read_bytes()
+    assert dxserve(["audit", "keygen", "--key", str(key)]) == 2 and key.read_bytes() == first
+
+
+def test_a_server_signs_its_chain_at_start_and_stop(tmp_path, capsys):
+    from dxserve.checkpoints import generate_key
+
+    key, checkpoints = tmp_path / "signing.pem", tmp_path / "checkpoints.jsonl"
+    public = generate_key(key)
+    flags = ("--audit-checkpoint-key", str(key), "--audit-checkpoints", str(checkpoints))
+    with light_server(tmp_path, *flags) as server, Client(server.address) as client:
+        client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness")
+    reasons = [json.loads(line)["reason"] for line in checkpoints.read_text().splitlines()]
+    assert reasons[0] == "start" and reasons[-1] == "stop"
+    assert json.loads(checkpoints.read_text().splitlines()[-1])["seq"] == open_store(str(server.audit_path)).head()[0] >= 1
+    code, out = _verify(server.audit_path, checkpoints, public, capsys)
+    assert code == 0 and "chain intact" in out

@@ -46,6 +46,14 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 TRANSPORT_FACTOR = 4
 
 
+def _checkpointer(settings: Settings):
+    if settings.audit_checkpoint_key is None:
+        return None
+    from .checkpoints import Checkpointer
+
+    return Checkpointer(settings.audit_checkpoint_key, settings.audit_checkpoints)
+
+
 def connection_age(settings: Settings) -> list[tuple[str, int]]:
     """gRPC's connection age limit (GOAWAY: clients reconnect and spread over replicas); its
     grace outlasts the oldest stream (max_stream_age_s), so streams end first, with a resume point."""
@@ -68,7 +76,8 @@ class Server:
             entry.notify = self._on_plugin_change  # a version failing, hanging or recovering changes health
         self._loop: asyncio.AbstractEventLoop | None = None
         self.audit = AuditTrail(open_store(settings.audit_db, settings.audit_min_free_mb * 2**20), settings.audit_required,
-                                self._on_audit_change) if settings.audit_db else None
+                                self._on_audit_change, checkpointer=_checkpointer(settings),
+                                checkpoint_interval_s=settings.audit_checkpoint_interval_s) if settings.audit_db else None
         self.service = DiagnosticsService(self.plugins, settings, self.audit)
         self.health = health.aio.HealthServicer()
         self.port = 0

@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 import shutil
@@ -103,6 +104,15 @@ class Store:
 
     def _insert_sql(self) -> str:
         return f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join([self.placeholder] * len(COLUMNS))})"
+
+    def head(self) -> tuple[int, str]:
+        """(sequence number, hash) of the chain's last row; (0, GENESIS) when empty."""
+        cursor = self.connection.cursor()
+        cursor.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        last = cursor.fetchone()
+        if isinstance(self, PostgresStore):
+            self.connection.rollback()  # end the read's transaction
+        return (int(last[0]), last[1]) if last else (0, GENESIS)
 
     def rows(self, since: str = "") -> Iterator[dict]:
         """Every row in chain order (from `since`, an ISO time, when given)."""
@@ -229,7 +239,9 @@ class AuditUnavailable(Exception):
 
 
 class AuditTrail:
-    """Queues records from the event loop; one thread commits them in batches.
+    """Queues records from the event loop; one thread commits them in batches, and with a
+    `checkpointer` (checkpoints.py) signs the chain head at start, every
+    `checkpoint_interval_s` while rows are added, and at `close`.
 
     `failing` says why the last write failed ("" while writes succeed). While it fails, the
     writer tries again every `retry_s` with an `audit_gap` row that records the outage, so the
@@ -237,8 +249,11 @@ class AuditTrail:
     called (from the writer thread) whenever `failing` changes.
     """
 
-    def __init__(self, store: Store, required: bool = True, on_change: Callable[[], None] | None = None, retry_s: float = 1.0):
+    def __init__(self, store: Store, required: bool = True, on_change: Callable[[], None] | None = None, retry_s: float = 1.0,
+                 checkpointer=None, checkpoint_interval_s: float = 60.0):
         self.store, self.required = store, required
+        self.checkpointer, self.checkpoint_interval_s = checkpointer, checkpoint_interval_s
+        self._checkpoint_due = time.monotonic() + checkpoint_interval_s
         self.failing = ""
         self.on_change = on_change
         self.retry_s = retry_s
@@ -260,6 +275,7 @@ class AuditTrail:
                 raise
 
     def _run(self) -> None:
+        self._checkpoint("start")
         while (item := self._next()) is not None:
             batch = [item]
             while len(batch) < MAX_BATCH:
@@ -272,14 +288,36 @@ class AuditTrail:
                     break
                 batch.append(item)
             self._write(batch)
+            if self.checkpointer is not None and time.monotonic() >= self._checkpoint_due:  # under steady load too
+                self._checkpoint("periodic")
+        self._checkpoint("stop")
 
     def _next(self):
         """The next queued item; while failing, an `audit_gap` probe whenever none comes for `retry_s`."""
         while True:
+            timeout = self.retry_s if self.failing else None
+            if self.checkpointer is not None:
+                timeout = min(timeout or math.inf, max(self._checkpoint_due - time.monotonic(), 0))
             try:
-                return self._queue.get(timeout=self.retry_s if self.failing else None)
+                return self._queue.get(timeout=timeout)
             except queue.Empty:
-                self._write([({"event": "audit_gap", "status": "OK", "detail": self._gap_detail()}, None, None)])
+                if self.failing:
+                    self._write([({"event": "audit_gap", "status": "OK", "detail": self._gap_detail()}, None, None)])
+                if time.monotonic() >= self._checkpoint_due:
+                    self._checkpoint("periodic")
+
+    def _checkpoint(self, reason: str) -> None:
+        """Sign the chain head (when it moved since the last one, or at start and stop)."""
+        if self.checkpointer is None:
+            return
+        self._checkpoint_due = time.monotonic() + self.checkpoint_interval_s
+        try:
+            head = self.store.head()
+            if reason == "periodic" and head == self.checkpointer.last:
+                return
+            self.checkpointer.write(*head, reason)
+        except Exception as error:  # the trail's own health covers the database; this is the file or the key
+            log.error("audit checkpoint not written", extra={"reason": reason, "error": f"{type(error).__name__}: {error}"})
 
     def _gap_detail(self) -> str:
         return f"audit records could not be written from {self._failing_since}: {self.failing}"

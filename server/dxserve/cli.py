@@ -7,6 +7,8 @@
     dxserve health --address 127.0.0.1:50051                                 # exit 0 when SERVING
     dxserve health --tls-ca ca.pem --server-name localhost                   # the same over TLS (--tls-cert/--tls-key: mTLS)
     dxserve audit verify --db dxserve-audit.sqlite3                          # or a postgresql:// URL
+    dxserve audit keygen --key /etc/dxserve/audit-signing.pem                # for audit_checkpoint_key
+    dxserve audit verify --db dxserve-audit.sqlite3 --checkpoints checkpoints.jsonl --public-key /etc/dxserve/audit-signing.pem.pub
     dxserve audit export --db dxserve-audit.sqlite3 --since 2026-11-01 --format csv
 
 Precedence: flags > DXSERVE_* environment variables > the TOML file > defaults.
@@ -174,6 +176,19 @@ def tokens_command(args: argparse.Namespace) -> int:
 def audit_command(args: argparse.Namespace) -> int:
     from .audit import COLUMNS, open_store, verify
 
+    if args.action == "keygen":
+        from .checkpoints import generate_key
+
+        try:
+            public = generate_key(args.key)
+        except FileExistsError as error:
+            print(f"dxserve: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.key} (private: keep it off the database's storage) and {public} (for `audit verify`)", file=sys.stderr)
+        return 0
+    if args.db is None:
+        print(f"dxserve: audit {args.action} needs --db", file=sys.stderr)
+        return 2
     try:
         store = open_store(args.db, must_exist=True)
     except FileNotFoundError as error:
@@ -182,9 +197,19 @@ def audit_command(args: argparse.Namespace) -> int:
     try:
         if args.action == "verify":
             count, last, problems = verify(store)
+            signed = ""
+            if args.checkpoints:
+                from .checkpoints import load_public_key
+                from .checkpoints import verify as verify_checkpoints
+
+                checked, found, notes = verify_checkpoints(list(store.rows()), args.checkpoints, load_public_key(args.public_key))
+                problems += found
+                for note in notes:
+                    print(f"note: {note}", file=sys.stderr)
+                signed = f", {checked} signed checkpoints"
             for problem in problems:
                 print(problem)
-            print(f"{count} rows checked, {'TAMPERED: ' + str(len(problems)) + ' problems' if problems else 'chain intact'}; "
+            print(f"{count} rows checked{signed}, {'TAMPERED: ' + str(len(problems)) + ' problems' if problems else 'chain intact'}; "
                   f"last hash {last}", file=sys.stderr)
             return 1 if problems else 0
         out = args.output.open("w", newline="") if args.output else sys.stdout
@@ -239,13 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     health.set_defaults(run=health_command)
 
     audit = sub.add_parser("audit", help="check or export the audit trail")
-    audit.add_argument("action", choices=["verify", "export"])
-    audit.add_argument("--db", required=True, help="the audit_db setting: a SQLite file or a postgresql:// URL")
+    audit.add_argument("action", choices=["verify", "export", "keygen"])
+    audit.add_argument("--db", help="the audit_db setting: a SQLite file or a postgresql:// URL")
+    audit.add_argument("--checkpoints", type=Path, help="verify: also check the chain against this file of signed checkpoints")
+    audit.add_argument("--public-key", type=Path, help="verify --checkpoints: the signing key's public half (KEY.pub)")
+    audit.add_argument("--key", type=Path, help="keygen: where to write the new Ed25519 private key (KEY.pub beside it)")
     audit.add_argument("--since", default="", help="export rows from this ISO time on, e.g. 2026-11-01")
     audit.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     audit.add_argument("--output", type=Path)
     audit.set_defaults(run=audit_command)
     args = parser.parse_args(argv)
+    if args.command == "audit" and (args.action == "keygen") != bool(args.key):
+        parser.error("audit keygen needs --key (and only keygen takes it)")
+    if args.command == "audit" and bool(args.checkpoints) != bool(args.public_key):
+        parser.error("--checkpoints and --public-key go together")
     if args.run is not None:
         if args.command == "tokens" and args.action != "list" and not args.name:
             parser.error(f"tokens {args.action} needs a NAME")

@@ -68,6 +68,11 @@ class Settings(BaseModel):
     audit_db: str = Field("dxserve-audit.sqlite3", description="audit trail: a SQLite file, or a postgresql:// URL; empty = off")
     audit_required: bool = Field(True, description="a request whose audit record cannot be written fails (UNAVAILABLE), "
                                  "and health reports NOT_SERVING until the trail is writable again")
+    audit_checkpoint_key: Path | None = Field(None, description="Ed25519 private key (`dxserve audit keygen`), kept "
+                                              "outside the database: sign the chain head into audit_checkpoints")
+    audit_checkpoints: Path | None = Field(None, description="append-only file of signed chain heads (one JSON line "
+                                           "each), on other storage than the database; with audit_checkpoint_key")
+    audit_checkpoint_interval_s: float = Field(60.0, gt=0, description="how often the chain head is signed while rows are added")
     audit_min_free_mb: int = Field(64, ge=0, description="SQLite audit trail: below this much free disk, records are "
                                    "refused cleanly (as if the disk were full) before it fills; 0 = no low-water mark")
     tracing: bool = Field(False, description="OpenTelemetry traces of every call; the exporter comes from the "
@@ -95,10 +100,16 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _checkpoint_pair(self) -> "Settings":
+        if (self.audit_checkpoint_key is None) != (self.audit_checkpoints is None):
+            raise ValueError("audit_checkpoint_key and audit_checkpoints go together")
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        for path in (self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_keys_file):
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_keys_file, self.audit_checkpoint_key):
             if path is not None and not path.is_file():
                 raise ValueError(f"no such file: {path}")
         return self

@@ -7,7 +7,9 @@ black (the background of segmented-cell images).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -17,6 +19,39 @@ from .errors import ServingError, bad_image
 from .v1 import diagnostics_pb2 as pb
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+#: Images over this many pixels are decoded and processed one at a time (`memory_slot`): each
+#: costs a few hundred MB while it is worked on, so several at once would multiply that.
+LARGE_PIXELS = 4_000_000
+_LARGE_IMAGE = threading.Lock()
+
+
+def header_pixels(image: pb.Image) -> int:
+    """Width x height as the request states it (raw) or its file's header says (encoded), read
+    without decoding a pixel; 0 when unreadable (decoding then gives the precise error)."""
+    kind = image.WhichOneof("data")
+    if kind == "raw":
+        return image.raw.width * image.raw.height
+    if kind == "encoded":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(image.encoded)) as opened:
+                    return opened.size[0] * opened.size[1]
+        except Exception:
+            return 0
+    return 0
+
+
+@contextlib.contextmanager
+def memory_slot(image: pb.Image):
+    """Held while one request's image is decoded and processed (in a worker thread): for an
+    image over LARGE_PIXELS, the one slot for large images, so that the memory decoding takes
+    is bounded by one large image at a time whatever arrives; for others, nothing."""
+    if header_pixels(image) > LARGE_PIXELS:
+        with _LARGE_IMAGE:
+            yield
+    else:
+        yield
 
 
 def limit_pixels(max_pixels: int) -> None:
@@ -103,7 +138,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return np.asarray(Image.alpha_composite(black, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # no copy to convert RGB to RGB
 
 
 def heatmap_pngs(rgb: np.ndarray, heatmap: np.ndarray) -> tuple[bytes, bytes]:

@@ -268,11 +268,12 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         """Decode, validate, check and preprocess one image (in a worker thread):
         (the decoded image if an explanation was asked for, model input, the plugin's quality issues)."""
         runtime = batcher.runtime
-        rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
-        try:
-            return rgb if request.explain else None, runtime.preprocess(rgb), list(runtime.check_quality(rgb))
-        except Exception as error:
-            raise errors.plugin_crashed(batcher.plugin, error) from None
+        with images.memory_slot(request.image):  # large images one at a time: memory stays bounded
+            rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
+            try:
+                return rgb if request.explain else None, runtime.preprocess(rgb), list(runtime.check_quality(rgb))
+            except Exception as error:
+                raise errors.plugin_crashed(batcher.plugin, error) from None
 
     def _explain(self, rgb, batcher: Batcher) -> pb.Explanation:
         """The plugin's heatmap for one image, as PNGs (in a worker thread)."""

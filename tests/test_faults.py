@@ -4,6 +4,7 @@ a plugin hangs, the audit trail cannot be written, or the port is taken."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import subprocess
 import sys
 import time
@@ -185,3 +186,92 @@ def test_explanations_have_their_own_bounded_places_and_never_hold_up_classifica
         assert clients[0].classify(GREY, plugin="hang", explain=True).explanation is not None  # places come back
         for c in clients:
             c.close()
+
+
+def _callers(tmp_path, *names):
+    from dxserve.auth import KeyFile
+
+    keys = KeyFile.load(tmp_path / "callers.json")
+    tokens = {name: keys.add(name, []) for name in names}
+    keys.save()
+    return keys, tokens
+
+
+def test_a_token_revoked_while_its_stream_is_open_stops_at_its_next_item(tmp_path):
+    import signal
+
+    keys, tokens = _callers(tmp_path, "lab", "other")
+    revoked = threading.Event()
+
+    def images(n: int, revoke_after: int | None):
+        for i in range(n):
+            if i == revoke_after:
+                keys.callers = [c for c in keys.callers if c["name"] != "lab"]
+                keys.save()
+                server.process.send_signal(signal.SIGHUP)
+                time.sleep(1.0)  # the reload is done
+                revoked.set()
+            yield (f"{i}", GREY)
+            time.sleep(0.05)
+
+    with light_server(tmp_path, "--auth-keys-file", str(tmp_path / "callers.json"), ready=[]) as server, \
+            Client(server.address, token=tokens["lab"]) as lab, Client(server.address, token=tokens["other"]) as other:
+        other.wait_until_serving("brightness", 30)
+        got = []
+        with pytest.raises(DxServeError) as caught:
+            for result in lab.classify_stream(images(20, revoke_after=5), plugin="brightness"):
+                got.append(result.request_id)
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in caught.value.message
+        assert got == [str(i) for i in range(5)]  # nothing after the revocation was answered
+        assert [r.ok for r in other.classify_stream(images(3, None), plugin="brightness")] == [True] * 3  # others serve on
+
+
+def test_an_idle_stream_ends_with_its_resume_point_and_the_client_resumes(tmp_path):
+    def images(pause_after: int):
+        for i in range(5):
+            if i == pause_after:
+                time.sleep(2.5)  # past stream_idle_timeout_s
+            yield (f"{i}", GREY)
+
+    with light_server(tmp_path, "--stream-idle-timeout-s", "1") as server, Client(server.address) as client:
+        with pytest.raises(DxServeError) as caught:
+            list(client.classify_stream(images(2), plugin="brightness"))
+        assert (caught.value.code, caught.value.reason, caught.value.resume_index) == (grpc.StatusCode.UNAVAILABLE, "STREAM_IDLE", 2)
+        resumed = list(client.classify_stream(images(2), plugin="brightness", resume_within_s=10))
+        assert [r.request_id for r in resumed] == [str(i) for i in range(5)] and all(r.ok for r in resumed)
+
+
+def test_a_callers_request_rate_is_capped_unary_refused_streams_slowed(tmp_path):
+    with light_server(tmp_path, "--max-requests-per-s-per-caller", "5") as server, Client(server.address) as client:
+        outcomes = []
+        for _ in range(15):
+            try:
+                outcomes.append(client.classify(GREY, plugin="brightness").ok)
+            except DxServeError as error:
+                outcomes.append(error.reason)
+        assert outcomes[:5] == [True] * 5 and "RATE_LIMITED" in outcomes
+        streamed = list(client.classify_stream([(str(i), GREY) for i in range(12)], plugin="brightness"))
+        assert [r.request_id for r in streamed] == [str(i) for i in range(12)] and all(r.ok for r in streamed)
+
+
+def test_failed_logins_are_counted_logged_and_recorded_but_a_flood_is_aggregated(tmp_path):
+    import urllib.request
+
+    from conftest import free_port
+    from dxserve.audit import open_store
+
+    _, tokens = _callers(tmp_path, "lab")
+    metrics_port = free_port()
+    with light_server(tmp_path, "--auth-keys-file", str(tmp_path / "callers.json"), "--metrics-port", str(metrics_port),
+                      ready=[None]) as server:
+        for token in [None] + ["dxs_bogus"] * 30:
+            with Client(server.address, token=token) as client, pytest.raises(DxServeError) as caught:
+                client.classify(GREY, plugin="brightness")
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'dxserve_auth_refused_total{reason="unknown_token"} 30.0' in body
+        assert 'dxserve_auth_refused_total{reason="no_credentials"} 1.0' in body
+    refused = [r for r in open_store(str(server.audit_path)).rows() if r["event"] == "refused"]
+    assert sorted(r["status"] for r in refused) == ["UNAUTHENTICATED", "UNAUTHENTICATED"]  # one row per cause and peer
+    assert all(r["caller"].startswith("ipv4:127.0.0.1") for r in refused)
+    assert server.logs().count('"calls refused"') == 2

@@ -176,6 +176,7 @@ def test_a_weights_file_corrupted_under_a_loaded_version_fails_that_version_alon
             client.classify(GREY, plugin="brightness")
         assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "VERSION_FAILED")
         assert _health(client, "brightness") == "NOT_SERVING"
+        assert (_health(client, "brightness/3.0"), _health(client, "brightness/2.0")) == ("NOT_SERVING", "SERVING")
         assert client.classify(GREY, plugin="brightness", model_version="2.0").model_version == "2.0"  # the others serve
     assert '"plugin reloaded"' in server.logs() and '"failed": ["3.0"]' in server.logs()
 

@@ -14,7 +14,7 @@ from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, Refusals, open_methods
 from .config import Settings
-from .registry import PluginEntry, discover, load_all
+from .registry import READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
 from .v1 import admin_pb2, admin_pb2_grpc
 from .v1 import diagnostics_pb2 as pb
@@ -27,9 +27,10 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-def plugin_health_name(plugin: str) -> str:
-    """The grpc.health.v1 service name of one plugin, e.g. 'dxserve.v1.DiagnosticsService/lymphoblast'."""
-    return f"{SERVICE_NAME}/{plugin}"
+def plugin_health_name(plugin: str, version: str = "") -> str:
+    """The grpc.health.v1 service name of one plugin, e.g. 'dxserve.v1.DiagnosticsService/lymphoblast',
+    or of one of its model versions, e.g. 'dxserve.v1.DiagnosticsService/lymphoblast/2.0.0'."""
+    return f"{SERVICE_NAME}/{plugin}" + (f"/{version}" if version else "")
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -153,8 +154,12 @@ class Server:
         return not self._stopping and not (self.audit is not None and self.audit.required and self.audit.failing)
 
     async def _set_plugin(self, entry: PluginEntry) -> None:
-        serving = self._answering() and entry.serving
-        await self.health.set(plugin_health_name(entry.name), SERVING if serving else NOT_SERVING)
+        """The plugin's health name (its default version serves) and one per version."""
+        answering = self._answering()
+        await self.health.set(plugin_health_name(entry.name), SERVING if answering and entry.serving else NOT_SERVING)
+        for version in entry.versions:
+            serving = answering and entry.state == READY and entry.servable(version.version)
+            await self.health.set(plugin_health_name(entry.name, version.version), SERVING if serving else NOT_SERVING)
 
     async def _set_all(self) -> None:
         for entry in self.plugins.values():

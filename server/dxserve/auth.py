@@ -234,7 +234,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                     caller = self.identify(context)
                 except errors.ServingError as error:
                     error = errors.unauthenticated(f"{error.message}: the credentials of this stream were revoked", "revoked")
-                    self.refusals.refused("revoked", context.peer() or "unknown", error)
+                    self.refusals.refused("revoked", _peer_host(context), error)
                     raise error from None
                 CALLER.set(caller)
             while (wait := self.rate.take(caller.name)) > 0:
@@ -283,7 +283,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 if counted:
                     interceptor._admit(caller, streaming)
             except errors.ServingError as refusal:
-                interceptor.refusals.refused(_refusal_reason(refusal), context.peer() or "unknown", refusal)
+                interceptor.refusals.refused(_refusal_reason(refusal), _peer_host(context), refusal)
                 await refusal.abort(context)
                 raise  # not reached: abort raises
             interceptor.calls[caller.name] += counted

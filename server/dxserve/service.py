@@ -73,7 +73,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         # Items run concurrently (so they share batches) but are answered in request order.
         # The bounded window stops reading from a client that sends faster than we classify.
-        window: asyncio.Queue[tuple[asyncio.Future, Tally | None] | None] = asyncio.Queue(self.settings.stream_window)
+        # Each entry: the item's task, its specimen tally, and an event set once its result is being recorded.
+        window: asyncio.Queue[tuple[asyncio.Future, Tally | None, asyncio.Event] | None] = asyncio.Queue(self.settings.stream_window)
         specimens = StreamSpecimens(self.plugins)  # this stream's running summaries
         answered = 0
 
@@ -83,15 +84,16 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             try:
                 index = 0
                 async for request in self._requests_while_open(request_iterator, ended):
+                    recorded = asyncio.Event()
                     try:
                         tally = specimens.tally_for(request)
-                        item = asyncio.ensure_future(self._stream_item(request, index, context.time_remaining()))
+                        item = asyncio.ensure_future(self._stream_item(request, index, context.time_remaining(), recorded))
                     except errors.ServingError as refusal:
                         tally, item = None, asyncio.get_running_loop().create_future()
                         item.set_result(pb.ClassifyStreamResponse(request_id=errors.clip(request.request_id), index=index,
                                                                   error=refusal.to_status()))
                     try:
-                        await window.put((item, tally))
+                        await window.put((item, tally, recorded))
                     except asyncio.CancelledError:  # read, but never to be answered: the client resends it
                         item.cancel()
                         raise
@@ -104,8 +106,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         stop_reading = asyncio.ensure_future(self._stop_reading_on_drain(reader))
         try:
             while (entry := await window.get()) is not None:
-                task, tally = entry
-                if not await self._finished_unless_drained(task, stop_reading):
+                task, tally, recorded = entry
+                if not await self._finished_unless_drained(task, recorded, stop_reading):
                     task.cancel()  # the server stops: this item and those after it are dropped and resent by the client
                     break
                 response = task.result()
@@ -163,27 +165,32 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         await self.draining.wait()
         reader.cancel()
 
-    async def _finished_unless_drained(self, item: asyncio.Future, drained: asyncio.Future) -> bool:
+    async def _finished_unless_drained(self, item: asyncio.Future, recorded: asyncio.Event, drained: asyncio.Future) -> bool:
         """Wait for a stream item; False when the server drains and the item is not done by the
-        drain deadline (so a full read-ahead window never holds the stop past its grace)."""
+        drain deadline (so a full read-ahead window never holds the stop past its grace). An
+        item whose result is already being recorded is waited for: a result in the audit trail
+        is a result given."""
         if not self.draining.is_set():
             await asyncio.wait((item, drained), return_when=asyncio.FIRST_COMPLETED)
         if not item.done():
             remaining = self._drain_deadline - asyncio.get_running_loop().time()
             await asyncio.wait((item,), timeout=max(remaining, 0))
+        if not item.done() and recorded.is_set():
+            await asyncio.wait((item,))
         return item.done()
 
-    async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None) -> pb.ClassifyStreamResponse:
+    async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None,
+                           recorded: asyncio.Event) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        outcome = await self._classify_or_error(request, request_id, timeout, "ClassifyStream")
+        outcome = await self._classify_or_error(request, request_id, timeout, "ClassifyStream", recorded)
         if isinstance(outcome, errors.ServingError):
             return pb.ClassifyStreamResponse(request_id=errors.clip(request_id), index=index, error=outcome.to_status())
         return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=outcome)
 
     async def _classify_or_error(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
-                                 method: str) -> pb.ClassifyResponse | errors.ServingError:
+                                 method: str, recorded: asyncio.Event | None = None) -> pb.ClassifyResponse | errors.ServingError:
         """The response, or the error to send for this request: counted, logged, and recorded
-        in the audit trail before it is sent."""
+        in the audit trail before it is sent (`recorded` is set when that record starts)."""
         started = time.monotonic()
         try:
             outcome = await self._classify(request, request_id, timeout, wait=method == "ClassifyStream")
@@ -199,6 +206,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         except Exception as error:  # a server bug costs this item, never the stream or the server
             log.exception("unexpected error", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin)})
             outcome = errors.unexpected(error)
+        if recorded is not None:
+            recorded.set()
         if self.audit is not None:
             try:
                 await self._record(method, request, request_id, outcome, started)

@@ -173,3 +173,43 @@ def test_a_full_queue_refuses_unary_calls_before_decoding_and_makes_stream_items
 
     error, in_flight = run(_with_batcher(FakeRuntime(), go, max_queue_size=2))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and in_flight == 0
+
+
+def test_background_model_work_waits_for_requests_on_their_way_and_for_batches():
+    """ModelTurns: an explanation's pass never runs while a request is admitted (pending) or a
+    batch runs, and a batch waits for at most the one pass already running."""
+    import threading
+
+    from dxserve.batcher import ModelTurns
+
+    pending = [1]
+    turns = ModelTurns(lambda: pending[0])
+    order, entered = [], threading.Event()
+
+    def background():
+        with turns.background():
+            order.append("background")
+            entered.set()
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    assert not entered.wait(0.2)  # a request is on its way to the model: the pass waits
+    with turns.foreground():
+        order.append("batch")
+        pending[0] = 0
+    assert entered.wait(5)
+    worker.join()
+    assert order == ["batch", "background"]
+
+    done = threading.Event()
+
+    def batch():
+        with turns.foreground():
+            done.set()
+
+    with turns.background():  # a batch arriving during a pass runs right after it
+        arriving = threading.Thread(target=batch)
+        arriving.start()
+        assert not done.wait(0.1)
+    assert done.wait(5)
+    arriving.join()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,51 @@ from . import errors, metrics
 from .runtime import Decision, ModelRuntime, QualityIssue
 
 log = logging.getLogger("dxserve.batcher")
+
+
+class ModelTurns:
+    """Whose turn it is on one model: requests' batches (`foreground`) go before background work
+    (`background`, e.g. an explanation's passes), one computation at a time. Background calls
+    wait while a batch runs or waits, and while `pending()` requests are on their way to the
+    model (being decoded); a batch that arrives while a background call runs waits for that
+    call only. The cores are then not split between a request and an explanation, and
+    explanations use the gaps between requests."""
+
+    POLL_S = 0.005  # how often a waiting background call looks at `pending()` again
+
+    def __init__(self, pending=lambda: 0):
+        self._changed = threading.Condition()
+        self._busy = False
+        self._foreground_waiting = 0
+        self._pending = pending
+
+    @contextlib.contextmanager
+    def foreground(self):
+        with self._changed:
+            self._foreground_waiting += 1
+            self._changed.wait_for(lambda: not self._busy)
+            self._foreground_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def background(self):
+        with self._changed:
+            while self._busy or self._foreground_waiting or self._pending():
+                self._changed.wait(self.POLL_S)  # `pending` changes on the event loop, unannounced
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._changed:
+            self._busy = False
+            self._changed.notify_all()
 
 
 @dataclass
@@ -71,6 +117,7 @@ class Batcher:
         self.predict_timeout_s = predict_timeout_s
         self.unresponsive = ""  # why, while a model call has run past predict_timeout_s
         self._on_change = on_change  # awaited when `unresponsive` changes (health)
+        runtime.turns = ModelTurns(lambda: self.in_flight)  # requests before the runtime's background work (explanations)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.plugin}")
@@ -212,7 +259,8 @@ class Batcher:
         return live
 
     def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, list[Decision], list]:
-        output = self.runtime.predict_with_issues(batch)
+        with self.runtime.turns.foreground():
+            output = self.runtime.predict_with_issues(batch)
         issues = list(output.issues)
         probabilities = np.asarray(output.probabilities, dtype=np.float64)
         expected = (len(batch), len(self.runtime.info.labels))

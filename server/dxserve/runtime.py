@@ -157,6 +157,17 @@ class ModelRuntime:
 
     def __init__(self, version: ModelVersion):
         self.version = version
+        #: Set by the server: whose turn it is on the model (requests' batches before background work).
+        self.turns = None
+
+    def background(self):
+        """A context manager to wrap each model call of background work (the passes of an
+        `explain`) in: the server then runs requests' batches first, and the background call
+        waits for a gap between them. Keep each such call short (tens of milliseconds): a
+        waiting batch waits for at most one. Outside a server: no effect."""
+        import contextlib
+
+        return self.turns.background() if self.turns is not None else contextlib.nullcontext()
 
     @classmethod
     def versions(cls) -> Sequence[ModelVersion]:
@@ -207,7 +218,8 @@ class ModelRuntime:
     def explain(self, image: np.ndarray) -> Explanation:
         """Optional: what drove the score for the decoded uint8 RGB image (H, W, 3), as an
         `Explanation` whose heatmap has the image's height and width (Grad-CAM, occlusion, ...).
-        Runs in a worker thread, only for requests that set `explain`. Default: not available."""
+        Runs in a worker thread, only for requests that set `explain`; wrap each of its model
+        calls in `with self.background():` so that classification goes first. Default: not available."""
         raise NotImplementedError
 
     @classmethod

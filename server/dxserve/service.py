@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 from . import audit, auth, errors, images, metrics
 from .batcher import Batcher, Result
@@ -249,10 +250,14 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         async with (self._explanations.admit(auth.CALLER.get().name, entry.name, wait) if request.explain
                     else contextlib.nullcontext()):
             async with batcher.admit(wait):
-                return await self._run(request, request_id, entry, batcher, started, timeout)
+                response, rgb = await self._run(request, request_id, entry, batcher, started, timeout)
+            if request.explain:  # only now, after its place in the model's queue is given back
+                response.explanation.CopyFrom(await self._explanations.run(self._explain, rgb, batcher))
+            return response
 
     async def _run(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher, started: float,
-                   timeout: float | None) -> pb.ClassifyResponse:
+                   timeout: float | None) -> tuple[pb.ClassifyResponse, np.ndarray | None]:
+        """The response without its explanation, and the decoded image when one was asked for."""
         runtime = batcher.runtime
         if request.explain and not runtime.explains():
             raise errors.unimplemented(entry.name, "EXPLANATION", f"plugin {entry.name!r} cannot explain its results")
@@ -269,9 +274,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 rule=result.decision.rule))
         response = self._response(request_id, entry, runtime, result, issues)
         response.specimen_id = request.specimen_id
-        if request.explain:  # only now: a request that does not ask never waits for this
-            response.explanation.CopyFrom(await self._explanations.run(self._explain, rgb, batcher))
-        return response
+        return response, rgb
 
     def _prepare(self, request: pb.ClassifyRequest, batcher: Batcher):
         """Decode, validate, check and preprocess one image (in a worker thread):

@@ -25,7 +25,9 @@ import numpy as np
 
 from .preprocess import BACKGROUND_MAX
 
-PATCH, STRIDE, BATCH = 32, 16, 64
+# Occluded copies per model call: small, so that a classification batch waiting behind one
+# (ModelRuntime.background) waits tens of milliseconds, not most of a second.
+PATCH, STRIDE, BATCH = 32, 16, 2
 METHOD = (f"occlusion: each {PATCH} px square of the cell's {{size}} px input (stride {STRIDE}) blacked out in turn; "
           "the drop of the served logit for the explained label, averaged over the squares covering each pixel, "
           "positive part, scaled to [0, 1]; the cell's size input held fixed")

@@ -179,9 +179,15 @@ class LymphoblastRuntime(ModelRuntime):
         from .explain import METHOD, occlusion_map
 
         record = self.preprocess(image)
-        logit = self._run(record[None])[0][0]
+        with self.background():
+            logit = self._run(record[None])[0][0]
         label = LABELS[0] if logit >= 0 else LABELS[1]  # calibration keeps the sign: P >= 0.5 iff logit >= 0
-        square = occlusion_map(lambda batch: self._run(batch)[0], record, 1.0 if label == LABELS[0] else -1.0)
+
+        def logits(batch):  # each pass in a gap between the server's batches
+            with self.background():
+                return self._run(batch)[0]
+
+        square = occlusion_map(logits, record, 1.0 if label == LABELS[0] else -1.0)
         return Explanation(to_image_coordinates(square, image), label, METHOD.format(size=self.image_size))
 
 

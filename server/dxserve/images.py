@@ -49,9 +49,30 @@ def memory_slot(image: pb.Image):
     is bounded by one large image at a time whatever arrives; for others, nothing."""
     if header_pixels(image) > LARGE_PIXELS:
         with _LARGE_IMAGE:
-            yield
+            try:
+                yield
+            finally:
+                _return_freed_memory()
     else:
         yield
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's freed pages back to the system (glibc's malloc_trim) after a large
+    image: otherwise each decode thread's malloc arena keeps its high-water mark."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = lambda pad: 0  # noqa: E731
+    _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def limit_pixels(max_pixels: int) -> None:

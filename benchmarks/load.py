@@ -102,7 +102,7 @@ def restart(servers: list, port: int, flags: tuple[str, ...], after_s: float, gr
     exit_s = time.monotonic() - stopped
     print(f"SIGTERM after {after_s:.0f} s: exit code {code} in {exit_s:.1f} s, grace {grace_s:.0f} s "
           f"(exit / grace {exit_s / grace_s:.2f})", flush=True)
-    servers.append(start_server(port, *flags))
+    servers.append(start_server(port, *flags, warm_up=False))  # the resumed streams are its warm-up
 
 
 def main() -> int:

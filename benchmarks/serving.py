@@ -96,15 +96,17 @@ def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float, floa
     return alone, raw, averaged
 
 
-def start_server(port: int, *flags: str, audit_db: str = "", token: str = "") -> subprocess.Popen:
-    """`dxserve serve` on 127.0.0.1:port with `flags`, once lymphoblast serves and has answered a few calls
-    (made with `token`, on a server with callers)."""
+def start_server(port: int, *flags: str, audit_db: str = "", token: str = "", warm_up: bool = True) -> subprocess.Popen:
+    """`dxserve serve` on 127.0.0.1:port with `flags`, once lymphoblast serves and (`warm_up`) has
+    answered a few calls (made with `token`, on a server with callers)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": audit_db}
     server = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
                                "--log-level", "WARNING", *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}", token=token or None) as client:
         client.wait_until_serving("lymphoblast", timeout_s=180)
-        for image in sample_images(8):
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited ({server.returncode}): is port {port} taken by another?")
+        for image in sample_images(8 if warm_up else 0):
             client.classify(image)  # warm up
     return server
 

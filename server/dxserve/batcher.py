@@ -174,34 +174,48 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            closes = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = closes - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            live = self._still_wanted(batch)
-            if not live:
+            try:
+                await self._next_batch(loop)
+            except Exception:  # a fault of the batcher itself must not end batching for good
+                log.exception("batcher error; it goes on with the next batch", extra={"plugin": self.plugin, "version": self.version})
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Gather one batch from the queue and run it."""
+        batch = [await self._queue.get()]
+        closes = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
                 continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = closes - time.monotonic()
+            if remaining <= 0:
+                break
+            getting = asyncio.ensure_future(self._queue.get())
+            try:
+                done, _ = await asyncio.wait((getting,), timeout=remaining)
+            finally:
+                if not getting.done():
+                    getting.cancel()  # an item it had not taken stays in the queue
+            if not done:
+                break
+            batch.append(getting.result())
+        live = self._still_wanted(batch)
+        if live:
             await self._run_batch(loop, live)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
         started = time.monotonic()
         call = loop.run_in_executor(self._executor, self._predict, np.stack([item.model_input for item in live]))
-        try:
-            probabilities, decisions, issues = await asyncio.wait_for(asyncio.shield(call), self.predict_timeout_s)
-        except asyncio.TimeoutError:
+        # asyncio.wait, not wait_for: wait_for (3.11) may swallow a cancellation that arrives as the
+        # call ends, and a stopping batcher would then wait on its queue forever.
+        done, _ = await asyncio.wait((call,), timeout=None if self.predict_timeout_s == float("inf") else self.predict_timeout_s)
+        if not done:
             await self._stalled(call, live)
             return
+        try:
+            probabilities, decisions, issues = call.result()
         except Exception as error:
             if len(live) > 1:
                 # One bad image must not fail its batch-mates: retry each alone to isolate it.

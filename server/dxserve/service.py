@@ -142,11 +142,22 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         closes = loop.time() + age
         while True:
             timeout = min(idle, closes - loop.time())
+            if timeout == math.inf:
+                nxt = anext(iterator)
+            else:  # asyncio.wait, not wait_for: a drain's cancellation must never be swallowed
+                nxt = asyncio.ensure_future(anext(iterator))
+                try:
+                    await asyncio.wait((nxt,), timeout=max(timeout, 0))
+                finally:
+                    if not nxt.done():
+                        nxt.cancel()
             try:
-                request = await (asyncio.wait_for(anext(iterator), timeout) if timeout < math.inf else anext(iterator))
+                request = await nxt
             except StopAsyncIteration:
                 return
-            except asyncio.TimeoutError:
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # the reader itself was cancelled (a drain)
                 ended.append(("STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)")
                              if loop.time() < closes else ("STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)"))
                 return

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import sample_images, start_server  # noqa: E402
+from serving import peak_while, rss_mb, sample_images, start_server  # noqa: E402
 
 from dxserve.auth import KeyFile  # noqa: E402
 from dxserve_client import Client, DxServeError  # noqa: E402
@@ -36,13 +36,6 @@ def latencies(client: Client, images: list[bytes], n: int) -> list[float]:
         client.classify(images[i % len(images)])
         out.append((time.perf_counter() - started) * 1000)
     return out
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def summary(values: list[float]) -> str:
@@ -68,7 +61,7 @@ def main() -> int:
                     Client(address, token=tokens["burst"], timeout_s=120) as burst:
                 rss_before = rss_mb(server.pid)
                 idle = latencies(plain, images, args.calls)
-                done, made, refused, peak = threading.Event(), [0], [0], [rss_before]
+                done, made, refused = threading.Event(), [0], [0]
 
                 def explainer(k: int) -> None:
                     while not done.is_set():
@@ -81,17 +74,12 @@ def main() -> int:
                             refused[0] += 1
                             done.wait(2.0)  # the RetryInfo delay
 
-                def watch() -> None:
-                    while not done.is_set():
-                        peak[0] = max(peak[0], rss_mb(server.pid))
-                        done.wait(0.2)
-
                 threads = [threading.Thread(target=explainer, args=(k,)) for k in range(args.explainers)]
-                threads.append(threading.Thread(target=watch))
                 for t in threads:
                     t.start()
                 time.sleep(2.0)  # the burst is under way
-                during = latencies(plain, images, args.calls)
+                during: list[float] = []
+                peak, _ = peak_while(server.pid, lambda: during.extend(latencies(plain, images, args.calls)))
                 done.set()
                 for t in threads:
                     t.join()
@@ -102,7 +90,7 @@ def main() -> int:
                 print(f"p99 under the burst / p99 idle: {np.percentile(during, 99) / np.percentile(idle, 99):.2f} "
                       f"(p50 ratio {statistics.median(during) / statistics.median(idle):.2f}); bar: 2")
                 print(f"burst: {made[0]} explanations made, {refused[0]} refusals (EXPLANATIONS_FULL, retried after 2 s)")
-                print(f"server RSS: {rss_before:.0f} MB before, {peak[0]:.0f} MB peak, {rss_after:.0f} MB after")
+                print(f"server RSS: {rss_before:.0f} MB before, {peak:.0f} MB peak, {rss_after:.0f} MB after")
         finally:
             server.send_signal(15)
             server.wait(60)

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import concurrently, sample_images, start_server  # noqa: E402
+from serving import concurrently, peak_while, rss_mb, sample_images, start_server  # noqa: E402
 
 from dxserve_client import Client  # noqa: E402
 
@@ -35,30 +33,6 @@ def canvas(width: int, height: int, cell: bytes) -> bytes:
     out = io.BytesIO()
     Image.fromarray(rgb).save(out, format="PNG")
     return out.getvalue()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_while(pid: int, work) -> tuple[float, float]:
-    """(peak RSS MB while `work()` runs, its seconds)."""
-    peak, done = [rss_mb(pid)], threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb(pid))
-            done.wait(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    seconds = work()
-    done.set()
-    watcher.join()
-    return peak[0], seconds
 
 
 def main() -> int:

@@ -111,6 +111,30 @@ def start_server(port: int, *flags: str, audit_db: str = "", token: str = "", wa
     return server
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_while(pid: int, work) -> tuple[float, float]:
+    """(peak RSS MB while `work()` runs, its seconds)."""
+    peak, done = [rss_mb(pid)], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    seconds = work()
+    done.set()
+    watcher.join()
+    return peak[0], seconds
+
+
 def concurrently(n: int, work) -> float:
     """Run work(0) ... work(n - 1) in n threads at once; the seconds until all are done."""
     threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]

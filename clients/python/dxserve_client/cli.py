@@ -204,7 +204,10 @@ def list_plugins_command(args: argparse.Namespace, client: Client) -> int:
         if p.state_reason:
             print(f"  reason: {p.state_reason}")
         for v in p.model_versions:
-            print(f"  model {v.version} sha256={v.weights_sha256}")
+            version_state = v.DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[v.state].name
+            checks = ",".join(v.safety_checks) or "none"
+            print(f"  model {v.version} [{version_state.removeprefix('VERSION_STATE_')}] sha256={v.weights_sha256} "
+                  f"safety_checks={checks}" + (f"\n    reason: {v.state_reason}" if v.state_reason else ""))
     return 0
 
 

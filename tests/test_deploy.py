@@ -34,6 +34,7 @@ def test_deployment_probes_resources_and_security():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"], probe  # native gRPC health probes
     assert container["readinessProbe"]["grpc"]["service"] == "dxserve.v1.DiagnosticsService/lymphoblast"
+    assert container["livenessProbe"]["grpc"]["service"] == "dxserve.v1.Liveness"  # not restarted for an audit outage
     assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and {"cpu", "memory"} <= set(container["resources"]["limits"])
     assert pod["spec"]["securityContext"]["runAsNonRoot"] and container["securityContext"]["allowPrivilegeEscalation"] is False
     grace = int(container["args"][container["args"].index("--grace-period-s") + 1])

@@ -92,6 +92,7 @@ def test_an_audit_trail_below_its_low_water_mark_refuses_cleanly_and_health_says
         assert "below its low-water mark" in caught.value.message  # the cause, not a secondary error
         wait_for(lambda: health(client) == "NOT_SERVING", what="health to report the trail")
         assert health(client, "dxserve.v1.DiagnosticsService/brightness") == "NOT_SERVING"
+        assert health(client, "dxserve.v1.Liveness") == "SERVING"  # alive: a restart would not free the disk
     assert '"audit trail cannot be written: health NOT_SERVING until it can"' in server.logs()
 
 

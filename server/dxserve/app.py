@@ -23,6 +23,9 @@ from .v1 import diagnostics_pb2_grpc as pb_grpc
 log = logging.getLogger("dxserve.app")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+#: Health name that is SERVING while the process answers at all, until it stops: for liveness
+#: probes, which must not restart a server whose plugins or audit database are down.
+LIVENESS_NAME = "dxserve.v1.Liveness"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -128,6 +131,7 @@ class Server:
                           f"({str(error).split(';')[0]})") from None
         for name in self.plugins:
             await self.health.set(plugin_health_name(name), NOT_SERVING)
+        await self.health.set(LIVENESS_NAME, SERVING)
         await self._set_overall()
         await self._server.start()
         host = self.settings.address.rpartition(":")[0]

@@ -138,6 +138,7 @@ def test_postgresql_trail_from_two_replicas_is_one_intact_chain(tmp_path, postgr
     assert dxserve(["audit", "verify", "--db", url]) == 0
     assert "50 rows checked, chain intact" in capsys.readouterr().err
     rows = list(open_store(url).rows())
+    assert open_store(url).head() == (50, rows[-1]["hash"])  # what a checkpoint signs, read in its own transaction
     assert sorted(r["request_id"] for r in rows) == sorted([f"a{i}" for i in range(25)] + [f"b{i}" for i in range(25)])
     assert all(r["status"] == "OK" and r["weights_sha256"] for r in rows)
     postgres.psql("\\c replicas\nUPDATE audit SET caller = 'someone else' WHERE seq = 7;")

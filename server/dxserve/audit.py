@@ -110,8 +110,6 @@ class Store:
         cursor = self.connection.cursor()
         cursor.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         last = cursor.fetchone()
-        if isinstance(self, PostgresStore):
-            self.connection.rollback()  # end the read's transaction
         return (int(last[0]), last[1]) if last else (0, GENESIS)
 
     def rows(self, since: str = "") -> Iterator[dict]:
@@ -201,6 +199,10 @@ class PostgresStore(Store):
     def rows(self, since: str = "") -> Iterator[dict]:
         with self.connection.transaction():
             yield from super().rows(since)
+
+    def head(self) -> tuple[int, str]:
+        with self.connection.transaction():  # a read's transaction ends with it
+            return super().head()
 
 
 def open_store(target: str, min_free_bytes: int = 0, must_exist: bool = False) -> Store:

@@ -98,7 +98,7 @@ class Batcher:
     """One per loaded model version; `submit` from any task on the event loop."""
 
     def __init__(self, plugin: str, runtime: ModelRuntime, max_batch_size: int, max_wait_s: float, max_queue_size: int,
-                 predict_timeout_s: float = float("inf"), on_change: Callable[[], Awaitable[None]] | None = None):
+                 predict_timeout_s: float | None = None, on_change: Callable[[], Awaitable[None]] | None = None):
         self.plugin = plugin
         self.runtime = runtime
         self.version = runtime.version.version
@@ -210,7 +210,7 @@ class Batcher:
         call = loop.run_in_executor(self._executor, self._predict, np.stack([item.model_input for item in live]))
         # asyncio.wait, not wait_for: wait_for (3.11) may swallow a cancellation that arrives as the
         # call ends, and a stopping batcher would then wait on its queue forever.
-        done, _ = await asyncio.wait((call,), timeout=None if self.predict_timeout_s == float("inf") else self.predict_timeout_s)
+        done, _ = await asyncio.wait((call,), timeout=self.predict_timeout_s)
         if not done:
             await self._stalled(call, live)
             return

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import logging
 import time
 import uuid
@@ -15,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from . import audit, auth, errors, images, metrics
+from . import audit, auth, errors, images, metrics, registry
 from .batcher import Batcher, Result
-from .explanations import ExplanationLimits
 from .config import Settings
-from . import registry
+from .explanations import ExplanationLimits
 from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
 from .runtime import INDETERMINATE, Decision, QualityIssue
 from .specimens import StreamSpecimens, Tally, check_specimen_id
+from .streams import requests_while_open
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
@@ -84,7 +83,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         async def read() -> None:
             try:
                 index = 0
-                async for request in self._requests_while_open(request_iterator, ended):
+                async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
+                                                         self.settings.max_stream_age_s, ended):
                     recorded = asyncio.Event()
                     try:
                         tally = specimens.tally_for(request)
@@ -133,35 +133,6 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             while not window.empty():
                 if (entry := window.get_nowait()) is not None:
                     entry[0].cancel()
-
-    async def _requests_while_open(self, requests: AsyncIterator[pb.ClassifyRequest], ended: list):
-        """The stream's requests, until the client half-closes, sends nothing for
-        `stream_idle_timeout_s`, or the stream is `max_stream_age_s` old; then `ended` says why."""
-        loop, iterator = asyncio.get_running_loop(), aiter(requests)
-        idle, age = self.settings.stream_idle_timeout_s or math.inf, self.settings.max_stream_age_s or math.inf
-        closes = loop.time() + age
-        while True:
-            timeout = min(idle, closes - loop.time())
-            if timeout == math.inf:
-                nxt = anext(iterator)
-            else:  # asyncio.wait, not wait_for: a drain's cancellation must never be swallowed
-                nxt = asyncio.ensure_future(anext(iterator))
-                try:
-                    await asyncio.wait((nxt,), timeout=max(timeout, 0))
-                finally:
-                    if not nxt.done():
-                        nxt.cancel()
-            try:
-                request = await nxt
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():
-                    raise  # the reader itself was cancelled (a drain)
-                ended.append(("STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)")
-                             if loop.time() < closes else ("STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)"))
-                return
-            yield request
 
     def _check_limits(self, request: pb.ClassifyRequest) -> None:
         """The message limit, checked per request (the transport allows more, so an oversized

@@ -1,5 +1,6 @@
 """Regenerate the code made from protos/: the Python protobuf/gRPC modules (with .pyi stubs)
-in server/dxserve/v1/, and the .proto files the Node.js client loads at run time
+in clients/python/dxserve/v1/ (the dxserve-client distribution, which the server
+uses too), and the .proto files the Node.js client loads at run time
 (clients/node/protos/: dxserve's own and the google.rpc ones it needs, from
 googleapis-common-protos).
 
@@ -28,8 +29,8 @@ def proto_files() -> list[Path]:
 
 
 def generate(root: Path) -> list[Path]:
-    """Python code under root/server, Node.js protos under root/clients/node/protos; the files written."""
-    written = generate_python(root / "server")
+    """Python code under root/clients/python, Node.js protos under root/clients/node/protos; the files written."""
+    written = generate_python(root / "clients" / "python")
     import google.rpc
 
     node = root / NODE_PROTOS
@@ -58,10 +59,9 @@ def generate_python(out: Path) -> list[Path]:
     written = []
     for source in sources:
         package_dir = out / Path(source).parent
-        folder = package_dir
-        while folder != out:  # make dxserve/ and dxserve/v1/ packages (an existing one is kept)
-            (folder / "__init__.py").touch()
-            folder = folder.parent
+        # dxserve/v1/ is a package; dxserve/ stays a namespace that the server distribution's
+        # dxserve package shares (server/dxserve/__init__.py extends its path to find v1).
+        (package_dir / "__init__.py").touch()
         stem = Path(source).stem
         written += [package_dir / f"{stem}{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
     return written

@@ -122,6 +122,20 @@ def test_cancelled_and_expired_items_never_reach_the_model():
     assert runtime.batches == [1, 1]  # first, then kept alone
 
 
+def test_inputs_of_different_sizes_queued_together_each_get_their_answer():
+    """A plugin whose preprocess keeps each image's size (the default) gets one model call per
+    size: the queued items cannot be stacked into one batch, and none may be left unanswered."""
+    runtime = FakeRuntime()
+    sizes = [(2, 2), (3, 5), (2, 2), (3, 5), (1, 1)]
+
+    async def go(batcher):
+        return await asyncio.wait_for(asyncio.gather(*(batcher.submit(np.full(s, (i + 1) / 10)) for i, s in enumerate(sizes))), 10)
+
+    results = run(_with_batcher(runtime, go))
+    assert [round(r.probabilities[0], 3) for r in results] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert sorted(runtime.batches) == [1, 2, 2] and sorted({r.batch_size for r in results}) == [1, 2]
+
+
 def test_an_item_that_breaks_predict_fails_alone():
     runtime = FakeRuntime()
 

@@ -94,6 +94,16 @@ class _Item:
     deadline: float | None  # time.monotonic() after which nobody waits for the result
 
 
+def shape_groups(inputs: list[np.ndarray]) -> list[list[int]]:
+    """Indices of `inputs` grouped by shape and dtype, in order of first appearance: what can
+    be stacked into one batch. A plugin whose `preprocess` keeps each image's own size (the
+    default does) gets one call per size, instead of a batch that cannot be stacked."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault((np.shape(x), np.asarray(x).dtype.str), []).append(i)
+    return list(groups.values())
+
+
 class Batcher:
     """One per loaded model version; `submit` from any task on the event loop."""
 
@@ -202,8 +212,8 @@ class Batcher:
                 break
             batch.append(getting.result())
         live = self._still_wanted(batch)
-        if live:
-            await self._run_batch(loop, live)
+        for group in shape_groups([item.model_input for item in live]):  # one model call per input shape
+            await self._run_batch(loop, [live[i] for i in group])
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
         started = time.monotonic()

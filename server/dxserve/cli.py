@@ -229,6 +229,42 @@ def audit_command(args: argparse.Namespace) -> int:
         store.close()
 
 
+def plugin_command(args: argparse.Namespace) -> int:
+    if args.action == "new":
+        from .scaffold import new_plugin
+
+        try:
+            root = new_plugin(args.name, args.directory)
+        except (ValueError, FileExistsError) as error:
+            print(f"dxserve: {error}", file=sys.stderr)
+            return 2
+        print(f"made {root}: next, `cd {root} && pip install -e '.[test]' && pytest` (see its README.md)")
+        return 0
+    try:
+        import pytest
+    except ImportError:
+        print("dxserve plugin check needs pytest: pip install 'dxserve[testing]'", file=sys.stderr)
+        return 2
+    flags = ["--pyargs", "dxserve.testing.conformance", "--plugin", args.name, "-p", "no:cacheprovider", "-q",
+             "-W", "ignore::pytest.PytestAssertRewriteWarning"]  # dxserve is imported already: nothing to rewrite
+    flags += ["--allow-ungated"] * args.allow_ungated + (["--examples", str(args.examples)] if args.examples else [])
+    for module in args.plugin_module:
+        flags += ["--plugin-module", module]
+    return int(pytest.main(flags))
+
+
+def weights_command(args: argparse.Namespace) -> int:
+    from .runtime import sha256_of
+
+    for path in args.files:
+        try:
+            print(f"{sha256_of(path)}  {path}")
+        except OSError as error:
+            print(f"dxserve: {path}: {error.strerror or error}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dxserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +309,21 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     audit.add_argument("--output", type=Path)
     audit.set_defaults(run=audit_command)
+
+    plugin = sub.add_parser("plugin", help="for plugin authors: scaffold a new plugin, or check one against what the server expects")
+    plugin.add_argument("action", choices=["new", "check"])
+    plugin.add_argument("name", help="the plugin's name (new: also its folder, distribution dxserve-NAME, package dxserve_NAME)")
+    plugin.add_argument("--directory", type=Path, default=Path("."), help="new: where to make the plugin's folder")
+    plugin.add_argument("--allow-ungated", action="store_true", help="check: a version without a quality gate and "
+                        "out-of-distribution check is skipped, not failed (it is served only where the operator allows it)")
+    plugin.add_argument("--examples", type=Path, help="check: classify these image files (default: the plugin's examples())")
+    plugin.add_argument("--plugin-module", action="append", default=[], help="check: also register this module ('package.module')")
+    plugin.set_defaults(run=plugin_command)
+
+    weights = sub.add_parser("weights-sha256", help="print the SHA-256 of weights files, as ModelVersion.weights_sha256 wants it")
+    weights.add_argument("files", nargs="+", type=Path)
+    weights.set_defaults(run=weights_command)
+
     args = parser.parse_args(argv)
     if args.command == "audit" and (args.action == "keygen") != bool(args.key):
         parser.error("audit keygen needs --key (and only keygen takes it)")

@@ -59,7 +59,8 @@ def dxserve_model_runtimes() -> list[type]:
     blast fraction with its Wilson interval against versioned thresholds: decision support,
     not a diagnosis) and ``explain(image)`` (an :class:`~dxserve.runtime.Explanation`: a
     heatmap of the image's size showing what drove the score, for requests that set
-    ``explain``; a plugin without it is listed with ``explains = false``).
+    ``explain``; a plugin without it is listed with ``explains = false``) and ``examples()``
+    (a few shipped image files of what it classifies, the inputs of ``dxserve plugin check``).
 
     **The safety contract.** The server serves a version only if
     ``safety_checks(version)`` names both an input quality gate (``QUALITY_GATE``) and an

@@ -144,7 +144,8 @@ class ModelRuntime:
     override `preprocess` (default: the image as float32 in [0, 1]), `decide` (default:
     the most probable label), `check_quality` (default: no gate), `predict_with_issues`
     (default: `predict`, with no issues), `decide_specimen` (default: no specimen-level call)
-    and `explain` (default: none; the server answers explain requests UNIMPLEMENTED).
+    `explain` (default: none; the server answers explain requests UNIMPLEMENTED) and
+    `examples` (default: none; sample inputs for `dxserve plugin check`).
 
     The server serves a version only when `safety_checks(version)` includes every one of
     `REQUIRED_SAFETY_CHECKS` (an input quality gate and an out-of-distribution check), unless
@@ -221,6 +222,13 @@ class ModelRuntime:
         Runs in a worker thread, only for requests that set `explain`; wrap each of its model
         calls in `with self.background():` so that classification goes first. Default: not available."""
         raise NotImplementedError
+
+    @classmethod
+    def examples(cls) -> Sequence[Path]:
+        """Optional: a few image files (shipped with the plugin) of what it is meant to classify,
+        for the conformance suite (`dxserve plugin check`) and for trying it out. Default: none
+        (the suite then uses synthetic images)."""
+        return ()
 
     @classmethod
     def safety_checks(cls, version: ModelVersion) -> frozenset[str]:

@@ -99,6 +99,11 @@ class LymphoblastRuntime(ModelRuntime):
         return shipped_versions()
 
     @classmethod
+    def examples(cls) -> list[Path]:
+        """A blast and a normal cell from C-NMC 2019 (examples/ATTRIBUTION.md)."""
+        return sorted((Path(__file__).parent / "examples").glob("*.png"))
+
+    @classmethod
     def safety_checks(cls, version: ModelVersion) -> frozenset[str]:
         """What the version's card gives it: 2.x has a quality gate and an out-of-distribution
         model; 1.x has neither, so the server does not serve it unless an operator allows it."""

@@ -1,0 +1,179 @@
+"""The plugin conformance suite: what the server expects of every plugin, checked against one.
+
+    pytest --pyargs dxserve.testing.conformance --plugin NAME [--allow-ungated] [--examples DIR]
+    dxserve plugin check NAME                                  # the same
+
+The plugin is loaded in process the way the server loads it (its default model version), and
+served once by a real server for the end-to-end check. Inputs are the runtime's `examples()`,
+the images in ``--examples DIR``, or, when neither is given, synthetic images.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dxserve.batcher import shape_groups
+from dxserve.runtime import INDETERMINATE, QUALITY_GATE, REQUIRED_SAFETY_CHECKS, ModelRuntime, sha256_of
+
+#: Probabilities may differ this much between a batch of one and a larger batch (kernels differ).
+TOLERANCE = 1e-4
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def decoded(path: Path) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of an image file, as the server decodes it."""
+    from dxserve.images import to_rgb
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
+@pytest.fixture(scope="module")
+def version(dxserve_runtime_class):
+    versions = list(dxserve_runtime_class.versions())
+    assert versions, "versions() lists no model version"
+    return versions[0]
+
+
+@pytest.fixture(scope="module")
+def runtime(dxserve_runtime_class, version) -> ModelRuntime:
+    runtime = dxserve_runtime_class(version)  # the server checks the weights' SHA-256 first: a test of its own here
+    runtime.load()
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def images(request, dxserve_runtime_class) -> list[np.ndarray]:
+    folder = request.config.getoption("dxserve_examples")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder else list(dxserve_runtime_class.examples())
+    if paths:
+        return [decoded(Path(p)) for p in paths]
+    side = max(dxserve_runtime_class.info.input.min_side, 64)
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, side, dtype=np.float32)
+    return [np.stack([np.add.outer(smooth, smooth[::-1]) / 2] * 3, axis=-1).astype(np.uint8),
+            rng.integers(0, 256, (side, side + 7, 3), dtype=np.uint8)]
+
+
+def probabilities(runtime: ModelRuntime, images: list[np.ndarray]) -> np.ndarray:
+    """What the server computes for a batch: preprocess each image, then one predict_with_issues
+    per input shape (`batcher.shape_groups`)."""
+    inputs = [runtime.preprocess(i) for i in images]
+    out = np.zeros((len(images), len(runtime.info.labels)))
+    for group in shape_groups(inputs):
+        out[group] = np.asarray(runtime.predict_with_issues(np.stack([inputs[i] for i in group])).probabilities)
+    return out
+
+
+def test_declares_its_labels_and_versions(dxserve_runtime_class, dxserve_plugin):
+    info = dxserve_runtime_class.info
+    assert info.name == dxserve_plugin
+    assert len(info.labels) >= 2 and len(set(info.labels)) == len(info.labels), f"labels must be 2 or more and distinct: {info.labels}"
+    assert INDETERMINATE not in info.labels, f"{INDETERMINATE!r} is the server's word for no call, not a label"
+    assert info.version and info.description and info.intended_use, "PluginInfo needs a version, description and intended use"
+    names = [v.version for v in dxserve_runtime_class.versions()]
+    assert names and len(set(names)) == len(names), f"model versions must be listed once each: {names}"
+
+
+def test_every_weights_file_matches_its_sha256(dxserve_runtime_class):
+    for v in dxserve_runtime_class.versions():
+        assert Path(v.weights).is_file(), f"model version {v.version}: weights file {v.weights} is missing (package data not shipped?)"
+        actual = sha256_of(Path(v.weights))
+        assert actual == v.weights_sha256, (f"model version {v.version}: {v.weights} has SHA-256 {actual}, the version "
+                                            f"declares {v.weights_sha256} (`dxserve weights-sha256 FILE` prints it)")
+        assert v.model_card, f"model version {v.version} has no model card"
+
+
+def test_the_default_version_has_the_safety_checks_the_server_requires(request, dxserve_runtime_class, version):
+    missing = set(REQUIRED_SAFETY_CHECKS) - set(dxserve_runtime_class.safety_checks(version))
+    if missing and request.config.getoption("dxserve_allow_ungated"):
+        pytest.skip(f"version {version.version} lacks {sorted(missing)}: served only where the operator allows it")
+    assert not missing, (f"the server will not serve version {version.version}: it lacks {sorted(missing)} (override "
+                         "check_quality / predict_with_issues, or run with --allow-ungated for research plugins)")
+
+
+def test_rows_are_probabilities_over_the_labels(runtime, images):
+    p = probabilities(runtime, images)
+    assert p.shape == (len(images), len(runtime.info.labels))
+    assert np.all(np.isfinite(p)) and np.all(p >= 0) and np.all(p <= 1)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_decide_never_contradicts_the_probabilities(runtime, images):
+    for row in probabilities(runtime, images):
+        decision = runtime.decide(row)
+        assert decision.indeterminate == (decision.label == INDETERMINATE), decision
+        if not decision.indeterminate:
+            assert decision.label == runtime.info.labels[int(np.argmax(row))], f"called {decision.label} for {row}"
+
+
+def test_same_answer_alone_and_inside_a_batch(runtime, images):
+    together = probabilities(runtime, images)
+    for i, image in enumerate(images):
+        np.testing.assert_allclose(probabilities(runtime, [image])[0], together[i], atol=TOLERANCE)
+
+
+def test_answers_are_deterministic(runtime, images):
+    np.testing.assert_allclose(probabilities(runtime, images), probabilities(runtime, images), atol=TOLERANCE)
+
+
+def test_thread_safe(runtime, images):
+    expected = probabilities(runtime, images)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(probabilities(runtime, images))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, f"predict raised when called from 4 threads at once: {errors[0]!r}"
+    for p in results:
+        np.testing.assert_allclose(p, expected, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["blank", "noise"])
+def test_a_blank_or_noise_image_gets_no_confident_label(dxserve_runtime_class, runtime, version, kind):
+    if QUALITY_GATE not in dxserve_runtime_class.safety_checks(version):
+        pytest.skip("the plugin declares no quality gate")
+    side = max(runtime.info.input.min_side, 256)
+    image = (np.full((side, side, 3), 200, np.uint8) if kind == "blank"
+             else np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    issues = list(runtime.check_quality(image))
+    prediction = runtime.predict_with_issues(runtime.preprocess(image)[None])
+    issues += list(prediction.issues[0])
+    decision = runtime.decide(np.asarray(prediction.probabilities)[0])
+    assert issues or decision.indeterminate, f"a {kind} image passed the quality gate and was called {decision.label}"
+
+
+def test_explanations_have_the_image_shape(dxserve_runtime_class, runtime, images):
+    if not dxserve_runtime_class.explains():
+        pytest.skip("the plugin does not explain")
+    image = images[0]
+    explanation = runtime.explain(image)
+    heatmap = np.asarray(explanation.heatmap)
+    assert heatmap.shape == image.shape[:2], f"heatmap {heatmap.shape} for an image {image.shape[:2]}"
+    assert np.all(np.isfinite(heatmap)) and heatmap.min() >= 0 and heatmap.max() <= 1
+    assert explanation.label in runtime.info.labels and explanation.method
+
+
+def test_served_end_to_end(dxserve_client, dxserve_plugin, version, images):
+    from dxserve_client.client import encode_png
+
+    results = list(dxserve_client.classify_stream([encode_png(i) for i in images], plugin=dxserve_plugin))
+    assert len(results) == len(images)
+    for result in results:
+        assert result.ok, f"the server answered {result.error_code}: {result.error_message}"
+        assert result.model_version == version.version and result.weights_sha256 == version.weights_sha256
+        assert abs(sum(result.probabilities.values()) - 1.0) < 1e-5

@@ -126,7 +126,16 @@ def test_classify_with_specimens_per_folder_and_explanations(server, capsys, cel
     written = json.loads(summaries.read_text())
     assert [(s["specimen_id"], s["cells_seen"], s["final"]) for s in written] == [("smears/smear-1", 3, True), ("smears/smear-2", 2, True)]
     assert "specimen smears/smear-1" in err and "not a diagnosis" in err
-    assert len(list(heatmaps.glob("*.overlay.png"))) == 5 and len(list(heatmaps.glob("*.heatmap.png"))) == 5
+    (run_dir,) = heatmaps.iterdir()  # one folder per run: a second run never overwrites the first
+    overlays = sorted(run_dir.glob("*.overlay.png"))
+    assert len(overlays) == 5 and len(list(run_dir.glob("*.heatmap.png"))) == 5
+    assert all(p.name.endswith((".lymphoblast.overlay.png", ".normal.overlay.png")) for p in overlays)  # which label it explains
+    from PIL import Image
+
+    with Image.open(overlays[0]) as overlay, Image.open(str(overlays[0]).replace(".overlay.", ".heatmap.")) as heat:
+        assert overlay.height > heat.height  # the legend strip under the image
+    run(capsys, "--server", server.address, "classify", str(cell_paths[0]), "--quiet", "--explain", str(heatmaps))
+    assert len(list(heatmaps.iterdir())) == 2 and len(list(run_dir.glob("*.overlay.png"))) == 5
 
     code, out, err = run(capsys, "--server", server.address, "classify", str(cell_paths[0]), "--specimen-id", "S9",
                          "--format", "jsonl", "--quiet")
@@ -171,3 +180,77 @@ def test_watching_client_carries_on_across_a_server_restart(capsys, tmp_path):
     finally:
         first.stop()
         assert replacement and replacement[0].stop() == 0
+
+
+def test_a_missing_file_is_named_and_not_sent(server, capsys, cell_paths, tmp_path):
+    code, out, err = run(capsys, "--server", server.address, "classify", str(tmp_path / "gone.png"), str(cell_paths[0]),
+                         "--format", "jsonl", "--quiet")
+    records = {json.loads(line)["path"]: json.loads(line) for line in out.splitlines()}
+    assert code == 1 and len(records) == 2
+    missing = records[str(tmp_path / "gone.png")]
+    assert missing["error_code"] == "NOT_FOUND" and "file not found" in missing["error_message"] and "not sent" in missing["error_message"]
+    assert records[str(cell_paths[0])]["error_code"] == ""
+    assert "1 failed" in err
+
+
+def test_the_client_waits_for_a_plugin_that_is_loading(capsys, tmp_path):
+    """Just after a restart the plugin is LOADING: the CLI waits (up to --wait) instead of failing
+    every image; past --wait it says so and exits 2."""
+    from dxserve.testing import serving
+    from dxserve_client.client import encode_png
+    from dxserve_testplugins import slow
+
+    from conftest import UNGATED
+
+    import numpy as np
+
+    image = tmp_path / "grey.png"
+    image.write_bytes(encode_png(np.full((8, 8, 3), 128, np.uint8)))
+    slow.RELEASE.clear()
+    with serving(modules=("dxserve_testplugins.slow",), disabled_plugins=["lymphoblast", "flaky", "brightness"],
+                 ungated_versions_allowed=UNGATED) as client:
+        address = client.channel._channel.target().decode()
+        code, _, err = run(capsys, "--server", address, "classify", str(image), "--plugin", "slow", "--wait", "0.5", "--quiet")
+        assert code == 2 and "still loading after 0.5 s" in err
+        threading.Timer(1.0, slow.RELEASE.set).start()
+        code, out, err = run(capsys, "--server", address, "classify", str(image), "--plugin", "slow", "--format", "jsonl", "--quiet")
+        assert code == 0, err
+        assert "waiting for plugin 'slow' to load" in err and json.loads(out)["label"] in ("dark", "bright")
+
+
+def test_watch_takes_a_file_once_complete_and_remembers_across_restarts(server, capsys, cell_paths, tmp_path):
+    """A file written slowly in two parts is classified once, whole; a restarted watcher sends
+    nothing it has answered, but does send a new file (and a rewritten one)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(cell_paths[0], inbox / "first.png")
+    data = cell_paths[1].read_bytes()
+
+    def write_slowly():
+        time.sleep(0.5)
+        with (inbox / "slow.png").open("wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            time.sleep(1.5)  # longer than --poll-interval: it may look complete, and fail to decode, before the rest comes
+            f.write(data[len(data) // 2:])
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    watch = ("--server", server.address, "classify", str(inbox), "--watch", "--poll-interval", "0.3", "--idle-exit", "3",
+             "--format", "jsonl", "--quiet")
+    code, out, err = run(capsys, *watch)
+    writer.join()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0, err
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in records) == ["first.png", "slow.png"]
+    assert all(r["error_code"] == "" for r in records)
+    assert (inbox / ".dxserve-client-sent.jsonl").exists()
+
+    code, out, _ = run(capsys, *watch)  # restarted: nothing new
+    assert code == 0 and out.strip() == ""
+    shutil.copy(cell_paths[2], inbox / "third.png")
+    (inbox / "junk.png").write_bytes(b"not an image")  # damaged for good: reported once it stays unchanged
+    code, out, _ = run(capsys, *watch)
+    records = {json.loads(line)["path"].rsplit("/", 1)[-1]: json.loads(line) for line in out.splitlines()}
+    assert code == 1 and sorted(records) == ["junk.png", "third.png"]
+    assert records["junk.png"]["error_code"] == "INVALID_ARGUMENT" and records["third.png"]["error_code"] == ""

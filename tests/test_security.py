@@ -165,3 +165,12 @@ def test_client_certificate_subject_is_an_identity(tmp_path):
         with Client(server.address, root_certificates=read("ca.pem"), client_certificate=(read("client.key"), read("client.pem"))) as lab:
             assert lab.classify(GREY, plugin="brightness").ok
             assert _code(lambda: lab.classify(GREY, plugin="flaky")) == grpc.StatusCode.PERMISSION_DENIED
+        # The command line speaks mTLS too: --tls-ca, --client-cert, --client-key.
+        from dxserve_client.cli import main
+
+        (tmp_path / "grey.png").write_bytes(_png())
+        tls = ["--server", server.address, "--tls-ca", str(tmp_path / "ca.pem"), "--client-cert", str(tmp_path / "client.pem")]
+        assert main([*tls, "--client-key", str(tmp_path / "client.key"), "classify", str(tmp_path / "grey.png"),
+                     "--plugin", "brightness", "--quiet"]) == 0
+        with pytest.raises(SystemExit):  # a certificate without its key is a usage error
+            main([*tls, "classify", str(tmp_path / "grey.png"), "--plugin", "brightness"])

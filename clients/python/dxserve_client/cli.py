@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TextIO
 
 from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from .watching import IMAGE_SUFFIXES  # noqa: E402 - one list of what counts as an image
 FIELDS = ["path", "specimen_id", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
           "weights_sha256", "rule", "quality_issues", "error_code", "error_message"]
 
@@ -40,23 +41,6 @@ def image_files(paths: list[Path]) -> list[Path]:
         else:
             found.append(path)
     return found
-
-
-def watch(folder: Path, poll_s: float, seen: set[Path], idle_exit_s: float | None) -> Iterator[Path]:
-    """New image files in `folder` as they appear; a file is taken once its size is stable."""
-    sizes: dict[Path, int] = {}
-    last_new = time.monotonic()
-    while idle_exit_s is None or time.monotonic() - last_new < idle_exit_s:
-        for path in image_files([folder]):
-            if path in seen:
-                continue
-            size = path.stat().st_size
-            if sizes.get(path) == size:  # unchanged since the last poll: the writer is done
-                seen.add(path)
-                last_new = time.monotonic()
-                yield path
-            sizes[path] = size
-        time.sleep(poll_s)
 
 
 def record(path: Path, result: Result, labels: list[str]) -> dict:
@@ -130,65 +114,209 @@ def print_specimens(specimens: list[Specimen], out: TextIO) -> None:
                   "reviewing the specimen, not a diagnosis", file=out)
 
 
+def run_folder(parent: Path) -> Path:
+    """A new folder for this run's explanation files under `parent`: runs never overwrite each other."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for n in range(1, 1000):
+        folder = parent / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run folder under {parent}")
+
+
 def write_explanation(folder: Path, index: int, path: Path, result: Result) -> None:
-    """The result's heatmap overlay and heatmap as <index>_<name>.overlay.png / .heatmap.png."""
+    """<index>_<name>.<label>.overlay.png (the overlay with a legend: which label, how, the colour
+    scale) and <index>_<name>.<label>.heatmap.png (the 8-bit heatmap itself)."""
     if result.explanation is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{index:05d}_{path.stem}.overlay.png").write_bytes(result.explanation.overlay_png)
-    (folder / f"{index:05d}_{path.stem}.heatmap.png").write_bytes(result.explanation.heatmap_png)
+    from .explanations import with_legend
+
+    e = result.explanation
+    stem = f"{index:05d}_{path.stem}.{e.label}"
+    p = result.probabilities.get(e.label)
+    caption = f"explains: {e.label}" + (f" (P = {p:.2f})" if p is not None else "") + f"; {e.method}"
+    (folder / f"{stem}.overlay.png").write_bytes(with_legend(e.overlay_png, caption))
+    (folder / f"{stem}.heatmap.png").write_bytes(e.heatmap_png)
+
+
+def wait_for_plugin(client: Client, plugin: str, wait_s: float) -> str:
+    """Wait while the plugin is loading (just after a restart); "" once it is ready, else why not."""
+    from dxserve.v1 import diagnostics_pb2 as pb
+
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        plugins = {p.name: p for p in client.list_plugins()}
+        info = plugins.get(plugin)
+        if info is None:
+            return f"unknown plugin {plugin!r} (server has: {', '.join(plugins) or 'none'})"
+        if info.state == pb.PLUGIN_STATE_READY:
+            return ""
+        if info.state == pb.PLUGIN_STATE_FAILED:
+            return f"plugin {plugin!r} failed to load: {info.state_reason}"
+        if time.monotonic() >= deadline:
+            return f"plugin {plugin!r} still loading after {wait_s:g} s (--wait)"
+        if not told:
+            print(f"dxserve-client: waiting for plugin {plugin!r} to load (up to {wait_s:g} s, --wait)", file=sys.stderr)
+            told = True
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+
+
+def retry_after(result: Result) -> float | None:
+    """Seconds the server asked to wait before trying this item again (RetryInfo on UNAVAILABLE or
+    RESOURCE_EXHAUSTED: a plugin still loading, a full queue); None when it is not worth a retry."""
+    if result.error_code not in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+        return None
+    for detail in result.error_details:
+        if detail.DESCRIPTOR.name == "RetryInfo":
+            return detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
+    return None
+
+
+def unreadable(path: Path, error: OSError) -> Result:
+    """A local record for a file that could not be read: named as such, never sent."""
+    code = "NOT_FOUND" if isinstance(error, FileNotFoundError) else "PERMISSION_DENIED" if isinstance(error, PermissionError) else "UNKNOWN"
+    what = "file not found" if code == "NOT_FOUND" else "file cannot be read"
+    return Result(request_id="", error_code=code, error_message=f"{what}: {path} ({error.strerror or error}); not sent")
+
+
+class Feed:
+    """The files a classify run sends, in order: a list, or a FolderWatch; failed items the server
+    asked to retry (and, when watching, files still being written) are put back, within `--wait`."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .watching import STATE_FILE, FolderWatch, SentLog
+
+        if args.watch:
+            folder = args.paths[0]
+            log = None if args.no_state else SentLog(args.state or folder / STATE_FILE, folder)
+            self.watch: FolderWatch | None = FolderWatch(folder, args.poll_interval, args.idle_exit, log)
+            self.source: Iterator = iter(self.watch)
+            self.total = None
+        else:
+            self.watch = None
+            files = image_files(args.paths)
+            self.source = iter([(f, None) for f in files])
+            self.total = len(files)
+        self.retries: list[tuple[float, Path, tuple | None]] = []  # (when, path, signature): lists only
+        self.attempts: dict[Path, int] = {}
+        self.wait_s = args.wait
+        self.started = time.monotonic()
+        self.in_flight = 0
+        self.cond = threading.Condition()
+
+    def __iter__(self) -> Iterator[tuple[Path, tuple | None]]:
+        while True:
+            try:
+                item = next(self.source)
+            except StopIteration:
+                item = self._next_retry()
+                if item is None:
+                    return
+            with self.cond:
+                self.in_flight += 1
+            yield item
+
+    def _next_retry(self):
+        """For a list: wait for answers in flight, then for the earliest retry due; None when done."""
+        with self.cond:
+            while True:
+                if self.retries:
+                    self.retries.sort(key=lambda r: r[0])
+                    when, path, sig = self.retries[0]
+                    if time.monotonic() >= when:
+                        self.retries.pop(0)
+                        return path, sig
+                    self.cond.wait(when - time.monotonic())
+                elif self.in_flight:
+                    self.cond.wait(1.0)
+                else:
+                    return None
+
+    def done(self, path: Path, sig, retry_in_s: float | None = None) -> bool:
+        """One answer; with `retry_in_s`, try again then if --wait allows (True: it will be)."""
+        self.attempts[path] = self.attempts.get(path, 0) + 1
+        again = retry_in_s is not None and time.monotonic() + retry_in_s - self.started <= self.wait_s and self.attempts[path] <= 20
+        with self.cond:
+            self.in_flight -= 1
+            if again and self.watch is None:
+                self.retries.append((time.monotonic() + retry_in_s, path, sig))
+            self.cond.notify_all()
+        if self.watch is not None and sig is not None:
+            if again:
+                self.watch.again(path, sig, retry_in_s)
+            else:
+                self.watch.answered(path, sig)
+        return again
+
+    def recheck(self, path: Path, sig, fail) -> None:
+        """Watching: `path` failed to decode, maybe half-written; `FolderWatch.recheck` decides."""
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify_all()
+        self.watch.recheck(path, sig, max(4 * self.watch.settle_s, 2.0), fail)
 
 
 def classify_command(args: argparse.Namespace, client: Client) -> int:
-    plugins = {p.name: p for p in client.list_plugins()}
-    if args.plugin not in plugins:
-        print(f"dxserve-client: unknown plugin {args.plugin!r} (server has: {', '.join(plugins) or 'none'})", file=sys.stderr)
+    problem = wait_for_plugin(client, args.plugin, args.wait)
+    if problem:
+        print(f"dxserve-client: {problem}", file=sys.stderr)
         return 2
-    labels = list(plugins[args.plugin].labels)
-    if args.watch:
-        folder = args.paths[0]
-        paths: Iterator[Path] | list[Path] = watch(folder, args.poll_interval, set(), args.idle_exit)
-        total = None
-    else:
-        paths = image_files(args.paths)
-        total = len(paths)
+    labels = list(next(p for p in client.list_plugins() if p.name == args.plugin).labels)
+    feed = Feed(args)
     out = args.output.open("w", newline="") if args.output else sys.stdout
     writer = Writer(out, args.format, labels)
-    sent: list[Path] = []
+    explain_dir = run_folder(args.explain) if args.explain else None
+    lock = threading.Lock()
+    sent: dict[str, tuple[Path, tuple | None]] = {}
+    counts = {"images": 0, "failed": 0}
+
+    def finish(path: Path, result: Result) -> None:
+        with lock:
+            counts["images"] += 1
+            counts["failed"] += not result.ok
+            writer.write(record(path, result, labels))
+            if explain_dir is not None:
+                write_explanation(explain_dir, counts["images"] - 1, path, result)
+            progress.update()
 
     def items():
-        for i, path in enumerate(paths):
-            sent.append(path)
+        for n, (path, sig) in enumerate(feed):
             try:
                 data = path.read_bytes()
-            except OSError as error:  # unreadable here: let the server report it like any bad image
-                print(f"dxserve-client: {path}: {error}", file=sys.stderr)
-                data = b""
-            yield (f"{i}:{path.name}", data, specimen_of(path, args.paths, args))
+            except OSError as error:  # named as what it is, not sent as an empty image
+                feed.done(path, sig)
+                finish(path, unreadable(path, error))
+                continue
+            request_id = f"{n}:{path.name}"
+            sent[request_id] = (path, sig)
+            yield (request_id, data, specimen_of(path, args.paths, args))
 
     from tqdm import tqdm
 
-    failed = 0
     specimens: list[Specimen] = []
-    progress = tqdm(total=total, unit="img", file=sys.stderr, disable=args.quiet or None)
+    progress = tqdm(total=feed.total, unit="img", file=sys.stderr, disable=args.quiet or None)
     try:
-        for path_index, result in enumerate(client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version,
-                                                                   explain=bool(args.explain), final_summaries=specimens,
-                                                                   resume_within_s=args.resume_within)):
-            failed += not result.ok
-            writer.write(record(sent[path_index], result, labels))
-            if args.explain:
-                write_explanation(args.explain, path_index, sent[path_index], result)
-            progress.update()
+        for result in client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version,
+                                             explain=bool(args.explain), final_summaries=specimens,
+                                             resume_within_s=args.resume_within):
+            path, sig = sent.pop(result.request_id)
+            if result.error_code == "INVALID_ARGUMENT" and feed.watch is not None:
+                feed.recheck(path, sig, lambda path=path, result=result: finish(path, result))  # half-written when read?
+            elif not feed.done(path, sig, retry_after(result)):
+                finish(path, result)
     finally:
         progress.close()
         if args.output:
             out.close()
-    print(f"{len(sent)} images, {len(sent) - failed} classified, {failed} failed", file=sys.stderr)
+    print(f"{counts['images']} images, {counts['images'] - counts['failed']} classified, {counts['failed']} failed", file=sys.stderr)
     print_specimens(specimens, sys.stderr)
     if args.specimen_output:
         args.specimen_output.write_text(json.dumps([dataclasses.asdict(s) for s in specimens], indent=2) + "\n")
-    return 1 if failed else 0
+    return 1 if counts["failed"] else 0
 
 
 def list_plugins_command(args: argparse.Namespace, client: Client) -> int:
@@ -214,8 +342,10 @@ def list_plugins_command(args: argparse.Namespace, client: Client) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dxserve-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default %(default)s)")
-    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
-    parser.add_argument("--ca-cert", type=Path, help="PEM root certificate(s) to trust")
+    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --tls-ca)")
+    parser.add_argument("--tls-ca", "--ca-cert", dest="tls_ca", type=Path, help="PEM root certificate(s) to trust; implies --tls")
+    parser.add_argument("--client-cert", type=Path, help="PEM client certificate chain for mutual TLS (with --client-key)")
+    parser.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for unary calls")
     parser.add_argument("--token", default=os.environ.get("DXSERVE_TOKEN"),
                         help="bearer token for a server with callers (default: $DXSERVE_TOKEN)")
@@ -231,9 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--model-version", default="", help="default: the plugin's default version")
     classify.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
     classify.add_argument("--output", type=Path, help="write records here instead of standard output")
-    classify.add_argument("--watch", action="store_true", help="keep watching the (single) folder for new images")
-    classify.add_argument("--poll-interval", type=float, default=0.5, help="seconds between folder scans with --watch")
+    classify.add_argument("--watch", action="store_true", help="keep watching the (single) folder: classify each image "
+                          "once it is complete (closed by its writer, moved in, or unchanged for --poll-interval)")
+    classify.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="with --watch, seconds a file must "
+                          "stay unchanged to count as complete when no close event is seen (default %(default)s)")
     classify.add_argument("--idle-exit", type=float, help="with --watch, stop after this many seconds without a new image")
+    classify.add_argument("--state", type=Path, help="with --watch, the file that remembers what was answered, so a restart "
+                          "sends nothing twice (default: FOLDER/.dxserve-client-sent.jsonl)")
+    classify.add_argument("--no-state", action="store_true", help="with --watch, keep no state file (a restart sends all again)")
+    classify.add_argument("--wait", type=float, default=120.0, metavar="S", help="wait up to S seconds for a plugin that is "
+                          "loading, and retry items the server asks to retry later (RetryInfo) within S (default %(default)s)")
     classify.add_argument("--quiet", action="store_true", help="no progress bar")
     classify.add_argument("--resume-within", type=float, default=60.0, metavar="S",
                           help="when the server stops mid-stream, wait up to S seconds for one (a restart, another "
@@ -244,15 +381,23 @@ def main(argv: list[str] | None = None) -> int:
     specimen.add_argument("--specimen-per-folder", action="store_true", help="each image's folder is its specimen")
     classify.add_argument("--specimen-output", type=Path, help="write the final specimen summaries here as JSON")
     classify.add_argument("--explain", type=Path, metavar="DIR",
-                          help="ask for explanations and write each image's heatmap overlay into DIR")
+                          help="ask for explanations and write each image's heatmap overlay, with a legend naming the "
+                               "explained label, into a new DIR/run-<time>/ folder")
     classify.set_defaults(run=classify_command)
 
     args = parser.parse_args(argv)
     if getattr(args, "watch", False) and (len(args.paths) != 1 or not args.paths[0].is_dir()):
         parser.error("--watch takes exactly one folder")
-    root = args.ca_cert.read_bytes() if args.ca_cert else None
+    if bool(args.client_cert) != bool(args.client_key):
+        parser.error("--client-cert and --client-key go together")
     try:
-        with Client(args.server, timeout_s=args.timeout, tls=args.tls, root_certificates=root, token=args.token) as client:
+        root = args.tls_ca.read_bytes() if args.tls_ca else None
+        pair = (args.client_key.read_bytes(), args.client_cert.read_bytes()) if args.client_cert else None
+    except OSError as error:
+        parser.error(f"cannot read {error.filename}: {error.strerror}")
+    try:
+        with Client(args.server, timeout_s=args.timeout, tls=args.tls, root_certificates=root, client_certificate=pair,
+                    token=args.token) as client:
             return args.run(args, client)
     except DxServeError as error:
         print(f"dxserve-client: {error}", file=sys.stderr)

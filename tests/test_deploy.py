@@ -24,6 +24,30 @@ def _documents() -> dict[tuple[str, str], dict]:
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
 
+def _secrets_used(node) -> set[str]:
+    """Names of the Secrets a manifest reads (secretKeyRef, secretRef, secret volumes)."""
+    found = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("secretKeyRef", "secretRef") and isinstance(value, dict):
+                found.add(value["name"])
+            elif key == "secret" and isinstance(value, dict) and "secretName" in value:
+                found.add(value["secretName"])
+            found |= _secrets_used(value)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _secrets_used(item)
+    return found
+
+
+def test_every_secret_the_manifests_read_is_created_in_the_docs():
+    used = set().union(*(_secrets_used(doc) for doc in _documents().values()))
+    assert used, "the Deployment reads its audit database URL from a Secret"
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in sorted(used) if f"kubectl create secret generic {name} " not in readme]
+    assert not missing, f"Secrets mounted but never shown how to create in README.md: {missing}"
+
+
 def test_deployment_probes_resources_and_security():
     deployment = _documents()["Deployment", "dxserve"]
     pod = deployment["spec"]["template"]

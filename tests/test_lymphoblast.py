@@ -223,6 +223,15 @@ def tiny_version(tmp_path_factory, cell_paths):
     return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1)
 
 
+def test_training_never_overwrites_a_version_unless_told(tiny_version, capsys):
+    from dxserve_lymphoblast.cli import main
+
+    version_dir, _, _ = tiny_version
+    card = (version_dir / "model_card.json").read_bytes()
+    assert main(["train", "--version", "0.0.1", "--out", str(version_dir.parent)]) == 2  # refused before any work
+    assert "exists" in capsys.readouterr().err and (version_dir / "model_card.json").read_bytes() == card
+
+
 def test_cross_validation_reports_baselines_beside_the_model(tiny_version):
     from dxserve_lymphoblast.baselines import FROZEN_LOGISTIC, SIZE_ALONE
 

@@ -36,6 +36,13 @@ def write_out_of_fold(version_dir: Path, oof, threshold: float) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    """Cross-validate, train the final model and write the version folder (and its -tta8
+    variant) with the card; a version that exists is refused unless --replace."""
+    taken = [d for d in (args.out / args.version, args.out / f"{args.version}-tta8") if d.exists()]
+    if taken and not args.replace:
+        print(f"model version {args.version!r} exists ({', '.join(map(str, taken))}): train a new version "
+              "(e.g. --version 2.1.0-dev) or pass --replace to overwrite it", file=sys.stderr)
+        return 2
     import numpy as np
 
     from .backbone import IMAGENET_SHA256, IMAGENET_SOURCE, imagenet_weights
@@ -291,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with manifest.csv (default: %(default)s)")
     train.add_argument("--version", required=True, help="version to write, e.g. 1.0.0")
     train.add_argument("--out", type=Path, default=MODELS_DIR, help="models folder (default: the plugin's own)")
+    train.add_argument("--replace", action="store_true", help="overwrite the version's folder if it exists (default: refuse)")
     train.add_argument("--cache", type=Path, default=Path(".cache"), help="cache of preprocessed cells and backbone features")
     train.add_argument("--imagenet-weights", default="",
                        help="the ImageNet MobileNet file (default: $DXSERVE_IMAGENET_WEIGHTS or ../shared/weights/imagenet); "

@@ -25,6 +25,21 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(TEST_SITE))
 
 
+def make_certificates(folder: Path, client_name: str = "lab-9") -> None:
+    """With the openssl command: a CA (ca.pem), a server certificate for 127.0.0.1 (server.pem,
+    server.key) and a client certificate with CN=`client_name` (client.pem, client.key)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    for name, extra in (("server", ["-addext", "subjectAltName=IP:127.0.0.1"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else client_name}", *extra)
+        ext = ["-copy_extensions", "copy"] if name == "server" else []
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem",
+            "-days", "2", *ext)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

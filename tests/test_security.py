@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 
 import grpc
@@ -15,6 +14,7 @@ from dxserve.auth import KeyFile
 from dxserve.v1 import diagnostics_pb2 as pb
 from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
 from dxserve_client import Client, DxServeError
+from conftest import make_certificates
 from test_lifecycle import light_server
 
 GREY = np.full((8, 8, 3), 128, np.uint8)
@@ -144,16 +144,7 @@ def test_one_caller_cannot_hold_every_stream(tmp_path, keys):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 def test_client_certificate_subject_is_an_identity(tmp_path):
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
-    for name, extra in (("server", ["-addext", "subjectAltName=IP:127.0.0.1"]), ("client", [])):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={'localhost' if name == 'server' else 'lab-9'}", *extra)
-        ext = ["-copy_extensions", "copy"] if name == "server" else []
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem",
-            "-days", "2", *ext)
+    make_certificates(tmp_path, client_name="lab-9")
     keys = KeyFile.load(tmp_path / "callers.json")
     keys.add("lab-9", ["brightness"], certificate_subject="CN=lab-9")
     keys.save()

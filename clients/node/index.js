@@ -1,11 +1,7 @@
 'use strict';
-// A small Node.js client for dxserve.v1: classify a file, stream a folder, and read the
-// google.rpc error details of failed calls and of failed stream items.
-//
-//   const { Client } = require('dxserve-client');
-//   const client = new Client('localhost:50051');
-//   const result = await client.classifyFile('cell.png');           // { decision, probabilities, ... }
-//   for await (const r of client.classifyFolder('smear/')) { ... }  // one per image, in order; r.error on failure
+// The Node.js client for dxserve.v1: classify a file, stream files or a folder (with specimen
+// summaries and explanations), over plaintext, TLS or mutual TLS, and read the typed
+// google.rpc error details of failed calls and of failed stream items. See README.md.
 //
 // The .proto files are in protos/ (regenerated from the repository's protos/ by
 // scripts/generate_protos.py, with the google.rpc ones they need).
@@ -55,9 +51,18 @@ class DxServeError extends Error {
     this.details = details;
   }
 
-  /** For a stream ended by a stopping server: the index of the first item it did not read. */
+  /** The google.rpc.ErrorInfo reason, e.g. "VERSION_UNGATED", "QUEUE_FULL"; "" without one. */
+  get reason() {
+    const info = this.details.find((d) => d.type === 'ErrorInfo');
+    return info ? info.reason : '';
+  }
+
+  /**
+   * For a stream the server ended with a resume point (a stopping server, SERVER_DRAINING; an
+   * idle or too old stream, STREAM_IDLE / STREAM_MAX_AGE): the first item it did not answer.
+   */
   get resumeIndex() {
-    const info = this.details.find((d) => d.type === 'ErrorInfo' && d.reason === 'SERVER_DRAINING');
+    const info = this.details.find((d) => d.type === 'ErrorInfo' && d.metadata && 'resume_index' in d.metadata);
     return info ? Number(info.metadata.resume_index) : undefined;
   }
 }
@@ -79,6 +84,24 @@ function toResult(r) {
     screenPositive: r.decision.screenPositive, rule: r.decision.rule,
     qualityPassed: r.quality ? r.quality.passed : true,
     qualityIssues: r.quality ? r.quality.issues.map((i) => i.code) : [],
+    specimenId: r.specimenId,
+    // What drove the score, when asked for (`explain: true`): PNGs of the image's size.
+    explanation: r.explanation ? {
+      method: r.explanation.method, label: r.explanation.label,
+      heatmapPng: Buffer.from(r.explanation.heatmapPng), overlayPng: Buffer.from(r.explanation.overlayPng),
+    } : null,
+  };
+}
+
+/** A SpecimenSummary as a plain object (decision support, not a diagnosis). */
+function toSpecimen(s) {
+  return {
+    specimenId: s.specimenId, plugin: s.plugin, modelVersion: s.modelVersion, cellsSeen: s.cellsSeen,
+    cellsFailed: s.cellsFailed, cellsPassedGate: s.cellsPassedGate, indeterminate: s.indeterminate,
+    // label -> {count, fraction of called cells, ciLow, ciHigh (95 % Wilson interval)}
+    labels: Object.fromEntries(s.labels.map((l) => [l.label, { count: l.count, fraction: l.fraction, ciLow: l.ciLow, ciHigh: l.ciHigh }])),
+    call: s.decision ? s.decision.label : '', callReason: s.decision ? s.decision.reason : '',
+    rule: s.decision ? s.decision.rule : '', final: s.final,
   };
 }
 
@@ -95,11 +118,17 @@ function imageFiles(folder) {
 class Client {
   /**
    * @param {string} address host:port
-   * @param {{token?: string, rootCerts?: Buffer, timeoutMs?: number}} options bearer token
-   *   (send it over TLS only), PEM roots for TLS, deadline of unary calls
+   * @param {{token?: string, rootCerts?: Buffer, privateKey?: Buffer, certChain?: Buffer, tls?: boolean,
+   *          timeoutMs?: number}} options
+   *   token: a bearer token from `dxserve tokens add` (send it over TLS only);
+   *   rootCerts: PEM roots to trust (TLS); privateKey + certChain: a client certificate (mutual TLS);
+   *   tls: TLS with the system roots; timeoutMs: the deadline of unary calls.
    */
-  constructor(address, { token, rootCerts, timeoutMs = 30000 } = {}) {
-    const credentials = rootCerts ? grpc.credentials.createSsl(rootCerts) : grpc.credentials.createInsecure();
+  constructor(address, { token, rootCerts, privateKey, certChain, tls = false, timeoutMs = 30000 } = {}) {
+    if (Boolean(privateKey) !== Boolean(certChain)) throw new TypeError('privateKey and certChain go together');
+    const secure = tls || rootCerts || privateKey;
+    const credentials = secure ? grpc.credentials.createSsl(rootCerts || null, privateKey || null, certChain || null)
+      : grpc.credentials.createInsecure();
     this.stub = new loaded.dxserve.v1.DiagnosticsService(address, credentials, {
       'grpc.max_send_message_length': 16 * 1024 * 1024, 'grpc.max_receive_message_length': 16 * 1024 * 1024,
     });
@@ -117,10 +146,35 @@ class Client {
     });
   }
 
-  /** Classify one image file (or Buffer); rejects with a DxServeError when the call fails. */
-  classifyFile(file, { plugin = 'lymphoblast', modelVersion = '', requestId = '', specimenId = '' } = {}) {
+  /**
+   * Resolve once `plugin` is READY (just after a restart it is LOADING); reject when it FAILED,
+   * is unknown, or is still loading after `timeoutMs`.
+   */
+  async waitUntilServing(plugin = 'lymphoblast', timeoutMs = 60000) {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      let plugins = null;
+      try {
+        plugins = await this.listPlugins();
+      } catch (error) {
+        if (error.code !== 'UNAVAILABLE' || Date.now() > deadline) throw error;  // not listening yet
+      }
+      const info = plugins && plugins.find((p) => p.name === plugin);
+      if (plugins && !info) throw new DxServeError('NOT_FOUND', `no plugin ${plugin}`, []);
+      if (info && info.state === 'PLUGIN_STATE_READY') return;
+      if (info && info.state === 'PLUGIN_STATE_FAILED') throw new DxServeError('UNAVAILABLE', info.stateReason, []);
+      if (Date.now() > deadline) throw new DxServeError('DEADLINE_EXCEEDED', `${plugin} not ready after ${timeoutMs} ms`, []);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+
+  /**
+   * Classify one image file (or Buffer); rejects with a DxServeError when the call fails.
+   * `explain: true` also asks what drove the score (result.explanation).
+   */
+  classifyFile(file, { plugin = 'lymphoblast', modelVersion = '', requestId = '', specimenId = '', explain = false } = {}) {
     const encoded = Buffer.isBuffer(file) ? file : fs.readFileSync(file);
-    const request = { requestId, plugin, modelVersion, specimenId, image: { encoded } };
+    const request = { requestId, plugin, modelVersion, specimenId, explain, image: { encoded } };
     return new Promise((resolve, reject) => {
       this.stub.classify(request, this.metadata, { deadline: Date.now() + this.timeoutMs },
         (error, response) => (error ? reject(callError(error)) : resolve(toResult(response))));
@@ -130,14 +184,17 @@ class Client {
   /**
    * Stream image files and yield one result per file, in order: {path, ...result} or
    * {path, requestId, error: {code, message, details}} for a failed item (the stream goes on).
+   * With `specimenId` every result carries its specimen's running summary (`specimen`), and
+   * the final summary of each specimen is pushed onto `finalSummaries` when given.
    * Rejects with a DxServeError when the whole stream fails.
    */
-  async * classifyFiles(files, { plugin = 'lymphoblast', modelVersion = '', specimenId = '' } = {}) {
+  async * classifyFiles(files, { plugin = 'lymphoblast', modelVersion = '', specimenId = '', explain = false,
+    finalSummaries = null } = {}) {
     const call = this.stub.classifyStream(this.metadata);
     const failure = new Promise((_, reject) => call.on('error', (error) => reject(callError(error))));
     failure.catch(() => {});
     files.forEach((file, index) => {
-      call.write({ requestId: `${index}:${path.basename(file)}`, plugin, modelVersion, specimenId,
+      call.write({ requestId: `${index}:${path.basename(file)}`, plugin, modelVersion, specimenId, explain,
         image: { encoded: fs.readFileSync(file) } });
     });
     call.end();
@@ -146,12 +203,16 @@ class Client {
       const next = await Promise.race([responses.next(), failure]);
       if (next.done) return;
       const r = next.value;
-      if (r.outcome === 'finalSummary') continue;
+      if (r.outcome === 'finalSummary') {
+        if (finalSummaries) finalSummaries.push(toSpecimen(r.finalSummary));
+        continue;
+      }
       const file = files[Number(r.index)];
-      if (r.outcome === 'result') yield { path: file, ...toResult(r.result) };
+      const specimen = r.specimen ? toSpecimen(r.specimen) : null;
+      if (r.outcome === 'result') yield { path: file, ...toResult(r.result), specimen };
       else {
         const code = CODE_NAMES[r.error.code] || String(r.error.code);
-        yield { path: file, requestId: r.requestId, error: { code, message: r.error.message, details: decodeDetails(r.error) } };
+        yield { path: file, requestId: r.requestId, specimen, error: { code, message: r.error.message, details: decodeDetails(r.error) } };
       }
     }
   }

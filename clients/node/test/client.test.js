@@ -65,3 +65,33 @@ test('streams a folder: one result per image, in order, a bad file failing alone
   for (const r of [results[0], results[1], results[3]]) assert.ok(r.decision && !r.error);
   client.close();
 });
+
+test('a specimen stream: each result with its running summary, then the final summary', async () => {
+  const pngs = fs.readdirSync(cells).filter((f) => f.endsWith('.png')).sort().map((f) => path.join(cells, f));
+  const client = new Client(address);
+  await client.waitUntilServing('lymphoblast', 60000);
+  const finals = [];
+  const results = [];
+  for await (const r of client.classifyFiles(pngs, { specimenId: 'node-smear', finalSummaries: finals })) results.push(r);
+  assert.strictEqual(results.length, pngs.length);
+  results.forEach((r, i) => assert.strictEqual(r.specimen.cellsSeen, i + 1));
+  assert.strictEqual(finals.length, 1);
+  const final = finals[0];
+  assert.ok(final.final && final.specimenId === 'node-smear' && final.cellsSeen === pngs.length);
+  const called = Object.values(final.labels).reduce((n, l) => n + l.count, 0);
+  assert.strictEqual(called + final.indeterminate, pngs.length - final.cellsFailed);
+  client.close();
+});
+
+test('explains a result: heatmap and overlay PNGs of the label it explains', async () => {
+  const client = new Client(address, { timeoutMs: 120000 });
+  const file = path.join(cells, fs.readdirSync(cells).filter((f) => f.endsWith('.png')).sort()[0]);
+  const result = await client.classifyFile(file, { explain: true });
+  assert.ok(['lymphoblast', 'normal'].includes(result.explanation.label) && result.explanation.method);
+  const png = Buffer.from([0x89, 0x50, 0x4e, 0x47]);
+  assert.ok(result.explanation.overlayPng.subarray(0, 4).equals(png) && result.explanation.heatmapPng.subarray(0, 4).equals(png));
+  const plain = await client.classifyFile(file);
+  assert.strictEqual(plain.explanation, null);
+  await assert.rejects(client.waitUntilServing('no-such-plugin', 1000), (error) => error.code === 'NOT_FOUND');
+  client.close();
+});

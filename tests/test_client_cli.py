@@ -207,6 +207,13 @@ def test_the_client_waits_for_a_plugin_that_is_loading(capsys, tmp_path):
     image = tmp_path / "grey.png"
     image.write_bytes(encode_png(np.full((8, 8, 3), 128, np.uint8)))
     slow.RELEASE.clear()
+    try:
+        _classify_while_loading(capsys, image, serving, slow, UNGATED)
+    finally:
+        slow.RELEASE.clear()  # the next test of the slow plugin needs it blocking again
+
+
+def _classify_while_loading(capsys, image, serving, slow, UNGATED):
     with serving(modules=("dxserve_testplugins.slow",), disabled_plugins=["lymphoblast", "flaky", "brightness"],
                  ungated_versions_allowed=UNGATED) as client:
         address = client.channel._channel.target().decode()

@@ -59,6 +59,8 @@ def test_loading_plugin_is_unavailable_then_serves():
 
     from conftest import free_port
 
+    slow.RELEASE.clear()  # held until this test releases it
+
     async def scenario():
         settings = Settings(ungated_versions_allowed=UNGATED, address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"], audit_db="",
                             disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])

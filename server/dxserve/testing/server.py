@@ -55,6 +55,9 @@ def serving(*plugins: str, modules: tuple[str, ...] = (), timeout_s: float = 300
             await server.start()
             return server
 
+        from PIL import Image
+
+        pillow_limit = Image.MAX_IMAGE_PIXELS  # the server sets Pillow's limit for the whole process
         server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout_s)
         try:
             with Client(f"127.0.0.1:{server.port}", timeout_s=timeout_s) as client:
@@ -66,6 +69,7 @@ def serving(*plugins: str, modules: tuple[str, ...] = (), timeout_s: float = 300
             loop.call_soon_threadsafe(loop.stop)
             thread.join(30)
             loop.close()
+            Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def wait_serving(client, plugin: str, timeout_s: float) -> None:

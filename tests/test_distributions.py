@@ -1,0 +1,87 @@
+"""The three distributions: the client installs without the server or TensorFlow, the server
+without TensorFlow, and each wheel holds what it must (the generated code once, the weights)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CLIENT = ROOT / "clients" / "python"
+HEAVY = ("tensorflow", "keras", "scikit-learn", "scipy", "matplotlib", "torch")
+
+
+def requirements(pyproject: Path) -> list[str]:
+    return [r.split("==")[0].split("[")[0].lower() for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+
+
+def test_the_client_depends_on_no_server_and_no_framework():
+    needs = requirements(CLIENT / "pyproject.toml")
+    assert "dxserve" not in needs and not set(needs) & set(HEAVY), needs
+    assert {"grpcio", "protobuf", "googleapis-common-protos", "grpcio-status"} <= set(needs)
+
+
+def test_the_server_depends_on_no_framework():
+    needs = requirements(ROOT / "pyproject.toml")
+    assert "dxserve-client" in needs  # the generated code
+    assert not {"tensorflow", "keras", "torch"} & set(needs), needs
+    assert "tensorflow" in requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml")
+
+
+def test_client_code_imports_nothing_of_the_server():
+    for source in (CLIENT / "dxserve_client").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for name in names:
+                assert not (name == "dxserve" or name.startswith("dxserve.")) or name.startswith("dxserve.v1"), \
+                    f"{source.relative_to(ROOT)} imports {name}: a client never imports the server"
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("wheels")
+    for project in (CLIENT, ROOT, ROOT / "plugins" / "lymphoblast"):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(project)],
+                       check=True, capture_output=True, timeout=300)
+    return {w.name.split("-")[0]: w for w in out.glob("*.whl")}
+
+
+def test_each_wheel_holds_its_own_part(wheels):
+    client = zipfile.ZipFile(wheels["dxserve_client"]).namelist()
+    server = zipfile.ZipFile(wheels["dxserve"]).namelist()
+    plugin = zipfile.ZipFile(wheels["dxserve_lymphoblast"]).namelist()
+    assert "dxserve/v1/diagnostics_pb2.py" in client and "dxserve/__init__.py" not in client  # a namespace the server shares
+    assert not any(n.startswith("dxserve/v1/") for n in server) and "dxserve/app.py" in server  # the generated code once
+    assert "dxserve/testing/conformance.py" in server
+    assert "dxserve_lymphoblast/models/2.0.0/model.keras" in plugin and "dxserve_lymphoblast/examples/ATTRIBUTION.md" in plugin
+
+
+def test_the_client_wheel_alone_classifies_against_a_server(wheels, server, tmp_path, cell_paths):
+    """The client wheel's files alone (no server package on the path) list and classify."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheels["dxserve_client"]).extractall(site)
+    # Only the client's files and its third-party dependencies: the server's dxserve is hidden.
+    hidden = [str(ROOT / "server"), str(ROOT / "clients" / "python"), str(ROOT), ""]
+    code = (f"import sys; sys.path = [{str(site)!r}] + [p for p in sys.path if p not in {hidden!r}]\n"
+            "import importlib.abc\n"
+            "class NoServer(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.startswith('dxserve.') and not name.startswith('dxserve.v1') or name.startswith('dxserve_lymphoblast'):\n"
+            "            raise ImportError(f'{name}: the client must not need it')\n"
+            "sys.meta_path.insert(0, NoServer())\n"
+            "from dxserve_client.cli import main\n"
+            f"sys.exit(main(['--server', {server.address!r}, 'classify', {str(cell_paths[0])!r}, '--quiet', '--format', 'jsonl']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert '"model_version": "2.0.0"' in run.stdout
+    assert f"{site}/dxserve_client" in subprocess.run([sys.executable, "-c", code.split("from dxserve_client")[0] +
+                                                       "import dxserve_client; print(dxserve_client.__file__)"],
+                                                      capture_output=True, text=True, timeout=60, cwd=tmp_path).stdout

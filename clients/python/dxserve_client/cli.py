@@ -142,29 +142,6 @@ def write_explanation(folder: Path, index: int, path: Path, result: Result) -> N
     (folder / f"{stem}.heatmap.png").write_bytes(e.heatmap_png)
 
 
-def wait_for_plugin(client: Client, plugin: str, wait_s: float) -> str:
-    """Wait while the plugin is loading (just after a restart); "" once it is ready, else why not."""
-    from dxserve.v1 import diagnostics_pb2 as pb
-
-    deadline = time.monotonic() + wait_s
-    told = False
-    while True:
-        plugins = {p.name: p for p in client.list_plugins()}
-        info = plugins.get(plugin)
-        if info is None:
-            return f"unknown plugin {plugin!r} (server has: {', '.join(plugins) or 'none'})"
-        if info.state == pb.PLUGIN_STATE_READY:
-            return ""
-        if info.state == pb.PLUGIN_STATE_FAILED:
-            return f"plugin {plugin!r} failed to load: {info.state_reason}"
-        if time.monotonic() >= deadline:
-            return f"plugin {plugin!r} still loading after {wait_s:g} s (--wait)"
-        if not told:
-            print(f"dxserve-client: waiting for plugin {plugin!r} to load (up to {wait_s:g} s, --wait)", file=sys.stderr)
-            told = True
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
-
-
 def retry_after(result: Result) -> float | None:
     """Seconds the server asked to wait before trying this item again (RetryInfo on UNAVAILABLE or
     RESOURCE_EXHAUSTED: a plugin still loading, a full queue); None when it is not worth a retry."""
@@ -261,11 +238,13 @@ class Feed:
 
 
 def classify_command(args: argparse.Namespace, client: Client) -> int:
-    problem = wait_for_plugin(client, args.plugin, args.wait)
-    if problem:
-        print(f"dxserve-client: {problem}", file=sys.stderr)
+    waiting = lambda: print(f"dxserve-client: waiting for plugin {args.plugin!r} to load (up to {args.wait:g} s, --wait)",  # noqa: E731
+                            file=sys.stderr)
+    try:
+        labels = list(client.wait_until_loaded(args.plugin, args.wait, on_wait=waiting).labels)
+    except (LookupError, RuntimeError, TimeoutError) as problem:
+        print(f"dxserve-client: {problem}" + (" (--wait)" if isinstance(problem, TimeoutError) else ""), file=sys.stderr)
         return 2
-    labels = list(next(p for p in client.list_plugins() if p.name == args.plugin).labels)
     feed = Feed(args)
     out = args.output.open("w", newline="") if args.output else sys.stdout
     writer = Writer(out, args.format, labels)

@@ -238,6 +238,30 @@ class Client:
                 raise TimeoutError(f"{service or 'server'} not SERVING after {timeout_s} s")
             time.sleep(poll_s)
 
+    def wait_until_loaded(self, plugin: str, timeout_s: float = 60.0, poll_s: float = 0.5, on_wait=None) -> pb.PluginInfo:
+        """Block while `plugin` is LOADING (just after a restart) and return its PluginInfo once it
+        is READY. Raises LookupError for a plugin the server does not have, RuntimeError with the
+        reason when it FAILED, TimeoutError after `timeout_s`. `on_wait()` is called once if it waits."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        waited = False
+        while True:
+            plugins = {p.name: p for p in self.list_plugins()}
+            info = plugins.get(plugin)
+            if info is None:
+                raise LookupError(f"unknown plugin {plugin!r} (server has: {', '.join(plugins) or 'none'})")
+            if info.state == pb.PLUGIN_STATE_READY:
+                return info
+            if info.state == pb.PLUGIN_STATE_FAILED:
+                raise RuntimeError(f"plugin {plugin!r} failed to load: {info.state_reason}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"plugin {plugin!r} still loading after {timeout_s:g} s")
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.05)))
+
     def list_plugins(self) -> list[pb.PluginInfo]:
         return list(self._call(self.stub.ListPlugins, pb.ListPluginsRequest()).plugins)
 

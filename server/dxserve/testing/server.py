@@ -74,22 +74,8 @@ def serving(*plugins: str, modules: tuple[str, ...] = (), timeout_s: float = 300
 
 def wait_serving(client, plugin: str, timeout_s: float) -> None:
     """Return once `plugin` serves; raise PluginNotServing as soon as it cannot (FAILED)."""
-    import time
-
-    from dxserve.v1 import diagnostics_pb2 as pb
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        listed = {p.name: p for p in client.list_plugins()}
-        info = listed.get(plugin)
-        if info is None:
-            raise PluginNotServing(f"no plugin {plugin!r} is installed (found: {', '.join(listed) or 'none'})")
-        if info.state == pb.PLUGIN_STATE_FAILED:
-            raise PluginNotServing(f"plugin {plugin!r} failed to load: {info.state_reason}")
-        try:
-            client.wait_until_serving(plugin, timeout_s=min(1.0, max(deadline - time.monotonic(), 0.0)))
-            return
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise PluginNotServing(f"plugin {plugin!r} not serving after {timeout_s} s: state "
-                                       f"{pb.PluginState.Name(info.state)} {info.state_reason}") from None
+    try:
+        client.wait_until_loaded(plugin, timeout_s)
+        client.wait_until_serving(plugin, timeout_s)  # and health agrees (its default version serves)
+    except (LookupError, RuntimeError, TimeoutError) as error:
+        raise PluginNotServing(str(error)) from None

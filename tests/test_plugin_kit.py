@@ -92,7 +92,7 @@ def test_a_new_plugin_installs_serves_and_passes_its_own_tests(tmp_path):
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=300)
     assert tests.returncode == 0, tests.stdout[-3000:]
-    assert "12 passed, 1 skipped" in tests.stdout, tests.stdout[-2000:]  # the suite and its own test; it does not explain
+    assert "13 passed, 1 skipped" in tests.stdout, tests.stdout[-2000:]  # the suite and its own test; it does not explain
 
     again = dxserve("plugin", "new", "demo_kit", "--directory", str(tmp_path))
     assert again.returncode == 2 and "not overwritten" in again.stderr

@@ -145,7 +145,8 @@ class ModelRuntime:
     the most probable label), `check_quality` (default: no gate), `predict_with_issues`
     (default: `predict`, with no issues), `decide_specimen` (default: no specimen-level call)
     `explain` (default: none; the server answers explain requests UNIMPLEMENTED) and
-    `examples` (default: none; sample inputs for `dxserve plugin check`).
+    `examples` (default: none; sample inputs for `dxserve plugin check`) and `prepare` (default:
+    `preprocess` and `check_quality`, one after the other; override to share work between them).
 
     The server serves a version only when `safety_checks(version)` includes every one of
     `REQUIRED_SAFETY_CHECKS` (an input quality gate and an out-of-distribution check), unless
@@ -190,6 +191,12 @@ class ModelRuntime:
         thread, per image, before `preprocess`. The server still runs the model, but answers
         a failing image with an indeterminate decision and these reasons (ClassifyResponse.quality)."""
         return ()
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, Sequence[QualityIssue]]:
+        """What the server calls per image, in a worker thread: (`preprocess(image)`,
+        `check_quality(image)`). Override only to share work between the two (the lymphoblast
+        plugin computes the cell's mask once for both); the result must equal the two calls'."""
+        return self.preprocess(image), self.check_quality(image)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Stacked `preprocess` outputs -> probabilities (n, len(info.labels)), rows summing to 1."""

@@ -265,7 +265,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         with images.memory_slot(request.image):  # large images one at a time: memory stays bounded
             rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
             try:
-                return rgb if request.explain else None, runtime.preprocess(rgb), list(runtime.check_quality(rgb))
+                model_input, issues = runtime.prepare(rgb)
+                return rgb if request.explain else None, model_input, list(issues)
             except Exception as error:
                 raise errors.plugin_crashed(batcher.plugin, error) from None
 

@@ -16,7 +16,7 @@ from .card import CARD_FILE, CARD_MARKDOWN, WEIGHTS_FILE, INTENDED_USE
 from .gate import check
 from .ood import issues as ood_issues
 from .ood import load as load_ood
-from .preprocess import input_dtype, model_input, to_image_coordinates
+from .preprocess import foreground_mask, input_dtype, model_input, to_image_coordinates
 from .specimen import SpecimenRule
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -142,6 +142,12 @@ class LymphoblastRuntime(ModelRuntime):
         """The card's input quality gate (`gate.py`); versions without one (1.x) pass everything."""
         gate = self.version.extra["card"].get("quality_gate")
         return check(image, gate) if gate else []
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, list[QualityIssue]]:
+        """`preprocess` and `check_quality` with the cell's foreground mask computed once for both."""
+        mask = foreground_mask(image)
+        gate = self.version.extra["card"].get("quality_gate")
+        return model_input(image, self.image_size, mask), (check(image, gate, mask) if gate else [])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """batch: stacked `model_input` records (the cell image and its log diameter)."""

@@ -111,10 +111,10 @@ def log_diameter(rgb: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(np.log(max(np.sqrt((foreground_mask(rgb) if mask is None else mask).sum()), 1.0)))
 
 
-def model_input(rgb: np.ndarray, size: int) -> np.void:
+def model_input(rgb: np.ndarray, size: int, mask: np.ndarray | None = None) -> np.void:
     """One record with both model inputs; a list of these stacks (np.stack) into a batch."""
     record = np.zeros((), input_dtype(size))
-    mask = foreground_mask(rgb)  # once for both
+    mask = foreground_mask(rgb) if mask is None else mask  # once for both
     record["cell"] = prepare(rgb, size, mask)
     record["log_diameter"] = log_diameter(rgb, mask)
     return record

@@ -104,6 +104,18 @@ def test_rows_are_probabilities_over_the_labels(runtime, images):
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_prepare_equals_preprocess_and_check_quality(runtime, images):
+    """The server calls `prepare`; a plugin that overrides it to share work must not change either answer."""
+    for image in images:
+        model_input, issues = runtime.prepare(image)
+        expected = runtime.preprocess(image)
+        assert np.shape(model_input) == np.shape(expected) and np.asarray(model_input).dtype == np.asarray(expected).dtype
+        same = (all(np.array_equal(model_input[f], expected[f]) for f in expected.dtype.names) if expected.dtype.names
+                else np.array_equal(model_input, expected))
+        assert same, "prepare(image)[0] differs from preprocess(image)"
+        assert [i.code for i in issues] == [i.code for i in runtime.check_quality(image)], "prepare's issues differ from check_quality's"
+
+
 def test_decide_never_contradicts_the_probabilities(runtime, images):
     for row in probabilities(runtime, images):
         decision = runtime.decide(row)

@@ -638,3 +638,24 @@ def test_specimen_rule_command_writes_every_variants_card(tiny_version, tmp_path
     assert main(["specimen-rule", "--version", "0.0.1", "--models", str(models), "--min-called", "3"]) == 0
     rules = [json.loads(v.model_card_json)["specimen"]["rule"] for v in shipped_versions(models)]
     assert len(rules) == 2 and all(r["min_called"] == 3 for r in rules)
+
+
+def test_served_answers_equal_the_recorded_reference():
+    """Speed-ups of the per-image path must not move a decision: the fixture cells' probabilities
+    (to 1e-5), quality issues and gate statistics, recorded from 2.0.0 before them
+    (tests/fixtures/reference-2.0.0.json), through the path the server calls (`prepare`)."""
+    from dxserve.images import to_rgb
+    from dxserve_lymphoblast.gate import measure
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version
+
+    reference = json.loads((FIXTURES / "reference-2.0.0.json").read_text())
+    runtime = LymphoblastRuntime(find_version(reference["model_version"]))
+    runtime.load()
+    colour = runtime.version.extra["card"]["quality_gate"]["colour"]
+    for name, expected in reference["cells"].items():
+        rgb = to_rgb(Image.open(FIXTURES / "cells" / name))
+        model_input, issues = runtime.prepare(rgb)
+        p = runtime.predict_with_issues(model_input[None]).probabilities[0][0]
+        assert abs(p - expected["p_lymphoblast"]) < 1e-5, name
+        assert [i.code for i in issues] == expected["issues"], name
+        assert measure(rgb, colour) == pytest.approx(expected["gate"], abs=1e-9), name

@@ -38,16 +38,17 @@ MARGIN = 0.25
 CORE_DEPTH = 12
 
 
-def measure(rgb: np.ndarray, colour_stats: dict | None = None) -> dict[str, float]:
-    """The gate's statistics of a decoded uint8 RGB image (colour_distance needs `colour_stats`)."""
-    stats, mean_colour = _measure(rgb)
+def measure(rgb: np.ndarray, colour_stats: dict | None = None, mask: np.ndarray | None = None) -> dict[str, float]:
+    """The gate's statistics of a decoded uint8 RGB image (colour_distance needs `colour_stats`;
+    `mask`: its `foreground_mask`, when the caller has it already)."""
+    stats, mean_colour = _measure(rgb, mask)
     distance = colour_distance(mean_colour, colour_stats) if colour_stats and mean_colour is not None else 0.0
     return {**stats, "colour_distance": distance}
 
 
-def _measure(rgb: np.ndarray) -> tuple[dict[str, float], np.ndarray | None]:
+def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray | None]:
     """Every statistic but the colour distance, and the cell's mean RGB (None without a cell)."""
-    mask = foreground_mask(rgb)
+    mask = foreground_mask(rgb) if mask is None else mask
     area = int(mask.sum())
     border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
     stats = {
@@ -72,7 +73,7 @@ def _measure(rgb: np.ndarray) -> tuple[dict[str, float], np.ndarray | None]:
     step = np.abs(np.diff(grey, axis=1))[inner[:, 1:] & inner[:, :-1]]
     # Focus is read in the cell's core only: a blurred edge spreads the mask outwards, and within a
     # few pixels of it the edge's own Laplacian made a 1 px blur look *sharper*.
-    core = ndimage.distance_transform_edt(mask) > CORE_DEPTH
+    core = deeper_than(mask, CORE_DEPTH)
     laplacian = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[core if core.any() else inner]
     stats.update(
         saturated_fraction=float((np.minimum(np.minimum(r, g), b)[mask] >= 250).mean()),
@@ -81,6 +82,20 @@ def _measure(rgb: np.ndarray) -> tuple[dict[str, float], np.ndarray | None]:
         sharpness=float(laplacian.mean()),
     )
     return stats, np.array([r[mask].mean(), g[mask].mean(), b[mask].mean()], np.float64)
+
+
+def deeper_than(mask: np.ndarray, depth: int) -> np.ndarray:
+    """Pixels whose Euclidean distance to the nearest background pixel of `mask` exceeds `depth`:
+    `ndimage.distance_transform_edt(mask) > depth`, exactly, from OpenCV's exact (DIST_MASK_PRECISE)
+    transform, about 3x faster. The mask is padded with foreground, so that, as in scipy, only
+    background inside the array counts; a mask with no background at all takes scipy's path."""
+    import cv2
+
+    if mask.all():
+        return ndimage.distance_transform_edt(mask) > depth
+    padded = np.pad(mask.astype(np.uint8), depth + 1, constant_values=1)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return distance[depth + 1:-depth - 1, depth + 1:-depth - 1] > depth
 
 
 def colour_distance(mean_rgb: np.ndarray, colour_stats: dict) -> float:
@@ -105,9 +120,9 @@ def fit(measured: list[dict[str, float]], mean_colours: np.ndarray) -> dict:
                          f"widened by {MARGIN} of the 1st-99th percentile spread"}
 
 
-def check(rgb: np.ndarray, gate: dict) -> list[QualityIssue]:
+def check(rgb: np.ndarray, gate: dict, mask: np.ndarray | None = None) -> list[QualityIssue]:
     """The reasons `rgb` fails the gate (empty: it passes)."""
-    stats = measure(rgb, gate["colour"])
+    stats = measure(rgb, gate["colour"], mask)
     issues = []
     for name, (code, what, _, _) in CHECKS.items():
         low, high = gate["ranges"][name]

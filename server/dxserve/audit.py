@@ -351,9 +351,12 @@ class AuditTrail:
             failure = AuditUnavailable(f"{type(error).__name__}: {error}")
         log.debug("audit batch", extra={"records": len(records), "ms": round((time.monotonic() - started) * 1000, 2)})
         self._health(failure)
+        waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
         for _, done, loop in batch:
             if done is not None:
-                loop.call_soon_threadsafe(_settle, done, failure)
+                waiting.setdefault(loop, []).append(done)
+        for loop, futures in waiting.items():  # one wake-up of each event loop per batch, not one per record
+            loop.call_soon_threadsafe(_settle, futures, failure)
 
     def close(self) -> None:
         """Write what is queued, then stop."""
@@ -362,13 +365,14 @@ class AuditTrail:
         self.store.close()
 
 
-def _settle(done: asyncio.Future, failure: Exception | None) -> None:
-    if done.cancelled():
-        return
-    if failure is None:
-        done.set_result(None)
-    else:
-        done.set_exception(failure)
+def _settle(futures: list[asyncio.Future], failure: Exception | None) -> None:
+    for done in futures:
+        if done.cancelled():
+            continue
+        if failure is None:
+            done.set_result(None)
+        else:
+            done.set_exception(failure)
 
 
 def outcome_record(method: str, caller: str, request, request_id: str, outcome, latency_s: float) -> dict:

@@ -1,0 +1,145 @@
+"""Where a cell's CPU goes: each stage of the per-image path, in ms of CPU per cell.
+
+    python benchmarks/per_image.py [--images 256] [--streams 4] [--specimen 500]
+
+In this process, one stage at a time over the same PNG cells (process CPU time, so the model's
+own threads count): decoding the request's image, the plugin's `prepare` (quality gate +
+preprocessing, which share one foreground mask), the model at batch 32, building the response,
+and the audit row (record, canonical JSON, hash). Then a real server: its CPU per cell while
+4 streams classify the same cells (from /proc), so "the rest" (gRPC, protobuf, asyncio, routing,
+batching, the audit database) is what the server spends beyond the stages. Last, one stream of a
+500-cell specimen, end to end; and a check that the served path's decisions equal the reference
+path's on 200 developer cells (`--data`). Figures are ratios and shares within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import load_runtime, sample_images, start_server, streaming  # noqa: E402
+
+from dxserve import audit, images  # noqa: E402
+from dxserve.batcher import Result  # noqa: E402
+from dxserve.v1 import diagnostics_pb2 as pb  # noqa: E402
+from dxserve_client import Client  # noqa: E402
+
+
+def cpu_ms_per(n: int, work) -> tuple[float, object]:
+    started = time.process_time()
+    out = work()
+    return (time.process_time() - started) * 1000 / n, out
+
+
+def server_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stages(data: list[bytes]) -> dict[str, float]:
+    from dxserve.service import DiagnosticsService
+
+    runtime = load_runtime()
+    requests = [pb.ClassifyRequest(plugin="lymphoblast", image=pb.Image(encoded=d)) for d in data]
+    n = len(data)
+    out = {}
+    out["decode (PNG -> RGB)"], rgbs = cpu_ms_per(n, lambda: [images.decode(r.image, 25_000_000) for r in requests])
+    out["quality gate + preprocess (prepare)"], prepared = cpu_ms_per(n, lambda: [runtime.prepare(rgb) for rgb in rgbs])
+    batch = np.stack([p[0] for p in prepared])
+    out["model, batch 32 (2 views, OOD features)"], probabilities = cpu_ms_per(
+        n, lambda: np.concatenate([runtime.predict(batch[i:i + 32]) for i in range(0, n, 32)]))
+    results = [Result(p, runtime.decide(p), 0.0, 0.0, 32, ()) for p in probabilities]
+    service = DiagnosticsService.__new__(DiagnosticsService)
+    entry = type("Entry", (), {"name": "lymphoblast"})()
+    out["response (decide + ClassifyResponse)"], responses = cpu_ms_per(
+        n, lambda: [service._response(str(i), entry, runtime, r, []) for i, r in enumerate(results)])
+
+    def rows():
+        previous = ""
+        for request, response in zip(requests, responses, strict=True):
+            record = audit.outcome_record("Classify", "anonymous", request, response.request_id, response, 0.01)
+            record["input_sha256"] = audit.input_sha256(record.pop("image"))
+            previous = audit.row_hash(previous, record)
+
+    out["audit row (record, image SHA-256, chained hash)"], _ = cpu_ms_per(n, rows)
+    return out
+
+
+def same_decisions(data_dir: Path, n: int) -> str:
+    """The served path (`prepare`: one mask, OpenCV's distance transform) against the reference
+    path (`preprocess` and `check_quality` apart, scipy's transform) on n developer cells."""
+    import csv
+
+    from PIL import Image
+    from scipy import ndimage
+
+    from dxserve.images import to_rgb
+    from dxserve_lymphoblast import gate
+
+    rows = list(csv.DictReader((data_dir / "manifest.csv").open()))
+    picked = [rows[i] for i in np.linspace(0, len(rows) - 1, n).astype(int)]
+    runtime = load_runtime()
+    rgbs = [to_rgb(Image.open(data_dir / r["path"])) for r in picked]
+    served = [runtime.prepare(rgb) for rgb in rgbs]
+    fast = gate.deeper_than
+    gate.deeper_than = lambda mask, depth: ndimage.distance_transform_edt(mask) > depth
+    try:
+        reference = [(runtime.preprocess(rgb), runtime.check_quality(rgb)) for rgb in rgbs]
+    finally:
+        gate.deeper_than = fast
+    p_served = runtime.predict(np.stack([x for x, _ in served]))
+    p_reference = runtime.predict(np.stack([x for x, _ in reference]))
+    issues_equal = all([i.code for i in a] == [i.code for i in b] for (_, a), (_, b) in zip(served, reference, strict=True))
+    return (f"same decisions on {n} developer cells: max |P difference| {np.abs(p_served - p_reference).max():.2e} "
+            f"(bar 1e-5), quality issues identical: {issues_equal}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--specimen", type=int, default=500, help="cells in the one-specimen stream")
+    parser.add_argument("--port", type=int, default=50098)
+    parser.add_argument("--check", type=int, default=200, help="developer cells for the same-decisions check (0: skip)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/cnmc2019"))
+    args = parser.parse_args()
+    data = sample_images(args.images)
+    measured = stages(data)
+    address = f"127.0.0.1:{args.port}"
+    with tempfile.TemporaryDirectory() as folder:
+        server = start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3"))
+        try:
+            before = server_cpu_s(server.pid)
+            rate = streaming(address, data, args.streams)  # includes a 64-image warm-up stream
+            total = (server_cpu_s(server.pid) - before) * 1000 / (len(data) + 64)
+            specimen = sample_images(args.specimen)
+            with Client(address) as client:
+                started = time.perf_counter()
+                answered = sum(r.ok for r in client.classify_stream(specimen, specimen_id="smear-1"))
+                specimen_s = time.perf_counter() - started
+        finally:
+            server.terminate()
+            server.wait(60)
+    print(f"machine: {os.cpu_count()} CPU cores; {len(data)} PNG cells of 450x450 px; ms of CPU per cell")
+    for stage, ms in measured.items():
+        print(f"  {stage:52s} {ms:7.2f} ms  {ms / total:6.1%} of the server's")
+    rest = total - sum(measured.values())
+    print(f"  {'the rest (gRPC, protobuf, asyncio, batching, audit DB)':52s} {rest:7.2f} ms  {rest / total:6.1%}")
+    print(f"server CPU per cell while {args.streams} streams classify: {total:.2f} ms ({rate:.1f} images/s); "
+          f"outside the model: {total - measured['model, batch 32 (2 views, OOD features)']:.2f} ms")
+    print(f"one stream of a {args.specimen}-cell specimen: {answered} answered in {specimen_s:.2f} s "
+          f"({args.specimen / specimen_s:.1f} images/s)")
+    if args.check and (args.data / "manifest.csv").exists():
+        print(same_decisions(args.data, args.check))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,14 +67,14 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     labels, count = ndimage.label(mask)
     sizes = np.bincount(labels.ravel())[1:] if count else np.zeros(1)
     grey = (r + g + b) / 3.0
-    inner = ndimage.binary_erosion(mask, iterations=3)  # away from the cell's edge
+    inner = eroded(mask, 3)  # away from the cell's edge
     if not inner.any():
         inner = mask
     step = np.abs(np.diff(grey, axis=1))[inner[:, 1:] & inner[:, :-1]]
     # Focus is read in the cell's core only: a blurred edge spreads the mask outwards, and within a
     # few pixels of it the edge's own Laplacian made a 1 px blur look *sharper*.
     core = deeper_than(mask, CORE_DEPTH)
-    laplacian = np.abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[core if core.any() else inner]
+    laplacian = focus(grey, core if core.any() else inner)
     stats.update(
         saturated_fraction=float((np.minimum(np.minimum(r, g), b)[mask] >= 250).mean()),
         other_objects_fraction=float(1.0 - sizes.max() / area),
@@ -82,6 +82,30 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
         sharpness=float(laplacian.mean()),
     )
     return stats, np.array([r[mask].mean(), g[mask].mean(), b[mask].mean()], np.float64)
+
+
+#: How far `focus`'s filters reach: the Gaussian's radius (scipy: int(4.0 * sigma + 0.5)) plus the Laplacian's.
+FOCUS_REACH = 4 + 1
+
+
+def focus(grey: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """|Laplacian of the Gaussian (sigma 1)| of `grey` at the pixels of `where`. Filtered over
+    `where`'s bounding box widened by the filters' reach only: each value needs no pixel
+    beyond it, so they equal those of filtering the whole array, bit for bit."""
+    rows, cols = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
+    top, left = max(rows[0] - FOCUS_REACH, 0), max(cols[0] - FOCUS_REACH, 0)
+    window = (slice(top, rows[-1] + 1 + FOCUS_REACH), slice(left, cols[-1] + 1 + FOCUS_REACH))
+    return np.abs(ndimage.laplace(ndimage.gaussian_filter(grey[window], 1.0)))[where[window]]
+
+
+def eroded(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """`ndimage.binary_erosion(mask, iterations=...)` (3x3 cross, outside the array counts as
+    background), exactly, through OpenCV's erosion, several times faster."""
+    import cv2
+
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    out = cv2.erode(mask.view(np.uint8), cross, iterations=iterations, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.view(bool)
 
 
 def deeper_than(mask: np.ndarray, depth: int) -> np.ndarray:

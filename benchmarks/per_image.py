@@ -8,8 +8,8 @@ preprocessing, which share one foreground mask), the model at batch 32, building
 and the audit row (record, canonical JSON, hash). Then a real server: its CPU per cell while
 4 streams classify the same cells (from /proc), so "the rest" (gRPC, protobuf, asyncio, routing,
 batching, the audit database) is what the server spends beyond the stages. Last, one stream of a
-500-cell specimen, end to end; and a check that the served path's decisions equal the reference
-path's on 200 developer cells (`--data`). Figures are ratios and shares within one run.
+500-cell specimen, end to end. With `--decisions FILE`, the probabilities and quality issues of
+200 developer cells (`--data`) are written (the code before a change) or compared with (after it).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def stages(data: list[bytes]) -> dict[str, float]:
     n = len(data)
     out = {}
     out["decode (PNG -> RGB)"], rgbs = cpu_ms_per(n, lambda: [images.decode(r.image, 25_000_000) for r in requests])
-    out["quality gate + preprocess (prepare)"], prepared = cpu_ms_per(n, lambda: [runtime.prepare(rgb) for rgb in rgbs])
+    prepare = prepare_of(runtime)
+    out["quality gate + preprocess (prepare)"], prepared = cpu_ms_per(n, lambda: [prepare(rgb) for rgb in rgbs])
     batch = np.stack([p[0] for p in prepared])
     out["model, batch 32 (2 views, OOD features)"], probabilities = cpu_ms_per(
         n, lambda: np.concatenate([runtime.predict(batch[i:i + 32]) for i in range(0, n, 32)]))
@@ -72,33 +73,33 @@ def stages(data: list[bytes]) -> dict[str, float]:
     return out
 
 
-def same_decisions(data_dir: Path, n: int) -> str:
-    """The served path (`prepare`: one mask, OpenCV's distance transform) against the reference
-    path (`preprocess` and `check_quality` apart, scipy's transform) on n developer cells."""
+def decisions(data_dir: Path, n: int) -> dict:
+    """{path: [P(lymphoblast), quality issue codes]} of n developer cells, through `prepare` and `predict`."""
     import csv
 
     from PIL import Image
-    from scipy import ndimage
 
     from dxserve.images import to_rgb
-    from dxserve_lymphoblast import gate
 
     rows = list(csv.DictReader((data_dir / "manifest.csv").open()))
-    picked = [rows[i] for i in np.linspace(0, len(rows) - 1, n).astype(int)]
+    picked = [rows[i]["path"] for i in np.linspace(0, len(rows) - 1, n).astype(int)]
     runtime = load_runtime()
-    rgbs = [to_rgb(Image.open(data_dir / r["path"])) for r in picked]
-    served = [runtime.prepare(rgb) for rgb in rgbs]
-    fast = gate.deeper_than
-    gate.deeper_than = lambda mask, depth: ndimage.distance_transform_edt(mask) > depth
-    try:
-        reference = [(runtime.preprocess(rgb), runtime.check_quality(rgb)) for rgb in rgbs]
-    finally:
-        gate.deeper_than = fast
-    p_served = runtime.predict(np.stack([x for x, _ in served]))
-    p_reference = runtime.predict(np.stack([x for x, _ in reference]))
-    issues_equal = all([i.code for i in a] == [i.code for i in b] for (_, a), (_, b) in zip(served, reference, strict=True))
-    return (f"same decisions on {n} developer cells: max |P difference| {np.abs(p_served - p_reference).max():.2e} "
-            f"(bar 1e-5), quality issues identical: {issues_equal}")
+    prepared = [prepare_of(runtime)(to_rgb(Image.open(data_dir / path))) for path in picked]
+    probabilities = runtime.predict(np.stack([x for x, _ in prepared]))
+    return {path: [float(p[0]), [i.code for i in issues]] for path, p, (_, issues) in zip(picked, probabilities, prepared, strict=True)}
+
+
+def compare(now: dict, before: dict) -> str:
+    assert now.keys() == before.keys(), "not the same cells"
+    worst = max(abs(now[k][0] - before[k][0]) for k in now)
+    same_issues = all(now[k][1] == before[k][1] for k in now)
+    return (f"same decisions as before on {len(now)} developer cells: max |P difference| {worst:.1e} (bar 1e-5), "
+            f"quality issues identical: {same_issues}")
+
+
+def prepare_of(runtime):
+    """The runtime's `prepare`, or (code before it existed) its two calls."""
+    return getattr(runtime, "prepare", None) or (lambda rgb: (runtime.preprocess(rgb), runtime.check_quality(rgb)))
 
 
 def main() -> int:
@@ -109,6 +110,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50098)
     parser.add_argument("--check", type=int, default=200, help="developer cells for the same-decisions check (0: skip)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cnmc2019"))
+    parser.add_argument("--decisions", type=Path, help="a JSON file of the check's decisions: compared with when it "
+                        "exists (from a run of the code before a change), written otherwise")
     args = parser.parse_args()
     data = sample_images(args.images)
     measured = stages(data)
@@ -136,8 +139,15 @@ def main() -> int:
           f"outside the model: {total - measured['model, batch 32 (2 views, OOD features)']:.2f} ms")
     print(f"one stream of a {args.specimen}-cell specimen: {answered} answered in {specimen_s:.2f} s "
           f"({args.specimen / specimen_s:.1f} images/s)")
-    if args.check and (args.data / "manifest.csv").exists():
-        print(same_decisions(args.data, args.check))
+    if args.check and (args.data / "manifest.csv").exists() and args.decisions:
+        import json
+
+        now = decisions(args.data, args.check)
+        if args.decisions.exists():
+            print(compare(now, json.loads(args.decisions.read_text())))
+        else:
+            args.decisions.write_text(json.dumps(now))
+            print(f"decisions of {len(now)} developer cells written to {args.decisions}: compare a later run with them")
     return 0
 
 

@@ -59,8 +59,11 @@ def dxserve_model_runtimes() -> list[type]:
     blast fraction with its Wilson interval against versioned thresholds: decision support,
     not a diagnosis) and ``explain(image)`` (an :class:`~dxserve.runtime.Explanation`: a
     heatmap of the image's size showing what drove the score, for requests that set
-    ``explain``; a plugin without it is listed with ``explains = false``) and ``examples()``
-    (a few shipped image files of what it classifies, the inputs of ``dxserve plugin check``).
+    ``explain``; a plugin without it is listed with ``explains = false``), ``examples()``
+    (a few shipped image files of what it classifies, the inputs of ``dxserve plugin check``)
+    and ``prepare(image)`` (what the server calls per image: ``preprocess`` and
+    ``check_quality`` together, so that a plugin can share work between them, such as one
+    segmentation mask; it must return what the two calls would).
 
     **The safety contract.** The server serves a version only if
     ``safety_checks(version)`` names both an input quality gate (``QUALITY_GATE``) and an

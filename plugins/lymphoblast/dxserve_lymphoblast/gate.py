@@ -84,6 +84,16 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     return stats, np.array([r[mask].mean(), g[mask].mean(), b[mask].mean()], np.float64)
 
 
+def _cv2():
+    """OpenCV, single-threaded: the server already prepares several images at once in its own
+    threads, and OpenCV's pool splitting each small call only burnt CPU (+30 % per image measured)."""
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return cv2
+
+
 #: How far `focus`'s filters reach: the Gaussian's radius (scipy: int(4.0 * sigma + 0.5)) plus the Laplacian's.
 FOCUS_REACH = 4 + 1
 
@@ -101,8 +111,7 @@ def focus(grey: np.ndarray, where: np.ndarray) -> np.ndarray:
 def eroded(mask: np.ndarray, iterations: int) -> np.ndarray:
     """`ndimage.binary_erosion(mask, iterations=...)` (3x3 cross, outside the array counts as
     background), exactly, through OpenCV's erosion, several times faster."""
-    import cv2
-
+    cv2 = _cv2()
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     out = cv2.erode(mask.view(np.uint8), cross, iterations=iterations, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     return out.view(bool)
@@ -113,8 +122,7 @@ def deeper_than(mask: np.ndarray, depth: int) -> np.ndarray:
     `ndimage.distance_transform_edt(mask) > depth`, exactly, from OpenCV's exact (DIST_MASK_PRECISE)
     transform, about 3x faster. The mask is padded with foreground, so that, as in scipy, only
     background inside the array counts; a mask with no background at all takes scipy's path."""
-    import cv2
-
+    cv2 = _cv2()
     if mask.all():
         return ndimage.distance_transform_edt(mask) > depth
     padded = np.pad(mask.astype(np.uint8), depth + 1, constant_values=1)

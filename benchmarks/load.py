@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import concurrently, load_runtime, sample_images, start_server  # noqa: E402
+from serving import concurrently, load_runtime, rss_mb, sample_images, start_server  # noqa: E402
 
 from dxserve.images import to_rgb  # noqa: E402
 from dxserve_client import Client  # noqa: E402
@@ -140,13 +140,15 @@ def main() -> int:
                               ("wait", "1 worker, fixed 5 ms batch wait (old default)", ("--max-batch-wait-ms", "5")),
                               ("workers", "2 workers, dispatch at once", ("--workers", "2"))):
         server = start_server(args.port, "--max-calls-per-caller", "256", *flags)
+        single = key != "workers"  # the supervisor's RSS says nothing of its workers'
         try:
-            print(label)
+            print(label + (f"; server RSS at ready {rss_mb(server.pid):.0f} MB" if single else ""))
             for callers in args.callers:
                 rate, p50, p99, refused = load(address, images, callers, args.seconds)
                 rates[key, callers] = rate
                 print(f"  {callers:3d} callers: {rate:6.1f} images/s, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms, refused {refused}"
-                      + (f"; p50 - baseline {p50 - baseline:+.1f} ms, ratio {p50 / baseline:.2f}" if callers == 1 else ""))
+                      + (f"; p50 - baseline {p50 - baseline:+.1f} ms, ratio {p50 / baseline:.2f}" if callers == 1 else "")
+                      + (f"; RSS after {rss_mb(server.pid):.0f} MB" if single else ""))
         finally:
             server.send_signal(15)
             server.wait(60)

@@ -25,22 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen
+from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen, image_files
 
-from .watching import IMAGE_SUFFIXES  # noqa: E402 - one list of what counts as an image
 FIELDS = ["path", "specimen_id", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
           "weights_sha256", "rule", "quality_issues", "error_code", "error_message"]
-
-
-def image_files(paths: list[Path]) -> list[Path]:
-    """Files as given, and the image files inside folders (recursively, sorted)."""
-    found = []
-    for path in paths:
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found.append(path)
-    return found
 
 
 def record(path: Path, result: Result, labels: list[str]) -> dict:

@@ -26,6 +26,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # google.rpc.Code number -> grpc.StatusCode
 
+#: What counts as an image file when folders are given (the server decodes these formats).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
 # A path, encoded file bytes, or a uint8 array (H, W), (H, W, 1|3|4).
 ImageInput = Union[str, Path, bytes, np.ndarray]
 
@@ -152,6 +155,17 @@ def unpack_details(status) -> list:
             any_detail.Unpack(message)
             out.append(message)
     return out
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files as given, and the image files inside folders (recursively, sorted)."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
 
 
 def to_image(image: ImageInput) -> pb.Image:

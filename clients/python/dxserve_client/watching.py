@@ -21,7 +21,7 @@ from pathlib import Path
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from .client import IMAGE_SUFFIXES
 STATE_FILE = ".dxserve-client-sent.jsonl"
 
 

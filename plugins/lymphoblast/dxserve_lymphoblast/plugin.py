@@ -138,16 +138,16 @@ class LymphoblastRuntime(ModelRuntime):
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return model_input(image, self.image_size)
 
-    def check_quality(self, image: np.ndarray) -> list[QualityIssue]:
-        """The card's input quality gate (`gate.py`); versions without one (1.x) pass everything."""
+    def check_quality(self, image: np.ndarray, mask: np.ndarray | None = None) -> list[QualityIssue]:
+        """The card's input quality gate (`gate.py`); versions without one (1.x) pass everything.
+        `mask`: the image's `foreground_mask`, when the caller has it."""
         gate = self.version.extra["card"].get("quality_gate")
-        return check(image, gate) if gate else []
+        return check(image, gate, mask) if gate else []
 
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, list[QualityIssue]]:
         """`preprocess` and `check_quality` with the cell's foreground mask computed once for both."""
         mask = foreground_mask(image)
-        gate = self.version.extra["card"].get("quality_gate")
-        return model_input(image, self.image_size, mask), (check(image, gate, mask) if gate else [])
+        return model_input(image, self.image_size, mask), self.check_quality(image, mask)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """batch: stacked `model_input` records (the cell image and its log diameter)."""

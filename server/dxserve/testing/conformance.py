@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from dxserve.batcher import shape_groups
+from dxserve_client.client import image_files
 from dxserve.runtime import INDETERMINATE, QUALITY_GATE, REQUIRED_SAFETY_CHECKS, ModelRuntime, sha256_of
 
 #: Probabilities may differ this much between a batch of one and a larger batch (kernels differ).
 TOLERANCE = 1e-4
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def decoded(path: Path) -> np.ndarray:
@@ -50,7 +50,7 @@ def runtime(dxserve_runtime_class, version) -> ModelRuntime:
 @pytest.fixture(scope="module")
 def images(request, dxserve_runtime_class) -> list[np.ndarray]:
     folder = request.config.getoption("dxserve_examples")
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder else list(dxserve_runtime_class.examples())
+    paths = image_files([Path(folder)]) if folder else list(dxserve_runtime_class.examples())
     if paths:
         return [decoded(Path(p)) for p in paths]
     side = max(dxserve_runtime_class.info.input.min_side, 64)

@@ -14,6 +14,9 @@ from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, Refusals, open_methods
 from .config import Settings
+from .inference import InferenceService
+from .oip import grpc_service_pb2 as oip
+from .oip import grpc_service_pb2_grpc as oip_grpc
 from .registry import READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
 from .v1 import admin_pb2, admin_pb2_grpc
@@ -28,6 +31,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
 LIVENESS_NAME = "dxserve.v1.Liveness"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+#: The Open Inference Protocol v2 (KServe, Triton) beside dxserve.v1: inference.py.
+INFERENCE_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def plugin_health_name(plugin: str, version: str = "") -> str:
@@ -114,8 +119,10 @@ class Server:
         self.operations = Operations(self.plugins, settings, self.audit, self._on_plugin_change)
         pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.operations), self._server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.service, self.ready), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable(self._server, (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        reflection.enable(self._server, (SERVICE_NAME, ADMIN_SERVICE_NAME, INFERENCE_SERVICE_NAME,
+                                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
 
     async def start(self) -> None:
         """Listen at once (ListPlugins and health answer while plugins load), then load them."""
@@ -170,9 +177,12 @@ class Server:
             await self._set_plugin(entry)
         await self._set_overall()
 
+    def ready(self) -> bool:
+        """The server as a whole serves once any plugin does; per-plugin names tell the rest."""
+        return self._answering() and any(e.serving for e in self.plugins.values())
+
     async def _set_overall(self) -> None:
-        # The server as a whole serves once any plugin does; per-plugin names tell the rest.
-        serving = self._answering() and any(e.serving for e in self.plugins.values())
+        serving = self.ready()
         await self.health.set(health.OVERALL_HEALTH, SERVING if serving else NOT_SERVING)
         await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
 

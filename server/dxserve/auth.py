@@ -50,6 +50,8 @@ log = logging.getLogger("dxserve.auth")
 TOKEN_PREFIX = "dxs_"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
+#: The Open Inference Protocol's probes, open and unlimited exactly when health is.
+PROBES = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self.is_open(details.method):
             return handler
         streaming = handler.request_streaming or handler.response_streaming
-        counted = not details.method.startswith(HEALTH_PREFIX)  # health is never limited, even when closed
+        counted = not details.method.startswith((HEALTH_PREFIX, *PROBES))  # health is never limited, even when closed
         interceptor = self
 
         async def enter(context) -> Caller:
@@ -328,4 +330,5 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
 
 def open_methods(health_open: bool, reflection_open: bool) -> Callable[[str], bool]:
     """Which methods skip identity and limits: health (always uncounted) and reflection, by setting."""
-    return lambda method: (health_open and method.startswith(HEALTH_PREFIX)) or (reflection_open and method.startswith(REFLECTION_PREFIX))
+    return lambda method: ((health_open and method.startswith((HEALTH_PREFIX, *PROBES)))
+                           or (reflection_open and method.startswith(REFLECTION_PREFIX)))

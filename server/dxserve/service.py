@@ -29,6 +29,7 @@ log = logging.getLogger("dxserve.service")
 
 STATES = {LOADING: pb.PLUGIN_STATE_LOADING, registry.READY: pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
 MAX_REQUEST_ID = 256  # characters of a client's request_id
+STREAMING = {"ClassifyStream", "ModelStreamInfer"}  # methods whose items wait for a place in the queue (backpressure)
 VERSION_STATES = {registry.AVAILABLE: pb.VERSION_STATE_AVAILABLE, registry.READY: pb.VERSION_STATE_READY,
                   FAILED: pb.VERSION_STATE_FAILED, registry.NOT_SERVED: pb.VERSION_STATE_NOT_SERVED,
                   registry.UNRESPONSIVE: pb.VERSION_STATE_UNRESPONSIVE}
@@ -63,7 +64,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        outcome = await self._classify_or_error(request, request_id, context.time_remaining(), "Classify")
+        outcome = await self.answer(request, request_id, context.time_remaining(), "Classify")
         if isinstance(outcome, errors.ServingError):
             await outcome.abort(context)
         return outcome
@@ -165,18 +166,24 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
     async def _stream_item(self, request: pb.ClassifyRequest, index: int, timeout: float | None,
                            recorded: asyncio.Event) -> pb.ClassifyStreamResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        outcome = await self._classify_or_error(request, request_id, timeout, "ClassifyStream", recorded)
+        outcome = await self.answer(request, request_id, timeout, "ClassifyStream", recorded)
         if isinstance(outcome, errors.ServingError):
             return pb.ClassifyStreamResponse(request_id=errors.clip(request_id), index=index, error=outcome.to_status())
         return pb.ClassifyStreamResponse(request_id=request_id, index=index, result=outcome)
 
-    async def _classify_or_error(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
-                                 method: str, recorded: asyncio.Event | None = None) -> pb.ClassifyResponse | errors.ServingError:
+    async def answer(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None, method: str,
+                     recorded: asyncio.Event | None = None,
+                     refused: errors.ServingError | None = None) -> pb.ClassifyResponse | errors.ServingError:
         """The response, or the error to send for this request: counted, logged, and recorded
-        in the audit trail before it is sent (`recorded` is set when that record starts)."""
+        in the audit trail before it is sent (`recorded` is set when that record starts).
+        `method` names the gRPC method in the audit trail (the Open Inference Protocol's too,
+        see oip.py); `refused`: an error found before the request could be made (e.g. a
+        malformed tensor), answered and recorded the same way."""
         started = time.monotonic()
         try:
-            outcome = await self._classify(request, request_id, timeout, wait=method == "ClassifyStream")
+            if refused is not None:
+                raise refused
+            outcome = await self._classify(request, request_id, timeout, wait=method in STREAMING)
         except errors.ServingError as error:
             outcome = error
         except asyncio.CancelledError:  # gRPC ended the call: its deadline passed, or the client left

@@ -1,0 +1,288 @@
+"""The Open Inference Protocol v2 (`inference.GRPCInferenceService`, as KServe and Triton speak
+it) beside dxserve.v1, on the same port: models are plugins, a model's versions are the
+plugin's model versions.
+
+Nothing here classifies: every image of a ModelInfer request becomes a dxserve.v1
+ClassifyRequest answered by `DiagnosticsService.answer`, so the same registry, batcher, quality
+gate, decision rule, limits, auth interceptor and audit trail (one row per image, method
+"ModelInfer" or "ModelStreamInfer") apply. This module only translates tensors; the mapping
+is documented in docs/open-inference.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import numpy as np
+
+from . import __version__, auth, errors, registry
+from .oip import grpc_service_pb2 as oip
+from .oip import grpc_service_pb2_grpc as oip_grpc
+from .registry import PluginEntry
+from .service import DiagnosticsService
+from .v1 import diagnostics_pb2 as pb
+
+PLATFORM = "dxserve"
+IMAGE, PIXELS = "IMAGE", "PIXELS"  # the two inputs: encoded image files, or raw RGB pixels
+PROBABILITIES, LABEL, DECISION, REASON = "PROBABILITIES", "LABEL", "DECISION", "REASON"
+#: Request parameters dxserve reads; those of the protocol's clients it accepts and ignores.
+PARAMETERS = {"specimen_id", "weights_sha256"}
+IGNORED_PARAMETERS = {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output",
+                      "triton_enable_empty_final_response", "headers"}
+
+
+def tensors(labels: list[str]) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
+    """(inputs, outputs) as (name, datatype, shape with the batch dimension -1) for a plugin's labels."""
+    inputs = [(IMAGE, "BYTES", [-1, 1]), (PIXELS, "UINT8", [-1, -1, -1, 3])]
+    outputs = [(PROBABILITIES, "FP32", [-1, len(labels)]), (LABEL, "BYTES", [-1, 1]), (DECISION, "BYTES", [-1, 1]),
+               (REASON, "BYTES", [-1, 1])]
+    return inputs, outputs
+
+
+CONFIG_TYPES = {"BYTES": oip.TYPE_STRING, "UINT8": oip.TYPE_UINT8, "FP32": oip.TYPE_FP32}
+
+
+def invalid(message: str) -> errors.ServingError:
+    return errors.invalid_field("inputs", "TENSOR_INVALID", message)
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """A BYTES tensor's raw contents: each element prefixed by its length (4 bytes, little-endian)."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise invalid("BYTES contents end inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise invalid(f"BYTES element {len(elements)} claims {size} bytes; only {len(raw) - offset} remain")
+        elements.append(raw[offset:offset + size])
+        offset += size
+    if len(elements) != count:
+        raise invalid(f"the BYTES contents hold {len(elements)} elements; the shape says {count}")
+    return elements
+
+
+def images(request: oip.ModelInferRequest, max_batch: int) -> list[pb.Image]:
+    """The request's images, one per batch element, or ServingError(INVALID_ARGUMENT)."""
+    if len(request.inputs) != 1:
+        raise invalid(f"send exactly one input, {IMAGE} (encoded image files, BYTES [N, 1]) or {PIXELS} "
+                      f"(UINT8 [N, H, W, 3]); got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if request.raw_input_contents and (len(request.raw_input_contents) != 1 or tensor.HasField("contents")):
+        raise invalid("raw_input_contents must hold one entry per input, and no input may also carry contents")
+    shape = list(tensor.shape)
+    if any(d <= 0 for d in shape):
+        raise invalid(f"input {tensor.name!r} has shape {shape}: every dimension must be positive")
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    if tensor.name == IMAGE:
+        if tensor.datatype != "BYTES" or len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise invalid(f"{IMAGE} is BYTES of shape [N] or [N, 1]; got {tensor.datatype} {shape}")
+        count = shape[0]
+        _check_batch(count, max_batch)
+        files = deserialize_bytes(raw, count) if raw is not None else list(tensor.contents.bytes_contents)
+        if len(files) != count:
+            raise invalid(f"{IMAGE} holds {len(files)} elements; its shape says {count}")
+        return [pb.Image(encoded=f) for f in files]
+    if tensor.name == PIXELS:
+        if tensor.datatype != "UINT8" or len(shape) not in (3, 4):
+            raise invalid(f"{PIXELS} is UINT8 of shape [N, H, W, C] or [H, W, C]; got {tensor.datatype} {shape}")
+        count, (height, width, channels) = (1 if len(shape) == 3 else shape[0]), shape[-3:]
+        _check_batch(count, max_batch)
+        size = height * width * channels
+        if raw is None:
+            values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
+            if values.size and values.max() > 255:
+                raise invalid(f"{PIXELS} is UINT8: a value of {int(values.max())} is out of range")
+            raw = values.astype(np.uint8).tobytes()
+        if len(raw) != count * size:
+            raise invalid(f"{PIXELS} of shape {shape} needs {count * size} bytes; got {len(raw)}")
+        return [pb.Image(raw=pb.RawImage(pixels=raw[i * size:(i + 1) * size], width=width, height=height,
+                                         channels=channels)) for i in range(count)]
+    raise invalid(f"unknown input {errors.clip(tensor.name)!r} (inputs: {IMAGE}, {PIXELS})")
+
+
+def _check_batch(count: int, max_batch: int) -> None:
+    if count > max_batch:
+        raise invalid(f"{count} images in one request; this model's max_batch_size is {max_batch}")
+
+
+def parameters(request: oip.ModelInferRequest) -> dict[str, str]:
+    """The request parameters dxserve reads, or ServingError(INVALID_ARGUMENT) for one it does not know."""
+    read = {}
+    for name, value in request.parameters.items():
+        if name in IGNORED_PARAMETERS:
+            continue
+        if name not in PARAMETERS:
+            raise errors.invalid_field("parameters", "PARAMETER_UNKNOWN", f"unknown parameter {errors.clip(name)!r} "
+                                       f"(known: {', '.join(sorted(PARAMETERS))})")
+        if value.WhichOneof("parameter_choice") != "string_param":
+            raise errors.invalid_field("parameters", "PARAMETER_INVALID", f"parameter {name!r} is a string")
+        read[name] = value.string_param
+    return read
+
+
+def outputs_wanted(request: oip.ModelInferRequest, labels: list[str]) -> list[tuple[str, str, list[int]]]:
+    declared = tensors(labels)[1]
+    if not request.outputs:
+        return declared
+    by_name = {name: (name, kind, shape) for name, kind, shape in declared}
+    unknown = [o.name for o in request.outputs if o.name not in by_name]
+    if unknown:
+        raise errors.invalid_field("outputs", "OUTPUT_UNKNOWN", f"unknown output {errors.clip(unknown[0])!r} "
+                                   f"(outputs: {', '.join(by_name)})")
+    return [by_name[o.name] for o in request.outputs]
+
+
+def response(request: oip.ModelInferRequest, results: list[pb.ClassifyResponse], wanted) -> oip.ModelInferResponse:
+    """The ModelInferResponse of one request's results, its outputs as raw contents."""
+    first = results[0]
+    message = oip.ModelInferResponse(model_name=first.plugin, model_version=first.model_version, id=request.id)
+    message.parameters["weights_sha256"].string_param = first.weights_sha256
+    count = len(results)
+    for name, kind, shape in wanted:
+        if name == PROBABILITIES:
+            data = np.array([[p.probability for p in r.probabilities] for r in results], dtype="<f4").tobytes()
+        else:
+            data = serialize_bytes([{LABEL: r.top_label, DECISION: r.decision.label,
+                                     REASON: r.decision.reason}[name].encode() for r in results])
+        message.outputs.add(name=name, datatype=kind, shape=[count, *shape[1:]])
+        message.raw_output_contents.append(data)
+    return message
+
+
+class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over `diagnostics`' plugins; `ready()`: whether the server gives results now."""
+
+    def __init__(self, diagnostics: DiagnosticsService, ready: Callable[[], bool]):
+        self.diagnostics = diagnostics
+        self.plugins = diagnostics.plugins
+        self.settings = diagnostics.settings
+        self.ready = ready
+
+    async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.ready())
+
+    async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=PLATFORM, version=__version__)
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
+        entry, version = await self._model(request.name, request.version, context)
+        ready = self.ready() and entry.state == registry.READY and entry.servable(version)
+        return oip.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        entry, _ = await self._model(request.name, request.version, context)
+        inputs, outputs = tensors(list(entry.info.labels))
+        metadata = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=entry.name, versions=[v.version for v in entry.versions], platform=PLATFORM,
+            inputs=[metadata(name=n, datatype=k, shape=s) for n, k, s in inputs],
+            outputs=[metadata(name=n, datatype=k, shape=s) for n, k, s in outputs])
+
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
+        entry, _ = await self._model(request.name, request.version, context)
+        inputs, outputs = tensors(list(entry.info.labels))
+        return oip.ModelConfigResponse(config=oip.ModelConfig(
+            name=entry.name, platform=PLATFORM, backend=PLATFORM, max_batch_size=self.settings.max_batch_size,
+            input=[oip.ModelInput(name=n, data_type=CONFIG_TYPES[k], dims=s[1:], optional=True) for n, k, s in inputs],
+            output=[oip.ModelOutput(name=n, data_type=CONFIG_TYPES[k], dims=s[1:]) for n, k, s in outputs]))
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        outcome = await self._infer(request, context.time_remaining(), "ModelInfer")
+        if isinstance(outcome, errors.ServingError):
+            await outcome.abort(context)
+        return outcome
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[oip.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        # As ClassifyStream: requests run concurrently (they share batches), a bounded window
+        # stops reading from a caller that sends faster than the model answers, and the
+        # responses go back in request order, each error in its own response.
+        window: asyncio.Queue[tuple[asyncio.Future, oip.ModelInferRequest] | None] = asyncio.Queue(self.settings.stream_window)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    item = asyncio.ensure_future(self._infer(request, context.time_remaining(), "ModelStreamInfer"))
+                    try:
+                        await window.put((item, request))
+                    except asyncio.CancelledError:
+                        item.cancel()
+                        raise
+            finally:
+                await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (entry := await window.get()) is not None:
+                item, request = entry
+                outcome = await item
+                if isinstance(outcome, errors.ServingError):
+                    yield oip.ModelStreamInferResponse(error_message=outcome.message, infer_response=oip.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id))
+                else:
+                    yield oip.ModelStreamInferResponse(infer_response=outcome)
+            try:
+                await reader
+            except errors.ServingError as refusal:  # e.g. the caller's token was revoked mid-stream
+                await refusal.abort(context)
+        finally:
+            reader.cancel()
+            while not window.empty():
+                if (entry := window.get_nowait()) is not None:
+                    entry[0].cancel()
+
+    async def _model(self, name: str, version: str, context) -> tuple[PluginEntry, str]:
+        """The plugin and version a metadata call names, or the call ends NOT_FOUND / PERMISSION_DENIED / UNAVAILABLE."""
+        try:
+            auth.authorize(name)
+            entry = self.plugins.get(name)
+            if entry is None:
+                raise errors.not_found("plugin", name, f"unknown model {errors.clip(name)!r} (models: {', '.join(self.plugins) or 'none'})")
+            if entry.info is None:
+                raise errors.unavailable(entry.name, f"model {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
+            version = version or entry.default_version
+            if all(v.version != version for v in entry.versions):
+                raise errors.not_found("model_version", f"{entry.name}/{version}", f"model {entry.name!r} has no version "
+                                       f"{errors.clip(version)!r} (versions: {', '.join(v.version for v in entry.versions)})")
+        except errors.ServingError as error:
+            await error.abort(context)
+        return entry, version
+
+    async def _infer(self, request: oip.ModelInferRequest, timeout: float | None,
+                     method: str) -> oip.ModelInferResponse | errors.ServingError:
+        """The response, or the error to answer (the first image's that failed, naming it)."""
+        request_id = request.id or str(uuid.uuid4())
+        try:
+            given = parameters(request)
+            pictures = images(request, self.settings.max_batch_size)
+            entry = self.plugins.get(request.model_name)
+            wanted = outputs_wanted(request, list(entry.info.labels)) if entry is not None and entry.info else []
+            refused = None
+        except errors.ServingError as error:  # answered and recorded like any refused image
+            given, pictures, wanted, refused = {}, [None], [], error
+        ids = [request_id] if len(pictures) == 1 else [f"{request_id}/{i}" for i in range(len(pictures))]
+        asked = [pb.ClassifyRequest(request_id=i, plugin=request.model_name, model_version=request.model_version,
+                                    image=p, specimen_id=given.get("specimen_id", ""),
+                                    weights_sha256=given.get("weights_sha256", "")) for i, p in zip(ids, pictures, strict=True)]
+        outcomes = await asyncio.gather(*(self.diagnostics.answer(a, i, timeout, method, refused=refused)
+                                          for a, i in zip(asked, ids, strict=True)))
+        failed = next(((i, o) for i, o in enumerate(outcomes) if isinstance(o, errors.ServingError)), None)
+        if failed is not None:
+            index, error = failed
+            if len(outcomes) > 1:
+                error = errors.ServingError(error.code, f"image {index} of {len(outcomes)}: {error.message}", *error.details)
+            return error
+        return response(request, outcomes, wanted)

@@ -96,7 +96,8 @@ class Store:
         rows = []
         for record in records:
             seq += 1
-            content = {**{c: None for c in CONTENT}, "time": now(), **record, "seq": seq}
+            record["seq"] = seq  # told back to whoever waits for this record (AuditTrail.record)
+            content = {**{c: None for c in CONTENT}, "time": now(), **record}
             digest = row_hash(prev, content)
             rows.append(tuple(content[c] for c in CONTENT) + (prev, digest))
             prev = digest
@@ -264,17 +265,19 @@ class AuditTrail:
         self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
         self._thread.start()
 
-    async def record(self, **record: Any) -> None:
-        """Commit one record; raises AuditUnavailable when it cannot be written and records are
-        required (otherwise the failure is logged and the caller goes on)."""
+    async def record(self, **record: Any) -> tuple[int, str] | None:
+        """Commit one record: (its sequence number, the SHA-256 of its input image or ""), or
+        None when it could not be written and records are not required (the failure is
+        logged); raises AuditUnavailable when they are."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._queue.put((record, done, loop))
         try:
-            await asyncio.shield(done)  # a cancelled caller still leaves its record
+            return await asyncio.shield(done)  # a cancelled caller still leaves its record
         except AuditUnavailable:
             if self.required:
                 raise
+            return None
 
     def _run(self) -> None:
         self._checkpoint("start")
@@ -340,6 +343,7 @@ class AuditTrail:
         for record, _, _ in batch:
             image = record.pop("image", None)
             records.append({**record, "input_sha256": input_sha256(image) if image is not None else record.get("input_sha256")})
+        written = list(records)  # batch order (an audit_gap row may go first)
         if self.failing and records[0]["event"] != "audit_gap":  # the first row after an outage says it was one
             records.insert(0, {"event": "audit_gap", "status": "OK", "detail": self._gap_detail()})
         started = time.monotonic()
@@ -351,10 +355,10 @@ class AuditTrail:
             failure = AuditUnavailable(f"{type(error).__name__}: {error}")
         log.debug("audit batch", extra={"records": len(records), "ms": round((time.monotonic() - started) * 1000, 2)})
         self._health(failure)
-        waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-        for _, done, loop in batch:
+        waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, tuple[int, str]]]] = {}
+        for (_, done, loop), record in zip(batch, written, strict=True):
             if done is not None:
-                waiting.setdefault(loop, []).append(done)
+                waiting.setdefault(loop, []).append((done, (record.get("seq", 0), record.get("input_sha256") or "")))
         for loop, futures in waiting.items():  # one wake-up of each event loop per batch, not one per record
             loop.call_soon_threadsafe(_settle, futures, failure)
 
@@ -365,12 +369,12 @@ class AuditTrail:
         self.store.close()
 
 
-def _settle(futures: list[asyncio.Future], failure: Exception | None) -> None:
-    for done in futures:
+def _settle(futures: list[tuple[asyncio.Future, tuple[int, str]]], failure: Exception | None) -> None:
+    for done, written in futures:
         if done.cancelled():
             continue
         if failure is None:
-            done.set_result(None)
+            done.set_result(written)
         else:
             done.set_exception(failure)
 

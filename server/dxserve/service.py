@@ -200,7 +200,9 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             recorded.set()
         if self.audit is not None:
             try:
-                await self._record(method, request, request_id, outcome, started)
+                written = await self._record(method, request, request_id, outcome, started)
+                if written is not None and not isinstance(outcome, errors.ServingError):
+                    outcome.audit_seq, outcome.input_sha256 = written  # the result names its record
             except audit.AuditUnavailable as error:  # no result without a record
                 outcome = errors.unavailable("audit", f"the audit trail cannot be written, so no result is given: {error}",
                                              "AUDIT_UNAVAILABLE", retry_after_s=1)

@@ -6,6 +6,7 @@
     dxserve-client classify smear-17/ --specimen-id smear-17     # plus a summary of the specimen
     dxserve-client classify smears/ --specimen-per-folder         # one specimen per sub-folder
     dxserve-client classify cell.png --explain heatmaps/          # write what drove each score
+    dxserve-client classify smear-17/ --specimen-id smear-17 --fhir bundle.json --hl7 oru.hl7   # for the LIS / EHR
 
 Exit status: 0 when every image was classified, 1 when any item failed, 2 on usage or
 connection errors.
@@ -233,6 +234,9 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     except (LookupError, RuntimeError, TimeoutError) as problem:
         print(f"dxserve-client: {problem}" + (" (--wait)" if isinstance(problem, TimeoutError) else ""), file=sys.stderr)
         return 2
+    if (args.fhir or args.hl7) and (problem := reports_unavailable(args)):
+        print(f"dxserve-client: {problem}", file=sys.stderr)
+        return 2
     feed = Feed(args)
     out = args.output.open("w", newline="") if args.output else sys.stdout
     writer = Writer(out, args.format, labels)
@@ -240,9 +244,12 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     lock = threading.Lock()
     sent: dict[str, tuple[Path, tuple | None]] = {}
     counts = {"images": 0, "failed": 0}
+    answered: list[Result] = []  # for --fhir / --hl7
 
     def finish(path: Path, result: Result) -> None:
         with lock:
+            if args.fhir or args.hl7:
+                answered.append(result)
             counts["images"] += 1
             counts["failed"] += not result.ok
             writer.write(record(path, result, labels))
@@ -283,7 +290,42 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     print_specimens(specimens, sys.stderr)
     if args.specimen_output:
         args.specimen_output.write_text(json.dumps([dataclasses.asdict(s) for s in specimens], indent=2) + "\n")
+    if args.fhir or args.hl7:
+        write_reports(args, client, answered, specimens)
     return 1 if counts["failed"] else 0
+
+
+def reports_unavailable(args: argparse.Namespace) -> str:
+    """Why --fhir / --hl7 cannot be made ("" when they can): one specimen, and the libraries."""
+    if not args.specimen_id:
+        return "--fhir and --hl7 report one specimen: give --specimen-id"
+    try:
+        import fhir.resources  # noqa: F401
+        import hl7apy  # noqa: F401
+    except ImportError:
+        return "--fhir and --hl7 need fhir.resources and hl7apy: pip install 'dxserve-client[hl7]'"
+    return ""
+
+
+def write_reports(args: argparse.Namespace, client: Client, results: list[Result], specimens: list[Specimen]) -> None:
+    """The specimen's FHIR Bundle (--fhir) and HL7 v2 ORU^R01 (--hl7)."""
+    from .fhir import to_fhir
+    from .hl7v2 import to_oru
+
+    summary = next((s for s in specimens if s.specimen_id == args.specimen_id), None)
+    if summary is None:
+        print(f"dxserve-client: no summary of specimen {args.specimen_id!r} came back; no report written", file=sys.stderr)
+        return
+    plugin = next((p for p in client.list_plugins() if p.name == summary.plugin), None)
+    card = next((v.model_card for v in plugin.model_versions if v.version == summary.model_version), "") if plugin else ""
+    if args.fhir:
+        bundle = to_fhir(results, summary, patient=f"Patient/{args.patient}" if args.patient else "",
+                         per_cell=args.fhir_per_cell, model_card=card)
+        args.fhir.write_text(bundle.model_dump_json(indent=2) + "\n")
+        print(f"FHIR R4 Bundle ({len(bundle.entry)} resources) written to {args.fhir}", file=sys.stderr)
+    if args.hl7:
+        args.hl7.write_bytes(to_oru(summary, results, patient_id=args.patient).to_er7().encode() + b"\r")
+        print(f"HL7 v2.5.1 ORU^R01 written to {args.hl7}", file=sys.stderr)
 
 
 def list_plugins_command(args: argparse.Namespace, client: Client) -> int:
@@ -347,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                           "and write its summary (decision support, not a diagnosis)")
     specimen.add_argument("--specimen-per-folder", action="store_true", help="each image's folder is its specimen")
     classify.add_argument("--specimen-output", type=Path, help="write the final specimen summaries here as JSON")
+    classify.add_argument("--fhir", type=Path, metavar="FILE", help="with --specimen-id: write the specimen's results as an "
+                          "HL7 FHIR R4 transaction Bundle (DiagnosticReport, Observations, Device, AI Provenance)")
+    classify.add_argument("--fhir-per-cell", action="store_true", help="with --fhir: one Observation per cell too")
+    classify.add_argument("--hl7", type=Path, metavar="FILE", help="with --specimen-id: write an HL7 v2.5.1 ORU^R01 message")
+    classify.add_argument("--patient", default="", metavar="ID", help="the patient's id for --fhir (subject Patient/ID) "
+                          "and --hl7 (PID-3); none: no subject")
     classify.add_argument("--explain", type=Path, metavar="DIR",
                           help="ask for explanations and write each image's heatmap overlay, with a legend naming the "
                                "explained label, into a new DIR/run-<time>/ folder")

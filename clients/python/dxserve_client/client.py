@@ -94,6 +94,8 @@ class Result:
     specimen_id: str = ""
     specimen: Specimen | None = None  # in a stream: the running summary of this item's specimen, this item included
     explanation: Explanation | None = None  # when the request asked for one
+    audit_seq: int = 0  # the result's row in the server's audit trail; 0: the server keeps none
+    input_sha256: str = ""  # SHA-256 of the image as the server received and recorded it
 
     @property
     def ok(self) -> bool:
@@ -108,7 +110,7 @@ class Result:
             reason=r.decision.reason, screen_positive=r.decision.screen_positive, rule=r.decision.rule,
             quality_passed=r.quality.passed if r.HasField("quality") else True,
             quality_issues=tuple((i.code, i.message) for i in r.quality.issues), queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
-            batch_size=r.timing.batch_size, specimen_id=r.specimen_id,
+            batch_size=r.timing.batch_size, specimen_id=r.specimen_id, audit_seq=r.audit_seq, input_sha256=r.input_sha256,
             explanation=Explanation(r.explanation.method, r.explanation.label, r.explanation.heatmap_png,
                                     r.explanation.overlay_png) if r.HasField("explanation") else None,
         )

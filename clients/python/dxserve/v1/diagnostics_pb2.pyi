@@ -173,7 +173,7 @@ class Timing(_message.Message):
     def __init__(self, queued_ms: _Optional[float] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality", "specimen_id", "explanation")
+    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality", "specimen_id", "explanation", "audit_seq", "input_sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class ClassifyResponse(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     SPECIMEN_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
@@ -198,7 +200,9 @@ class ClassifyResponse(_message.Message):
     quality: QualityCheck
     specimen_id: str
     explanation: Explanation
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+    audit_seq: int
+    input_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., audit_seq: _Optional[int] = ..., input_sha256: _Optional[str] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("method", "label", "heatmap_png", "overlay_png")

@@ -33,6 +33,8 @@ class Settings(BaseModel):
     max_connection_age_s: float = Field(3600.0, ge=0, description="connections are closed (GOAWAY) after this long, so "
                                         "clients reconnect and spread over replicas; streams end first, by max_stream_age_s; 0 = never")
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per model call, at most")
+    max_objects_per_field: int = Field(64, ge=1, le=4096, description="objects a field plugin may find in one image; "
+                                       "a field with more is refused INVALID_ARGUMENT (TOO_MANY_OBJECTS)")
     max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long an idle model waits to fill a batch (0: "
                                      "it runs at once; batches still form from what queues while a batch runs)")
     max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")

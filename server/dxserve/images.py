@@ -174,6 +174,17 @@ def heatmap_pngs(rgb: np.ndarray, heatmap: np.ndarray) -> tuple[bytes, bytes]:
     return _png(heat), _png(overlay)
 
 
+def mask_png(mask: np.ndarray) -> bytes:
+    """A bool mask as an 8-bit grey PNG, 255 = inside."""
+    return _png(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
+
+
+def raw_image(rgb: np.ndarray) -> pb.Image:
+    """A uint8 RGB array as a request's raw image (no encoding: the pixels as they are)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    return pb.Image(raw=pb.RawImage(pixels=rgb.tobytes(), width=rgb.shape[1], height=rgb.shape[0], channels=3))
+
+
 def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")

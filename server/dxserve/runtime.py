@@ -33,6 +33,9 @@ class PluginInfo:
     labels: tuple[str, ...]
     input: InputSpec
     intended_use: str
+    #: A field plugin names the plugin that classifies each object it finds (`find_objects`);
+    #: empty for a plugin that classifies the whole image.
+    objects_plugin: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,15 @@ class SpecimenCounts:
 
 
 @dataclass(frozen=True)
+class FoundObject:
+    """One object a field plugin found (`ModelRuntime.find_objects`)."""
+
+    box: tuple[int, int, int, int]  # x, y, width, height in the image's pixels
+    image: np.ndarray  # uint8 RGB (H, W, 3): what the objects plugin classifies, e.g. the cell on black at its scale
+    mask: np.ndarray | None = None  # bool (height, width) of the box: the object's pixels; None: the whole box
+
+
+@dataclass(frozen=True)
 class Explanation:
     """What `ModelRuntime.explain` returns: a heatmap over the image the request sent."""
 
@@ -147,6 +159,11 @@ class ModelRuntime:
     `explain` (default: none; the server answers explain requests UNIMPLEMENTED) and
     `examples` (default: none; sample inputs for `dxserve plugin check`) and `prepare` (default:
     `preprocess` and `check_quality`, one after the other; override to share work between them).
+
+    A **field plugin** sets `info.objects_plugin` and implements `find_objects` instead of
+    `predict`: it finds objects in an image (cells in a microscope field) and the server has
+    the objects plugin classify each one, through that plugin's own batcher, gate, decision and
+    audit trail (see `find_objects`).
 
     The server serves a version only when `safety_checks(version)` includes every one of
     `REQUIRED_SAFETY_CHECKS` (an input quality gate and an out-of-distribution check), unless
@@ -228,6 +245,17 @@ class ModelRuntime:
         `Explanation` whose heatmap has the image's height and width (Grad-CAM, occlusion, ...).
         Runs in a worker thread, only for requests that set `explain`; wrap each of its model
         calls in `with self.background():` so that classification goes first. Default: not available."""
+        raise NotImplementedError
+
+    def find_objects(self, image: np.ndarray, microns_per_pixel: float = 0.0
+                     ) -> tuple[Sequence[FoundObject], Sequence[QualityIssue]]:
+        """Field plugins only (`info.objects_plugin` set): the objects in the decoded uint8 RGB
+        image (H, W, 3), in reading order, each with the image the objects plugin should
+        classify, and the field's own quality issues (out of focus, not a stained smear, ...;
+        with issues the server classifies no object and answers the field indeterminate).
+        `microns_per_pixel`: the image's pixel size when the request gave it (0: unknown;
+        estimate it, e.g. from red cells). Runs in a worker thread, per image. The server
+        refuses a field with more than `max_objects_per_field` objects (INVALID_ARGUMENT)."""
         raise NotImplementedError
 
     @classmethod

@@ -29,7 +29,8 @@ log = logging.getLogger("dxserve.service")
 
 STATES = {LOADING: pb.PLUGIN_STATE_LOADING, registry.READY: pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
 MAX_REQUEST_ID = 256  # characters of a client's request_id
-STREAMING = {"ClassifyStream", "ModelStreamInfer"}  # methods whose items wait for a place in the queue (backpressure)
+STREAMING = {"ClassifyStream", "ModelStreamInfer"}
+FIELD_CLASSIFIED = "classified"  # a field plugin's decision when some object it found was classified  # methods whose items wait for a place in the queue (backpressure)
 VERSION_STATES = {registry.AVAILABLE: pb.VERSION_STATE_AVAILABLE, registry.READY: pb.VERSION_STATE_READY,
                   FAILED: pb.VERSION_STATE_FAILED, registry.NOT_SERVED: pb.VERSION_STATE_NOT_SERVED,
                   registry.UNRESPONSIVE: pb.VERSION_STATE_UNRESPONSIVE}
@@ -183,7 +184,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         try:
             if refused is not None:
                 raise refused
-            outcome = await self._classify(request, request_id, timeout, wait=method in STREAMING)
+            outcome = await self._classify(request, request_id, timeout, method)
         except errors.ServingError as error:
             outcome = error
         except asyncio.CancelledError:  # gRPC ended the call: its deadline passed, or the client left
@@ -230,11 +231,14 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             metrics.answered(outcome.plugin, outcome.model_version, "OK", seconds, outcome.decision.label, not outcome.quality.passed)
 
     async def _classify(self, request: pb.ClassifyRequest, request_id: str, timeout: float | None,
-                        wait: bool) -> pb.ClassifyResponse:
+                        method: str) -> pb.ClassifyResponse:
         started = time.monotonic()
+        wait = method in STREAMING
         self._check_limits(request)
         check_specimen_id(request.specimen_id)
         entry, batcher = await self._route(request)
+        if entry.info.objects_plugin:  # a field plugin: find its objects, have the objects plugin classify each
+            return await self._classify_field(request, request_id, entry, batcher, started, timeout, method)
         # A place in the model's queue before any decoding: refused at once (unary) or waited
         # for (stream items: backpressure). A reload retires this version only once we are done.
         # An explanation also needs one of its own few places, or is refused at once.
@@ -266,6 +270,73 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         response = self._response(request_id, entry, runtime, result, issues)
         response.specimen_id = request.specimen_id
         return response, rgb
+
+    async def _classify_field(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher,
+                              started: float, timeout: float | None, method: str) -> pb.ClassifyResponse:
+        """A field plugin's image: its objects found (in a worker thread), then each answered as
+        a request of its own to the objects plugin (request_id "<field's>/<index>"): its batcher,
+        gate, decision, limits and audit row. One object's error is that object's only."""
+        if request.explain:
+            raise errors.unimplemented(entry.name, "EXPLANATION", f"field plugin {entry.name!r} does not explain fields; "
+                                       "send a found object to its objects plugin to explain it")
+        loop = asyncio.get_running_loop()
+        found, issues = await loop.run_in_executor(self._decode_pool, self._find, request, batcher)
+        limit = self.settings.max_objects_per_field
+        if len(found) > limit:
+            raise errors.invalid_field("image", "TOO_MANY_OBJECTS", f"plugin {entry.name!r} found {len(found)} objects in "
+                                       f"this image; the limit is {limit} (max_objects_per_field): send a smaller field")
+        remaining = None if timeout is None else timeout - (time.monotonic() - started)
+        objects_plugin = entry.info.objects_plugin
+        asked = [] if issues else [pb.ClassifyRequest(
+            request_id=f"{request_id}/{i}", plugin=objects_plugin, image=images.raw_image(o.image),
+            specimen_id=request.specimen_id) for i, o in enumerate(found)]
+        outcomes = await asyncio.gather(*(self.answer(a, a.request_id, remaining, method) for a in asked))
+        runtime = batcher.runtime
+        response = pb.ClassifyResponse(request_id=request_id, plugin=entry.name, model_version=runtime.version.version,
+                                       weights_sha256=runtime.version.weights_sha256, specimen_id=request.specimen_id)
+        field = response.field
+        field.found, field.objects_plugin = len(found), objects_plugin
+        called: dict[str, int] = {}
+        for i, (o, outcome) in enumerate(zip(found, outcomes or [None] * len(found), strict=True)):
+            item = response.objects.add(index=i, plugin=objects_plugin, box=pb.Box(x=o.box[0], y=o.box[1], width=o.box[2],
+                                                                                    height=o.box[3]))
+            if o.mask is not None:
+                item.mask_png = images.mask_png(o.mask)
+            if isinstance(outcome, errors.ServingError):
+                item.error.CopyFrom(outcome.to_status())
+                field.failed += 1
+            elif outcome is not None:
+                item.result.CopyFrom(outcome)
+                field.objects_model_version = outcome.model_version
+                if outcome.decision.indeterminate:
+                    field.indeterminate += 1
+                else:
+                    field.classified += 1
+                    called[outcome.decision.label] = called.get(outcome.decision.label, 0) + 1
+        response.quality.CopyFrom(pb.QualityCheck(passed=not issues, issues=[
+            pb.QualityIssue(code=i.code, message=i.message, value=i.value, accepted_min=i.accepted_min,
+                            accepted_max=i.accepted_max) for i in issues]))
+        if issues:
+            reason = "field quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues) + "; no object classified"
+        else:
+            labels = ", ".join(f"{label} {n}" for label, n in sorted(called.items()))
+            reason = (f"{field.found} found: {field.classified} classified" + (f" ({labels})" if labels else "")
+                      + f", {field.indeterminate} indeterminate, {field.failed} failed")
+        decided = field.classified > 0 and not issues
+        response.decision.CopyFrom(pb.Decision(label=FIELD_CLASSIFIED if decided else INDETERMINATE,
+                                               indeterminate=not decided, reason=reason))
+        return response
+
+    def _find(self, request: pb.ClassifyRequest, batcher: Batcher):
+        """Decode a field and find its objects (in a worker thread): (objects, the field's quality issues)."""
+        runtime = batcher.runtime
+        with images.memory_slot(request.image):
+            rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
+            try:
+                found, issues = runtime.find_objects(rgb, request.microns_per_pixel)
+                return list(found), list(issues)
+            except Exception as error:
+                raise errors.plugin_crashed(batcher.plugin, error) from None
 
     def _prepare(self, request: pb.ClassifyRequest, batcher: Batcher):
         """Decode, validate, check and preprocess one image (in a worker thread):
@@ -342,6 +413,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                                 explains=bool(entry.runtime_class and entry.runtime_class.explains()))
         if info is not None:
             message.version, message.description, message.intended_use = info.version, info.description, info.intended_use
+            message.objects_plugin = info.objects_plugin
             message.labels.extend(info.labels)
             message.input.CopyFrom(pb.InputSpec(
                 formats=images.FORMATS, max_pixels=self.settings.max_image_pixels,

@@ -44,12 +44,19 @@ class Tally:
     called: dict[str, int] = field(default_factory=dict)
 
     def add(self, response: pb.ClassifyStreamResponse) -> None:
-        """Count one answered item."""
+        """Count one answered item; a field plugin's item counts each object it found."""
+        if response.HasField("result") and response.result.HasField("field"):
+            for found in response.result.objects:
+                if found.HasField("result") or found.HasField("error"):
+                    self._count(found.error if found.HasField("error") else None, found.result)
+            return
+        self._count(response.error if response.HasField("error") else None, response.result)
+
+    def _count(self, error, result: pb.ClassifyResponse) -> None:
         self.seen += 1
-        if response.HasField("error"):
+        if error is not None:
             self.failed += 1
             return
-        result = response.result
         self.passed_gate += result.quality.passed
         if result.decision.indeterminate:
             self.indeterminate += 1
@@ -76,6 +83,21 @@ class Tally:
         return message
 
 
+@dataclass
+class FieldTally:
+    """A field plugin's view of its objects plugin's Tally: each field adds the objects it
+    found; a field that failed as a whole (unreadable, refused) found no cells and adds none."""
+
+    tally: Tally
+
+    def add(self, response: pb.ClassifyStreamResponse) -> None:
+        if not response.HasField("error"):
+            self.tally.add(response)
+
+    def summary(self, final: bool = False) -> pb.SpecimenSummary:
+        return self.tally.summary(final)
+
+
 class StreamSpecimens:
     """The running summaries of one stream: one Tally per (specimen, plugin, model version)."""
 
@@ -83,22 +105,28 @@ class StreamSpecimens:
         self.plugins = plugins  # name -> registry.PluginEntry
         self.tallies: dict[tuple[str, str, str], Tally] = {}
 
-    def tally_for(self, request: pb.ClassifyRequest) -> Tally | None:
+    def tally_for(self, request: pb.ClassifyRequest) -> Tally | FieldTally | None:
         """The summary this stream item counts into; None without a specimen_id. Raises
         INVALID_ARGUMENT for a too long id, or one specimen too many for the stream."""
         if not request.specimen_id:
             return None
         entry = self.plugins.get(request.plugin)
         version = request.model_version or (entry.default_version if entry else "")
-        key = (request.specimen_id, request.plugin, version)
+        plugin, fields = request.plugin, entry is not None and entry.info is not None and bool(entry.info.objects_plugin)
+        if fields:
+            # A field plugin's objects are the cells: summarised under the plugin that classifies them.
+            plugin = entry.info.objects_plugin
+            entry = self.plugins.get(plugin)
+            version = entry.default_version if entry else ""
+        key = (request.specimen_id, plugin, version)
         if key not in self.tallies:
             check_specimen_id(request.specimen_id)
             if len(self.tallies) >= MAX_SPECIMENS_PER_STREAM:
                 raise errors.invalid_field("specimen_id", "TOO_MANY_SPECIMENS", f"this stream already summarises "
                                            f"{MAX_SPECIMENS_PER_STREAM} specimens, the limit: start a new stream")
-            self.tallies[key] = Tally(request.specimen_id, errors.clip(request.plugin), errors.clip(version),
+            self.tallies[key] = Tally(request.specimen_id, errors.clip(plugin), errors.clip(version),
                                       functools.partial(_loaded_runtime, entry, version))
-        return self.tallies[key]
+        return FieldTally(self.tallies[key]) if fields else self.tallies[key]
 
     def finals(self) -> list[pb.SpecimenSummary]:
         return [tally.summary(final=True) for tally in self.tallies.values()]

@@ -58,6 +58,29 @@ class Specimen:
 
 
 @dataclass(frozen=True)
+class FieldCounts:
+    """What a field plugin found in one image (Result.field)."""
+
+    found: int
+    classified: int  # given a label by the objects plugin
+    indeterminate: int  # answered, but left undecided (its gate, out of distribution, or its rule)
+    failed: int  # could not be classified (the object's Result carries the error)
+    objects_plugin: str
+    objects_model_version: str
+
+
+@dataclass(frozen=True)
+class Found:
+    """One object a field plugin found (Result.objects), with its own result."""
+
+    index: int
+    box: tuple[int, int, int, int]  # x, y, width, height in the field's pixels
+    plugin: str  # the plugin that classified it
+    result: "Result"  # its classification; `ok` False with the error when it could not be classified
+    mask_png: bytes = b""  # 8-bit grey PNG of the box's size, 255 = the object
+
+
+@dataclass(frozen=True)
 class Explanation:
     """What drove a result's score: PNGs of the image's size."""
 
@@ -94,6 +117,8 @@ class Result:
     specimen_id: str = ""
     specimen: Specimen | None = None  # in a stream: the running summary of this item's specimen, this item included
     explanation: Explanation | None = None  # when the request asked for one
+    objects: tuple = ()  # a field plugin's objects (Found), each with its own Result
+    field: FieldCounts | None = None  # a field plugin's counts of what it found
     audit_seq: int = 0  # the result's row in the server's audit trail; 0: the server keeps none
     input_sha256: str = ""  # SHA-256 of the image as the server received and recorded it
 
@@ -111,6 +136,11 @@ class Result:
             quality_passed=r.quality.passed if r.HasField("quality") else True,
             quality_issues=tuple((i.code, i.message) for i in r.quality.issues), queued_ms=r.timing.queued_ms, model_ms=r.timing.model_ms,
             batch_size=r.timing.batch_size, specimen_id=r.specimen_id, audit_seq=r.audit_seq, input_sha256=r.input_sha256,
+            objects=tuple(Found(o.index, (o.box.x, o.box.y, o.box.width, o.box.height), o.plugin,
+                                cls.from_response(o.result) if o.HasField("result")
+                                else cls.from_status(f"{r.request_id}/{o.index}", o.error), o.mask_png) for o in r.objects),
+            field=FieldCounts(r.field.found, r.field.classified, r.field.indeterminate, r.field.failed, r.field.objects_plugin,
+                              r.field.objects_model_version) if r.HasField("field") else None,
             explanation=Explanation(r.explanation.method, r.explanation.label, r.explanation.heatmap_png,
                                     r.explanation.overlay_png) if r.HasField("explanation") else None,
         )
@@ -282,11 +312,13 @@ class Client:
         return list(self._call(self.stub.ListPlugins, pb.ListPluginsRequest()).plugins)
 
     def classify(self, image: ImageInput, plugin: str = "lymphoblast", model_version: str = "",
-                 request_id: str = "", timeout_s: float | None = None, specimen_id: str = "", explain: bool = False) -> Result:
+                 request_id: str = "", timeout_s: float | None = None, specimen_id: str = "", explain: bool = False,
+                 microns_per_pixel: float = 0.0) -> Result:
         """Classify one image; raises DxServeError when the call fails. `explain`: also get
-        a heatmap of what drove the score (Result.explanation)."""
+        a heatmap of what drove the score (Result.explanation). `microns_per_pixel`: the
+        image's pixel size, when known (field plugins use it; Result.objects)."""
         request = pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image),
-                                     specimen_id=specimen_id, explain=explain)
+                                     specimen_id=specimen_id, explain=explain, microns_per_pixel=microns_per_pixel)
         return Result.from_response(self._call(self.stub.Classify, request, timeout_s))
 
     def classify_stream(self, images: Iterable[ImageInput | tuple], plugin: str = "lymphoblast", model_version: str = "",

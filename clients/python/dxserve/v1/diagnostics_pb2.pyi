@@ -45,7 +45,7 @@ class ListPluginsResponse(_message.Message):
     def __init__(self, plugins: _Optional[_Iterable[_Union[PluginInfo, _Mapping]]] = ...) -> None: ...
 
 class PluginInfo(_message.Message):
-    __slots__ = ("name", "version", "description", "labels", "model_versions", "default_model_version", "input", "intended_use", "state", "state_reason", "explains")
+    __slots__ = ("name", "version", "description", "labels", "model_versions", "default_model_version", "input", "intended_use", "state", "state_reason", "explains", "objects_plugin")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class PluginInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     STATE_REASON_FIELD_NUMBER: _ClassVar[int]
     EXPLAINS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_PLUGIN_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -68,7 +69,8 @@ class PluginInfo(_message.Message):
     state: PluginState
     state_reason: str
     explains: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_model_version: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., intended_use: _Optional[str] = ..., state: _Optional[_Union[PluginState, str]] = ..., state_reason: _Optional[str] = ..., explains: _Optional[bool] = ...) -> None: ...
+    objects_plugin: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_model_version: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., intended_use: _Optional[str] = ..., state: _Optional[_Union[PluginState, str]] = ..., state_reason: _Optional[str] = ..., explains: _Optional[bool] = ..., objects_plugin: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "weights_sha256", "model_card", "model_card_json", "safety_checks", "state", "state_reason")
@@ -123,7 +125,7 @@ class RawImage(_message.Message):
     def __init__(self, pixels: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "image", "specimen_id", "explain", "weights_sha256")
+    __slots__ = ("request_id", "plugin", "model_version", "image", "specimen_id", "explain", "weights_sha256", "microns_per_pixel")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +133,7 @@ class ClassifyRequest(_message.Message):
     SPECIMEN_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MICRONS_PER_PIXEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
@@ -138,7 +141,8 @@ class ClassifyRequest(_message.Message):
     specimen_id: str
     explain: bool
     weights_sha256: str
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explain: _Optional[bool] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    microns_per_pixel: float
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explain: _Optional[bool] = ..., weights_sha256: _Optional[str] = ..., microns_per_pixel: _Optional[float] = ...) -> None: ...
 
 class LabelProbability(_message.Message):
     __slots__ = ("label", "probability")
@@ -173,7 +177,7 @@ class Timing(_message.Message):
     def __init__(self, queued_ms: _Optional[float] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality", "specimen_id", "explanation", "audit_seq", "input_sha256")
+    __slots__ = ("request_id", "plugin", "model_version", "weights_sha256", "probabilities", "top_label", "confidence", "decision", "timing", "quality", "specimen_id", "explanation", "audit_seq", "input_sha256", "objects", "field")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +192,8 @@ class ClassifyResponse(_message.Message):
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     plugin: str
     model_version: str
@@ -202,7 +208,53 @@ class ClassifyResponse(_message.Message):
     explanation: Explanation
     audit_seq: int
     input_sha256: str
-    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., audit_seq: _Optional[int] = ..., input_sha256: _Optional[str] = ...) -> None: ...
+    objects: _containers.RepeatedCompositeFieldContainer[FoundObject]
+    field: FieldSummary
+    def __init__(self, request_id: _Optional[str] = ..., plugin: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., probabilities: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., specimen_id: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., audit_seq: _Optional[int] = ..., input_sha256: _Optional[str] = ..., objects: _Optional[_Iterable[_Union[FoundObject, _Mapping]]] = ..., field: _Optional[_Union[FieldSummary, _Mapping]] = ...) -> None: ...
+
+class FoundObject(_message.Message):
+    __slots__ = ("index", "box", "mask_png", "plugin", "result", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    MASK_PNG_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    box: Box
+    mask_png: bytes
+    plugin: str
+    result: ClassifyResponse
+    error: _status_pb2.Status
+    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., plugin: _Optional[str] = ..., result: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x", "y", "width", "height")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    width: int
+    height: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class FieldSummary(_message.Message):
+    __slots__ = ("found", "classified", "indeterminate", "failed", "objects_plugin", "objects_model_version")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIED_FIELD_NUMBER: _ClassVar[int]
+    INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    found: int
+    classified: int
+    indeterminate: int
+    failed: int
+    objects_plugin: str
+    objects_model_version: str
+    def __init__(self, found: _Optional[int] = ..., classified: _Optional[int] = ..., indeterminate: _Optional[int] = ..., failed: _Optional[int] = ..., objects_plugin: _Optional[str] = ..., objects_model_version: _Optional[str] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("method", "label", "heatmap_png", "overlay_png")

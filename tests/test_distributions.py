@@ -33,6 +33,7 @@ def test_the_server_depends_on_no_framework():
     assert "dxserve-client" in needs  # the generated code
     assert not {"tensorflow", "keras", "torch"} & set(needs), needs
     assert "tensorflow" in requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml")
+    assert not {"tensorflow", "keras", "torch"} & set(requirements(ROOT / "plugins" / "smear_field" / "pyproject.toml"))
 
 
 def test_client_code_imports_nothing_of_the_server():
@@ -48,7 +49,7 @@ def test_client_code_imports_nothing_of_the_server():
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("wheels")
-    for project in (CLIENT, ROOT, ROOT / "plugins" / "lymphoblast"):
+    for project in (CLIENT, ROOT, ROOT / "plugins" / "lymphoblast", ROOT / "plugins" / "smear_field"):
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(project)],
                        check=True, capture_output=True, timeout=300)
     return {w.name.split("-")[0]: w for w in out.glob("*.whl")}
@@ -62,6 +63,10 @@ def test_each_wheel_holds_its_own_part(wheels):
     assert not any(n.startswith("dxserve/v1/") for n in server) and "dxserve/app.py" in server  # the generated code once
     assert "dxserve/testing/conformance.py" in server
     assert "dxserve_lymphoblast/models/2.0.0/model.keras" in plugin and "dxserve_lymphoblast/examples/ATTRIBUTION.md" in plugin
+    assert "dxserve/oip/grpc_service_pb2.py" in client  # the Open Inference Protocol's code, for callers too
+    field = zipfile.ZipFile(wheels["dxserve_smear_field"]).namelist()
+    assert {"dxserve_smear_field/detector/1.0.0/parameters.json", "dxserve_smear_field/detector/1.0.0/MODEL_CARD.md",
+            "dxserve_smear_field/examples/ATTRIBUTION.md"} <= set(field)
 
 
 def test_the_client_wheel_alone_classifies_against_a_server(wheels, server, tmp_path, cell_paths):

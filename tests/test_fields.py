@@ -104,3 +104,9 @@ def test_the_objects_plugin_authorises_its_own_use(tmp_path):
         assert result.indeterminate
     finally:
         assert server.stop() == 0
+
+
+def test_explanations_are_asked_of_each_object(client):
+    """explain on a field asks each object's plugin; brightness cannot: each object says so alone."""
+    result = client.classify(field([[200, 30]]), plugin="tiles", explain=True)
+    assert [o.result.error_code for o in result.objects] == ["UNIMPLEMENTED"] * 2 and result.field.failed == 2

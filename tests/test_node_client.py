@@ -44,9 +44,10 @@ def node():
 
 def test_node_client_against_a_real_server(node, server):
     run = subprocess.run([node, "--test", "--test-reporter=tap", "test/client.test.js"], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DXSERVE_ADDRESS": server.address, "DXSERVE_CELLS": str(FIXTURES / "cells")})
+                         env={**os.environ, "DXSERVE_ADDRESS": server.address, "DXSERVE_CELLS": str(FIXTURES / "cells"),
+                              "DXSERVE_FIELDS": str(FIXTURES / "fields")})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "# pass 6" in run.stdout and "# fail 0" in run.stdout
+    assert "# pass 7" in run.stdout and "# fail 0" in run.stdout
 
 
 def readme_snippet() -> str:

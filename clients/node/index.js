@@ -90,6 +90,19 @@ function toResult(r) {
       method: r.explanation.method, label: r.explanation.label,
       heatmapPng: Buffer.from(r.explanation.heatmapPng), overlayPng: Buffer.from(r.explanation.overlayPng),
     } : null,
+    // A field plugin's objects (e.g. the cells of a microscope field), each with its own
+    // result or error, and its counts: {found, classified, indeterminate, failed, objectsPlugin}.
+    objects: (r.objects || []).map((o) => ({
+      index: o.index, box: { x: o.box.x, y: o.box.y, width: o.box.width, height: o.box.height }, plugin: o.plugin,
+      maskPng: Buffer.from(o.maskPng || []),
+      result: o.result ? toResult(o.result) : null,
+      error: o.error ? { code: CODE_NAMES[o.error.code] || String(o.error.code), message: o.error.message } : null,
+    })),
+    field: r.field ? {
+      found: r.field.found, classified: r.field.classified, indeterminate: r.field.indeterminate, failed: r.field.failed,
+      objectsPlugin: r.field.objectsPlugin, objectsModelVersion: r.field.objectsModelVersion,
+    } : null,
+    auditSeq: Number(r.auditSeq || 0), inputSha256: r.inputSha256 || '',
   };
 }
 
@@ -170,11 +183,14 @@ class Client {
 
   /**
    * Classify one image file (or Buffer); rejects with a DxServeError when the call fails.
-   * `explain: true` also asks what drove the score (result.explanation).
+   * `explain: true` also asks what drove the score (result.explanation). Sent to a field
+   * plugin (e.g. smear-field), result.objects holds what it found, each with its own result;
+   * `micronsPerPixel` tells it the image's pixel size when known.
    */
-  classifyFile(file, { plugin = 'lymphoblast', modelVersion = '', requestId = '', specimenId = '', explain = false } = {}) {
+  classifyFile(file, { plugin = 'lymphoblast', modelVersion = '', requestId = '', specimenId = '', explain = false,
+    micronsPerPixel = 0 } = {}) {
     const encoded = Buffer.isBuffer(file) ? file : fs.readFileSync(file);
-    const request = { requestId, plugin, modelVersion, specimenId, explain, image: { encoded } };
+    const request = { requestId, plugin, modelVersion, specimenId, explain, micronsPerPixel, image: { encoded } };
     return new Promise((resolve, reject) => {
       this.stub.classify(request, this.metadata, { deadline: Date.now() + this.timeoutMs },
         (error, response) => (error ? reject(callError(error)) : resolve(toResult(response))));

@@ -275,10 +275,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                               started: float, timeout: float | None, method: str) -> pb.ClassifyResponse:
         """A field plugin's image: its objects found (in a worker thread), then each answered as
         a request of its own to the objects plugin (request_id "<field's>/<index>"): its batcher,
-        gate, decision, limits and audit row. One object's error is that object's only."""
-        if request.explain:
-            raise errors.unimplemented(entry.name, "EXPLANATION", f"field plugin {entry.name!r} does not explain fields; "
-                                       "send a found object to its objects plugin to explain it")
+        gate, decision, limits, explanation (when asked) and audit row. One object's error is that
+        object's only."""
         loop = asyncio.get_running_loop()
         found, issues = await loop.run_in_executor(self._decode_pool, self._find, request, batcher)
         limit = self.settings.max_objects_per_field
@@ -289,7 +287,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         objects_plugin = entry.info.objects_plugin
         asked = [] if issues else [pb.ClassifyRequest(
             request_id=f"{request_id}/{i}", plugin=objects_plugin, image=images.raw_image(o.image),
-            specimen_id=request.specimen_id) for i, o in enumerate(found)]
+            specimen_id=request.specimen_id, explain=request.explain) for i, o in enumerate(found)]
         outcomes = await asyncio.gather(*(self.answer(a, a.request_id, remaining, method) for a in asked))
         runtime = batcher.runtime
         response = pb.ClassifyResponse(request_id=request_id, plugin=entry.name, model_version=runtime.version.version,

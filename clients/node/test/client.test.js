@@ -95,3 +95,20 @@ test('explains a result: heatmap and overlay PNGs of the label it explains', asy
   await assert.rejects(client.waitUntilServing('no-such-plugin', 1000), (error) => error.code === 'NOT_FOUND');
   client.close();
 });
+
+test('a field plugin answers with the objects it found, each classified by another plugin', async () => {
+  const client = new Client(address, { timeoutMs: 60000 });
+  const field = path.join(process.env.DXSERVE_FIELDS, 'BloodImage_00007.jpg');
+  const result = await client.classifyFile(field, { plugin: 'smear-field', requestId: 'node-field' });
+  assert.strictEqual(result.field.objectsPlugin, 'lymphoblast');
+  assert.strictEqual(result.objects.length, result.field.found);
+  assert.ok(result.field.found >= 1 && result.objects[0].box.width > 50);
+  const cell = result.objects[0].result;
+  assert.strictEqual(cell.plugin, 'lymphoblast');
+  assert.strictEqual(cell.requestId, 'node-field/0');
+  assert.strictEqual(cell.indeterminate, true);  // another lab's stain: lymphoblast's gate declines
+  const plain = await client.classifyFile(path.join(cells, fs.readdirSync(cells).filter((f) => f.endsWith('.png')).sort()[0]));
+  assert.deepStrictEqual(plain.objects, []);
+  assert.strictEqual(plain.field, null);
+  client.close();
+});

@@ -7,6 +7,7 @@
     dxserve-client classify smears/ --specimen-per-folder         # one specimen per sub-folder
     dxserve-client classify cell.png --explain heatmaps/          # write what drove each score
     dxserve-client classify smear-17/ --specimen-id smear-17 --fhir bundle.json --hl7 oru.hl7   # for the LIS / EHR
+    dxserve-client classify fields/ --plugin smear-field --overlay boxes/   # one row per cell found in each field
 
 Exit status: 0 when every image was classified, 1 when any item failed, 2 on usage or
 connection errors.
@@ -29,7 +30,7 @@ from typing import TextIO
 from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen, image_files
 
 FIELDS = ["path", "specimen_id", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
-          "weights_sha256", "rule", "quality_issues", "error_code", "error_message"]
+          "weights_sha256", "rule", "quality_issues", "error_code", "error_message", "object", "box"]
 
 
 def record(path: Path, result: Result, labels: list[str]) -> dict:
@@ -46,7 +47,51 @@ def record(path: Path, result: Result, labels: list[str]) -> dict:
         "quality_issues": "|".join(code for code, _ in result.quality_issues), "error_code": result.error_code, "error_message": result.error_message,
     }
     row.update({f"p_{label}": round(result.probabilities[label], 6) if label in result.probabilities else "" for label in labels})
+    row.update(object="", box="")
     return row
+
+
+def records(path: Path, result: Result, labels: list[str]) -> list[dict]:
+    """One record per image; for a field plugin's image, one per object found in it (with its
+    index and box "x,y,width,height"), or the field's own record when it found none or failed."""
+    if not result.objects:
+        return [record(path, result, labels)]
+    rows = []
+    for found in result.objects:
+        row = record(path, found.result, labels)
+        if not row["specimen_id"]:
+            row["specimen_id"] = result.specimen.specimen_id if result.specimen else ""
+        row.update(object=found.index, box=",".join(map(str, found.box)))
+        rows.append(row)
+    return rows
+
+
+#: Box colours of a field's overlay, by the object's result.
+OVERLAY_COLOURS = {"indeterminate": (255, 200, 0), "error": (128, 128, 128)}
+LABEL_COLOURS = [("red", (220, 30, 30)), ("green", (30, 160, 60)), ("blue", (40, 90, 220)), ("magenta", (200, 0, 200))]
+
+
+def write_overlay(folder: Path, index: int, path: Path, data: bytes, result: Result, labels: list[str]) -> None:
+    """<index>_<name>.objects.png: the field with each found object's box coloured by its result
+    (each label its colour, indeterminate yellow, failed grey) and a legend."""
+    if result.field is None:
+        return
+    import io
+
+    from PIL import Image, ImageDraw
+
+    field = Image.open(io.BytesIO(data)).convert("RGB")
+    draw = ImageDraw.Draw(field)
+    named = {label: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, label in enumerate(labels)}
+    colours = {label: rgb for label, (_, rgb) in named.items()}
+    for found in result.objects:
+        key = "error" if not found.result.ok else found.result.decision
+        x, y, w, h = found.box
+        draw.rectangle((x, y, x + w - 1, y + h - 1), outline=colours.get(key) or OVERLAY_COLOURS.get(key, (0, 0, 0)), width=3)
+        draw.text((x + 4, y + 4), f"{found.index}: {key}", fill=(0, 0, 0))
+    legend = ", ".join([*(f"{label} ({name})" for label, (name, _) in named.items()), "indeterminate (yellow)", "failed (grey)"])
+    draw.text((4, field.height - 14), f"{result.reason[:90]} | colours: {legend}", fill=(0, 0, 0))
+    field.save(folder / f"{index:05d}_{path.stem}.objects.png")
 
 
 class Writer:
@@ -71,7 +116,8 @@ class Writer:
                       else f"quality gate: {row['quality_issues']}" if row["quality_issues"] else f"sha256 {row['weights_sha256'][:12]}")
             confidence = f"{row['confidence']:.3f}" if row["confidence"] != "" else ""
             screen = "positive" if row["screen_positive"] is True else ""
-            print(f"{_short(row['path'], 40):<40} {row['label'] or 'ERROR':<14} {confidence:>6}  {screen:<8} "
+            where = row["path"] + (f" #{row['object']} at {row['box']}" if row["object"] != "" else "")
+            print(f"{_short(where, 40):<40} {row['label'] or 'ERROR':<14} {confidence:>6}  {screen:<8} "
                   f"{row['model_version']:<8} {detail}", file=self.out)
         self.out.flush()
 
@@ -230,7 +276,10 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     waiting = lambda: print(f"dxserve-client: waiting for plugin {args.plugin!r} to load (up to {args.wait:g} s, --wait)",  # noqa: E731
                             file=sys.stderr)
     try:
-        labels = list(client.wait_until_loaded(args.plugin, args.wait, on_wait=waiting).labels)
+        info = client.wait_until_loaded(args.plugin, args.wait, on_wait=waiting)
+        labels = list(info.labels)
+        if info.objects_plugin:  # a field plugin: the rows are its objects, with their plugin's labels
+            labels = list(client.wait_until_loaded(info.objects_plugin, args.wait, on_wait=waiting).labels)
     except (LookupError, RuntimeError, TimeoutError) as problem:
         print(f"dxserve-client: {problem}" + (" (--wait)" if isinstance(problem, TimeoutError) else ""), file=sys.stderr)
         return 2
@@ -241,6 +290,8 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     out = args.output.open("w", newline="") if args.output else sys.stdout
     writer = Writer(out, args.format, labels)
     explain_dir = run_folder(args.explain) if args.explain else None
+    overlay_dir = run_folder(args.overlay) if args.overlay else None
+    sent_data: dict[str, bytes] = {}  # --overlay: each field's file until its result is drawn
     lock = threading.Lock()
     sent: dict[str, tuple[Path, tuple | None]] = {}
     counts = {"images": 0, "failed": 0}
@@ -252,7 +303,10 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
                 answered.append(result)
             counts["images"] += 1
             counts["failed"] += not result.ok
-            writer.write(record(path, result, labels))
+            for row in records(path, result, labels):
+                writer.write(row)
+            if overlay_dir is not None and result.ok:
+                write_overlay(overlay_dir, counts["images"] - 1, path, sent_data.pop(result.request_id, b""), result, labels)
             if explain_dir is not None:
                 write_explanation(explain_dir, counts["images"] - 1, path, result)
             progress.update()
@@ -267,6 +321,8 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
                 continue
             request_id = f"{n}:{path.name}"
             sent[request_id] = (path, sig)
+            if overlay_dir is not None:
+                sent_data[request_id] = data
             yield (request_id, data, specimen_of(path, args.paths, args))
 
     from tqdm import tqdm
@@ -276,7 +332,7 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
     try:
         for result in client.classify_stream(items(), plugin=args.plugin, model_version=args.model_version,
                                              explain=bool(args.explain), final_summaries=specimens,
-                                             resume_within_s=args.resume_within):
+                                             resume_within_s=args.resume_within, microns_per_pixel=args.microns_per_pixel):
             path, sig = sent.pop(result.request_id)
             if result.error_code == "INVALID_ARGUMENT" and feed.watch is not None:
                 feed.recheck(path, sig, lambda path=path, result=result: finish(path, result))  # half-written when read?
@@ -389,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
                           "and write its summary (decision support, not a diagnosis)")
     specimen.add_argument("--specimen-per-folder", action="store_true", help="each image's folder is its specimen")
     classify.add_argument("--specimen-output", type=Path, help="write the final specimen summaries here as JSON")
+    classify.add_argument("--microns-per-pixel", type=float, default=0.0, metavar="UM", help="the images' pixel size, "
+                          "when the acquisition software knows it (field plugins; 0: they estimate it)")
+    classify.add_argument("--overlay", type=Path, metavar="DIR", help="field plugins: write each field with its found "
+                          "objects' boxes coloured by their results to DIR/run-<time>/")
     classify.add_argument("--fhir", type=Path, metavar="FILE", help="with --specimen-id: write the specimen's results as an "
                           "HL7 FHIR R4 transaction Bundle (DiagnosticReport, Observations, Device, AI Provenance)")
     classify.add_argument("--fhir-per-cell", action="store_true", help="with --fhir: one Observation per cell too")

@@ -323,13 +323,15 @@ class Client:
 
     def classify_stream(self, images: Iterable[ImageInput | tuple], plugin: str = "lymphoblast", model_version: str = "",
                         timeout_s: float | None = None, specimen_id: str = "", explain: bool = False,
-                        final_summaries: list[Specimen] | None = None, resume_within_s: float = 0.0) -> Iterator[Result]:
+                        final_summaries: list[Specimen] | None = None, resume_within_s: float = 0.0,
+                        microns_per_pixel: float = 0.0) -> Iterator[Result]:
         """Stream images and yield one Result per image, in order; failed items come back
         as Results with `ok` False. Items may be (request_id, image) or (request_id, image,
         specimen_id) tuples; `specimen_id` is the default for items that name none. Each
         Result of an item with a specimen carries its running summary (Result.specimen); the
         final summary per specimen, sent once every image is answered, is appended to
-        `final_summaries`. The timeout covers each stream (None: no deadline).
+        `final_summaries`. `microns_per_pixel`: the images' pixel size, when known (field
+        plugins). The timeout covers each stream (None: no deadline).
 
         When the server stops mid-stream it answers what it read and says where to resume;
         with `resume_within_s` the client then waits up to that long for a server (a restarted
@@ -341,7 +343,7 @@ class Client:
             for item in items:
                 request_id, image, specimen = (item + (specimen_id,))[:3] if isinstance(item, tuple) else ("", item, specimen_id)
                 yield pb.ClassifyRequest(request_id=request_id, plugin=plugin, model_version=model_version, image=to_image(image),
-                                         specimen_id=specimen, explain=explain)
+                                         specimen_id=specimen, explain=explain, microns_per_pixel=microns_per_pixel)
 
         feed = _Resendable(requests(images))
         while True:

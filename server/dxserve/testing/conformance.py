@@ -5,7 +5,9 @@
 
 The plugin is loaded in process the way the server loads it (its default model version), and
 served once by a real server for the end-to-end check. Inputs are the runtime's `examples()`,
-the images in ``--examples DIR``, or, when neither is given, synthetic images.
+the images in ``--examples DIR``, or, when neither is given, synthetic images. A field plugin
+(`PluginInfo.objects_plugin`) is checked for what it does, finding objects; the classification
+checks are its objects plugin's own.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ def images(request, dxserve_runtime_class) -> list[np.ndarray]:
             rng.integers(0, 256, (side, side + 7, 3), dtype=np.uint8)]
 
 
+@pytest.fixture
+def classifies(dxserve_runtime_class) -> None:
+    """Skips a classification check for a field plugin: its objects plugin answers for those."""
+    if dxserve_runtime_class.info.objects_plugin:
+        pytest.skip(f"a field plugin: {dxserve_runtime_class.info.objects_plugin!r} classifies its objects")
+
+
+@pytest.fixture
+def finds(dxserve_runtime_class) -> None:
+    if not dxserve_runtime_class.info.objects_plugin:
+        pytest.skip("not a field plugin")
+
+
 def probabilities(runtime: ModelRuntime, images: list[np.ndarray]) -> np.ndarray:
     """What the server computes for a batch: preprocess each image, then one predict_with_issues
     per input shape (`batcher.shape_groups`)."""
@@ -73,7 +88,9 @@ def probabilities(runtime: ModelRuntime, images: list[np.ndarray]) -> np.ndarray
 def test_declares_its_labels_and_versions(dxserve_runtime_class, dxserve_plugin):
     info = dxserve_runtime_class.info
     assert info.name == dxserve_plugin
-    assert len(info.labels) >= 2 and len(set(info.labels)) == len(info.labels), f"labels must be 2 or more and distinct: {info.labels}"
+    fewest = 1 if info.objects_plugin else 2  # a field plugin's label says it classified what it found
+    assert len(info.labels) >= fewest and len(set(info.labels)) == len(info.labels), \
+        f"labels must be {fewest} or more and distinct: {info.labels}"
     assert INDETERMINATE not in info.labels, f"{INDETERMINATE!r} is the server's word for no call, not a label"
     assert info.version and info.description and info.intended_use, "PluginInfo needs a version, description and intended use"
     names = [v.version for v in dxserve_runtime_class.versions()]
@@ -97,14 +114,14 @@ def test_the_default_version_has_the_safety_checks_the_server_requires(request, 
                          "check_quality / predict_with_issues, or run with --allow-ungated for research plugins)")
 
 
-def test_rows_are_probabilities_over_the_labels(runtime, images):
+def test_rows_are_probabilities_over_the_labels(runtime, images, classifies):
     p = probabilities(runtime, images)
     assert p.shape == (len(images), len(runtime.info.labels))
     assert np.all(np.isfinite(p)) and np.all(p >= 0) and np.all(p <= 1)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_prepare_equals_preprocess_and_check_quality(runtime, images):
+def test_prepare_equals_preprocess_and_check_quality(runtime, images, classifies):
     """The server calls `prepare`; a plugin that overrides it to share work must not change either answer."""
     for image in images:
         model_input, issues = runtime.prepare(image)
@@ -116,7 +133,7 @@ def test_prepare_equals_preprocess_and_check_quality(runtime, images):
         assert [i.code for i in issues] == [i.code for i in runtime.check_quality(image)], "prepare's issues differ from check_quality's"
 
 
-def test_decide_never_contradicts_the_probabilities(runtime, images):
+def test_decide_never_contradicts_the_probabilities(runtime, images, classifies):
     for row in probabilities(runtime, images):
         decision = runtime.decide(row)
         assert decision.indeterminate == (decision.label == INDETERMINATE), decision
@@ -124,17 +141,17 @@ def test_decide_never_contradicts_the_probabilities(runtime, images):
             assert decision.label == runtime.info.labels[int(np.argmax(row))], f"called {decision.label} for {row}"
 
 
-def test_same_answer_alone_and_inside_a_batch(runtime, images):
+def test_same_answer_alone_and_inside_a_batch(runtime, images, classifies):
     together = probabilities(runtime, images)
     for i, image in enumerate(images):
         np.testing.assert_allclose(probabilities(runtime, [image])[0], together[i], atol=TOLERANCE)
 
 
-def test_answers_are_deterministic(runtime, images):
+def test_answers_are_deterministic(runtime, images, classifies):
     np.testing.assert_allclose(probabilities(runtime, images), probabilities(runtime, images), atol=TOLERANCE)
 
 
-def test_thread_safe(runtime, images):
+def test_thread_safe(runtime, images, classifies):
     expected = probabilities(runtime, images)
     results, errors = [], []
 
@@ -156,7 +173,7 @@ def test_thread_safe(runtime, images):
 
 
 @pytest.mark.parametrize("kind", ["blank", "noise"])
-def test_a_blank_or_noise_image_gets_no_confident_label(dxserve_runtime_class, runtime, version, kind):
+def test_a_blank_or_noise_image_gets_no_confident_label(dxserve_runtime_class, runtime, version, kind, classifies):
     if QUALITY_GATE not in dxserve_runtime_class.safety_checks(version):
         pytest.skip("the plugin declares no quality gate")
     side = max(runtime.info.input.min_side, 256)
@@ -169,7 +186,7 @@ def test_a_blank_or_noise_image_gets_no_confident_label(dxserve_runtime_class, r
     assert issues or decision.indeterminate, f"a {kind} image passed the quality gate and was called {decision.label}"
 
 
-def test_explanations_have_the_image_shape(dxserve_runtime_class, runtime, images):
+def test_explanations_have_the_image_shape(dxserve_runtime_class, runtime, images, classifies):
     if not dxserve_runtime_class.explains():
         pytest.skip("the plugin does not explain")
     image = images[0]
@@ -180,7 +197,35 @@ def test_explanations_have_the_image_shape(dxserve_runtime_class, runtime, image
     assert explanation.label in runtime.info.labels and explanation.method
 
 
-def test_served_end_to_end(dxserve_client, dxserve_plugin, version, images):
+def test_a_field_plugin_finds_well_formed_objects(runtime, images, finds):
+    """Each object's box lies in the image, its image is uint8 RGB, its mask the box's shape;
+    the same image gives the same objects; a field with issues gives none."""
+    for image in images:
+        found, issues = runtime.find_objects(image)
+        again, _ = runtime.find_objects(image)
+        assert [o.box for o in found] == [o.box for o in again], "find_objects is not deterministic"
+        assert not (found and issues), "a field with quality issues must give no objects (none is classified)"
+        height, width = image.shape[:2]
+        for o in found:
+            x, y, w, h = (int(v) for v in o.box)
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height, f"box {o.box} outside {width}x{height}"
+            crop = np.asarray(o.image)
+            assert crop.dtype == np.uint8 and crop.ndim == 3 and crop.shape[2] == 3, f"object image {crop.dtype} {crop.shape}"
+            assert o.mask is None or np.asarray(o.mask).shape == (h, w), f"mask {np.shape(o.mask)} for a box {w}x{h}"
+
+
+@pytest.mark.parametrize("kind", ["blank", "noise"])
+def test_a_field_plugin_refuses_a_blank_or_noise_field(dxserve_runtime_class, runtime, version, kind, finds):
+    if QUALITY_GATE not in dxserve_runtime_class.safety_checks(version):
+        pytest.skip("the plugin declares no quality gate")
+    side = max(runtime.info.input.min_side, 256)
+    image = (np.full((side, side, 3), 200, np.uint8) if kind == "blank"
+             else np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    found, issues = runtime.find_objects(image)
+    assert issues and not found, f"a {kind} field passed the field's gate with {len(found)} objects"
+
+
+def test_served_end_to_end(dxserve_client, dxserve_plugin, dxserve_runtime_class, version, images):
     from dxserve_client.client import encode_png
 
     results = list(dxserve_client.classify_stream([encode_png(i) for i in images], plugin=dxserve_plugin))
@@ -188,4 +233,7 @@ def test_served_end_to_end(dxserve_client, dxserve_plugin, version, images):
     for result in results:
         assert result.ok, f"the server answered {result.error_code}: {result.error_message}"
         assert result.model_version == version.version and result.weights_sha256 == version.weights_sha256
-        assert abs(sum(result.probabilities.values()) - 1.0) < 1e-5
+        if dxserve_runtime_class.info.objects_plugin:  # its objects, each answered (or refused) on its own
+            assert result.field is not None and len(result.objects) == result.field.found
+        else:
+            assert abs(sum(result.probabilities.values()) - 1.0) < 1e-5

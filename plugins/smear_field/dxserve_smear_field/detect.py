@@ -1,0 +1,183 @@
+"""Finding and segmenting white cells in a stained blood-smear field (classical, OpenCV).
+
+Each step is one function, its figures in `Parameters` (micrometres, so they hold at any
+magnification once the field's scale is known):
+
+1. `scale`: the field's pixels per micrometre, from the request or from its red cells (their
+   diameter, about 7.5 um, measured by a distance transform of the filled red-cell mask);
+2. `field_issues`: the field's own gate: not a stained smear (blank, noise, a photo), no
+   stained cells, out of focus;
+3. `nuclei`: white-cell nuclei are the field's saturated violet pixels (red cells are pink,
+   the background pale); lobes of one nucleus are merged by a dilation;
+4. `cells`: each nucleus grown by a cytoplasm rim is one cell: its box, its mask, and the
+   crop the lymphoblast classifier expects (the cell on black, centred on a 450 px canvas, at
+   the C-NMC scale).
+
+Why classical and not a trained detector: on BCCD's train and validation splits this finds
+white cells at recall 0.97 / 1.00 and precision 0.95 / 0.98 (IoU >= 0.5) in about 7 ms a field
+on one core, with nothing to train or ship; the figures of every split are in the model card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dxserve import QualityIssue
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """The detector's figures; a model version's parameters.json holds them."""
+
+    nucleus_hue: tuple[float, float]  # violet, as a fraction of the hue circle
+    nucleus_min_saturation: float
+    nucleus_open_um: float  # removes specks
+    merge_um: float  # lobes closer than this are one nucleus
+    min_nucleus_area_um2: float
+    pad_um: float  # box margin around the nucleus
+    cytoplasm_um: float  # the cell's rim beyond its nucleus, for the mask
+    max_cell_um: float  # a box wider than this is a clump of cells
+    rbc_min_saturation: float
+    rbc_radius_quantile: float
+    rbc_peak_window_px: int  # one distance peak per red cell within this window
+    rbc_min_radius_px: float  # smaller peaks are fragments (so red cells under 2x this are not measured)
+    rbc_estimate_factor: float  # the estimate's bias on BCCD's annotated red cells (train split)
+    rbc_diameter_um: float
+    min_red_cells: int
+    classifier_px_per_um: float  # the scale of the classifier's training cells (see the model card)
+    canvas: int  # side of the classifier's square, black canvas
+    min_stained_fraction: float  # of the field's pixels: below, no cells to find
+    min_smear_hue_fraction: float  # of its saturated pixels in pink, red or violet: below, not a stained smear
+    min_focus: float  # variance of the Laplacian of the grey field: below, out of focus
+
+    @classmethod
+    def load(cls, path: Path) -> "Parameters":
+        values = json.loads(path.read_text())
+        values["nucleus_hue"] = tuple(values["nucleus_hue"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Cell:
+    box: tuple[int, int, int, int]  # x, y, width, height in the field
+    mask: np.ndarray  # bool (height, width): the cell within its box
+    crop: np.ndarray  # uint8 RGB (canvas, canvas, 3): the cell on black at the classifier's scale
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue and saturation 0..255
+    return hsv[..., 0].astype(np.float32) / 255, hsv[..., 1].astype(np.float32) / 255
+
+
+def _disk(diameter_px: float) -> np.ndarray:
+    size = max(1, int(round(diameter_px)) | 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def scale(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> float:
+    """Pixels per micrometre: from `microns_per_pixel` when given, else from the red cells; 0
+    when neither tells (too few red cells)."""
+    if microns_per_pixel > 0:
+        return 1 / microns_per_pixel
+    hue, saturation = _hsv(rgb)
+    low, high = p.nucleus_hue
+    violet = (hue > low) & (hue < high) & (saturation > p.nucleus_min_saturation)
+    red = ((saturation > p.rbc_min_saturation) & ~violet).astype(np.uint8)  # red cells, and pale cytoplasm
+    red = cv2.morphologyEx(red, cv2.MORPH_OPEN, _disk(5))
+    contours, _ = cv2.findContours(red, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = cv2.drawContours(np.zeros_like(red), contours, -1, 1, thickness=cv2.FILLED)  # their pale centres too
+    distance = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
+    peaks = distance[(distance == cv2.dilate(distance, _disk(p.rbc_peak_window_px))) & (distance > p.rbc_min_radius_px)]
+    if peaks.size < p.min_red_cells:
+        return 0.0
+    diameter_px = 2 * float(np.percentile(peaks, p.rbc_radius_quantile)) * p.rbc_estimate_factor
+    return diameter_px / p.rbc_diameter_um
+
+
+def field_issues(rgb: np.ndarray, p: Parameters) -> list[QualityIssue]:
+    """Why this image is not a field to find cells in; empty when it is one."""
+    hue, saturation = _hsv(rgb)
+    stained = saturation > p.rbc_min_saturation
+    fraction = float(stained.mean())
+    if fraction < p.min_stained_fraction:
+        return [QualityIssue("NO_CELLS", f"{fraction:.1%} of the field is stained: no cells to find (blank or empty field)",
+                             fraction, p.min_stained_fraction, 1.0)]
+    low, high = p.nucleus_hue
+    smear_hues = (hue < 0.1) | (hue > low)  # pink and red cells, violet nuclei
+    share = float(smear_hues[stained].mean()) if stained.any() else 0.0
+    if share < p.min_smear_hue_fraction:
+        return [QualityIssue("NOT_A_SMEAR", f"only {share:.0%} of the stained pixels have a smear's pink, red or violet: "
+                             "not a stained blood smear (noise, a photo, another stain)", share, p.min_smear_hue_fraction, 1.0)]
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    focus = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    if focus < p.min_focus:
+        return [QualityIssue("OUT_OF_FOCUS", f"focus {focus:.1f} (variance of the Laplacian) is below {p.min_focus:g}",
+                             focus, p.min_focus, float("inf"))]
+    return []
+
+
+def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float) -> list[np.ndarray]:
+    """One bool mask (the field's size) per white-cell nucleus, lobes merged."""
+    hue, saturation = _hsv(rgb)
+    low, high = p.nucleus_hue
+    violet = ((hue > low) & (hue < high) & (saturation > p.nucleus_min_saturation)).astype(np.uint8)
+    violet = cv2.morphologyEx(violet, cv2.MORPH_OPEN, _disk(p.nucleus_open_um * px_per_um))
+    merged = cv2.dilate(violet, _disk(p.merge_um * px_per_um))
+    count, labels = cv2.connectedComponents(merged)
+    found = []
+    for label in range(1, count):
+        nucleus = (labels == label) & (violet > 0)
+        if nucleus.sum() >= p.min_nucleus_area_um2 * px_per_um ** 2:
+            found.append(nucleus)
+    return found
+
+
+def cells(rgb: np.ndarray, p: Parameters, px_per_um: float) -> tuple[list[Cell], list[QualityIssue]]:
+    """The field's white cells (reading order), or the clump that makes the field unusable."""
+    height, width = rgb.shape[:2]
+    found = []
+    for nucleus in nuclei(rgb, p, px_per_um):
+        ys, xs = np.nonzero(nucleus)
+        side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * p.pad_um * px_per_um
+        if side > p.max_cell_um * px_per_um:
+            return [], [QualityIssue("CLUMP", f"a stained object {side / px_per_um:.0f} um across: overlapping cells, "
+                                     "not one to classify", side / px_per_um, 0.0, p.max_cell_um)]
+        cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+        x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+        x1, y1 = int(min(width, cx + side / 2)), int(min(height, cy + side / 2))
+        hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.int32))
+        body = cv2.fillConvexPoly(np.zeros((height, width), np.uint8), hull, 1)
+        body = cv2.dilate(body, _disk(2 * p.cytoplasm_um * px_per_um))[y0:y1, x0:x1] > 0
+        found.append(((y0 // 32, x0), Cell((x0, y0, x1 - x0, y1 - y0), body, _on_canvas(rgb[y0:y1, x0:x1], body, p, px_per_um))))
+    return [cell for _, cell in sorted(found, key=lambda item: item[0])], []
+
+
+def _on_canvas(box: np.ndarray, mask: np.ndarray, p: Parameters, px_per_um: float) -> np.ndarray:
+    """The cell on black, rescaled to the classifier's scale, centred on its canvas (cut to it if larger)."""
+    cell = np.where(mask[..., None], box, 0).astype(np.uint8)
+    factor = p.classifier_px_per_um / px_per_um
+    size = (max(1, round(cell.shape[1] * factor)), max(1, round(cell.shape[0] * factor)))
+    cell = cv2.resize(cell, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    canvas = np.zeros((p.canvas, p.canvas, 3), np.uint8)
+    h, w = min(cell.shape[0], p.canvas), min(cell.shape[1], p.canvas)
+    top, left = (p.canvas - h) // 2, (p.canvas - w) // 2
+    cy, cx = (cell.shape[0] - h) // 2, (cell.shape[1] - w) // 2
+    canvas[top:top + h, left:left + w] = cell[cy:cy + h, cx:cx + w]
+    return canvas
+
+
+def find(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> tuple[list[Cell], list[QualityIssue]]:
+    """The white cells of a field and the field's issues (no cell is returned with issues)."""
+    issues = field_issues(rgb, p)
+    if issues:
+        return [], issues
+    px_per_um = scale(rgb, p, microns_per_pixel)
+    if px_per_um <= 0:
+        return [], [QualityIssue("SCALE_UNKNOWN", "too few red cells to measure the field's scale; send microns_per_pixel",
+                                 0.0, float(p.min_red_cells), float("inf"))]
+    return cells(rgb, p, px_per_um)

@@ -1,0 +1,97 @@
+"""The smear-field plugin: finding white cells in BCCD fields (the fixtures, with their boxes),
+its field gate, the scale, and fields over the wire, each found cell answered by lymphoblast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from dxserve_smear_field import detect, evaluate
+from dxserve_smear_field.plugin import SmearFieldRuntime
+
+FIELDS = sorted((FIXTURES / "fields").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def runtime() -> SmearFieldRuntime:
+    runtime = SmearFieldRuntime(SmearFieldRuntime.versions()[0])
+    runtime.load()
+    return runtime
+
+
+def rgb_of(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def test_each_annotated_white_cell_is_found(runtime):
+    for path in FIELDS:
+        found, issues = runtime.find_objects(rgb_of(path))
+        assert not issues, (path.name, issues)
+        boxes = [(o.box[0], o.box[1], o.box[0] + o.box[2], o.box[1] + o.box[3]) for o in found]
+        truth = evaluate.white_cells(path.with_suffix(".xml"))
+        tp, fp, fn, ious = evaluate.match(boxes, truth)
+        assert (tp, fp, fn) == (len(truth), 0, 0) and min(ious) >= 0.5, path.name
+        for o in found:  # what lymphoblast expects: the cell on black, centred on its 450 px canvas
+            assert o.image.shape == (450, 450, 3) and o.image[0, 0].sum() == 0 and o.image[225, 225].sum() > 0
+            assert o.mask.shape == (o.box[3], o.box[2]) and o.mask.mean() > 0.3
+
+
+def test_the_gate_refuses_what_is_not_a_field(runtime):
+    expected = {"blank": "NO_CELLS", "noise": "NOT_A_SMEAR", "photo-like (sky over grass)": "NOT_A_SMEAR",
+                "the field defocused (Gaussian blur, sigma 6 px)": "OUT_OF_FOCUS"}
+    field = rgb_of(FIXTURES / "fields" / "BloodImage_00007.jpg")
+    rng = np.random.default_rng(1)
+    images = {"blank": np.full((480, 640, 3), 235, np.uint8), "noise": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+              "photo-like (sky over grass)": np.concatenate([np.full((240, 640, 3), (90, 150, 230), np.uint8),
+                                                             np.full((240, 640, 3), (60, 160, 50), np.uint8)]),
+              "the field defocused (Gaussian blur, sigma 6 px)": cv2.GaussianBlur(field, (0, 0), 6)}
+    for name, rgb in images.items():
+        found, issues = runtime.find_objects(rgb)
+        assert found == [] and [i.code for i in issues] == [expected[name]], name
+
+
+def test_the_scale_comes_from_the_red_cells_or_the_request(runtime):
+    field = rgb_of(FIELDS[0])
+    estimated = detect.scale(field, runtime.parameters)
+    assert 10 < estimated < 20  # BCCD's red cells are about 109 px across: 14.5 px per um
+    assert detect.scale(field, runtime.parameters, microns_per_pixel=0.1) == pytest.approx(10.0)
+    # A cell is brought to the classifier's scale: the same box at twice the pixels per um
+    # covers a quarter of the canvas area.
+    (cell,), _ = runtime.find_objects(field)
+    x, y, w, h = cell.box
+    box = field[y:y + h, x:x + w]
+    native = detect._on_canvas(box, cell.mask, runtime.parameters, estimated)
+    finer = detect._on_canvas(box, cell.mask, runtime.parameters, 2 * estimated)
+    ratio = (finer.sum(axis=2) > 0).sum() / (native.sum(axis=2) > 0).sum()
+    assert ratio == pytest.approx(0.25, abs=0.03)
+
+
+def test_fields_over_the_wire_never_give_a_confident_call_off_site(client):
+    """BCCD's cells are unlike C-NMC's (another stain, another lab): each comes back from
+    lymphoblast indeterminate through its gate or out-of-distribution check, never a call."""
+    for path in FIELDS:
+        result = client.classify(path.read_bytes(), plugin="smear-field")
+        assert result.field.found >= 1 and result.field.objects_plugin == "lymphoblast"
+        assert result.field.classified == 0 and result.field.indeterminate == result.field.found
+        assert result.indeterminate and f"{result.field.found} found: 0 classified" in result.reason
+        for found in result.objects:
+            assert found.result.ok and found.result.indeterminate and not found.result.quality_passed
+            assert found.result.plugin == "lymphoblast" and len(found.result.weights_sha256) == 64
+
+
+def test_the_cli_prints_a_row_per_cell_and_draws_the_boxes(server, capsys, tmp_path):
+    from dxserve_client.cli import main
+
+    code = main(["--server", server.address, "classify", str(FIXTURES / "fields"), "--plugin", "smear-field", "--quiet",
+                 "--format", "csv", "--overlay", str(tmp_path), "--specimen-id", "smear-1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = out.out.strip().splitlines()[1:]
+    assert len(rows) == 3 and all(",0," in row for row in rows)  # object 0 of each field, with its box
+    assert "specimen smear-1 (lymphoblast 2.0.0): 3 cells" in out.err
+    drawn = sorted(tmp_path.glob("run-*/*.objects.png"))
+    assert len(drawn) == 3 and cv2.imread(str(drawn[0])).shape == (480, 640, 3)

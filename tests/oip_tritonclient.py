@@ -109,7 +109,7 @@ def drive(address: str, token: str, other_token: str, cells: Path, out: Path) ->
     seen["not_allowed"] = error(lambda: client.infer("lymphoblast", one, headers={"authorization": f"Bearer {other_token}"}))
     seen["not_allowed_metadata"] = error(lambda: client.get_model_metadata(
         "lymphoblast", headers={"authorization": f"Bearer {other_token}"}))
-    seen["too_many"] = error(lambda: client.infer("lymphoblast", encoded(*[files[0].read_bytes()] * 33), headers=headers))
+    seen["too_many"] = error(lambda: client.infer("lymphoblast", encoded(*[files[0].read_bytes()] * 17), headers=headers))
     client.close()
     out.write_text(json.dumps(seen))
 

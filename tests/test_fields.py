@@ -110,3 +110,13 @@ def test_explanations_are_asked_of_each_object(client):
     """explain on a field asks each object's plugin; brightness cannot: each object says so alone."""
     result = client.classify(field([[200, 30]]), plugin="tiles", explain=True)
     assert [o.result.error_code for o in result.objects] == ["UNIMPLEMENTED"] * 2 and result.field.failed == 2
+
+
+def test_a_field_plugin_that_raises_fails_that_field_only(client):
+    """find_objects raising is that field's INTERNAL error; the stream's other fields are answered."""
+    broken = png_bytes(np.full((16, 17, 3), 100, np.uint8))
+    results = list(client.classify_stream([("ok-1", field([[200]])), ("broken", broken), ("ok-2", field([[30]]))],
+                                          plugin="tiles"))
+    assert [r.error_code for r in results] == ["", "INTERNAL", ""]
+    assert "tiles cannot cut" in results[1].error_message
+    assert [r.objects[0].result.decision for r in (results[0], results[2])] == ["bright", "dark"]

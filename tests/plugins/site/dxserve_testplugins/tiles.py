@@ -2,7 +2,7 @@
 
 The second example of plugins calling plugins (after smear-field): a pure-black tile is handed
 over as an empty crop, so one object of a field fails while its others are classified; a
-pure-white image fails the field's own gate."""
+pure-white image fails the field's own gate; a 17 px wide one makes it raise."""
 
 from pathlib import Path
 
@@ -28,6 +28,8 @@ class TilesRuntime(ModelRuntime):
         pass
 
     def find_objects(self, image, microns_per_pixel=0.0):
+        if image.shape[1] == 17:  # a deliberate fault, for the tests: the plugin raises on this field
+            raise RuntimeError("tiles cannot cut a 17 px wide field")
         if image.min() == 255:
             return [], [QualityIssue("BLANK", "the field is white: nothing to find", 255.0, 0.0, 254.0)]
         found = []

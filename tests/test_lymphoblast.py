@@ -659,3 +659,20 @@ def test_served_answers_equal_the_recorded_reference():
         assert abs(p - expected["p_lymphoblast"]) < 1e-5, name
         assert [i.code for i in issues] == expected["issues"], name
         assert measure(rgb, colour) == pytest.approx(expected["gate"], abs=1e-9), name
+
+
+def test_the_gates_opencv_shortcuts_equal_scipy_exactly():
+    """The quality gate's OpenCV versions of scipy's erosion and distance threshold give the same
+    answers, pixel for pixel, on random masks (thin, holed, touching the edge)."""
+    from scipy import ndimage
+
+    from dxserve_lymphoblast.gate import deeper_than, eroded
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        shape = (int(rng.integers(3, 90)), int(rng.integers(3, 90)))
+        mask = ndimage.binary_opening(rng.random(shape) > rng.uniform(0.2, 0.7)) if trial % 2 else rng.random(shape) > 0.5
+        for depth in (1, 3):
+            np.testing.assert_array_equal(eroded(mask, depth), ndimage.binary_erosion(mask, iterations=depth), str(trial))
+        for depth in (2, 6):
+            np.testing.assert_array_equal(deeper_than(mask, depth), ndimage.distance_transform_edt(mask) > depth, str(trial))

@@ -101,6 +101,8 @@ def supervise(settings: Settings, argv: list[str]) -> int:
     workers = []
     for i in range(settings.workers):
         env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": threads}
+        if "decode_threads" not in settings.model_fields_set:  # the default, one per core: the worker's share
+            env["DXSERVE_DECODE_THREADS"] = threads
         metrics = ["--metrics-port", str(settings.metrics_port + i)] if settings.metrics_port else []
         workers.append(subprocess.Popen([sys.executable, "-m", "dxserve.cli", *argv, "--workers", "1", "--reuse-port", "true",
                                          *metrics], env=env))

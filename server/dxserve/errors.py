@@ -76,6 +76,17 @@ def not_found(kind: str, name: str, description: str) -> ServingError:
     )
 
 
+def unknown_plugin(name: str, known) -> ServingError:
+    """NOT_FOUND for a plugin this server does not have, naming those it has."""
+    return not_found("plugin", name, f"unknown plugin {clip(name)!r} (known: {', '.join(known) or 'none'})")
+
+
+def unknown_version(plugin: str, version: str, versions) -> ServingError:
+    """NOT_FOUND for a model version the plugin does not have, naming those it has."""
+    return not_found("model_version", f"{plugin}/{version}", f"plugin {plugin!r} has no model version "
+                     f"{clip(version)!r} (has: {', '.join(versions)})")
+
+
 def unavailable(plugin: str, description: str, reason: str, retry_after_s: float | None = None) -> ServingError:
     """UNAVAILABLE while a plugin loads, after it failed, or while the server stops."""
     details: list[Message] = [_error_info(reason, plugin=plugin)]

@@ -250,13 +250,12 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             auth.authorize(name)
             entry = self.plugins.get(name)
             if entry is None:
-                raise errors.not_found("plugin", name, f"unknown model {errors.clip(name)!r} (models: {', '.join(self.plugins) or 'none'})")
+                raise errors.unknown_plugin(name, self.plugins)
             if entry.info is None:
                 raise errors.unavailable(entry.name, f"model {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
             version = version or entry.default_version
             if all(v.version != version for v in entry.versions):
-                raise errors.not_found("model_version", f"{entry.name}/{version}", f"model {entry.name!r} has no version "
-                                       f"{errors.clip(version)!r} (versions: {', '.join(v.version for v in entry.versions)})")
+                raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])
         except errors.ServingError as error:
             await error.abort(context)
         return entry, version

@@ -29,8 +29,8 @@ log = logging.getLogger("dxserve.service")
 
 STATES = {LOADING: pb.PLUGIN_STATE_LOADING, registry.READY: pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
 MAX_REQUEST_ID = 256  # characters of a client's request_id
-STREAMING = {"ClassifyStream", "ModelStreamInfer"}
-FIELD_CLASSIFIED = "classified"  # a field plugin's decision when some object it found was classified  # methods whose items wait for a place in the queue (backpressure)
+STREAMING = {"ClassifyStream", "ModelStreamInfer"}  # methods whose items wait for a place in the queue (backpressure)
+FIELD_CLASSIFIED = "classified"  # a field plugin's decision when some object it found was classified
 VERSION_STATES = {registry.AVAILABLE: pb.VERSION_STATE_AVAILABLE, registry.READY: pb.VERSION_STATE_READY,
                   FAILED: pb.VERSION_STATE_FAILED, registry.NOT_SERVED: pb.VERSION_STATE_NOT_SERVED,
                   registry.UNRESPONSIVE: pb.VERSION_STATE_UNRESPONSIVE}
@@ -178,7 +178,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         """The response, or the error to send for this request: counted, logged, and recorded
         in the audit trail before it is sent (`recorded` is set when that record starts).
         `method` names the gRPC method in the audit trail (the Open Inference Protocol's too,
-        see oip.py); `refused`: an error found before the request could be made (e.g. a
+        see inference.py); `refused`: an error found before the request could be made (e.g. a
         malformed tensor), answered and recorded the same way."""
         started = time.monotonic()
         try:
@@ -265,7 +265,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         issues = issues + list(result.issues)  # the plugin's gate, then what the model itself found
         if issues:  # they overrule the call: no label on an image the plugin refused
             result = dataclasses.replace(result, decision=Decision(
-                INDETERMINATE, True, "input quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues),
+                INDETERMINATE, True, "input quality gate: " + _in_words(issues),
                 rule=result.decision.rule))
         response = self._response(request_id, entry, runtime, result, issues)
         response.specimen_id = request.specimen_id
@@ -311,11 +311,9 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 else:
                     field.classified += 1
                     called[outcome.decision.label] = called.get(outcome.decision.label, 0) + 1
-        response.quality.CopyFrom(pb.QualityCheck(passed=not issues, issues=[
-            pb.QualityIssue(code=i.code, message=i.message, value=i.value, accepted_min=i.accepted_min,
-                            accepted_max=i.accepted_max) for i in issues]))
+        response.quality.CopyFrom(_quality(issues))
         if issues:
-            reason = "field quality gate: " + "; ".join(f"{i.code}: {i.message}" for i in issues) + "; no object classified"
+            reason = "field quality gate: " + _in_words(issues) + "; no object classified"
         else:
             labels = ", ".join(f"{label} {n}" for label, n in sorted(called.items()))
             reason = (f"{field.found} found: {field.classified} classified" + (f" ({labels})" if labels else "")
@@ -327,24 +325,28 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     def _find(self, request: pb.ClassifyRequest, batcher: Batcher):
         """Decode a field and find its objects (in a worker thread): (objects, the field's quality issues)."""
-        runtime = batcher.runtime
-        with images.memory_slot(request.image):
-            rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
-            try:
-                found, issues = runtime.find_objects(rgb, request.microns_per_pixel)
-                return list(found), list(issues)
-            except Exception as error:
-                raise errors.plugin_crashed(batcher.plugin, error) from None
+        def find(rgb):
+            found, issues = batcher.runtime.find_objects(rgb, request.microns_per_pixel)
+            return list(found), list(issues)
+
+        return self._on_decoded(request, batcher, find)
 
     def _prepare(self, request: pb.ClassifyRequest, batcher: Batcher):
         """Decode, validate, check and preprocess one image (in a worker thread):
         (the decoded image if an explanation was asked for, model input, the plugin's quality issues)."""
-        runtime = batcher.runtime
+        def prepare(rgb):
+            model_input, issues = batcher.runtime.prepare(rgb)
+            return rgb if request.explain else None, model_input, list(issues)
+
+        return self._on_decoded(request, batcher, prepare)
+
+    def _on_decoded(self, request: pb.ClassifyRequest, batcher: Batcher, plugin_call):
+        """`plugin_call(rgb)` on the request's decoded image (in a worker thread); what the plugin
+        raises becomes plugin_crashed, a bad image the decoder's own error."""
         with images.memory_slot(request.image):  # large images one at a time: memory stays bounded
-            rgb = images.decode(request.image, self.settings.max_image_pixels, runtime.info.input.min_side)
+            rgb = images.decode(request.image, self.settings.max_image_pixels, batcher.runtime.info.input.min_side)
             try:
-                model_input, issues = runtime.prepare(rgb)
-                return rgb if request.explain else None, model_input, list(issues)
+                return plugin_call(rgb)
             except Exception as error:
                 raise errors.plugin_crashed(batcher.plugin, error) from None
 
@@ -364,8 +366,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         auth.authorize(request.plugin)
         entry = self.plugins.get(request.plugin)
         if entry is None:
-            known = ", ".join(self.plugins) or "none"
-            raise errors.not_found("plugin", request.plugin, f"unknown plugin {errors.clip(request.plugin)!r} (known: {known})")
+            raise errors.unknown_plugin(request.plugin, self.plugins)
         if entry.state == LOADING:
             raise errors.unavailable(entry.name, f"plugin {entry.name!r} is still loading", "PLUGIN_LOADING", retry_after_s=1)
         if entry.state == FAILED:
@@ -374,8 +375,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         version = request.model_version or self._version_with(entry, pinned) or entry.default_version
         served = next((v for v in entry.versions if v.version == version), None)
         if served is None:
-            raise errors.not_found("model_version", f"{entry.name}/{version}", f"plugin {entry.name!r} has no model version "
-                                   f"{errors.clip(version)!r} (has: {', '.join(v.version for v in entry.versions)})")
+            raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])
         if pinned and served.weights_sha256 != pinned:
             raise errors.weights_mismatch(entry.name, version, served.weights_sha256, pinned)
         return entry, await ensure_loaded(entry, version, self.settings)  # versions other than the default load on first use
@@ -399,9 +399,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             confidence=float(result.probabilities[top]),
             decision=pb.Decision(**dataclasses.asdict(result.decision)),
             timing=pb.Timing(queued_ms=result.queued_ms, model_ms=result.model_ms, batch_size=result.batch_size),
-            quality=pb.QualityCheck(passed=not issues, issues=[
-                pb.QualityIssue(code=i.code, message=i.message, value=i.value, accepted_min=i.accepted_min,
-                                accepted_max=i.accepted_max) for i in issues]),
+            quality=_quality(issues),
         )
 
     def _describe(self, entry: PluginEntry) -> pb.PluginInfo:
@@ -424,3 +422,13 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                                        model_card_json=v.model_card_json, state=VERSION_STATES[state], state_reason=reason,
                                        safety_checks=sorted(entry.runtime_class.safety_checks(v)))
         return message
+
+
+def _quality(issues: list[QualityIssue]) -> pb.QualityCheck:
+    return pb.QualityCheck(passed=not issues, issues=[
+        pb.QualityIssue(code=i.code, message=i.message, value=i.value, accepted_min=i.accepted_min,
+                        accepted_max=i.accepted_max) for i in issues])
+
+
+def _in_words(issues: list[QualityIssue]) -> str:
+    return "; ".join(f"{i.code}: {i.message}" for i in issues)

@@ -17,8 +17,8 @@ from hl7apy.parser import parse_message
 
 from dxserve_client import Client
 from dxserve_client.cli import main
-from dxserve_client.codes import CODES, HL7_SYSTEM, SYSTEM
-from dxserve_client.fhir import AI_PROVENANCE, AUDIT_SEQ_EXTENSION, INPUT_SYSTEM, NOT_A_DIAGNOSIS, code_system
+from dxserve_client.codes import CODES, HL7_SYSTEM, NOT_A_DIAGNOSIS, SYSTEM
+from dxserve_client.fhir import AI_PROVENANCE, AUDIT_SEQ_EXTENSION, INPUT_SYSTEM, code_system
 
 
 @pytest.fixture(scope="module")

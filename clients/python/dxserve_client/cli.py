@@ -305,8 +305,9 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
             counts["failed"] += not result.ok
             for row in records(path, result, labels):
                 writer.write(row)
+            data = sent_data.pop(result.request_id, b"")  # kept for the overlay until its result is in
             if overlay_dir is not None and result.ok:
-                write_overlay(overlay_dir, counts["images"] - 1, path, sent_data.pop(result.request_id, b""), result, labels)
+                write_overlay(overlay_dir, counts["images"] - 1, path, data, result, labels)
             if explain_dir is not None:
                 write_explanation(explain_dir, counts["images"] - 1, path, result)
             progress.update()

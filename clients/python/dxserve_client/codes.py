@@ -1,4 +1,5 @@
-"""The codes dxserve's hospital reports use (FHIR in fhir.py, HL7 v2 in hl7v2.py), in one table.
+"""The codes and the words dxserve's hospital reports share (FHIR in fhir.py, HL7 v2 in
+hl7v2.py): one table of codes, and the report's conclusion.
 
 No LOINC code is used for what the model reports: LOINC's blast and leukocyte counts mean a
 laboratory's count of a smear, and a model's share of the segmented cells it was sent is not
@@ -10,6 +11,8 @@ in docs/hospital-integration.md.
 """
 
 from __future__ import annotations
+
+from .client import Specimen
 
 #: The canonical URL of dxserve's code system (FHIR Coding.system).
 SYSTEM = "urn:dxserve:fhir:CodeSystem:dxserve"
@@ -42,3 +45,13 @@ CODES: dict[str, tuple[str, str]] = {
 
 def display(code: str) -> str:
     return CODES[code][0]
+
+
+NOT_A_DIAGNOSIS = "Decision support for a person reviewing the specimen, not a diagnosis."
+
+
+def report_conclusion(summary: Specimen) -> str:
+    """The report's conclusion in words: the call and why, the counts, and what it is not."""
+    call = f"Specimen call: {summary.call} ({summary.call_reason.rstrip('.')})." if summary.call else "No specimen call."
+    return (f"{call} {summary.cells_seen} cells sent, {summary.cells_passed_gate} passed the quality gate, "
+            f"{summary.indeterminate} indeterminate, {summary.cells_failed} failed. {NOT_A_DIAGNOSIS}")

@@ -25,9 +25,8 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.specimen import Specimen as FhirSpecimen
 
 from .client import Result, Specimen
-from .codes import CODES, SYSTEM, display
+from .codes import CODES, SYSTEM, display, report_conclusion
 
-NOT_A_DIAGNOSIS = "Decision support for a person reviewing the specimen, not a diagnosis."
 #: Identifier systems of what dxserve names (a site may pass its own specimen system).
 SPECIMEN_SYSTEM = "urn:dxserve:specimen-id"
 INPUT_SYSTEM = "urn:dxserve:input-sha256"
@@ -137,13 +136,6 @@ def to_fhir(results: Sequence[Result], summary: Specimen, *, patient: str = "", 
     return Bundle(type="transaction", timestamp=issued, entry=[
         {"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": resource.get_resource_type()}}
         for full_url, resource in entries])
-
-
-def report_conclusion(summary: Specimen) -> str:
-    """The report's conclusion in words: the call and why, the counts, and what it is not."""
-    call = f"Specimen call: {summary.call} ({summary.call_reason.rstrip('.')})." if summary.call else "No specimen call."
-    return (f"{call} {summary.cells_seen} cells sent, {summary.cells_passed_gate} passed the quality gate, "
-            f"{summary.indeterminate} indeterminate, {summary.cells_failed} failed. {NOT_A_DIAGNOSIS}")
 
 
 def _escape(text: str) -> str:

@@ -4,8 +4,8 @@
     Path("out.hl7").write_bytes(message.to_er7().encode())
 
 Built and checked with hl7apy. Segments: MSH, PID, OBR (the specimen report, result status
-P = preliminary), an NTE saying what the result is not, and OBX per quantity: the cell
-counts, each label's fraction with its 95 % interval (OBX-4 groups one label's rows), and the
+P = preliminary), an NTE with the conclusion (the call, the counts, what it is not), and OBX
+per quantity: the cell counts, each label's fraction with its 95 % interval (OBX-4 groups one label's rows), and the
 specimen call. Every OBX names the model in OBX-18 (equipment instance identifier):
 "<plugin>/<model version>/sha256:<weights SHA-256>^DXSERVE". Codes: codes.py, in the local
 coding system 99DXS. Needs `pip install 'dxserve-client[hl7]'`.
@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from hl7apy.core import Message
 
 from .client import Result, Specimen
-from .codes import HL7_SYSTEM, display
-from .fhir import NOT_A_DIAGNOSIS, report_conclusion
+from .codes import HL7_SYSTEM, display, report_conclusion
 
 SENDING_APPLICATION = "DXSERVE"
 UCUM = "UCUM"
@@ -71,7 +70,7 @@ def to_oru(summary: Specimen, results: Sequence[Result] = (), *, patient_id: str
     order.obr.obr_25 = "P"
     note = order.add_segment("NTE")
     note.nte_1 = "1"
-    note.nte_3 = _text(report_conclusion(summary) if summary.call else NOT_A_DIAGNOSIS)
+    note.nte_3 = _text(report_conclusion(summary))
 
     rows = [("NM", "cells-seen", "", str(summary.cells_seen), "{cells}"),
             ("NM", "cells-failed", "", str(summary.cells_failed), "{cells}"),

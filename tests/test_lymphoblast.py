@@ -232,6 +232,41 @@ def test_training_never_overwrites_a_version_unless_told(tiny_version, capsys):
     assert "exists" in capsys.readouterr().err and (version_dir / "model_card.json").read_bytes() == card
 
 
+def test_fine_tuning_keeps_the_epoch_best_on_unseen_subjects_and_trains_only_the_top_blocks(tiny_version):
+    """fine_tune holds out a subject-grouped inner fold, returns the weights of the epoch with the
+    best AUROC there (the frozen head, epoch 0, included), and leaves the blocks below
+    `fine_tune_from` as they were."""
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    from dxserve_lymphoblast.backbone import imagenet_weights
+    from dxserve_lymphoblast.data import grouped_folds
+    from dxserve_lymphoblast.features import extract
+    from dxserve_lymphoblast.model import build_classifier
+    from dxserve_lymphoblast.train import TrainConfig, classifier_logits, fine_tune, train_head
+
+    _, _, cells = tiny_version
+    weights = imagenet_weights(IMAGENET) if IMAGENET.exists() else None
+    config = TrainConfig(image_size=32, scales=(32,), epochs=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3)
+    head, _ = train_head(extract(cells.images, weights, config.scales, log=lambda _: None), cells, config)
+    keras.utils.set_random_seed(config.seed)  # as fine_tune does: the same start when weights are random
+    before = build_classifier(32, head, weights, config.scales).get_layer("backbone")
+    model, record = fine_tune(head, cells, config, weights, log=lambda _: None)
+
+    runs = len(record["loss"])
+    assert 1 <= runs <= 3 and len(record["inner_auroc"]) == runs + 1 and len(record["epoch_seconds"]) == runs
+    kept = record["epoch_kept"]
+    assert kept == int(np.argmax(record["inner_auroc"]))
+    assert runs == 3 or runs - kept >= config.fine_tune_patience  # stopped early only after no gain
+    _, inner_idx = grouped_folds(cells, 5, config.seed)[0]
+    inner = cells.subset(inner_idx)
+    assert roc_auc_score(inner.labels, classifier_logits(model, inner, 1)) == pytest.approx(record["inner_auroc"][kept], abs=1e-6)
+    after = model.get_layer("backbone")
+    assert np.array_equal(after.get_layer("conv1").get_weights()[0], before.get_layer("conv1").get_weights()[0])
+    changed = not np.array_equal(after.get_layer("conv_dw_12").get_weights()[0], before.get_layer("conv_dw_12").get_weights()[0])
+    assert changed == (kept > 0)
+
+
 def test_cross_validation_reports_baselines_beside_the_model(tiny_version):
     from dxserve_lymphoblast.baselines import FROZEN_LOGISTIC, SIZE_ALONE
 

@@ -57,7 +57,8 @@ def train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(image_size=args.image_size, scales=tuple(args.scales or TrainConfig.scales), epochs=args.epochs,
                          folds=args.folds, seed=args.seed, mlp_units=args.mlp_units, dropout=args.dropout,
                          use_size=not args.no_size, fine_tune_epochs=args.fine_tune_epochs, test_views=args.test_views,
-                         augmented_copies=args.augmented_copies)
+                         augmented_copies=args.augmented_copies, fine_tune_learning_rate=args.fine_tune_learning_rate,
+                         fine_tune_from=args.fine_tune_from)
     started = time.time()
     log = lambda message: print(message, flush=True)  # noqa: E731
     weights = None if args.imagenet_weights == "none" else imagenet_weights(args.imagenet_weights and Path(args.imagenet_weights))
@@ -71,7 +72,8 @@ def train_command(args: argparse.Namespace) -> int:
     evaluation, oof = cross_validate(cells, features, config, weights, log, augmented)
     temperature = evaluation["temperature"]
     thresholds = Thresholds(**evaluation["thresholds"])
-    model, final = train_final(cells, features, config, weights, log, augmented)
+    model, final = train_final(cells, features, config, weights, log, augmented,
+                               evaluation.get("fine_tuning", {}).get("final_epochs"))
 
     version_dir = args.out / args.version
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--dropout", type=float, default=0.3, help="dropout before and after the MLP's hidden layer")
     train.add_argument("--no-size", action="store_true", help="leave the log cell diameter out of the head's inputs")
     train.add_argument("--fine-tune-epochs", type=int, default=0,
-                       help="then train the backbone end to end on augmented images for this many epochs (0: frozen)")
+                       help="then train the backbone's top blocks on augmented images for at most this many epochs, "
+                            "stopped early on an inner subject-grouped fold (0: frozen)")
+    train.add_argument("--fine-tune-learning-rate", type=float, default=3e-5, help="peak of its cosine schedule")
+    train.add_argument("--fine-tune-from", default="conv_dw_12",
+                       help="first backbone layer fine-tuning trains (default: %(default)s, blocks 12-13; '': all)")
     train.add_argument("--augmented-copies", type=int, default=0,
                        help="augmented copies of each cell (stain, white balance, blur, zoom) whose features the head also "
                             "learns from (1 copy: stain-cast |dP| 0.105 -> 0.063, but CV AUROC -0.01 and blur and "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -38,8 +38,10 @@ class TrainConfig:
     subject_power: float = 0.5  # data.sample_weights
     balance_classes: bool = False  # data.sample_weights: False keeps the class prior, so P >= 0.5 is a fair call
     test_views: int = 1  # orientations the default version averages per result (1, 2, 4 or 8)
-    fine_tune_epochs: int = 0  # then train the backbone too (batch norm frozen), on augmented images
-    fine_tune_learning_rate: float = 1e-4
+    fine_tune_epochs: int = 0  # then train the backbone's top blocks too (batch norm frozen), on augmented images
+    fine_tune_learning_rate: float = 3e-5
+    fine_tune_from: str = "conv_dw_12"  # the first backbone layer trained ("": all of it); MobileNet's blocks 12-13
+    fine_tune_patience: int = 1  # epochs without a better inner-fold AUROC before stopping
     fine_tune_batch_size: int = 32
     folds: int = 5
     seed: int = 0
@@ -87,31 +89,66 @@ def head_logits(head, features: np.ndarray, log_diameters: np.ndarray, views: in
     return z.reshape(n, views).mean(axis=1)
 
 
-def fine_tune(head, cells: Cells, config: TrainConfig, weights, log=print):
-    """Stage two: the whole classifier (ImageNet backbone + the fitted head) trained end to end
-    on augmented images with a low learning rate; batch-norm statistics stay ImageNet's."""
+def fine_tune(head, cells: Cells, config: TrainConfig, weights, log=print, early_stopping: bool = True):
+    """Stage two: the classifier (ImageNet backbone + the fitted head) trained end to end on
+    augmented images (any orientation, stain, blur, zoom) from `config.fine_tune_from` on,
+    with a low, cosine-decaying learning rate; batch-norm statistics stay ImageNet's.
+
+    With `early_stopping`, one subject-grouped fifth of `cells` is held out as an inner fold:
+    after each epoch the classifier's AUROC there is measured, and the best epoch's weights are
+    kept, epoch 0 (the frozen head, before any fine-tuning) included, so fine-tuning that does
+    not pay on unseen subjects leaves the frozen model. Returns (model, record) with the
+    epoch kept and the inner-fold AUROC after each epoch.
+    """
     import keras
+    from sklearn.metrics import roc_auc_score
 
     from .data import dataset
     from .model import build_classifier
 
     keras.utils.set_random_seed(config.seed)
     model = build_classifier(config.image_size, head, weights, config.scales)
-    for layer in model.get_layer("backbone").layers:
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    steps = config.fine_tune_epochs * int(np.ceil(len(cells) / config.fine_tune_batch_size))
+    backbone = model.get_layer("backbone")
+    names = [layer.name for layer in backbone.layers]
+    first = names.index(config.fine_tune_from) if config.fine_tune_from else 0
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)
+    fit_on, inner = (cells, None)
+    if early_stopping:
+        fit_idx, inner_idx = grouped_folds(cells, 5, config.seed)[0]
+        fit_on, inner = cells.subset(fit_idx), cells.subset(inner_idx)
+    steps = config.fine_tune_epochs * int(np.ceil(len(fit_on) / config.fine_tune_batch_size))
     model.compile(
         optimizer=keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(config.fine_tune_learning_rate, steps),
                                          weight_decay=config.weight_decay),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
         weighted_metrics=[],
     )
-    started = time.time()
-    history = model.fit(dataset(cells, config.fine_tune_batch_size, training=True, seed=config.seed,
-                                subject_power=config.subject_power, balance_classes=config.balance_classes),
-                        epochs=config.fine_tune_epochs, verbose=0)
-    log(f"fine-tuned {config.fine_tune_epochs} epochs on {len(cells)} images in {time.time() - started:.0f} s")
-    return without_optimizer(model), [float(v) for v in history.history["loss"]]
+    data = dataset(fit_on, config.fine_tune_batch_size, training=True, seed=config.seed,
+                   subject_power=config.subject_power, balance_classes=config.balance_classes)
+    inner_auroc = lambda: float(roc_auc_score(inner.labels, classifier_logits(model, inner, 1)))  # noqa: E731
+    record = {"inner_auroc": [inner_auroc()] if inner is not None else [], "loss": [], "epoch_seconds": []}
+    best_epoch, best_weights = 0, model.get_weights()
+    for epoch in range(1, config.fine_tune_epochs + 1):
+        started = time.time()
+        history = model.fit(data, epochs=epoch, initial_epoch=epoch - 1, verbose=0)
+        record["loss"].append(float(history.history["loss"][-1]))
+        record["epoch_seconds"].append(round(time.time() - started, 1))
+        if inner is None:
+            best_epoch, best_weights = epoch, None
+            continue
+        record["inner_auroc"].append(inner_auroc())
+        log(f"fine-tuning epoch {epoch}: {record['epoch_seconds'][-1]:.0f} s on {len(fit_on)} images, "
+            f"inner-fold AUROC {record['inner_auroc'][-1]:.3f} (epoch 0: {record['inner_auroc'][0]:.3f})")
+        if record["inner_auroc"][-1] > record["inner_auroc"][best_epoch]:
+            best_epoch, best_weights = epoch, model.get_weights()
+        elif epoch - best_epoch >= config.fine_tune_patience:
+            break
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    record["epoch_kept"] = best_epoch
+    log(f"fine-tuning kept epoch {best_epoch} of {len(record['loss'])} run")
+    return without_optimizer(model), record
 
 
 def without_optimizer(model):
@@ -166,7 +203,7 @@ def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weig
     fold_of = np.zeros(len(cells), int)
     names = (MODEL, MODEL_8_VIEWS) + ((FROZEN_HEAD,) if config.fine_tune_epochs else ()) + (baselines.SIZE_ALONE, baselines.FROZEN_LOGISTIC)
     logits = {name: np.zeros(len(cells)) for name in names}
-    seconds = []
+    seconds, tuned = [], []
     for k, (train_idx, test_idx) in enumerate(folds):
         started = time.time()
         train, test = cells.subset(train_idx), cells.subset(test_idx)
@@ -174,7 +211,8 @@ def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weig
         head, _ = train_head(with_augmented(features, augmented)[train_idx], train, config)
         if config.fine_tune_epochs:
             logits[FROZEN_HEAD][test_idx] = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
-            model, _ = fine_tune(head, train, config, weights, log)
+            model, record = fine_tune(head, train, config, weights, log)
+            tuned.append(record)
             logits[MODEL][test_idx] = classifier_logits(model, test, config.test_views)
             logits[MODEL_8_VIEWS][test_idx] = classifier_logits(model, test, VIEWS)
         else:
@@ -224,6 +262,8 @@ def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weig
         "versus_baselines": versus(candidates, MODEL),
         "test_time_averaging": decision_rule(probabilities[MODEL_8_VIEWS], logits[MODEL_8_VIEWS], cells, config),
     }
+    if tuned:
+        report["fine_tuning"] = {"folds": tuned, "final_epochs": int(np.median([r["epoch_kept"] for r in tuned]))}
     return report, oof
 
 
@@ -260,15 +300,18 @@ def versus(candidates: dict, model: str) -> dict:
 
 
 def train_final(cells: Cells, features: np.ndarray, config: TrainConfig, weights=None, log=print,
-                augmented: np.ndarray | None = None):
-    """The shipped classifier: every subject, the same recipe (fixed epochs, no early stopping)."""
+                augmented: np.ndarray | None = None, fine_tune_epochs: int | None = None):
+    """The shipped classifier: every subject, the same recipe (fixed epochs, no early stopping:
+    fine-tuning runs `fine_tune_epochs`, the median epoch the cross-validation's folds kept)."""
     from .model import build_classifier
 
     log(f"final model: all {len(cells)} images of {len(set(cells.subjects.tolist()))} subjects")
     head, loss = train_head(with_augmented(features, augmented), cells, config)
     final = {"loss": loss, "epochs": config.epochs, "train_subjects": sorted(set(cells.subjects.tolist()))}
-    if config.fine_tune_epochs:
-        model, final["fine_tune_loss"] = fine_tune(head, cells, config, weights, log)
+    epochs = config.fine_tune_epochs if fine_tune_epochs is None else fine_tune_epochs
+    if epochs:
+        model, record = fine_tune(head, cells, replace(config, fine_tune_epochs=epochs), weights, log, early_stopping=False)
+        final.update(fine_tune_epochs=epochs, fine_tune_loss=record["loss"])
         return model, final
     return build_classifier(config.image_size, head, weights, config.scales), final
 

@@ -49,7 +49,7 @@ def measure(rgb: np.ndarray, colour_stats: dict | None = None, mask: np.ndarray 
 def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray | None]:
     """Every statistic but the colour distance, and the cell's mean RGB (None without a cell)."""
     mask = foreground_mask(rgb) if mask is None else mask
-    area = int(mask.sum())
+    area = int(np.count_nonzero(mask))
     border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
     stats = {
         "cell_fraction": area / mask.size,
@@ -63,10 +63,12 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = (slice(max(rows[0] - 4, 0), rows[-1] + 5), slice(max(cols[0] - 4, 0), cols[-1] + 5))
     mask = mask[box]
-    r, g, b = (rgb[box][..., k].astype(np.float32) for k in range(3))  # channel planes: faster than axis=-1 reductions
-    labels, count = ndimage.label(mask)
-    sizes = np.bincount(labels.ravel())[1:] if count else np.zeros(1)
-    grey = (r + g + b) / 3.0
+    cv2 = _cv2()
+    r, g, b = cv2.split(np.ascontiguousarray(rgb[box]))  # uint8 channel planes
+    total = r.astype(np.uint16)
+    total += g
+    total += b
+    grey = total.astype(np.float32) / 3.0  # equal to (r + g + b) / 3 in float32: the sum is exact
     inner = eroded(mask, 3)  # away from the cell's edge
     if not inner.any():
         inner = mask
@@ -77,7 +79,7 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     laplacian = focus(grey, core if core.any() else inner)
     stats.update(
         saturated_fraction=float((np.minimum(np.minimum(r, g), b)[mask] >= 250).mean()),
-        other_objects_fraction=float(1.0 - sizes.max() / area),
+        other_objects_fraction=float(1.0 - largest_object(mask) / area),
         noise=float(np.median(step)) if step.size else 0.0,
         sharpness=float(laplacian.mean()),
     )
@@ -94,18 +96,32 @@ def _cv2():
     return cv2
 
 
-#: How far `focus`'s filters reach: the Gaussian's radius (scipy: int(4.0 * sigma + 0.5)) plus the Laplacian's.
+#: How far `focus`'s filters reach: the Gaussian's radius (scipy's truncation, int(4.0 * sigma + 0.5)) plus the Laplacian's.
 FOCUS_REACH = 4 + 1
+#: The Gaussian (sigma 1) as scipy.ndimage.gaussian_filter makes it: truncated at 4 sigma, normalised.
+_GAUSSIAN = np.exp(-0.5 * np.arange(-4, 5, dtype=np.float64) ** 2)
+_GAUSSIAN /= _GAUSSIAN.sum()
 
 
 def focus(grey: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """|Laplacian of the Gaussian (sigma 1)| of `grey` at the pixels of `where`. Filtered over
-    `where`'s bounding box widened by the filters' reach only: each value needs no pixel
-    beyond it, so they equal those of filtering the whole array, bit for bit."""
+    """|Laplacian of the Gaussian (sigma 1)| of float32 `grey` at the pixels of `where`:
+    `abs(ndimage.laplace(ndimage.gaussian_filter(grey, 1.0)))[where]` (same kernels, same
+    mirrored border), through OpenCV's separable filter, about 4x faster; equal to 1e-6 of
+    the value (float32 sums in another order). Filtered over `where`'s bounding box widened by
+    the filters' reach only: each value needs no pixel beyond it."""
+    cv2 = _cv2()
     rows, cols = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
     top, left = max(rows[0] - FOCUS_REACH, 0), max(cols[0] - FOCUS_REACH, 0)
     window = (slice(top, rows[-1] + 1 + FOCUS_REACH), slice(left, cols[-1] + 1 + FOCUS_REACH))
-    return np.abs(ndimage.laplace(ndimage.gaussian_filter(grey[window], 1.0)))[where[window]]
+    smooth = cv2.sepFilter2D(grey[window], cv2.CV_32F, _GAUSSIAN, _GAUSSIAN, borderType=cv2.BORDER_REFLECT)
+    return np.abs(cv2.Laplacian(smooth, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT))[where[window]]
+
+
+def largest_object(mask: np.ndarray) -> int:
+    """Pixels of `mask`'s largest 4-connected object (`ndimage.label`'s default), through OpenCV."""
+    cv2 = _cv2()
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
+    return int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else 0
 
 
 def eroded(mask: np.ndarray, iterations: int) -> np.ndarray:
@@ -125,9 +141,10 @@ def deeper_than(mask: np.ndarray, depth: int) -> np.ndarray:
     cv2 = _cv2()
     if mask.all():
         return ndimage.distance_transform_edt(mask) > depth
-    padded = np.pad(mask.astype(np.uint8), depth + 1, constant_values=1)
+    pad = depth + 1
+    padded = cv2.copyMakeBorder(mask.view(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=1)
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return distance[depth + 1:-depth - 1, depth + 1:-depth - 1] > depth
+    return distance[pad:-pad, pad:-pad] > depth
 
 
 def colour_distance(mean_rgb: np.ndarray, colour_stats: dict) -> float:

@@ -637,7 +637,7 @@ def test_occlusion_map_finds_what_the_logit_depends_on():
     from dxserve_lymphoblast.preprocess import input_dtype
 
     record = np.zeros((), input_dtype(224))
-    record["cell"][32:192, 32:192] = 0.5  # a square "cell" on black
+    record["cell"][32:192, 32:192] = 128  # a square "cell" on black
     logits = lambda batch: batch["cell"][:, 96:128, 96:128].sum(axis=(1, 2, 3))  # noqa: E731  depends on one spot
     heat = occlusion_map(logits, record)
     assert heat.shape == (224, 224) and heat.max() == pytest.approx(1.0)

@@ -40,14 +40,14 @@ def occlusion_map(logits: Callable[[np.ndarray], np.ndarray], record: np.void, s
     cell = record["cell"]
     size = cell.shape[0]
     starts = range(0, max(size - PATCH, 0) + 1, STRIDE)
-    squares = [(y, x) for y in starts for x in starts if cell[y:y + PATCH, x:x + PATCH].max() > BACKGROUND_MAX / 255]
+    squares = [(y, x) for y in starts for x in starts if cell[y:y + PATCH, x:x + PATCH].max() > BACKGROUND_MAX]
     base = float(logits(record[None])[0])
     drops = []
     for first in range(0, len(squares), BATCH):
         chunk = squares[first:first + BATCH]
         batch = np.repeat(record[None], len(chunk))
         for i, (y, x) in enumerate(chunk):
-            batch["cell"][i, y:y + PATCH, x:x + PATCH] = 0.0
+            batch["cell"][i, y:y + PATCH, x:x + PATCH] = 0
         drops.append(sign * (base - logits(batch)))
     heat, cover = np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
     for drop, (y, x) in zip(np.concatenate(drops) if drops else [], squares, strict=True):

@@ -112,13 +112,16 @@ def log_diameter(rgb: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 def model_input(rgb: np.ndarray, size: int, mask: np.ndarray | None = None) -> np.void:
-    """One record with both model inputs; a list of these stacks (np.stack) into a batch."""
+    """One record with both model inputs; a list of these stacks (np.stack) into a batch. The
+    cell stays uint8 (`prepare` before its scaling to [0, 1]): the runtime scales a whole batch
+    at once in its graph, and a record waiting in the batcher holds a quarter of the bytes."""
     record = np.zeros((), input_dtype(size))
     mask = foreground_mask(rgb) if mask is None else mask  # once for both
-    record["cell"] = prepare(rgb, size, mask)
+    record["cell"] = resize(crop_to_cell(rgb, size, mask), size)
     record["log_diameter"] = log_diameter(rgb, mask)
     return record
 
 
 def input_dtype(size: int) -> np.dtype:
-    return np.dtype([("cell", np.float32, (size, size, 3)), ("log_diameter", np.float32)])
+    """A model input record: the cell, uint8 (size, size, 3) as `prepare` makes it before scaling, and its log diameter."""
+    return np.dtype([("cell", np.uint8, (size, size, 3)), ("log_diameter", np.float32)])

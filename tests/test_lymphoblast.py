@@ -111,6 +111,19 @@ def test_ece_of_perfect_and_of_overconfident_predictions():
     assert expected_calibration_error(np.full(100, 0.99), labels) == pytest.approx(0.49, abs=0.01)
 
 
+def test_ece_floor_is_the_sampling_noise_of_a_calibrated_model():
+    """A perfectly calibrated model's binned ECE is not 0 on a finite set: the floor shrinks with
+    more cells, and labels drawn from the probabilities themselves land near it."""
+    from dxserve_lymphoblast.calibration import ece_floor
+
+    rng = np.random.default_rng(3)
+    small, large = rng.uniform(0, 1, 300), rng.uniform(0, 1, 30_000)
+    assert ece_floor(small) > 0.05 > 0.01 > ece_floor(large)  # about 1 / sqrt(cells)
+    assert ece_floor(small) == ece_floor(small)  # seeded
+    drawn = [expected_calibration_error(small, (rng.random(300) < small).astype(int)) for _ in range(100)]
+    assert np.mean(drawn) == pytest.approx(ece_floor(small), rel=0.15)
+
+
 def test_thresholds_meet_the_sensitivity_target_and_bound_the_band():
     rng = np.random.default_rng(1)
     labels = np.r_[np.ones(700, int), np.zeros(300, int)]

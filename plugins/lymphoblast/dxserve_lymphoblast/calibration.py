@@ -39,6 +39,16 @@ def expected_calibration_error(p_positive: np.ndarray, labels: np.ndarray, bins:
     return float(ece)
 
 
+def ece_floor(p_positive: np.ndarray, bins: int = 15, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model would still show on these cells: the mean
+    `expected_calibration_error` of `p_positive` against labels drawn from `p_positive` itself.
+    Binned ECE is biased upwards by sampling noise, the more so the fewer the cells and the
+    less confident the model; an ECE is judged by how far it lies above this floor."""
+    rng = np.random.default_rng(seed)
+    p = np.asarray(p_positive, np.float64)
+    return float(np.mean([expected_calibration_error(p, (rng.random(p.shape) < p).astype(int), bins) for _ in range(draws)]))
+
+
 @dataclass
 class Thresholds:
     """Versioned decision rule on the calibrated P(lymphoblast), shipped with the weights.

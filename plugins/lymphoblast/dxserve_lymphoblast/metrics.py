@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-from .calibration import Thresholds, expected_calibration_error
+from .calibration import Thresholds, ece_floor, expected_calibration_error
 
 
 def summarise(p: np.ndarray, labels: np.ndarray, subjects: np.ndarray, thresholds: Thresholds | None = None) -> dict:
@@ -32,6 +32,7 @@ def summarise(p: np.ndarray, labels: np.ndarray, subjects: np.ndarray, threshold
         "specificity": float(tn / max(tn + fp, 1)),
         "auroc": float(roc_auc_score(labels, p)) if len(np.unique(labels)) == 2 else None,
         "ece": expected_calibration_error(p, labels),
+        "ece_floor": ece_floor(p),  # what a perfectly calibrated model would show here (sampling noise)
         "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }
     if thresholds:

@@ -254,7 +254,7 @@ def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weig
         "folds": model_folds,
         "across_folds": {
             m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-            for m in ("weighted_f1", "auroc", "ece", "ece_uncalibrated", "sensitivity", "specificity")
+            for m in ("weighted_f1", "auroc", "ece", "ece_floor", "ece_uncalibrated", "sensitivity", "specificity")
             if (v := [f[m] for f in model_folds if f[m] is not None])
         },
         **decision_rule(probabilities[MODEL], logits[MODEL], cells, config),
@@ -277,7 +277,8 @@ def decision_rule(p: np.ndarray, z: np.ndarray, cells: Cells, config: TrainConfi
     return {"pooled_out_of_fold": pooled, "thresholds": thresholds.to_dict(), "temperature": fit_temperature(z, y)}
 
 
-FOLD_METRICS = ("fold", "images", "auroc", "weighted_f1", "sensitivity", "specificity", "ece", "ece_uncalibrated", "temperature")
+FOLD_METRICS = ("fold", "images", "auroc", "weighted_f1", "sensitivity", "specificity", "ece", "ece_floor", "ece_uncalibrated",
+                "temperature")
 
 
 def versus(candidates: dict, model: str) -> dict:

@@ -7,7 +7,9 @@ own threads count): decoding the request's image, the plugin's `prepare` (qualit
 preprocessing, which share one foreground mask), the model at batch 32, building the response,
 and the audit row (record, canonical JSON, hash). Then a real server: its CPU per cell while
 4 streams classify the same cells (from /proc), so "the rest" (gRPC, protobuf, asyncio, routing,
-batching, the audit database) is what the server spends beyond the stages. Last, one stream of a
+batching, the audit database) is what the server spends beyond the stages; the same CPU split by
+the server's threads (named by role in the kernel, `dxserve.threads`), and the load generator's
+own CPU, which shares the cores. Last, one stream of a
 500-cell specimen, end to end. With `--decisions FILE`, the probabilities and quality issues of
 200 developer cells (`--data`) are written (the code before a change) or compared with (after it).
 """
@@ -38,9 +40,43 @@ def cpu_ms_per(n: int, work) -> tuple[float, object]:
     return (time.process_time() - started) * 1000 / n, out
 
 
-def server_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_s(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_s(pid: int) -> float:
+    return cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+#: The server's threads by what they do, from their kernel names (dxserve.threads); first match wins.
+THREAD_ROLES = (
+    ("dx-decode", "decode threads: decode, quality gate, preprocess"),
+    ("dx-model", "model: its thread and TensorFlow's and BLAS's pools"),
+    ("tf_", "model: its thread and TensorFlow's and BLAS's pools"),
+    ("dx-audit", "audit writer: canonical JSON, hash chain, SQLite"),
+    ("dx-explain", "explanations"),
+    ("event_engine", "gRPC's transport threads"),
+    ("grpc", "gRPC's transport threads"),
+)
+EVENT_LOOP = "event loop: gRPC calls, protobuf, asyncio, responses"
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """The server's CPU seconds so far by role (THREAD_ROLES); the main thread runs the event
+    loop, and the unnamed rest are native pools (TensorFlow's, OpenBLAS's), counted as model."""
+    main = Path(f"/proc/{pid}/task/{pid}/comm").read_text().strip()
+    roles: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name, seconds = (task / "comm").read_text().strip(), cpu_s(task / "stat")
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        role = EVENT_LOOP if task.name == str(pid) else next(
+            (r for prefix, r in THREAD_ROLES if name.startswith(prefix)),
+            THREAD_ROLES[1][1] if name == main else f"other ({name})")
+        roles[role] = roles.get(role, 0.0) + seconds
+    return roles
 
 
 def stages(data: list[bytes]) -> dict[str, float]:
@@ -119,9 +155,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         server = start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3"))
         try:
-            before = server_cpu_s(server.pid)
+            before, threads_before, client_before = server_cpu_s(server.pid), thread_cpu_s(server.pid), time.process_time()
             rate = streaming(address, data, args.streams)  # includes a 64-image warm-up stream
-            total = (server_cpu_s(server.pid) - before) * 1000 / (len(data) + 64)
+            cells = len(data) + 64
+            client_ms = (time.process_time() - client_before) * 1000 / cells
+            total = (server_cpu_s(server.pid) - before) * 1000 / cells
+            by_role = {role: (seconds - threads_before.get(role, 0.0)) * 1000 / cells
+                       for role, seconds in thread_cpu_s(server.pid).items()}
             specimen = sample_images(args.specimen)
             with Client(address) as client:
                 started = time.perf_counter()
@@ -137,6 +177,11 @@ def main() -> int:
     print(f"  {'the rest (gRPC, protobuf, asyncio, batching, audit DB)':52s} {rest:7.2f} ms  {rest / total:6.1%}")
     print(f"server CPU per cell while {args.streams} streams classify: {total:.2f} ms ({rate:.1f} images/s); "
           f"outside the model: {total - measured['model, batch 32 (2 views, OOD features)']:.2f} ms")
+    print("  the same by the server's threads (their kernel names, dxserve.threads):")
+    for role, ms in sorted(by_role.items(), key=lambda kv: -kv[1]):
+        if ms >= 0.005:
+            print(f"    {role:62s} {ms:7.2f} ms  {ms / total:6.1%}")
+    print(f"  the load generator (this process, the same cores): {client_ms:.2f} ms of CPU per cell")
     print(f"one stream of a {args.specimen}-cell specimen: {answered} answered in {specimen_s:.2f} s "
           f"({args.specimen / specimen_s:.1f} images/s)")
     if args.check and (args.data / "manifest.csv").exists() and args.decisions:

@@ -1,5 +1,6 @@
 """Server lifecycle in its own processes: graceful shutdown, TLS, metrics."""
 
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -301,3 +302,14 @@ def test_drain_at_full_read_ahead_ends_every_stream_in_the_grace_and_the_client_
     assert set(ok) == {f"{s}-{i}" for s in range(streams) for i in range(items)}
     dropped = [r for r in rows if r["status"] == "CANCELLED"]
     assert dropped, "the first server answered everything it read: the scenario did not fill the read-ahead"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are named through Linux's /proc")
+def test_each_stage_runs_in_threads_named_for_it_so_its_cpu_can_be_read_off_a_running_server(server, client, cell_paths):
+    client.classify(cell_paths[0].read_bytes(), explain=True)
+    names = {}
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            names[(task / "comm").read_text().strip()] = names.get((task / "comm").read_text().strip(), 0) + 1
+    assert {"dx-decode", "dx-model-lympho", "dx-explain", "dx-audit"} <= names.keys(), sorted(names)
+    assert names["dx-audit"] == 1, names

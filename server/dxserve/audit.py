@@ -38,6 +38,8 @@ from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
+from .threads import name_os_thread
+
 log = logging.getLogger("dxserve.audit")
 
 #: Columns, in order; `seq`, `prev_hash` and `hash` are the chain's own.
@@ -280,6 +282,7 @@ class AuditTrail:
             return None
 
     def _run(self) -> None:
+        name_os_thread("dx-audit")
         self._checkpoint("start")
         while (item := self._next()) is not None:
             batch = [item]

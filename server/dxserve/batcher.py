@@ -18,13 +18,13 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import errors, metrics
 from .runtime import Decision, ModelRuntime, QualityIssue
+from .threads import named_pool
 
 log = logging.getLogger("dxserve.batcher")
 
@@ -117,7 +117,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue_size)
         # One thread per model: TensorFlow and friends parallelise inside a call already.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{plugin}")
+        self._executor = named_pool(1, f"model-{plugin}")
         self._worker: asyncio.Task | None = None
         self.dropped = 0  # items whose caller left before their batch ran
         self.in_flight = 0  # requests admitted here and not yet answered (see `admit`)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from . import errors, metrics
+from .threads import named_pool
 
 
 class ExplanationLimits:
     def __init__(self, threads: int, max_queued: int, per_caller: int):
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="explain")
+        self.pool = named_pool(threads, "explain")
         self.max_queued, self.per_caller = max_queued, per_caller
         self.admitted = 0
         self.by_caller: Counter[str] = Counter()

@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -22,6 +21,7 @@ from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
 from .runtime import INDETERMINATE, Decision, QualityIssue
 from .specimens import StreamSpecimens, Tally, check_specimen_id
 from .streams import requests_while_open
+from .threads import named_pool
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
@@ -44,7 +44,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self.draining = asyncio.Event()  # set on SIGTERM (`drain`): streams stop reading (see ClassifyStream)
         self._drain_deadline = float("inf")  # loop time after which a draining stream answers nothing more
         # Decoding and preprocessing run here, in parallel across requests, off the event loop.
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._decode_pool = named_pool(settings.decode_threads, "decode")
         self._explanations = ExplanationLimits(settings.explain_threads, settings.max_queued_explanations,
                                                settings.max_explanations_per_caller)
 

@@ -724,7 +724,7 @@ def test_the_gates_opencv_shortcuts_equal_scipy():
         mask = ndimage.binary_opening(rng.random(shape) > rng.uniform(0.2, 0.7)) if trial % 2 else rng.random(shape) > 0.5
         for depth in (1, 3):
             np.testing.assert_array_equal(eroded(mask, depth), ndimage.binary_erosion(mask, iterations=depth), str(trial))
-        for depth in (2, 6):
+        for depth in (2, 6, 12):  # 12: the gate's CORE_DEPTH
             np.testing.assert_array_equal(deeper_than(mask, depth), ndimage.distance_transform_edt(mask) > depth, str(trial))
         labels, count = ndimage.label(mask)
         assert largest_object(mask) == (np.bincount(labels.ravel())[1:].max() if count else 0), trial

@@ -10,6 +10,9 @@ unsegmented crop.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 from scipy import ndimage
 
@@ -135,16 +138,34 @@ def eroded(mask: np.ndarray, iterations: int) -> np.ndarray:
 
 def deeper_than(mask: np.ndarray, depth: int) -> np.ndarray:
     """Pixels whose Euclidean distance to the nearest background pixel of `mask` exceeds `depth`:
-    `ndimage.distance_transform_edt(mask) > depth`, exactly, from OpenCV's exact (DIST_MASK_PRECISE)
-    transform, about 3x faster. The mask is padded with foreground, so that, as in scipy, only
-    background inside the array counts; a mask with no background at all takes scipy's path."""
+    `ndimage.distance_transform_edt(mask) > depth`, exactly, without a distance transform.
+
+    A pixel is that deep exactly when no background pixel lies within `depth` of it, i.e. when
+    it survives erosion by the digital disk {(dy, dx): dy^2 + dx^2 <= depth^2}. That disk is the
+    union of the rectangles |dy| <= h, |dx| <= isqrt(depth^2 - h^2), and erosion by a union is
+    the intersection of the erosions, so a few rectangular erosions (separable in OpenCV) give
+    it: about 3x cheaper than the exact transform, 0.3 ms for a C-NMC cell. Outside the array
+    counts as foreground, as in scipy, where only background inside the array counts; a mask
+    with no background at all takes scipy's path."""
     cv2 = _cv2()
     if mask.all():
         return ndimage.distance_transform_edt(mask) > depth
-    pad = depth + 1
-    padded = cv2.copyMakeBorder(mask.view(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=1)
-    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return distance[pad:-pad, pad:-pad] > depth
+    source, out = mask.view(np.uint8), None
+    for height, width in _disk_rectangles(depth):
+        kernel = np.ones((2 * height + 1, 2 * width + 1), np.uint8)
+        survived = cv2.erode(source, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=1)
+        out = survived if out is None else cv2.bitwise_and(out, survived)
+    return out.view(bool)
+
+
+@functools.cache
+def _disk_rectangles(radius: int) -> tuple[tuple[int, int], ...]:
+    """(half-height, half-width) of the fewest rectangles whose union is the digital disk of
+    `radius`: for each half-width, the tallest half-height that keeps it inside."""
+    tallest: dict[int, int] = {}
+    for height in range(radius + 1):
+        tallest[math.isqrt(radius * radius - height * height)] = height
+    return tuple((height, width) for width, height in tallest.items())
 
 
 def colour_distance(mean_rgb: np.ndarray, colour_stats: dict) -> float:

@@ -58,7 +58,7 @@ def train_command(args: argparse.Namespace) -> int:
                          folds=args.folds, seed=args.seed, mlp_units=args.mlp_units, dropout=args.dropout,
                          use_size=not args.no_size, fine_tune_epochs=args.fine_tune_epochs, test_views=args.test_views,
                          augmented_copies=args.augmented_copies, fine_tune_learning_rate=args.fine_tune_learning_rate,
-                         fine_tune_from=args.fine_tune_from)
+                         fine_tune_from=args.fine_tune_from, fine_tune_patience=args.fine_tune_patience)
     started = time.time()
     log = lambda message: print(message, flush=True)  # noqa: E731
     weights = None if args.imagenet_weights == "none" else imagenet_weights(args.imagenet_weights and Path(args.imagenet_weights))
@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="then train the backbone's top blocks on augmented images for at most this many epochs, "
                             "stopped early on an inner subject-grouped fold (0: frozen)")
     train.add_argument("--fine-tune-learning-rate", type=float, default=3e-5, help="peak of its cosine schedule")
+    train.add_argument("--fine-tune-patience", type=int, default=1,
+                       help="inner-fold epochs without a better AUROC before fine-tuning stops (default: %(default)s)")
     train.add_argument("--fine-tune-from", default="conv_dw_12",
                        help="first backbone layer fine-tuning trains (default: %(default)s, blocks 12-13; '': all)")
     train.add_argument("--augmented-copies", type=int, default=0,

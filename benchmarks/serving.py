@@ -162,6 +162,17 @@ def streaming(address: str, images: list[bytes], streams: int) -> float:
     return len(images) / elapsed
 
 
+def specimen_seconds(address: str, cells: int) -> float:
+    """Seconds for one stream of a `cells`-cell specimen, end to end (every cell answered)."""
+    specimen = sample_images(cells)
+    with Client(address) as client:
+        started = time.perf_counter()
+        answered = sum(r.ok for r in client.classify_stream(specimen, specimen_id="smear-1"))
+        seconds = time.perf_counter() - started
+    assert answered == cells, f"only {answered} of {cells} answered"
+    return seconds
+
+
 def unary_latency(address: str, images: list[bytes], calls: int, explain: bool = False) -> tuple[float, float]:
     latencies = []
     with Client(address) as client:
@@ -179,6 +190,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--unary", type=int, default=100)
     parser.add_argument("--explained", type=int, default=12, help="unary calls with explain=true")
+    parser.add_argument("--specimen", type=int, default=500, help="cells in the one-specimen stream")
     parser.add_argument("--port", type=int, default=50099)
     args = parser.parse_args()
 
@@ -189,6 +201,7 @@ def main() -> int:
         server = start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3"))
         try:
             stream_rate = streaming(address, images, args.streams)
+            specimen_s = specimen_seconds(address, args.specimen)
             p50, p99 = unary_latency(address, images, args.unary)
             explained_p50, _ = unary_latency(address, images, args.explained, explain=True)
             plain_p50, _ = unary_latency(address, images, args.explained)  # the same calls, without
@@ -208,6 +221,8 @@ def main() -> int:
     print(f"  the same with 8-view averaging (-tta8): {averaged:8.1f} images/s   (cost: x{alone / averaged:.1f})")
     print(f"in process, decode+gate+prep in parallel with the model: {raw:8.1f} images/s   (baseline)")
     print(f"gRPC streaming, {args.streams} concurrent streams, no explanations: {stream_rate:8.1f} images/s")
+    print(f"one stream of a {args.specimen}-cell specimen, end to end: {specimen_s:.2f} s "
+          f"({args.specimen / specimen_s:.1f} images/s)")
     print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"time ratio streaming / in-process baseline: {raw / stream_rate:8.2f}   (above 1: the server's own cost)")
     print(f"time ratio streaming / model only:          {alone / stream_rate:8.2f}")

@@ -246,8 +246,9 @@ def test_training_never_overwrites_a_version_unless_told(tiny_version, capsys):
 
 
 def test_fine_tuning_keeps_the_epoch_best_on_unseen_subjects_and_trains_only_the_top_blocks(tiny_version):
-    """fine_tune holds out a subject-grouped inner fold, returns the weights of the epoch with the
-    best AUROC there (the frozen head, epoch 0, included), and leaves the blocks below
+    """fine_tuned_fold chooses the epochs on an inner subject-grouped fold that its probe head
+    never saw (the probe's epoch 0 is a head fitted without those subjects), keeps the epoch with
+    the best AUROC there (the frozen head, epoch 0, included), and leaves the blocks below
     `fine_tune_from` as they were."""
     import keras
     from sklearn.metrics import roc_auc_score
@@ -256,28 +257,42 @@ def test_fine_tuning_keeps_the_epoch_best_on_unseen_subjects_and_trains_only_the
     from dxserve_lymphoblast.data import grouped_folds
     from dxserve_lymphoblast.features import extract
     from dxserve_lymphoblast.model import build_classifier
-    from dxserve_lymphoblast.train import TrainConfig, classifier_logits, fine_tune, train_head
+    from dxserve_lymphoblast.train import TrainConfig, classifier_logits, fine_tune, fine_tuned_fold, train_head
 
     _, _, cells = tiny_version
     weights = imagenet_weights(IMAGENET) if IMAGENET.exists() else None
     config = TrainConfig(image_size=32, scales=(32,), epochs=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3)
-    head, _ = train_head(extract(cells.images, weights, config.scales, log=lambda _: None), cells, config)
-    keras.utils.set_random_seed(config.seed)  # as fine_tune does: the same start when weights are random
-    before = build_classifier(32, head, weights, config.scales).get_layer("backbone")
-    model, record = fine_tune(head, cells, config, weights, log=lambda _: None)
+    features = extract(cells.images, weights, config.scales, log=lambda _: None)
+    fit_idx, inner_idx = grouped_folds(cells, 5, config.seed)[0]
+    fit_on, inner = cells.subset(fit_idx), cells.subset(inner_idx)
+    assert not set(fit_on.subjects.tolist()) & set(inner.subjects.tolist())
+    head, _ = train_head(features, cells, config)
+    model, record = fine_tuned_fold(head, features, cells, config, weights, log=lambda _: None)
 
     runs = len(record["loss"])
     assert 1 <= runs <= 3 and len(record["inner_auroc"]) == runs + 1 and len(record["epoch_seconds"]) == runs
     kept = record["epoch_kept"]
     assert kept == int(np.argmax(record["inner_auroc"]))
     assert runs == 3 or runs - kept >= config.fine_tune_patience  # stopped early only after no gain
-    _, inner_idx = grouped_folds(cells, 5, config.seed)[0]
-    inner = cells.subset(inner_idx)
-    assert roc_auc_score(inner.labels, classifier_logits(model, inner, 1)) == pytest.approx(record["inner_auroc"][kept], abs=1e-6)
-    after = model.get_layer("backbone")
+    # Epoch 0 was scored by a head fitted on the other subjects only, not by `head`.
+    probe, _ = train_head(features[fit_idx], fit_on, config)
+    keras.utils.set_random_seed(config.seed)  # as fine_tune does: the same start when weights are random
+    unseen = roc_auc_score(inner.labels, classifier_logits(build_classifier(32, probe, weights, config.scales), inner, 1))
+    assert record["inner_auroc"][0] == pytest.approx(unseen, abs=1e-6)
+    # The probe's best epoch is the one fine_tune returns.
+    keras.utils.set_random_seed(config.seed)
+    before = build_classifier(32, probe, weights, config.scales).get_layer("backbone")
+    tuned, again = fine_tune(probe, fit_on, config, weights, log=lambda _: None, inner=inner)
+    assert again["epoch_kept"] == kept
+    assert roc_auc_score(inner.labels, classifier_logits(tuned, inner, 1)) == pytest.approx(record["inner_auroc"][kept], abs=1e-6)
+    after = tuned.get_layer("backbone")
     assert np.array_equal(after.get_layer("conv1").get_weights()[0], before.get_layer("conv1").get_weights()[0])
     changed = not np.array_equal(after.get_layer("conv_dw_12").get_weights()[0], before.get_layer("conv_dw_12").get_weights()[0])
     assert changed == (kept > 0)
+    # The fold's model: `head` itself when no epoch paid, else `head` fine-tuned on every training cell.
+    same_as_head = np.array_equal(model.get_layer("backbone").get_layer("conv_dw_12").get_weights()[0],
+                                  before.get_layer("conv_dw_12").get_weights()[0])
+    assert same_as_head == (kept == 0)
 
 
 def test_cross_validation_reports_baselines_beside_the_model(tiny_version):

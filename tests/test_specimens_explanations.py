@@ -109,3 +109,17 @@ def test_explanations_where_a_plugin_has_none(client, cell_paths):
     assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED
     results = list(client.classify_stream([np.full((16, 16, 3), 200, np.uint8)], plugin="brightness", explain=True))
     assert results[0].error_code == "UNIMPLEMENTED"
+
+
+def test_the_specimen_interval_is_scipys_wilson_interval():
+    """SpecimenCounts.fraction computes the Wilson interval directly; scipy's binomtest is the reference."""
+    from dxserve.runtime import SpecimenCounts, wilson_interval
+
+    for n in (*range(1, 60), 137, 500, 4809):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            for confidence in (0.9, 0.95, 0.99):
+                expected = binomtest(k, n).proportion_ci(confidence, method="wilson")
+                assert wilson_interval(k, n, confidence) == pytest.approx((expected.low, expected.high), rel=1e-12, abs=1e-15), (k, n)
+    counts = SpecimenCounts(seen=12, failed=1, passed_gate=10, indeterminate=3, called={"lymphoblast": 6, "normal": 2})
+    assert counts.fraction("lymphoblast") == pytest.approx((0.75, *wilson_interval(6, 8)))
+    assert SpecimenCounts(1, 0, 0, 1, {"lymphoblast": 0}).fraction("lymphoblast") == (0.0, 0.0, 1.0)

@@ -8,6 +8,7 @@ errors, and reports state in ListPlugins and health.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -116,10 +117,24 @@ class SpecimenCounts:
         n, k = self.total_called, self.called.get(label, 0)
         if n == 0:
             return 0.0, 0.0, 1.0
-        from scipy.stats import binomtest
+        return (k / n, *wilson_interval(k, n, confidence))
 
-        interval = binomtest(k, n).proportion_ci(confidence, method="wilson")
-        return k / n, float(interval.low), float(interval.high)
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The two-sided Wilson score interval of `k` successes in `n` trials: what scipy's
+    `binomtest(k, n).proportion_ci(confidence, method="wilson")` returns, with its formula
+    (Newcombe 1998) in its order of operations, equal to it (tested). binomtest also computes
+    an exact p-value, 0.3 ms a call, and a stream's running specimen summary needs two or three
+    intervals per answered cell on the event loop: about 1 ms a cell, in series."""
+    from scipy.special import ndtri
+
+    p = k / n
+    z = ndtri(0.5 + 0.5 * confidence)
+    denom = 2 * (n + z**2)
+    center = (2 * n * p + z**2) / denom
+    q = 1 - p
+    delta = z / denom * math.sqrt(4 * n * p * q + z**2)
+    return (0.0 if k == 0 else float(center - delta)), (1.0 if k == n else float(center + delta))
 
 
 @dataclass(frozen=True)

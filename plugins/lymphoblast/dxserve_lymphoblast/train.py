@@ -113,15 +113,14 @@ def fine_tune(head, cells: Cells, config: TrainConfig, weights, log=print, inner
     first = names.index(config.fine_tune_from) if config.fine_tune_from else 0
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)
-    fit_on = cells
-    steps = config.fine_tune_epochs * int(np.ceil(len(fit_on) / config.fine_tune_batch_size))
+    steps = config.fine_tune_epochs * int(np.ceil(len(cells) / config.fine_tune_batch_size))
     model.compile(
         optimizer=keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(config.fine_tune_learning_rate, steps),
                                          weight_decay=config.weight_decay),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
         weighted_metrics=[],
     )
-    data = dataset(fit_on, config.fine_tune_batch_size, training=True, seed=config.seed,
+    data = dataset(cells, config.fine_tune_batch_size, training=True, seed=config.seed,
                    subject_power=config.subject_power, balance_classes=config.balance_classes)
     inner_auroc = lambda: float(roc_auc_score(inner.labels, classifier_logits(model, inner, 1)))  # noqa: E731
     record = {"inner_auroc": [inner_auroc()] if inner is not None else [], "loss": [], "epoch_seconds": []}
@@ -135,7 +134,7 @@ def fine_tune(head, cells: Cells, config: TrainConfig, weights, log=print, inner
             best_epoch, best_weights = epoch, None
             continue
         record["inner_auroc"].append(inner_auroc())
-        log(f"fine-tuning epoch {epoch}: {record['epoch_seconds'][-1]:.0f} s on {len(fit_on)} images, "
+        log(f"fine-tuning epoch {epoch}: {record['epoch_seconds'][-1]:.0f} s on {len(cells)} images, "
             f"inner-fold AUROC {record['inner_auroc'][-1]:.3f} (epoch 0: {record['inner_auroc'][0]:.3f})")
         if record["inner_auroc"][-1] > record["inner_auroc"][best_epoch]:
             best_epoch, best_weights = epoch, model.get_weights()

@@ -295,6 +295,27 @@ def test_fine_tuning_keeps_the_epoch_best_on_unseen_subjects_and_trains_only_the
     assert same_as_head == (kept == 0)
 
 
+def test_cross_validation_with_fine_tuning_scores_each_fold_by_the_model_it_kept(tiny_version):
+    """A fold whose fine-tuning kept no epoch is scored by its frozen head (from the cached
+    features); one that kept an epoch, by its fine-tuned classifier."""
+    from dxserve_lymphoblast.backbone import imagenet_weights
+    from dxserve_lymphoblast.features import extract
+    from dxserve_lymphoblast.train import FROZEN_HEAD, MODEL, TrainConfig, cross_validate
+
+    _, _, cells = tiny_version
+    weights = imagenet_weights(IMAGENET) if IMAGENET.exists() else None
+    config = TrainConfig(image_size=32, scales=(32,), epochs=2, folds=2, fine_tune_epochs=1, fine_tune_learning_rate=1e-3)
+    features = extract(cells.images, weights, config.scales, log=lambda _: None)
+    report, oof = cross_validate(cells, features, config, weights, log=lambda _: None)
+
+    records = report["fine_tuning"]["folds"]
+    assert len(records) == 2
+    for k, record in enumerate(records):
+        here = oof.fold == k
+        same = np.array_equal(oof.logits[MODEL][here], oof.logits[FROZEN_HEAD][here])
+        assert same == (record["epoch_kept"] == 0), (k, record)
+
+
 def test_cross_validation_reports_baselines_beside_the_model(tiny_version):
     from dxserve_lymphoblast.baselines import FROZEN_LOGISTIC, SIZE_ALONE
 

@@ -229,15 +229,21 @@ def cross_validate(cells: Cells, features: np.ndarray, config: TrainConfig, weig
         started = time.time()
         train, test = cells.subset(train_idx), cells.subset(test_idx)
         fold_of[test_idx] = k
-        head, _ = train_head(with_augmented(features, augmented)[train_idx], train, config)
+        head_features = with_augmented(features, augmented)[train_idx]
+        head, _ = train_head(head_features, train, config)
+        frozen = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
+        model = None  # the fold's fine-tuned classifier, when an epoch of fine-tuning paid
         if config.fine_tune_epochs:
-            logits[FROZEN_HEAD][test_idx] = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
-            model, record = fine_tuned_fold(head, with_augmented(features, augmented)[train_idx], train, config, weights, log)
+            logits[FROZEN_HEAD][test_idx] = frozen
+            classifier, record = fine_tuned_fold(head, head_features, train, config, weights, log)
             tuned.append(record)
+            if record["epoch_kept"]:
+                model = classifier
+        if model is not None:
             logits[MODEL][test_idx] = classifier_logits(model, test, config.test_views)
             logits[MODEL_8_VIEWS][test_idx] = classifier_logits(model, test, VIEWS)
-        else:
-            logits[MODEL][test_idx] = head_logits(head, features[test_idx], test.log_diameters, config.test_views)
+        else:  # the frozen head is the fold's model: scored from the cached features, not the images again
+            logits[MODEL][test_idx] = frozen
             logits[MODEL_8_VIEWS][test_idx] = head_logits(head, features[test_idx], test.log_diameters, VIEWS)
         logits[baselines.SIZE_ALONE][test_idx] = baselines.size_alone(train.log_diameters, train.labels, test.log_diameters)
         logits[baselines.FROZEN_LOGISTIC][test_idx] = baselines.frozen_logistic(

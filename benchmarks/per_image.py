@@ -48,17 +48,19 @@ def server_cpu_s(pid: int) -> float:
     return cpu_s(Path(f"/proc/{pid}/stat"))
 
 
+MODEL = "model: its thread and TensorFlow's and BLAS's pools"
+GRPC = "gRPC's transport threads"
+EVENT_LOOP = "event loop: gRPC calls, protobuf, asyncio, responses"
 #: The server's threads by what they do, from their kernel names (dxserve.threads); first match wins.
 THREAD_ROLES = (
     ("dx-decode", "decode threads: decode, quality gate, preprocess"),
-    ("dx-model", "model: its thread and TensorFlow's and BLAS's pools"),
-    ("tf_", "model: its thread and TensorFlow's and BLAS's pools"),
+    ("dx-model", MODEL),
+    ("tf_", MODEL),
     ("dx-audit", "audit writer: canonical JSON, hash chain, SQLite"),
     ("dx-explain", "explanations"),
-    ("event_engine", "gRPC's transport threads"),
-    ("grpc", "gRPC's transport threads"),
+    ("event_engine", GRPC),
+    ("grpc", GRPC),
 )
-EVENT_LOOP = "event loop: gRPC calls, protobuf, asyncio, responses"
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -73,7 +75,7 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
             continue
         role = EVENT_LOOP if task.name == str(pid) else next(
             (r for prefix, r in THREAD_ROLES if name.startswith(prefix)),
-            THREAD_ROLES[1][1] if name == main else f"other ({name})")
+            MODEL if name == main else f"other ({name})")
         roles[role] = roles.get(role, 0.0) + seconds
     return roles
 

@@ -1,5 +1,6 @@
 """Server lifecycle in its own processes: graceful shutdown, TLS, metrics."""
 
+import collections
 import contextlib
 import shutil
 import subprocess
@@ -307,9 +308,9 @@ def test_drain_at_full_read_ahead_ends_every_stream_in_the_grace_and_the_client_
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are named through Linux's /proc")
 def test_each_stage_runs_in_threads_named_for_it_so_its_cpu_can_be_read_off_a_running_server(server, client, cell_paths):
     client.classify(cell_paths[0].read_bytes(), explain=True)
-    names = {}
+    names = collections.Counter()
     for task in Path(f"/proc/{server.process.pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            names[(task / "comm").read_text().strip()] = names.get((task / "comm").read_text().strip(), 0) + 1
+            names[(task / "comm").read_text().strip()] += 1
     assert {"dx-decode", "dx-model-lympho", "dx-explain", "dx-audit"} <= names.keys(), sorted(names)
     assert names["dx-audit"] == 1, names

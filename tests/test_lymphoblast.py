@@ -13,7 +13,7 @@ from conftest import FIXTURES, ROOT
 
 IMAGENET = ROOT.parent / "shared" / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
 from dxserve_lymphoblast.calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
-from dxserve_lymphoblast.preprocess import crop_to_cell, prepare
+from dxserve_lymphoblast.preprocess import crop_to_cell, model_input, prepare
 
 
 def cell(path) -> np.ndarray:
@@ -81,6 +81,44 @@ def test_a_normal_cell_is_cropped_as_before(cell_paths):
     shrunk = crop_to_cell(big, 96)  # a square of about 3 x 200 px, shrunk by 3 before padding
     assert shrunk.shape[0] < crop_to_cell(big).shape[0] / 2
     assert np.abs(prepare(big, 96) - prepare(rgb, 96)).mean() < 0.03
+
+
+def test_a_window_shows_every_cell_at_one_scale():
+    """With `window`, the square is that many canvas pixels whatever the cell's size, centred
+    on it, so a larger cell fills more of the model's input; a cell too large for the window
+    gets its own square, never a cut; the crop-to-cell square instead fills the frame with any cell."""
+    from dxserve_lymphoblast.preprocess import cell_square, foreground_mask, model_input
+
+    small, large = synthetic_cell(300, 30, (150, 150)), synthetic_cell(300, 45, (150, 150))
+    fraction = lambda image, **kw: (crop_to_cell(image, **kw).max(axis=-1) > 12).mean()  # noqa: E731
+    assert crop_to_cell(small, window=200).shape == crop_to_cell(large, window=200).shape == (200, 200, 3)
+    assert fraction(large, window=200) / fraction(small, window=200) == pytest.approx((45 / 30) ** 2, rel=0.05)
+    assert fraction(large) == pytest.approx(fraction(small), rel=0.05)
+    top, left, side = cell_square(foreground_mask(small), 200)
+    assert (top + side // 2, left + side // 2, side) == (150, 150, 200)
+    huge = synthetic_cell(300, 120, (150, 150))
+    cropped = crop_to_cell(huge, window=200)
+    assert cropped.shape[0] > 240 and (cropped.max(axis=-1) > 12).sum() == (huge.max(axis=-1) > 12).sum()
+    mask = foreground_mask(large)
+    np.testing.assert_array_equal(model_input(large, 64, mask, 200)["cell"], model_input(large, 64, window=200)["cell"])
+    assert not np.array_equal(model_input(large, 64, window=200)["cell"], model_input(large, 64)["cell"])
+
+
+def test_averaged_heads_serve_the_mean_of_their_logits(tmp_path):
+    import keras
+
+    from dxserve_lymphoblast.model import averaged_heads, build_head
+
+    heads = [build_head(8, 4, feature_stats=(np.zeros(8), np.ones(8))) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    x = {"features": rng.normal(size=(16, 8)).astype(np.float32), "log_diameter": rng.normal(5, 0.2, (16, 1)).astype(np.float32)}
+    logits = [head.predict(x, verbose=0) for head in heads]
+    assert np.ptp([z.mean() for z in logits]) > 0  # the heads differ, so a mean is not any one of them
+    ensemble = averaged_heads(heads)
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), np.mean(logits, axis=0), atol=1e-6)
+    ensemble.save(tmp_path / "head.keras")
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "head.keras", compile=False).predict(x, verbose=0),
+                               np.mean(logits, axis=0), atol=1e-6)
 
 
 def test_stain_normalisation_cancels_a_colour_cast(cell_paths):
@@ -230,10 +268,11 @@ def tiny_version(tmp_path_factory, cell_paths):
     # The real ImageNet file where the developers' layout has it (hash-checked); random weights elsewhere.
     weights = str(IMAGENET) if IMAGENET.exists() else "none"
     assert main(["train", "--data", str(root), "--version", "0.0.1", "--out", str(models), "--cache", str(models / "cache"),
-                 "--image-size", "32", "--scales", "32", "--epochs", "2", "--folds", "2", "--imagenet-weights", weights]) == 0
+                 "--image-size", "32", "--scales", "32", "--epochs", "2", "--folds", "2", "--imagenet-weights", weights,
+                 "--window", "300", "--heads", "2"]) == 0
     version_dir = models / "0.0.1"
     report = json.loads((version_dir / "model_card.json").read_text())["evaluation"]
-    return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1)
+    return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1, window=300)
 
 
 def test_training_never_overwrites_a_version_unless_told(tiny_version, capsys):
@@ -392,6 +431,10 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     runtime = LymphoblastRuntime(version)
     runtime.load()
     batch = np.stack([runtime.preprocess(cell(p)) for p in cell_paths])
+    # The recipe's window and heads are the served model's: a 300 px square of the canvas, two heads averaged.
+    assert runtime.window == 300 and json.loads(version.model_card_json)["input"]["window"] == 300
+    np.testing.assert_array_equal(batch[0]["cell"], model_input(cell(cell_paths[0]), 32, window=300)["cell"])
+    assert {"head_0", "head_1"} <= {layer.name for layer in runtime.model.get_layer("head").layers}
     p = runtime.predict(batch)
     assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
     assert len(runtime.predict_with_issues(batch).issues) == 6 and runtime.ood is not None  # an OOD model per version

@@ -58,14 +58,16 @@ def train_command(args: argparse.Namespace) -> int:
                          folds=args.folds, seed=args.seed, mlp_units=args.mlp_units, dropout=args.dropout,
                          use_size=not args.no_size, fine_tune_epochs=args.fine_tune_epochs, test_views=args.test_views,
                          augmented_copies=args.augmented_copies, fine_tune_learning_rate=args.fine_tune_learning_rate,
-                         fine_tune_from=args.fine_tune_from, fine_tune_patience=args.fine_tune_patience)
+                         fine_tune_from=args.fine_tune_from, fine_tune_patience=args.fine_tune_patience,
+                         window=args.window, heads=args.heads)
     started = time.time()
     log = lambda message: print(message, flush=True)  # noqa: E731
     weights = None if args.imagenet_weights == "none" else imagenet_weights(args.imagenet_weights and Path(args.imagenet_weights))
-    cells = load_cells(args.data, config.image_size, args.cache)
+    cells = load_cells(args.data, config.image_size, args.cache, window=config.window)
     log(f"{len(cells)} images from {len(set(cells.subjects.tolist()))} subjects; ImageNet weights: {weights or 'none (random)'}")
-    features = cached_features(cells.images, cells.paths, config.scales, args.cache, weights, log=log)
-    copies = [cached_features(cells.images, cells.paths, config.scales, args.cache, weights, augment_seed=config.seed + k, log=log)
+    features = cached_features(cells.images, cells.paths, config.scales, args.cache, weights, log=log, window=config.window)
+    copies = [cached_features(cells.images, cells.paths, config.scales, args.cache, weights, augment_seed=config.seed + k, log=log,
+                              window=config.window)
               for k in range(config.augmented_copies)]
     augmented = np.concatenate(copies, axis=1) if copies else None
     log(f"features {features.shape[1:]} per cell, {config.augmented_copies} augmented copies, after {time.time() - started:.0f} s")
@@ -106,8 +108,10 @@ def train_command(args: argparse.Namespace) -> int:
         ),
         "initialisation": {"source": IMAGENET_SOURCE if weights else "random (no pretrained weights)", "file": weights.name if weights else None,
                            "sha256": IMAGENET_SHA256 if weights else None, "frozen": not config.fine_tune_epochs},
-        "input": {"image_size": config.image_size, "views": config.test_views,
-                  "preprocessing": "crop to cell, pad square, resize, scale to [0,1]; log of the cell's equivalent "
+        "input": {"image_size": config.image_size, "views": config.test_views, "window": config.window,
+                  "preprocessing": (f"a {config.window} px square of the canvas centred on the cell (larger only for a "
+                                    "cell that does not fit), black outside the image" if config.window else
+                                    "crop to cell, pad square") + ", resize, scale to [0,1]; log of the cell's equivalent "
                                    "diameter in pixels (magnification-dependent)"},
         "training": {**config_dict(config), "final": final},
         "data": {**DATA, "images": len(cells), "lymphoblasts": int(cells.labels.sum()),
@@ -183,8 +187,10 @@ def ood_command(args: argparse.Namespace) -> int:
         return 2
     # The variants share the weights and the training recipe, so one set of features serves all.
     recipe = read_card(folders[0])
-    cells = load_cells(args.data, recipe["input"]["image_size"], args.cache)
-    features = cached_features(cells.images, cells.paths, tuple(recipe["training"]["scales"]), args.cache, imagenet_weights(None))
+    window = int(recipe["input"].get("window", 0))
+    cells = load_cells(args.data, recipe["input"]["image_size"], args.cache, window=window)
+    features = cached_features(cells.images, cells.paths, tuple(recipe["training"]["scales"]), args.cache, imagenet_weights(None),
+                               window=window)
     for folder in folders:
         card = read_card(folder)
         weights_dir = (folder / card["weights"]["file"]).resolve().parent  # a variant's CV is its weights' version's
@@ -325,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                             "magnification sensitivity up; see README)")
     train.add_argument("--test-views", type=int, default=1, choices=(1, 2, 4, 8),
                        help="orientations the default version averages per result (a -tta8 version is always written too)")
+    train.add_argument("--window", type=int, default=0,
+                       help="side in canvas pixels of a fixed square centred on the cell that the model sees (one physical "
+                            "scale for every cell; 3.x: 320); 0: the cell's own box (2.x)")
+    train.add_argument("--heads", type=int, default=1,
+                       help="MLP heads (seeds) averaged over one backbone pass, in every fold and in the shipped model")
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=train_command)

@@ -58,24 +58,26 @@ def read_manifest(root: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _load_one(args: tuple[str, int]) -> tuple[np.ndarray, float]:
-    path, size = args
+def _load_one(args: tuple[str, int, int]) -> tuple[np.ndarray, float]:
+    path, size, window = args
     with Image.open(path) as image:
         rgb = to_rgb(image)  # as the server decodes requests
-    return (prepare(rgb, size) * 255).round().astype(np.uint8), log_diameter(rgb)
+    return (prepare(rgb, size, window=window) * 255).round().astype(np.uint8), log_diameter(rgb)
 
 
-def load_cells(root: Path, size: int, cache_dir: Path | None = None, workers: int = 2) -> Cells:
-    """Decode and preprocess every listed image, cached as .npz keyed by the file list and size."""
+def load_cells(root: Path, size: int, cache_dir: Path | None = None, workers: int = 2, window: int = 0) -> Cells:
+    """Decode and preprocess every listed image (`preprocess.prepare` with `window`), cached as
+    .npz keyed by the file list, size and window."""
     rows = read_manifest(root)
     paths = [r["path"] for r in rows]
-    key = hashlib.sha256(("\n".join(paths) + f"|{size}|{root.resolve()}|v2").encode()).hexdigest()[:16]
+    variant = f"|window {window}" if window else ""  # 2.x caches keep their keys
+    key = hashlib.sha256(("\n".join(paths) + f"|{size}|{root.resolve()}|v2{variant}").encode()).hexdigest()[:16]
     cache = cache_dir / f"cells-{size}-{key}.npz" if cache_dir else None
     if cache and cache.exists():
         with np.load(cache) as stored:
             images, log_diameters = stored["images"], stored["log_diameters"]
     else:
-        jobs = [(str(root / p), size) for p in paths]
+        jobs = [(str(root / p), size, window) for p in paths]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             loaded = list(pool.map(_load_one, jobs, chunksize=32))
         images = np.stack([image for image, _ in loaded])

@@ -67,11 +67,12 @@ def augmented(images: np.ndarray, seed: int, batch_size: int = 64) -> np.ndarray
 
 
 def cached_features(images: np.ndarray, paths: np.ndarray, scales: tuple[int, ...], cache_dir: Path | None,
-                    weights: Path | None, augment_seed: int | None = None, log=print) -> np.ndarray:
+                    weights: Path | None, augment_seed: int | None = None, log=print, window: int = 0) -> np.ndarray:
     """`extract` of the cells, or of an `augmented` copy of them with `augment_seed`, cached as
-    .npy keyed by the cells, their size, the scales, the weights file and the augmentation."""
+    .npy keyed by the cells, their size, the scales, the weights file, the augmentation and
+    the `window` they were cropped with (`data.load_cells`)."""
     tag = weights.name if weights else "random"
-    variant = "" if augment_seed is None else f"|augmented {augment_seed}"
+    variant = ("" if augment_seed is None else f"|augmented {augment_seed}") + (f"|window {window}" if window else "")
     key = hashlib.sha256(f"{'|'.join(paths.tolist())}|{images.shape}|{scales}|{tag}|{VIEWS}|f3{variant}".encode())
     cache = cache_dir / f"features-{images.shape[1]}-{key.hexdigest()[:16]}.npy" if cache_dir else None
     if cache and cache.exists():

@@ -109,6 +109,18 @@ def build_head(feature_dim: int, mlp_units: int = 64, dropout: float = 0.3, log_
     return keras.Model({"features": features, "log_diameter": log_diameter}, logit, name="head")
 
 
+def averaged_heads(heads: list[keras.Model]) -> keras.Model:
+    """One head (as `build_head` makes them) whose logit is the mean of `heads`' logits: an
+    ensemble over one backbone pass, as cheap to serve as one head (each is a small MLP)."""
+    dim = next(t.shape[1] for t in heads[0].inputs if t.name == "features")
+    features, log_diameter = keras.Input((dim,), name="features"), keras.Input((1,), name="log_diameter")
+    logits = []
+    for i, head in enumerate(heads):
+        head.name = f"head_{i}"  # distinct names inside one model
+        logits.append(head({"features": features, "log_diameter": log_diameter}))
+    return keras.Model({"features": features, "log_diameter": log_diameter}, layers.Average(name="mean_logit")(logits), name="head")
+
+
 def build_classifier(image_size: int, head: keras.Model, weights=None, scales: tuple[int, ...] | None = None) -> keras.Model:
     """The served model: cell image -> pretrained CNN features -> `head` (with the log diameter) -> logit.
 

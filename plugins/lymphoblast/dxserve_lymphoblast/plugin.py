@@ -76,7 +76,8 @@ def averaged_over_views(model, views: int = 8):
 
 class LymphoblastRuntime(ModelRuntime):
     """Keras CNN + MLP; calibrated by temperature; decides with the card's thresholds.
-    A version whose card says `input.views: k` averages the logit over k orientations."""
+    A version whose card says `input.views: k` averages the logit over k orientations, and
+    one with `input.window: w` sees a w px square of the canvas around the cell (3.x)."""
 
     info = PluginInfo(
         name="lymphoblast",
@@ -117,6 +118,7 @@ class LymphoblastRuntime(ModelRuntime):
 
         card = self.version.extra["card"]
         self.image_size = int(card["input"]["image_size"])
+        self.window = int(card["input"].get("window", 0))  # 3.x: a fixed square of the canvas; 2.x: the cell's box
         self.temperature = float(card["calibration"]["temperature"])
         self.thresholds = Thresholds(**card["thresholds"])
         import tensorflow as tf
@@ -140,7 +142,7 @@ class LymphoblastRuntime(ModelRuntime):
         self.predict(np.zeros(1, input_dtype(self.image_size)))  # build graphs now, not on the first request
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        return model_input(image, self.image_size)
+        return model_input(image, self.image_size, window=self.window)
 
     def check_quality(self, image: np.ndarray, mask: np.ndarray | None = None) -> list[QualityIssue]:
         """The card's input quality gate (`gate.py`); versions without one (1.x) pass everything.
@@ -151,7 +153,7 @@ class LymphoblastRuntime(ModelRuntime):
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, list[QualityIssue]]:
         """`preprocess` and `check_quality` with the cell's foreground mask computed once for both."""
         mask = foreground_mask(image)
-        return model_input(image, self.image_size, mask), self.check_quality(image, mask)
+        return model_input(image, self.image_size, mask, self.window), self.check_quality(image, mask)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """batch: stacked `model_input` records (the cell image and its log diameter)."""
@@ -203,7 +205,7 @@ class LymphoblastRuntime(ModelRuntime):
                 return self._run(batch)[0]
 
         square = occlusion_map(logits, record, 1.0 if label == LABELS[0] else -1.0)
-        return Explanation(to_image_coordinates(square, image), label, METHOD.format(size=self.image_size))
+        return Explanation(to_image_coordinates(square, image, self.window), label, METHOD.format(size=self.image_size))
 
 
 @hookimpl

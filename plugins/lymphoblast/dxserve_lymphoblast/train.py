@@ -26,9 +26,11 @@ class TrainConfig:
     """The training recipe. Every figure in the model card comes from one of these."""
 
     image_size: int = 224  # the served input: the cell cropped, padded square and resized to this
+    window: int = 0  # the crop: a fixed square of this many canvas pixels centred on the cell (0: the cell's own box)
     scales: tuple[int, ...] = (224, 128)  # the backbone sees the cell at each; their features are joined
     mlp_units: int = 64
     dropout: float = 0.3
+    heads: int = 1  # MLP heads with seeds seed, seed + 1, ... whose logits are averaged (one backbone pass)
     use_size: bool = True  # the log cell diameter as an explicit MLP input
     epochs: int = 20  # over every training cell in all 8 orientations (and its augmented copies)
     augmented_copies: int = 0  # copies of each training cell as other microscopes might show it (features.augmented)
@@ -56,7 +58,14 @@ def with_augmented(features: np.ndarray, augmented: np.ndarray | None) -> np.nda
 
 
 def train_head(features: np.ndarray, cells: Cells, config: TrainConfig, verbose: int = 0):
-    """Fit the MLP head on (n, views, d) frozen features: every view is a sample."""
+    """Fit the MLP head on (n, views, d) frozen features: every view is a sample. With
+    `config.heads` > 1, that many heads from consecutive seeds, joined into one model that
+    averages their logits (`model.averaged_heads`); the loss is their mean per epoch."""
+    if config.heads > 1:
+        from .model import averaged_heads
+
+        fitted = [train_head(features, cells, replace(config, heads=1, seed=config.seed + i), verbose) for i in range(config.heads)]
+        return averaged_heads([head for head, _ in fitted]), [float(v) for v in np.mean([loss for _, loss in fitted], axis=0)]
     import keras
 
     from .model import build_head

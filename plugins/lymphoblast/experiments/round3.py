@@ -152,7 +152,8 @@ def main() -> None:
     crop = cached_features(cells.images, cells.paths, config.scales, args.cache, backbone, log=log)
     windowed = window_cells(args.data, cells, args.window, args.cache)
     combo = np.concatenate([crop, cached_features(windowed.images, windowed.paths, config.scales, args.cache, backbone, log=log)], axis=2)
-    variants = {"2.0.0 input (crop and resize)": crop, f"crop and resize + {args.window} px window": combo,
+    variants = {"2.0.0 input (crop and resize)": crop, f"{args.window} px window alone": combo[:, :, crop.shape[2]:],
+                f"crop and resize + {args.window} px window": combo,
                 f"crop and resize + {args.window} px window, centred per subject": centred_per_subject(combo, cells.subjects)}
     size = np.zeros(len(cells))
     for train, test in folds:

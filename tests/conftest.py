@@ -20,6 +20,9 @@ TEST_SITE = ROOT / "tests" / "plugins" / "site"
 TEST_PLUGINS_UNGATED = "brightness/*,flaky/*,slow/*,hang/*,broken_load/*,tiles/*"
 UNGATED = TEST_PLUGINS_UNGATED.split(",")
 FIXTURES = ROOT / "tests" / "fixtures"
+# The lymphoblast version a server serves when a request names none (the newest shipped),
+# and the 2.x version before it, which stays loadable.
+DEFAULT_VERSION, PREVIOUS_VERSION = "2.1.0", "2.0.0"
 
 # In-process tests see the test plugins as installed too.
 sys.path.insert(0, str(TEST_SITE))

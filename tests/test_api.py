@@ -11,9 +11,12 @@ import pytest
 from google.rpc import error_details_pb2
 from PIL import Image
 
-from conftest import png_bytes
+from conftest import DEFAULT_VERSION, PREVIOUS_VERSION, png_bytes
+
 from dxserve.v1 import diagnostics_pb2 as pb
 from dxserve_client import DxServeError
+
+TTA8 = f"{DEFAULT_VERSION}-tta8"  # the default's weights, averaged over 8 orientations
 
 
 def test_list_plugins_reports_every_plugin_with_state(client):
@@ -394,15 +397,15 @@ def test_other_versions_load_on_first_use_and_concurrent_first_calls_share_the_l
 
     plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
     states = {v.version: v.state for v in plugin.model_versions}
-    assert states["2.0.0"] == pb.VERSION_STATE_READY and states["2.0.0-tta8"] == pb.VERSION_STATE_AVAILABLE  # listed, not loaded
+    assert states[DEFAULT_VERSION] == pb.VERSION_STATE_READY and states[TTA8] == pb.VERSION_STATE_AVAILABLE  # listed, not loaded
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: client.classify(cell_paths[0], model_version="2.0.0-tta8"), range(4)))
-    assert {r.model_version for r in results} == {"2.0.0-tta8"}
+        results = list(pool.map(lambda _: client.classify(cell_paths[0], model_version=TTA8), range(4)))
+    assert {r.model_version for r in results} == {TTA8}
     assert len({round(r.probabilities["lymphoblast"], 6) for r in results}) == 1
-    assert server.logs().count('"loading model version on first use", "plugin": "lymphoblast", "version": "2.0.0-tta8"') == 1
+    assert server.logs().count(f'"loading model version on first use", "plugin": "lymphoblast", "version": "{TTA8}"') == 1
     assert results[0].weights_sha256 == plugin.model_versions[0].weights_sha256  # the same weights, averaged over 8 views
     plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
-    assert {v.version: v.state for v in plugin.model_versions}["2.0.0-tta8"] == pb.VERSION_STATE_READY
+    assert {v.version: v.state for v in plugin.model_versions}[TTA8] == pb.VERSION_STATE_READY
 
 
 def test_versions_without_a_quality_gate_and_ood_check_are_not_served(client, server, cell_paths):
@@ -412,7 +415,7 @@ def test_versions_without_a_quality_gate_and_ood_check_are_not_served(client, se
 
     plugin = next(p for p in client.list_plugins() if p.name == "lymphoblast")
     versions = {v.version: v for v in plugin.model_versions}
-    assert list(versions["2.0.0"].safety_checks) == ["out_of_distribution", "quality_gate"]
+    assert list(versions[DEFAULT_VERSION].safety_checks) == list(versions[PREVIOUS_VERSION].safety_checks) == ["out_of_distribution", "quality_gate"]
     for old in ("1.0.0", "1.1.0", "1.2.0"):
         assert list(versions[old].safety_checks) == [] and versions[old].state == pb.VERSION_STATE_NOT_SERVED
         assert "quality_gate, out_of_distribution" in versions[old].state_reason

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import DEFAULT_VERSION
+
 from dxserve_client.cli import main
 
 
@@ -21,7 +23,7 @@ def run(capsys, *args):
 def test_list_plugins(server, capsys):
     code, out, _ = run(capsys, "--server", server.address, "list-plugins")
     assert "model 1.2.0 [NOT_SERVED]" in out and "safety_checks=none" in out and "ungated_versions_allowed" in out
-    assert "model 2.0.0 [READY]" in out and "safety_checks=out_of_distribution,quality_gate" in out
+    assert f"model {DEFAULT_VERSION} [READY]" in out and "safety_checks=out_of_distribution,quality_gate" in out
     assert code == 0
     assert "lymphoblast" in out and "[READY]" in out and "[FAILED]" in out and "sha256=" in out
     code, out, _ = run(capsys, "--server", server.address, "list-plugins", "--format", "json")

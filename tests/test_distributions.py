@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import DEFAULT_VERSION, PREVIOUS_VERSION, ROOT
 
 CLIENT = ROOT / "clients" / "python"
 HEAVY = ("tensorflow", "keras", "scikit-learn", "scipy", "matplotlib", "torch")
@@ -62,7 +62,8 @@ def test_each_wheel_holds_its_own_part(wheels):
     assert "dxserve/v1/diagnostics_pb2.py" in client and "dxserve/__init__.py" not in client  # a namespace the server shares
     assert not any(n.startswith("dxserve/v1/") for n in server) and "dxserve/app.py" in server  # the generated code once
     assert "dxserve/testing/conformance.py" in server
-    assert "dxserve_lymphoblast/models/2.0.0/model.keras" in plugin and "dxserve_lymphoblast/examples/ATTRIBUTION.md" in plugin
+    assert {f"dxserve_lymphoblast/models/{v}/{f}" for v in (DEFAULT_VERSION, PREVIOUS_VERSION) for f in ("model.keras", "ood.npz")} <= set(plugin)
+    assert "dxserve_lymphoblast/examples/ATTRIBUTION.md" in plugin
     assert "dxserve/oip/grpc_service_pb2.py" in client  # the Open Inference Protocol's code, for callers too
     field = zipfile.ZipFile(wheels["dxserve_smear_field"]).namelist()
     assert {"dxserve_smear_field/detector/1.0.0/parameters.json", "dxserve_smear_field/detector/1.0.0/MODEL_CARD.md",
@@ -86,7 +87,7 @@ def test_the_client_wheel_alone_classifies_against_a_server(wheels, server, tmp_
             f"sys.exit(main(['--server', {server.address!r}, 'classify', {str(cell_paths[0])!r}, '--quiet', '--format', 'jsonl']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert '"model_version": "2.0.0"' in run.stdout
+    assert f'"model_version": "{DEFAULT_VERSION}"' in run.stdout
     assert f"{site}/dxserve_client" in subprocess.run([sys.executable, "-c", code.split("from dxserve_client")[0] +
                                                        "import dxserve_client; print(dxserve_client.__file__)"],
                                                       capture_output=True, text=True, timeout=60, cwd=tmp_path).stdout

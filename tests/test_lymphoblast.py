@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from conftest import FIXTURES, ROOT
+from conftest import DEFAULT_VERSION, FIXTURES, PREVIOUS_VERSION, ROOT
 
 IMAGENET = ROOT.parent / "shared" / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
 from dxserve_lymphoblast.calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
@@ -413,6 +413,33 @@ def test_training_writes_out_of_fold_predictions_and_plots(tiny_version):
     assert "size_alone" in card["baselines"]
 
 
+def test_a_new_version_is_compared_with_the_one_it_replaces_in_the_same_folds(tiny_version, tmp_path):
+    """versus_version scores both versions' cross-fitted probabilities fold by fold, and refuses
+    a version whose folds are not this run's (another split would compare different subjects)."""
+    import csv
+
+    from dxserve_lymphoblast.train import MODEL, OutOfFold, versus_version
+
+    version_dir, _, cells = tiny_version
+    with (version_dir / "out_of_fold.csv").open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    fold = np.array([int(rows[p]["fold"]) - 1 for p in cells.paths])
+    theirs = np.array([float(rows[p]["p_lymphoblast"]) for p in cells.paths])
+    ours = np.where(cells.labels == 1, 0.9, 0.1)  # right about every cell: better AUROC, F1 and ECE in each fold
+    oof = OutOfFold({}, fold, cells, {MODEL: ours})
+    against = versus_version(oof, "0.0.1", version_dir / "out_of_fold.csv")
+    assert against["version"] == "0.0.1" and len(against["folds"]) == 2
+    for k, f in enumerate(against["folds"]):
+        here = fold == k
+        assert f["ece"] == pytest.approx([expected_calibration_error(ours[here], cells.labels[here]),
+                                          expected_calibration_error(theirs[here], cells.labels[here])])
+    assert against["folds_better"]["ece"] == 2 and against["mean_ece"][0] == pytest.approx(0.1, abs=1e-9)
+    assert versus_version(OutOfFold({}, fold, cells, {MODEL: theirs}), "0.0.1", version_dir / "out_of_fold.csv")["folds_better"] == \
+        {"auroc": 0, "weighted_f1": 0, "ece": 0}  # the same predictions are better nowhere
+    assert versus_version(OutOfFold({}, 1 - fold, cells, {MODEL: ours}), "0.0.1", version_dir / "out_of_fold.csv") is None
+    assert versus_version(oof, "0.0.1", tmp_path / "missing.csv") is None
+
+
 def test_written_version_loads_and_serves(tiny_version, cell_paths):
     from dxserve.runtime import sha256_of
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
@@ -538,7 +565,7 @@ def test_every_shipped_version_loads_and_predicts(version, cell_paths):
 def test_shipped_default_classifies_the_known_fixture_cells(shipped_runtime, cell_paths):
     """A regression check on six known cells (three of each class), not a tuning target:
     the default's calls must agree with their labels."""
-    assert shipped_runtime.version.version == "2.0.0"
+    assert shipped_runtime.version.version == DEFAULT_VERSION
     batch = np.stack([shipped_runtime.preprocess(cell(p)) for p in cell_paths])
     for path, row in zip(cell_paths, shipped_runtime.predict(batch)):
         expected = "lymphoblast" if path.stem.endswith("_all") else "normal"
@@ -668,7 +695,7 @@ def test_ood_threshold_is_set_on_subjects_the_fit_did_not_see(tmp_path):
     assert entry["flagged_out_of_fold"] == pytest.approx(0.005, abs=0.002) and entry["in_sample_threshold_flagged_out_of_fold"] > 0.01
 
 
-@pytest.mark.parametrize("version", ["2.0.0", "2.0.0-tta8"])
+@pytest.mark.parametrize("version", [DEFAULT_VERSION, f"{DEFAULT_VERSION}-tta8", PREVIOUS_VERSION, f"{PREVIOUS_VERSION}-tta8"])
 def test_shipped_ood_threshold_is_out_of_fold(version):
     from dxserve_lymphoblast.plugin import find_version
 
@@ -710,7 +737,7 @@ def test_specimen_rule_needs_enough_cells_and_a_clear_interval():
     assert not d.indeterminate and "9.9.9" in d.rule and "0.90" in d.reason
 
 
-@pytest.mark.parametrize("version", ["2.0.0", "2.0.0-tta8"])
+@pytest.mark.parametrize("version", [DEFAULT_VERSION, f"{DEFAULT_VERSION}-tta8", PREVIOUS_VERSION, f"{PREVIOUS_VERSION}-tta8"])
 def test_shipped_specimen_rule_and_its_evaluation_are_reproducible(version):
     """The card's specimen section is what its rule gives on the out-of-fold predictions now."""
     from dxserve_lymphoblast.plugin import find_version

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import DEFAULT_VERSION, FIXTURES, ROOT
 
 NODE_CLIENT = ROOT / "clients" / "node"
 
@@ -78,7 +78,7 @@ def test_the_readme_snippet_runs_from_a_packed_install(node, server, tmp_path):
                          timeout=300, env={**env, "DXSERVE_ADDRESS": server.address})
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0].split()[1] in ("lymphoblast", "normal", "indeterminate") and "2.0.0" in lines[0]
+    assert lines[0].split()[1] in ("lymphoblast", "normal", "indeterminate") and DEFAULT_VERSION in lines[0]
     assert len(lines) == 1 + 3 + 1 and "specimen smear-17: 3 cells" in lines[-1]
     assert (project / "explanation.png").read_bytes()[:4] == b"\x89PNG"
 

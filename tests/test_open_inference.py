@@ -13,7 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT, ServerProcess, png_bytes, wait_serving
+from conftest import DEFAULT_VERSION, FIXTURES, ROOT, ServerProcess, png_bytes, wait_serving
 from PIL import Image
 
 from dxserve.auth import KeyFile
@@ -118,7 +118,7 @@ def test_tritonclient_drives_the_facade(triton_python, secured, tmp_path):
     assert seen["server"]["name"] == "dxserve"
     metadata = seen["metadata"]
     assert metadata["name"] == "lymphoblast" and metadata["platform"] == "dxserve"
-    assert "2.0.0" in metadata["versions"]
+    assert DEFAULT_VERSION in metadata["versions"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
         ("IMAGE", "BYTES", ["-1", "1"]), ("PIXELS", "UINT8", ["-1", "-1", "-1", "3"])]
     assert [t["name"] for t in metadata["outputs"]] == ["PROBABILITIES", "LABEL", "DECISION", "REASON"]
@@ -197,7 +197,7 @@ def test_typed_contents_answer_as_raw_ones(stub):
                                 contents=oip.InferTensorContents(uint_contents=rgb.reshape(-1).tolist())))
     probabilities = [np.frombuffer(r.raw_output_contents[0], "<f4") for r in (raw, typed, pixels)]
     assert np.allclose(probabilities[0], probabilities[1]) and np.allclose(probabilities[0], probabilities[2])
-    assert raw.model_version == "2.0.0" and [o.name for o in raw.outputs][0] == "PROBABILITIES"
+    assert raw.model_version == DEFAULT_VERSION and [o.name for o in raw.outputs][0] == "PROBABILITIES"
     assert deserialize_bytes(raw.raw_output_contents[2], 1)[0] in (b"lymphoblast", b"normal", b"indeterminate")
 
 
@@ -253,7 +253,7 @@ def test_stream_answers_each_request_in_order_and_errors_in_band(stub):
 def test_model_ready_follows_the_plugin_state(stub):
     assert stub.ServerLive(oip.ServerLiveRequest()).live
     assert stub.ModelReady(oip.ModelReadyRequest(name="lymphoblast")).ready
-    assert stub.ModelReady(oip.ModelReadyRequest(name="lymphoblast", version="2.0.0")).ready
+    assert stub.ModelReady(oip.ModelReadyRequest(name="lymphoblast", version=DEFAULT_VERSION)).ready
     # The session server's broken plugins: one fails in load() (known, never ready), one cannot
     # even be imported (nothing to describe: UNAVAILABLE, with why).
     assert not stub.ModelReady(oip.ModelReadyRequest(name="broken_load")).ready

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import DEFAULT_VERSION, FIXTURES
 
 from dxserve_smear_field import detect, evaluate
 from dxserve_smear_field.plugin import SmearFieldRuntime
@@ -92,6 +92,6 @@ def test_the_cli_prints_a_row_per_cell_and_draws_the_boxes(server, capsys, tmp_p
     assert code == 0, out.err
     rows = out.out.strip().splitlines()[1:]
     assert len(rows) == 3 and all(",0," in row for row in rows)  # object 0 of each field, with its box
-    assert "specimen smear-1 (lymphoblast 2.0.0): 3 cells" in out.err
+    assert f"specimen smear-1 (lymphoblast {DEFAULT_VERSION}): 3 cells" in out.err
     drawn = sorted(tmp_path.glob("run-*/*.objects.png"))
     assert len(drawn) == 3 and cv2.imread(str(drawn[0])).shape == (480, 640, 3)

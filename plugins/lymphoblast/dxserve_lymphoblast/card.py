@@ -129,14 +129,27 @@ def render_markdown(card: dict) -> str:
     lines += [
         "## This model, per fold",
         "",
-        "| fold | images | weighted F1 | AUROC | sensitivity | specificity | ECE before | ECE after | T |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fold | images | weighted F1 | AUROC | sensitivity | specificity | ECE before | ECE after | ECE floor | T |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in evaluation["folds"]:
         lines.append(
-            f"| {f['fold']} | {f['images']} | {f['weighted_f1']:.3f} | {_pct(f['auroc'])} | "
-            f"{f['sensitivity']:.3f} | {f['specificity']:.3f} | {f['ece_uncalibrated']:.3f} | {f['ece']:.3f} | {f['temperature']:.2f} |"
+            f"| {f['fold']} | {f['images']} | {f['weighted_f1']:.3f} | {_pct(f['auroc'])} | {f['sensitivity']:.3f} | "
+            f"{f['specificity']:.3f} | {f['ece_uncalibrated']:.3f} | {f['ece']:.3f} | {_pct(f.get('ece_floor'))} | {f['temperature']:.2f} |"
         )
+    if "ece_floor" in evaluation.get("across_folds", {}):
+        ece, floor = evaluation["across_folds"]["ece"], evaluation["across_folds"]["ece_floor"]
+        lines += ["", f"Mean per-fold ECE after calibration (each fold calibrated without its subjects) {ece['mean']:.3f} "
+                  f"(range {ece['min']:.3f}-{ece['max']:.3f}); a perfectly calibrated model with these confidences would "
+                  f"show {floor['mean']:.3f} on folds of these sizes (the ECE floor: binned ECE is biased upwards by sampling noise)."]
+    if against := evaluation.get("versus_previous"):
+        n, better = len(against["folds"]), against["folds_better"]
+        lines += ["", f"### Against {against['version']}, the version it replaces, in the same folds", "",
+                  "| fold | AUROC (this / " + against["version"] + ") | weighted F1 | ECE |", "|---|---|---|---|"]
+        lines += [f"| {k + 1} | " + " | ".join(f"{f[m][0]:.3f} / {f[m][1]:.3f}" for m in ("auroc", "weighted_f1", "ece")) + " |"
+                  for k, f in enumerate(against["folds"])]
+        lines += ["", f"Better in {better['auroc']}/{n} folds in AUROC, {better['weighted_f1']}/{n} in weighted F1 and "
+                  f"{better['ece']}/{n} in ECE; mean per-fold ECE {against['mean_ece'][0]:.3f} against {against['mean_ece'][1]:.3f}."]
     lines += [
         "",
         "Pooled out-of-fold predictions (every image predicted by a model that never saw its subject): "
@@ -213,5 +226,7 @@ def render_markdown(card: dict) -> str:
                 f"{s} ({r['label']}, blast fraction {r['blast_fraction']:.2f} of {r['called']}: {r['specimen_call']})"
                 for s, r in specimen["per_subject"].items() if r in enough) + ".",
         ]
+    if card.get("not_shipped"):
+        lines += ["", "## Tried for this version and not shipped", "", card["not_shipped"]]
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     return "\n".join(lines) + "\n"

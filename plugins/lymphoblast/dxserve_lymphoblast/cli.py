@@ -52,7 +52,8 @@ def train_command(args: argparse.Namespace) -> int:
     from .data import load_cells
     from .features import VIEWS, cached_features
     from .gate import fit_on_files
-    from .train import MODEL_8_VIEWS, TrainConfig, config_dict, cross_validate, train_final
+    from .plugin import shipped_versions
+    from .train import MODEL_8_VIEWS, TrainConfig, config_dict, cross_validate, train_final, versus_version
 
     config = TrainConfig(image_size=args.image_size, scales=tuple(args.scales or TrainConfig.scales), epochs=args.epochs,
                          folds=args.folds, seed=args.seed, mlp_units=args.mlp_units, dropout=args.dropout,
@@ -72,6 +73,13 @@ def train_command(args: argparse.Namespace) -> int:
     augmented = np.concatenate(copies, axis=1) if copies else None
     log(f"features {features.shape[1:]} per cell, {config.augmented_copies} augmented copies, after {time.time() - started:.0f} s")
     evaluation, oof = cross_validate(cells, features, config, weights, log, augmented)
+    # The version this one would replace as the default: the newest shipped release that is not this one.
+    previous = next((v for v in shipped_versions(args.out) if "-" not in v.version and v.version != args.version), None) \
+        if args.out.exists() else None
+    if previous and (against := versus_version(oof, previous.version, previous.extra["folder"] / "out_of_fold.csv")):
+        evaluation["versus_previous"] = against
+        log(f"against {previous.version} in the same folds: better in " + ", ".join(
+            f"{m} {n}/{len(against['folds'])}" for m, n in against["folds_better"].items()))
     temperature = evaluation["temperature"]
     thresholds = Thresholds(**evaluation["thresholds"])
     model, final = train_final(cells, features, config, weights, log, augmented,
@@ -103,8 +111,10 @@ def train_command(args: argparse.Namespace) -> int:
         "architecture": (
             f"ImageNet MobileNet v1 (alpha 0.25, {'fine-tuned' if config.fine_tune_epochs else 'frozen'}) applied to the cell at {' and '.join(f'{s} px' for s in config.scales)}; "
             f"global average pooling of blocks 11 and 13 at each scale ({features.shape[2]} features)"
-            f"{' + the standardised log cell diameter' if config.use_size else ''} -> MLP ({config.mlp_units} units, "
-            f"dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB crop of the cell"
+            f"{' + the standardised log cell diameter' if config.use_size else ''} -> "
+            f"{f'{config.heads} MLPs (seeds {config.seed}-{config.seed + config.heads - 1}, logits averaged;' if config.heads > 1 else 'MLP ('} "
+            f"{config.mlp_units} units, dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB "
+            + (f"of a {config.window} px square of the canvas centred on the cell" if config.window else "crop of the cell")
         ),
         "initialisation": {"source": IMAGENET_SOURCE if weights else "random (no pretrained weights)", "file": weights.name if weights else None,
                            "sha256": IMAGENET_SHA256 if weights else None, "frozen": not config.fine_tune_epochs},
@@ -114,6 +124,7 @@ def train_command(args: argparse.Namespace) -> int:
                                     "crop to cell, pad square") + ", resize, scale to [0,1]; log of the cell's equivalent "
                                    "diameter in pixels (magnification-dependent)"},
         "training": {**config_dict(config), "final": final},
+        "not_shipped": args.notes.read_text().strip() if args.notes else "",
         "data": {**DATA, "images": len(cells), "lymphoblasts": int(cells.labels.sum()),
                  "normals": int((cells.labels == 0).sum()), "subjects": len(set(cells.subjects.tolist())),
                  "subject_groups": len(set(cells.groups.tolist()))},
@@ -336,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                             "scale for every cell; 3.x: 320); 0: the cell's own box (2.x)")
     train.add_argument("--heads", type=int, default=1,
                        help="MLP heads (seeds) averaged over one backbone pass, in every fold and in the shipped model")
+    train.add_argument("--notes", type=Path,
+                       help="Markdown file of what was tried for this version and not shipped, with its figures: goes into the card")
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=train_command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -315,6 +316,31 @@ def decision_rule(p: np.ndarray, z: np.ndarray, cells: Cells, config: TrainConfi
 
 FOLD_METRICS = ("fold", "images", "auroc", "weighted_f1", "sensitivity", "specificity", "ece", "ece_floor", "ece_uncalibrated",
                 "temperature")
+
+
+def versus_version(oof: OutOfFold, name: str, out_of_fold_csv: Path) -> dict | None:
+    """This run's model against a shipped version `name` in the same folds, from that version's
+    `out_of_fold.csv` (its cross-fitted probabilities): per fold AUROC, weighted F1 at P >= 0.5
+    and ECE of both, the differences and the folds where this run is better (lower ECE). None
+    when the file is missing or its cells or folds are not this run's (another data set or split)."""
+    import csv
+
+    if not out_of_fold_csv.exists():
+        return None
+    with out_of_fold_csv.open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    paths = oof.cells.paths.tolist()
+    if set(rows) != set(paths) or any(int(rows[p]["fold"]) - 1 != k for p, k in zip(paths, oof.fold)):
+        return None
+    theirs = np.array([float(rows[p]["p_lymphoblast"]) for p in paths])
+    y, folds = oof.cells.labels, []
+    for k in range(int(oof.fold.max()) + 1):
+        here = oof.fold == k
+        pair = [summarise(p[here], y[here], oof.cells.subjects[here]) for p in (oof.probabilities[MODEL], theirs)]
+        folds.append({m: [pair[0][m], pair[1][m]] for m in ("auroc", "weighted_f1", "ece")})
+    better = {m: int(sum((f[m][0] < f[m][1]) if m == "ece" else (f[m][0] > f[m][1]) for f in folds)) for m in ("auroc", "weighted_f1", "ece")}
+    return {"version": name, "folds": folds, "folds_better": better,
+            "mean_ece": [float(np.mean([f["ece"][i] for f in folds])) for i in (0, 1)]}
 
 
 def versus(candidates: dict, model: str) -> dict:

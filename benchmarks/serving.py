@@ -15,7 +15,9 @@ against the in-process baseline, because absolute numbers on a shared machine dr
 5. explanations: unary calls that ask for one (explain=true) against the same calls that do
    not; the streaming figure above is for requests that do not ask;
 6. the audit trail: streaming and unary again on a second server with the audit trail off
-   (the first writes its default SQLite trail, synchronous=FULL, every result waiting for its row).
+   (the first writes its default SQLite trail, synchronous=FULL, every result waiting for its row),
+   both running, measured in turn (--rounds each); the ratio is of the medians, as throughput
+   (below 1: what the trail costs).
 """
 
 from __future__ import annotations
@@ -191,43 +193,51 @@ def main() -> int:
     parser.add_argument("--unary", type=int, default=100)
     parser.add_argument("--explained", type=int, default=12, help="unary calls with explain=true")
     parser.add_argument("--specimen", type=int, default=500, help="cells in the one-specimen stream")
-    parser.add_argument("--port", type=int, default=50099)
+    parser.add_argument("--port", type=int, default=50099, help="the audited server's; the other's is the next")
+    parser.add_argument("--rounds", type=int, default=4, help="streaming measurements of each server, taken in turn")
     args = parser.parse_args()
 
     images = sample_images(args.images)
     alone, raw, averaged = in_process(images)
-    address = f"127.0.0.1:{args.port}"
+    address, unaudited = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     with tempfile.TemporaryDirectory() as folder:
-        server = start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3"))
+        # Both servers run side by side (the idle one costs nothing) and are measured in turn,
+        # on-off-off-on, ...: neither always comes first, when the machine is warmer or quieter.
+        servers = [start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3")),
+                   start_server(args.port + 1)]
         try:
-            stream_rate = streaming(address, images, args.streams)
+            rates = {address: [], unaudited: []}
+            for turn in range(args.rounds):
+                for target in ((address, unaudited) if turn % 2 == 0 else (unaudited, address)):
+                    rates[target].append(streaming(target, images, args.streams))
+            stream_rate, unaudited_rate = statistics.median(rates[address]), statistics.median(rates[unaudited])
             specimen_s = specimen_seconds(address, args.specimen)
             p50, p99 = unary_latency(address, images, args.unary)
+            unaudited_p50, unaudited_p99 = unary_latency(unaudited, images, args.unary)
             explained_p50, _ = unary_latency(address, images, args.explained, explain=True)
             plain_p50, _ = unary_latency(address, images, args.explained)  # the same calls, without
         finally:
-            server.terminate()
-            server.wait(60)
-    server = start_server(args.port)
-    try:
-        unaudited_rate = streaming(address, images, args.streams)
-        unaudited_p50, unaudited_p99 = unary_latency(address, images, args.unary)
-    finally:
-        server.terminate()
-        server.wait(60)
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.wait(60)
 
     print(f"machine: {os.cpu_count()} CPU cores; {len(images)} PNG cells of 450x450 px")
     print(f"model only, batch 32, in process:        {alone:8.1f} images/s")
     print(f"  the same with 8-view averaging (-tta8): {averaged:8.1f} images/s   (cost: x{alone / averaged:.1f})")
     print(f"in process, decode+gate+prep in parallel with the model: {raw:8.1f} images/s   (baseline)")
-    print(f"gRPC streaming, {args.streams} concurrent streams, no explanations: {stream_rate:8.1f} images/s")
+    print(f"gRPC streaming, {args.streams} concurrent streams, no explanations: {stream_rate:8.1f} images/s   (median of "
+          + " ".join(f"{r:.1f}" for r in rates[address]) + ")")
     print(f"one stream of a {args.specimen}-cell specimen, end to end: {specimen_s:.2f} s "
           f"({args.specimen / specimen_s:.1f} images/s)")
     print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"time ratio streaming / in-process baseline: {raw / stream_rate:8.2f}   (above 1: the server's own cost)")
     print(f"time ratio streaming / model only:          {alone / stream_rate:8.2f}")
-    print(f"audit trail off: streaming {unaudited_rate:.1f} images/s, unary p50 {unaudited_p50:.1f} ms, p99 {unaudited_p99:.1f} ms")
-    print(f"time ratio audit on / off: streaming {unaudited_rate / stream_rate:.2f}, unary p50 {p50 / unaudited_p50:.2f}")
+    print(f"audit trail off: streaming {unaudited_rate:.1f} images/s (median of " + " ".join(f"{r:.1f}" for r in rates[unaudited])
+          + f"), unary p50 {unaudited_p50:.1f} ms, p99 {unaudited_p99:.1f} ms")
+    pairs = [off / on for on, off in zip(rates[address], rates[unaudited], strict=True)]
+    print(f"throughput ratio audit on / off, streaming: {stream_rate / unaudited_rate:.2f} (each turn: "
+          + " ".join(f"{1 / r:.2f}" for r in pairs) + f"); time ratio unary p50 {p50 / unaudited_p50:.2f}")
     print(f"explain=true unary p50 {explained_p50:.0f} ms vs {plain_p50:.0f} ms without ({args.explained} calls each): "
           f"x{explained_p50 / plain_p50:.1f} for the requests that ask")
     return 0

@@ -104,6 +104,18 @@ def test_a_window_shows_every_cell_at_one_scale():
     assert not np.array_equal(model_input(large, 64, window=200)["cell"], model_input(large, 64)["cell"])
 
 
+def test_the_card_describes_the_heads_and_the_input():
+    """As the shipped cards say it: one head, as 2.0.0's; three averaged, as 2.1.0's; a window."""
+    from dxserve_lymphoblast.cli import architecture
+    from dxserve_lymphoblast.plugin import find_version
+    from dxserve_lymphoblast.train import TrainConfig
+
+    for version, config in ((PREVIOUS_VERSION, TrainConfig()), (DEFAULT_VERSION, TrainConfig(heads=3))):
+        assert architecture(config, 768) == find_version(version).extra["card"]["architecture"]
+    assert architecture(TrainConfig(), 768).count("MLP (64 units, dropout 0.3) -> 1 logit") == 1
+    assert architecture(TrainConfig(window=320), 768).endswith("RGB of a 320 px square of the canvas centred on the cell")
+
+
 def test_averaged_heads_serve_the_mean_of_their_logits(tmp_path):
     import keras
 

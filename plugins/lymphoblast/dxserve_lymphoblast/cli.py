@@ -35,6 +35,17 @@ def write_out_of_fold(version_dir: Path, oof, threshold: float) -> None:
     plot(oof.probabilities[MODEL], oof.cells.labels, version_dir, "pooled out-of-fold", threshold)
 
 
+def architecture(config, feature_count: int) -> str:
+    """The card's one-line description of the model a `TrainConfig` trains."""
+    mlp = (f"{config.heads} MLPs (seeds {config.seed}-{config.seed + config.heads - 1}, logits averaged; " if config.heads > 1
+           else "MLP (")
+    return (f"ImageNet MobileNet v1 (alpha 0.25, {'fine-tuned' if config.fine_tune_epochs else 'frozen'}) applied to the cell at "
+            f"{' and '.join(f'{s} px' for s in config.scales)}; global average pooling of blocks 11 and 13 at each scale "
+            f"({feature_count} features){' + the standardised log cell diameter' if config.use_size else ''} -> {mlp}"
+            f"{config.mlp_units} units, dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB "
+            + (f"of a {config.window} px square of the canvas centred on the cell" if config.window else "crop of the cell"))
+
+
 def train_command(args: argparse.Namespace) -> int:
     """Cross-validate, train the final model and write the version folder (and its -tta8
     variant) with the card; a version that exists is refused unless --replace."""
@@ -108,14 +119,7 @@ def train_command(args: argparse.Namespace) -> int:
         "training_seconds": round(time.time() - started, 1),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
         "command": "dxserve-lymphoblast " + shlex.join(sys.argv[1:]),
-        "architecture": (
-            f"ImageNet MobileNet v1 (alpha 0.25, {'fine-tuned' if config.fine_tune_epochs else 'frozen'}) applied to the cell at {' and '.join(f'{s} px' for s in config.scales)}; "
-            f"global average pooling of blocks 11 and 13 at each scale ({features.shape[2]} features)"
-            f"{' + the standardised log cell diameter' if config.use_size else ''} -> "
-            f"{f'{config.heads} MLPs (seeds {config.seed}-{config.seed + config.heads - 1}, logits averaged;' if config.heads > 1 else 'MLP ('} "
-            f"{config.mlp_units} units, dropout {config.dropout}) -> 1 logit; input {config.image_size}x{config.image_size} RGB "
-            + (f"of a {config.window} px square of the canvas centred on the cell" if config.window else "crop of the cell")
-        ),
+        "architecture": architecture(config, features.shape[2]),
         "initialisation": {"source": IMAGENET_SOURCE if weights else "random (no pretrained weights)", "file": weights.name if weights else None,
                            "sha256": IMAGENET_SHA256 if weights else None, "frozen": not config.fine_tune_epochs},
         "input": {"image_size": config.image_size, "views": config.test_views, "window": config.window,

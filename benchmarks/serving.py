@@ -235,9 +235,9 @@ def main() -> int:
     print(f"time ratio streaming / model only:          {alone / stream_rate:8.2f}")
     print(f"audit trail off: streaming {unaudited_rate:.1f} images/s (median of " + " ".join(f"{r:.1f}" for r in rates[unaudited])
           + f"), unary p50 {unaudited_p50:.1f} ms, p99 {unaudited_p99:.1f} ms")
-    pairs = [off / on for on, off in zip(rates[address], rates[unaudited], strict=True)]
+    turns = [on / off for on, off in zip(rates[address], rates[unaudited], strict=True)]
     print(f"throughput ratio audit on / off, streaming: {stream_rate / unaudited_rate:.2f} (each turn: "
-          + " ".join(f"{1 / r:.2f}" for r in pairs) + f"); time ratio unary p50 {p50 / unaudited_p50:.2f}")
+          + " ".join(f"{r:.2f}" for r in turns) + f"); time ratio unary p50 {p50 / unaudited_p50:.2f}")
     print(f"explain=true unary p50 {explained_p50:.0f} ms vs {plain_p50:.0f} ms without ({args.explained} calls each): "
           f"x{explained_p50 / plain_p50:.1f} for the requests that ask")
     return 0

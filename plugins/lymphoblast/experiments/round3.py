@@ -136,22 +136,29 @@ def report(name: str, z: np.ndarray, cells: Cells, fold: np.ndarray, reference: 
                 + " ".join(f"{e:.3f}" for e in eces) + "]  wF1 " + " ".join(f"{f:.3f}" for f in f1s))
 
 
+def cached_inputs(data: Path, cache: Path, window: int):
+    """The experiments' common ground: (the training command's config with 2 views, the cells,
+    its folds, each cell's fold, the crop's frozen features, the fixed window's), cached in `cache`."""
+    cache.mkdir(parents=True, exist_ok=True)
+    config, backbone = TrainConfig(test_views=2), imagenet_weights()
+    cells = load_cells(data, config.image_size, cache)
+    folds = grouped_folds(cells, config.folds, config.seed)
+    fold = np.zeros(len(cells), int)
+    for k, (_, test) in enumerate(folds):
+        fold[test] = k
+    crop = cached_features(cells.images, cells.paths, config.scales, cache, backbone, log=log)
+    windowed = window_cells(data, cells, window, cache)
+    return config, cells, folds, fold, crop, cached_features(windowed.images, windowed.paths, config.scales, cache, backbone, log=log)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--window", type=int, default=320, help="side of the fixed window, canvas pixels")
     args = parser.parse_args()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    config, backbone = TrainConfig(test_views=2), imagenet_weights()
-    cells = load_cells(args.data, config.image_size, args.cache)
-    folds = grouped_folds(cells, config.folds, config.seed)
-    fold = np.zeros(len(cells), int)
-    for k, (_, test) in enumerate(folds):
-        fold[test] = k
-    crop = cached_features(cells.images, cells.paths, config.scales, args.cache, backbone, log=log)
-    windowed = window_cells(args.data, cells, args.window, args.cache)
-    combo = np.concatenate([crop, cached_features(windowed.images, windowed.paths, config.scales, args.cache, backbone, log=log)], axis=2)
+    config, cells, folds, fold, crop, window = cached_inputs(args.data, args.cache, args.window)
+    combo = np.concatenate([crop, window], axis=2)
     variants = {"2.0.0 input (crop and resize)": crop, f"{args.window} px window alone": combo[:, :, crop.shape[2]:],
                 f"crop and resize + {args.window} px window": combo,
                 f"crop and resize + {args.window} px window, centred per subject": centred_per_subject(combo, cells.subjects)}

@@ -277,11 +277,13 @@ def tiny_version(tmp_path_factory, cell_paths):
         for k in range(4):
             Image.fromarray(np.rot90(cell(path), k)).save(root / path.name.replace("UID_", f"UID_{k}"))
     models = tmp_path_factory.mktemp("models")
+    notes = models / "notes.md"
+    notes.write_text("- **A recipe tried beside this one**: AUROC 0.5, not shipped.\n")
     # The real ImageNet file where the developers' layout has it (hash-checked); random weights elsewhere.
     weights = str(IMAGENET) if IMAGENET.exists() else "none"
     assert main(["train", "--data", str(root), "--version", "0.0.1", "--out", str(models), "--cache", str(models / "cache"),
                  "--image-size", "32", "--scales", "32", "--epochs", "2", "--folds", "2", "--imagenet-weights", weights,
-                 "--window", "300", "--heads", "2"]) == 0
+                 "--window", "300", "--heads", "2", "--notes", str(notes)]) == 0
     version_dir = models / "0.0.1"
     report = json.loads((version_dir / "model_card.json").read_text())["evaluation"]
     return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1, window=300)
@@ -423,6 +425,12 @@ def test_training_writes_out_of_fold_predictions_and_plots(tiny_version):
     if IMAGENET.exists():
         assert card["initialisation"]["sha256"] == "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf"
     assert "size_alone" in card["baselines"]
+    # What was tried and not shipped, and the per-fold ECE beside its floor, are in both renderings.
+    assert card["not_shipped"] == "- **A recipe tried beside this one**: AUROC 0.5, not shipped."
+    markdown = (version_dir / "MODEL_CARD.md").read_text()
+    assert "## Tried for this version and not shipped\n\n- **A recipe tried beside this one**" in markdown
+    floor = card["evaluation"]["across_folds"]["ece_floor"]["mean"]
+    assert f"would show {floor:.3f} on folds of these sizes" in markdown
 
 
 def test_a_new_version_is_compared_with_the_one_it_replaces_in_the_same_folds(tiny_version, tmp_path):

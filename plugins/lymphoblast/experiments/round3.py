@@ -9,7 +9,7 @@ cached in --cache) it compares, per fold and pooled:
   on the cell and resized once for every cell (one physical scale), log diameter kept;
 - test-time orientation averaging (1, 2, 8 views) and a 3-seed ensemble of heads over one backbone pass;
 - per-subject feature centring (a specimen-aware variant; see RESULTS.md for why it is not per-cell evidence);
-- calibration maps (none, temperature, Platt, isotonic), each fitted on the other folds'
+- calibration maps (none, temperature, Platt, beta, isotonic), each fitted on the other folds'
   out-of-fold logits with images or subjects weighted equally, by per-fold ECE.
 """
 
@@ -40,6 +40,7 @@ from dxserve_lymphoblast.preprocess import cell_square, foreground_mask, resize
 from dxserve_lymphoblast.train import TrainConfig, head_logits, train_head
 
 SEEDS = (0, 1, 2)
+METHODS = ("none", "temperature", "platt", "beta", "isotonic")  # calibration maps compared
 
 
 def log(message: str) -> None:
@@ -115,6 +116,10 @@ def fit_map(method: str, z, y, w):
     if method == "platt":
         a, b = minimize(lambda a: nll(expit(a[0] * z + a[1]), y, w), [1.0, 0.0]).x
         return lambda zz: expit(a * zz + b)
+    if method == "beta":  # Kull et al. 2017: a ln p - b ln(1 - p) + c, with ln p = -softplus(-z)
+        beta = lambda zz, a: expit(-a[0] * np.logaddexp(0, -zz) + a[1] * np.logaddexp(0, zz) + a[2])  # noqa: E731
+        fitted = minimize(lambda a: nll(beta(z, a), y, w), [1.0, 1.0, 0.0]).x
+        return lambda zz: beta(zz, fitted)
     iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-4, y_max=1 - 1e-4).fit(z, y, sample_weight=w)
     return iso.predict
 
@@ -125,7 +130,7 @@ def report(name: str, z: np.ndarray, cells: Cells, fold: np.ndarray, reference: 
     better = "" if reference is None else f", better than 2.0.0 in {sum(a > b for a, b in zip(auroc, reference))}/5 folds"
     log(f"{name}: pooled AUROC {roc_auc_score(y, z):.3f}, per fold " + " ".join(f"{a:.3f}" for a in auroc) + better)
     for equal in (False, True):
-        for method in ("none", "temperature", "platt", "isotonic"):
+        for method in METHODS:
             eces, f1s = [], []
             for k in range(fold.max() + 1):
                 fit, held = fold != k, fold == k

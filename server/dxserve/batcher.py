@@ -217,7 +217,7 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
         started = time.monotonic()
-        call = loop.run_in_executor(self._executor, self._predict, np.stack([item.model_input for item in live]))
+        call = loop.run_in_executor(self._executor, self._predict, [item.model_input for item in live])
         # asyncio.wait, not wait_for: wait_for (3.11) may swallow a cancellation that arrives as the
         # call ends, and a stopping batcher would then wait on its queue forever.
         done, _ = await asyncio.wait((call,), timeout=self.predict_timeout_s)
@@ -282,7 +282,9 @@ class Batcher:
                 live.append(item)
         return live
 
-    def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, list[Decision], list]:
+    def _predict(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, list[Decision], list]:
+        """In the model's thread: the batch stacked (a copy of every input, off the event loop), run, decided."""
+        batch = np.stack(inputs)
         with self.runtime.turns.foreground():
             output = self.runtime.predict_with_issues(batch)
         issues = list(output.issues)

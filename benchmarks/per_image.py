@@ -5,13 +5,15 @@
 In this process, one stage at a time over the same PNG cells (this thread's CPU time; for the
 model the process's, so its own threads count): decoding the request's image, the plugin's
 `prepare` (quality gate + preprocessing, which share one foreground mask), the model at batch
-32, building the response, and the audit row (record, canonical JSON, hash). Then a real server: its CPU per cell while
-4 streams classify the same cells (from /proc), so "the rest" (gRPC, protobuf, asyncio, routing,
-batching, the audit database) is what the server spends beyond the stages; the same CPU split by
-the server's threads (named by role in the kernel, `dxserve.threads`), and the load generator's
-own CPU, which shares the cores. Last, one stream of a
-500-cell specimen, end to end. With `--decisions FILE`, the probabilities and quality issues of
-200 developer cells (`--data`) are written (the code before a change) or compared with (after it).
+32, building the response, and the audit row (record, canonical JSON, hash). Then a real server:
+its CPU per cell while 4 streams classify the same cells (from /proc), so "the rest" (gRPC,
+protobuf, asyncio, routing, batching, the audit database) is what the server spends beyond the
+stages; the same CPU split by the server's threads (named by role in the kernel,
+`dxserve.threads`), and the load generator's own CPU, which shares the cores. Last, one stream
+of a 500-cell specimen, end to end, and the server's RSS at ready, at its peaks and after
+(`--specimen 5000`: a long stream). With `--decisions FILE`, the probabilities and quality
+issues of 200 developer cells (`--data`) are written (the code before a change) or compared with
+(after it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import load_runtime, sample_images, specimen_seconds, start_server, streaming  # noqa: E402
+from serving import load_runtime, peak_while, rss_mb, sample_images, specimen_seconds, start_server, streaming  # noqa: E402
 
 from dxserve import audit, images  # noqa: E402
 from dxserve.batcher import Result  # noqa: E402
@@ -159,14 +161,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         server = start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3"))
         try:
+            ready_mb = rss_mb(server.pid)
             before, threads_before, client_before = server_cpu_s(server.pid), thread_cpu_s(server.pid), time.process_time()
-            rate = streaming(address, data, args.streams)  # includes a 64-image warm-up stream
+            streams_peak_mb, rate = peak_while(server.pid, lambda: streaming(address, data, args.streams))  # + a 64-image warm-up
             cells = len(data) + 64
             client_ms = (time.process_time() - client_before) * 1000 / cells
             total = (server_cpu_s(server.pid) - before) * 1000 / cells
             by_role = {role: (seconds - threads_before.get(role, 0.0)) * 1000 / cells
                        for role, seconds in thread_cpu_s(server.pid).items()}
-            specimen_s = specimen_seconds(address, args.specimen)
+            specimen_peak_mb, specimen_s = peak_while(server.pid, lambda: specimen_seconds(address, args.specimen))
+            after_mb = rss_mb(server.pid)
         finally:
             server.terminate()
             server.wait(60)
@@ -184,6 +188,8 @@ def main() -> int:
     print(f"  the load generator (this process, the same cores): {client_ms:.2f} ms of CPU per cell")
     print(f"one stream of a {args.specimen}-cell specimen: all answered in {specimen_s:.2f} s "
           f"({args.specimen / specimen_s:.1f} images/s)")
+    print(f"server RSS: {ready_mb:.0f} MB at ready, peak {streams_peak_mb:.0f} MB during the {args.streams} streams and "
+          f"{specimen_peak_mb:.0f} MB during the specimen stream, {after_mb:.0f} MB after")
     if args.check and (args.data / "manifest.csv").exists() and args.decisions:
         import json
 

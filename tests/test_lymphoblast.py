@@ -116,6 +116,19 @@ def test_the_card_describes_the_heads_and_the_input():
     assert architecture(TrainConfig(window=320), 768).endswith("RGB of a 320 px square of the canvas centred on the cell")
 
 
+def test_the_card_says_which_mix_of_cells_its_probabilities_are_calibrated_at():
+    """The default's card is its renderer's output (so it cannot go stale), and it tells a reader
+    what P means on another mix of cells: the odds scale by the ratio of the priors' odds."""
+    from dxserve_lymphoblast.card import CARD_MARKDOWN, _prior_note, read_card, render_markdown
+    from dxserve_lymphoblast.plugin import MODELS_DIR
+
+    shipped = MODELS_DIR / DEFAULT_VERSION
+    assert (shipped / CARD_MARKDOWN).read_text() == render_markdown(read_card(shipped))
+    assert "69 % lymphoblasts" in (shipped / CARD_MARKDOWN).read_text()  # 3,339 of 4,809 developer cells
+    assert "at 20 % blasts, P = 0.50 here stands for 0.20." in _prior_note({"images": 10, "lymphoblasts": 5})
+    assert "stands for 0.50." in _prior_note({"images": 10, "lymphoblasts": 2})
+
+
 def test_averaged_heads_serve_the_mean_of_their_logits(tmp_path):
     import keras
 

@@ -68,6 +68,16 @@ def _ci(interval) -> str:
     return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "n/a"
 
 
+def _prior_note(data: dict) -> str:
+    """What the calibrated probability is relative to: the training data's mix of the two classes."""
+    prior, other = data["lymphoblasts"] / data["images"], 0.2
+    odds = (other / (1 - other)) / (prior / (1 - prior))  # P = 0.5 here, at `other`'s mix
+    return (f"The probabilities are calibrated at the developer set's mix of cells, {prior * 100:.0f} % lymphoblasts. Where blasts "
+            f"make up another share of the cells, the odds of P(lymphoblast) scale by the ratio of that share's odds to "
+            f"this one's: at {other * 100:.0f} % blasts, P = 0.50 here stands for {odds / (1 + odds):.2f}. The call and the "
+            "screen thresholds below are on this scale.")
+
+
 def render_markdown(card: dict) -> str:
     """A readable card: what it is, how it was trained and checked, how far to trust it."""
     evaluation = card["evaluation"]
@@ -162,6 +172,8 @@ def render_markdown(card: dict) -> str:
         "",
         f"Temperature scaling, T = {card['calibration']['temperature']:.3f}, fitted on "
         f"{card['calibration'].get('fitted_on', 'held-out subjects')}. Served probabilities are calibrated.",
+        "",
+        _prior_note(card["data"]),
         "",
         f"- Call: lymphoblast at P(lymphoblast) >= {max(th['upper'], 0.5):.3f}, normal at P < {min(th['lower'], 0.5):.3f}, "
         "indeterminate between (for a person to review). A called label is always the more probable one.",

@@ -3,21 +3,21 @@
     python benchmarks/serving.py [--images 512] [--streams 4] [--unary 100]
 
 Everything is measured in one run on one machine, and figures are printed as ratios
-against the in-process baseline, because absolute numbers on a shared machine drift:
+between rates of the same run, because absolute numbers on a shared machine drift:
 
-1. model only: `predict` on preprocessed batches of 32 (the model's own throughput), for the
-   default version and for the same weights with 8-view test-time averaging (`-tta8`);
+1. model only: `predict` on preprocessed batches of 32 (the model's own throughput); once,
+   the same weights with 8-view test-time averaging (`-tta8`);
 2. in process: decode PNG + quality gate + preprocess in a thread pool, in parallel with
-   predict in batches of 32, no gRPC: the best the same work can do here (baseline);
-3. gRPC streaming: several concurrent ClassifyStream calls to a local server, as a time
-   ratio against the baseline (above 1: the server's own cost);
-4. gRPC unary latency: sequential Classify calls, p50 and p99;
-5. explanations: unary calls that ask for one (explain=true) against the same calls that do
-   not; the streaming figure above is for requests that do not ask;
-6. the audit trail: streaming and unary again on a second server with the audit trail off
-   (the first writes its default SQLite trail, synchronous=FULL, every result waiting for its row),
-   both running, measured in turn (--rounds each); the ratio is of the medians, as throughput
-   (below 1: what the trail costs).
+   predict in batches of 32, no gRPC: the best the same work can do here (the baseline);
+3. gRPC streaming: several concurrent ClassifyStream calls to a local server with its default
+   settings (the SQLite audit trail on, synchronous=FULL, every result waiting for its row);
+4. the same streams to a second server, running beside it, with the audit trail off.
+
+Rates 1-4 are measured once a turn (`--rounds` turns, the order reversed each turn), so the
+two sides of each ratio are seconds apart; each throughput ratio is printed as the median of
+the turns' ratios with its range. Then: a 500-cell specimen stream end to end; unary latency
+(sequential Classify calls, p50 and p99) on both servers; explanations (unary calls that ask
+for one against the same calls that do not; the streaming figures are for requests that do not ask).
 """
 
 from __future__ import annotations
@@ -73,29 +73,39 @@ def model_only(runtime, inputs: np.ndarray, batch: int = 32) -> float:
     return len(inputs) / (time.perf_counter() - started)
 
 
-def in_process(images: list[bytes], batch: int = 32) -> tuple[float, float, float]:
-    """(model-only images/s, decode+gate+preprocess in parallel with the model images/s,
-    model-only images/s of the same weights with 8-view averaging) in this process."""
-    from concurrent.futures import ThreadPoolExecutor
+class InProcess:
+    """The same work without gRPC, on one loaded runtime, to be measured again in each turn:
+    the model alone, and the best the server's work can do in process (the baseline)."""
 
-    runtime = load_runtime()
-    decode = lambda data: to_rgb(Image.open(io.BytesIO(data)))  # noqa: E731
-    inputs = np.stack([runtime.preprocess(decode(d)) for d in images])
-    alone = model_only(runtime, inputs, batch)
+    def __init__(self, images: list[bytes], batch: int = 32):
+        self.runtime, self.images, self.batch = load_runtime(), images, batch
+        self.inputs = np.stack([self.runtime.preprocess(_decode(d)) for d in images])
+        self.runtime.predict(self.inputs[:batch])  # warm up
 
-    def prepare(data: bytes):  # what the server does per image: decode, quality gate, preprocess
-        rgb = decode(data)
-        runtime.check_quality(rgb)
-        return runtime.preprocess(rgb)
+    def model_only(self) -> float:
+        """images/s of `predict` alone on the preprocessed batches."""
+        return model_only(self.runtime, self.inputs, self.batch)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # decoding runs ahead while the model works, as in the server
-        prepared = [pool.submit(prepare, d) for d in images]
-        for i in range(0, len(images), batch):
-            runtime.predict(np.stack([f.result() for f in prepared[i:i + batch]]))
-    raw = len(images) / (time.perf_counter() - started)
-    averaged = model_only(load_runtime(f"{runtime.version.version}-tta8"), inputs, batch)
-    return alone, raw, averaged
+    def pipeline(self) -> float:
+        """images/s of decode + quality gate + preprocess in a thread pool, one thread per core,
+        running ahead while the model predicts, as the server does: the baseline."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def prepare(data: bytes):  # what the server does per image: decode, quality gate, preprocess
+            rgb = _decode(data)
+            self.runtime.check_quality(rgb)
+            return self.runtime.preprocess(rgb)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            prepared = [pool.submit(prepare, d) for d in self.images]
+            for i in range(0, len(self.images), self.batch):
+                self.runtime.predict(np.stack([f.result() for f in prepared[i:i + self.batch]]))
+        return len(self.images) / (time.perf_counter() - started)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def start_server(port: int, *flags: str, audit_db: str = "", token: str = "", warm_up: bool = True) -> subprocess.Popen:
@@ -194,23 +204,27 @@ def main() -> int:
     parser.add_argument("--explained", type=int, default=12, help="unary calls with explain=true")
     parser.add_argument("--specimen", type=int, default=500, help="cells in the one-specimen stream")
     parser.add_argument("--port", type=int, default=50099, help="the audited server's; the other's is the next")
-    parser.add_argument("--rounds", type=int, default=4, help="streaming measurements of each server, taken in turn")
+    parser.add_argument("--rounds", type=int, default=4, help="turns, each measuring every rate once")
     args = parser.parse_args()
 
     images = sample_images(args.images)
-    alone, raw, averaged = in_process(images)
+    local = InProcess(images)
+    averaged = model_only(load_runtime(f"{local.runtime.version.version}-tta8"), local.inputs)
     address, unaudited = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     with tempfile.TemporaryDirectory() as folder:
-        # Both servers run side by side (the idle one costs nothing) and are measured in turn,
-        # on-off-off-on, ...: neither always comes first, when the machine is warmer or quieter.
+        # Both servers run side by side (an idle one costs nothing), and every rate is measured
+        # once a turn, the order reversed each turn: a bar's two sides are measured seconds apart,
+        # not minutes, and neither always comes first, when the machine is warmer or quieter.
         servers = [start_server(args.port, audit_db=str(Path(folder) / "audit.sqlite3")),
                    start_server(args.port + 1)]
         try:
-            rates = {address: [], unaudited: []}
+            measure = {"model only": local.model_only, "in process": local.pipeline,
+                       "streaming": lambda: streaming(address, images, args.streams),
+                       "audit off": lambda: streaming(unaudited, images, args.streams)}
+            rates = {name: [] for name in measure}
             for turn in range(args.rounds):
-                for target in ((address, unaudited) if turn % 2 == 0 else (unaudited, address)):
-                    rates[target].append(streaming(target, images, args.streams))
-            stream_rate, unaudited_rate = statistics.median(rates[address]), statistics.median(rates[unaudited])
+                for name in (list(measure) if turn % 2 == 0 else list(measure)[::-1]):
+                    rates[name].append(measure[name]())
             specimen_s = specimen_seconds(address, args.specimen)
             p50, p99 = unary_latency(address, images, args.unary)
             unaudited_p50, unaudited_p99 = unary_latency(unaudited, images, args.unary)
@@ -222,22 +236,26 @@ def main() -> int:
             for server in servers:
                 server.wait(60)
 
-    print(f"machine: {os.cpu_count()} CPU cores; {len(images)} PNG cells of 450x450 px")
-    print(f"model only, batch 32, in process:        {alone:8.1f} images/s")
-    print(f"  the same with 8-view averaging (-tta8): {averaged:8.1f} images/s   (cost: x{alone / averaged:.1f})")
-    print(f"in process, decode+gate+prep in parallel with the model: {raw:8.1f} images/s   (baseline)")
-    print(f"gRPC streaming, {args.streams} concurrent streams, no explanations: {stream_rate:8.1f} images/s   (median of "
-          + " ".join(f"{r:.1f}" for r in rates[address]) + ")")
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    each = lambda name: " ".join(f"{r:.1f}" for r in rates[name])  # noqa: E731
+    print(f"machine: {os.cpu_count()} CPU cores; {len(images)} PNG cells of 450x450 px; {args.rounds} turns, each measuring "
+          "every rate once (order reversed each turn); medians, then each turn's")
+    print(f"model only, batch 32, in process:        {median['model only']:8.1f} images/s   ({each('model only')})")
+    print(f"  the same with 8-view averaging (-tta8): {averaged:8.1f} images/s   (cost: x{median['model only'] / averaged:.1f}, once)")
+    print(f"in process, decode+gate+prep in parallel with the model: {median['in process']:8.1f} images/s   (baseline; "
+          f"{each('in process')})")
+    print(f"gRPC streaming, {args.streams} concurrent streams, audit trail on, no explanations: {median['streaming']:8.1f} "
+          f"images/s   ({each('streaming')})")
+    print(f"the same streams, audit trail off: {median['audit off']:8.1f} images/s   ({each('audit off')})")
+    for label, over, bar in (("streaming / model only", "model only", 0.85), ("streaming / in-process baseline", "in process", 0.95),
+                             ("audit on / off, streaming", "audit off", 0.95)):
+        turns = [s / o for s, o in zip(rates["streaming"], rates[over], strict=True)]
+        print(f"throughput ratio {label}: {statistics.median(turns):.2f}, turns {min(turns):.2f}-{max(turns):.2f} "
+              f"({' '.join(f'{t:.2f}' for t in turns)}; issue 16's bar {bar})")
     print(f"one stream of a {args.specimen}-cell specimen, end to end: {specimen_s:.2f} s "
-          f"({args.specimen / specimen_s:.1f} images/s)")
-    print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    print(f"time ratio streaming / in-process baseline: {raw / stream_rate:8.2f}   (above 1: the server's own cost)")
-    print(f"time ratio streaming / model only:          {alone / stream_rate:8.2f}")
-    print(f"audit trail off: streaming {unaudited_rate:.1f} images/s (median of " + " ".join(f"{r:.1f}" for r in rates[unaudited])
-          + f"), unary p50 {unaudited_p50:.1f} ms, p99 {unaudited_p99:.1f} ms")
-    turns = [on / off for on, off in zip(rates[address], rates[unaudited], strict=True)]
-    print(f"throughput ratio audit on / off, streaming: {stream_rate / unaudited_rate:.2f} (each turn: "
-          + " ".join(f"{r:.2f}" for r in turns) + f"); time ratio unary p50 {p50 / unaudited_p50:.2f}")
+          f"({args.specimen / specimen_s:.1f} images/s; issue 16's bar: 500 cells in 4 s)")
+    print(f"gRPC unary latency ({args.unary} sequential calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms; audit trail off: "
+          f"p50 {unaudited_p50:.1f} ms, p99 {unaudited_p99:.1f} ms")
     print(f"explain=true unary p50 {explained_p50:.0f} ms vs {plain_p50:.0f} ms without ({args.explained} calls each): "
           f"x{explained_p50 / plain_p50:.1f} for the requests that ask")
     return 0

@@ -172,13 +172,19 @@ def test_thread_safe(runtime, images, classifies):
         np.testing.assert_allclose(p, expected, atol=TOLERANCE)
 
 
+def _blank_or_noise(runtime, kind: str) -> np.ndarray:
+    """A flat light-grey image ("blank") or uniform RGB noise ("noise"), at least 256 px a side."""
+    side = max(runtime.info.input.min_side, 256)
+    if kind == "blank":
+        return np.full((side, side, 3), 200, np.uint8)
+    return np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
 @pytest.mark.parametrize("kind", ["blank", "noise"])
 def test_a_blank_or_noise_image_gets_no_confident_label(dxserve_runtime_class, runtime, version, kind, classifies):
     if QUALITY_GATE not in dxserve_runtime_class.safety_checks(version):
         pytest.skip("the plugin declares no quality gate")
-    side = max(runtime.info.input.min_side, 256)
-    image = (np.full((side, side, 3), 200, np.uint8) if kind == "blank"
-             else np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    image = _blank_or_noise(runtime, kind)
     issues = list(runtime.check_quality(image))
     prediction = runtime.predict_with_issues(runtime.preprocess(image)[None])
     issues += list(prediction.issues[0])
@@ -218,9 +224,7 @@ def test_a_field_plugin_finds_well_formed_objects(runtime, images, finds):
 def test_a_field_plugin_refuses_a_blank_or_noise_field(dxserve_runtime_class, runtime, version, kind, finds):
     if QUALITY_GATE not in dxserve_runtime_class.safety_checks(version):
         pytest.skip("the plugin declares no quality gate")
-    side = max(runtime.info.input.min_side, 256)
-    image = (np.full((side, side, 3), 200, np.uint8) if kind == "blank"
-             else np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    image = _blank_or_noise(runtime, kind)
     found, issues = runtime.find_objects(image)
     assert issues and not found, f"a {kind} field passed the field's gate with {len(found)} objects"
 

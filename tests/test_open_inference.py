@@ -123,7 +123,7 @@ def test_tritonclient_drives_the_facade(triton_python, secured, tmp_path):
         ("IMAGE", "BYTES", ["-1", "1"]), ("PIXELS", "UINT8", ["-1", "-1", "-1", "3"])]
     assert [t["name"] for t in metadata["outputs"]] == ["PROBABILITIES", "LABEL", "DECISION", "REASON"]
     config = seen["config"]["config"]
-    assert config["max_batch_size"] == 16 and config["backend"] == "dxserve"
+    assert config["max_batch_size"] == 12 and config["backend"] == "dxserve"
     assert [(i["name"], i["data_type"]) for i in config["input"]] == [("IMAGE", "TYPE_STRING"), ("PIXELS", "TYPE_UINT8")]
     assert config["output"][0] == {"name": "PROBABILITIES", "data_type": "TYPE_FP32", "dims": ["2"]}
 
@@ -155,7 +155,7 @@ def test_tritonclient_drives_the_facade(triton_python, secured, tmp_path):
     assert seen["unknown_version"][0] == "StatusCode.NOT_FOUND" and "9.9.9" in seen["unknown_version"][1]
     assert seen["no_token"][0] == seen["bad_token"][0] == "StatusCode.UNAUTHENTICATED"
     assert seen["not_allowed"][0] == seen["not_allowed_metadata"][0] == "StatusCode.PERMISSION_DENIED"
-    assert seen["too_many"][0] == "StatusCode.INVALID_ARGUMENT" and "max_batch_size is 16" in seen["too_many"][1]
+    assert seen["too_many"][0] == "StatusCode.INVALID_ARGUMENT" and "max_batch_size is 12" in seen["too_many"][1]
 
     # Every image is an audit row like any other: each cell encoded, as pixels and in the batch,
     # one more for the label alone; 4 refused after identification (the unidentified never get this far).

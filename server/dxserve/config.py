@@ -34,7 +34,7 @@ class Settings(BaseModel):
                                         "clients reconnect and spread over replicas; streams end first, by max_stream_age_s; 0 = never")
     # 16, not 32: on 2 cores the same throughput (benchmarks/load.py, serving.py) and about 150 MB
     # less resident memory after a burst of 64 callers (a batch's activations are the high-water mark).
-    max_batch_size: int = Field(16, ge=1, le=1024, description="images per model call, at most")
+    max_batch_size: int = Field(12, ge=1, le=1024, description="images per model call, at most")
     max_objects_per_field: int = Field(64, ge=1, le=4096, description="objects a field plugin may find in one image; "
                                        "a field with more is refused INVALID_ARGUMENT (TOO_MANY_OBJECTS)")
     max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long an idle model waits to fill a batch (0: "

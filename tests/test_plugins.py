@@ -54,6 +54,20 @@ def test_weights_with_a_wrong_hash_fail_the_plugin(monkeypatch):
     assert "refusing corrupt or altered weights" in plugins["brightness"].reason
 
 
+def test_a_loaded_version_gives_back_the_memory_its_load_freed(monkeypatch):
+    """Once a version's `load` returns, and before it takes traffic, the server hands the heap
+    pages loading freed back to the system (`dxserve.heap`)."""
+    from dxserve import heap, registry
+
+    entry = discover(Settings(ungated_versions_allowed=UNGATED, disabled_plugins=ONLY_TEST_PLUGINS))["brightness"]
+    calls = []
+    load = entry.runtime_class.load
+    monkeypatch.setattr(entry.runtime_class, "load", lambda self: (calls.append("load"), load(self))[1])
+    monkeypatch.setattr(heap, "return_freed_memory", lambda: calls.append("heap"))
+    runtime = registry.load_runtime(entry.runtime_class, entry.runtime_class.versions()[0])
+    assert calls == ["load", "heap"] and isinstance(runtime, entry.runtime_class)
+
+
 def test_loading_plugin_is_unavailable_then_serves():
     from dxserve_testplugins import slow
 

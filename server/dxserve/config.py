@@ -32,8 +32,9 @@ class Settings(BaseModel):
                                     "read and ends UNAVAILABLE (STREAM_MAX_AGE) with its resume_index; 0 = never")
     max_connection_age_s: float = Field(3600.0, ge=0, description="connections are closed (GOAWAY) after this long, so "
                                         "clients reconnect and spread over replicas; streams end first, by max_stream_age_s; 0 = never")
-    # 16, not 32: on 2 cores the same throughput (benchmarks/load.py, serving.py) and about 150 MB
-    # less resident memory after a burst of 64 callers (a batch's activations are the high-water mark).
+    # 12, not 16 or 32: on 2 cores the same throughput (benchmarks/load.py, serving.py) and 30-45 MB
+    # less resident memory than 16 after a burst of 64 callers, about 150 MB less than 32 (a batch's
+    # activations are the high-water mark; benchmarks/RESULTS.md, issue 16 round 4).
     max_batch_size: int = Field(12, ge=1, le=1024, description="images per model call, at most")
     max_objects_per_field: int = Field(64, ge=1, le=4096, description="objects a field plugin may find in one image; "
                                        "a field with more is refused INVALID_ARGUMENT (TOO_MANY_OBJECTS)")

@@ -89,13 +89,13 @@ def frozen(function):
     concrete = function.get_concrete_function()
     graph = convert_variables_to_constants_v2(concrete)
     names = sorted(concrete.structured_input_signature[0][0])  # a dict's tensors flatten in key order
+    # The outputs' nesting only: the traced tensors themselves would keep the unfrozen graph alive.
+    structure = tf.nest.map_structure(lambda _: None, concrete.structured_outputs)
 
     def call(inputs):
         outputs = graph(*(tf.convert_to_tensor(inputs[name]) for name in names))
         return tf.nest.pack_sequence_as(structure, outputs)  # the function's own structure
 
-    # The outputs' nesting only: the traced tensors themselves would keep the unfrozen graph alive.
-    structure = tf.nest.map_structure(lambda _: None, concrete.structured_outputs)
     return call
 
 

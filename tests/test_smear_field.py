@@ -95,3 +95,32 @@ def test_the_cli_prints_a_row_per_cell_and_draws_the_boxes(server, capsys, tmp_p
     assert f"specimen smear-1 (lymphoblast {DEFAULT_VERSION}): 3 cells" in out.err
     drawn = sorted(tmp_path.glob("run-*/*.objects.png"))
     assert len(drawn) == 3 and cv2.imread(str(drawn[0])).shape == (480, 640, 3)
+
+
+def test_a_field_that_is_one_red_mask_is_a_clean_refusal(runtime):
+    """Issue 33: a red-cell mask covering the whole field measured a red cell 1e38 px wide, and
+    the kernel built from it raised inside OpenCV (INTERNAL). Now: no scale, a coded refusal."""
+    pink = np.full((300, 300, 3), (230, 120, 170), np.uint8)
+    pink[140:160, 140:160] = (90, 40, 160)  # a violet speck, so the field gate passes
+    assert detect.scale(pink, runtime.parameters) == 0.0
+    found, issues = runtime.find_objects(pink)
+    assert found == [] and [i.code for i in issues] in (["SCALE_UNKNOWN"], ["NOT_A_SMEAR"], ["NO_CELLS"])
+
+
+def test_a_site_profile_keeps_the_cells_beside_a_clump():
+    """Site overrides (`Parameters.with_overrides`): a clump is left out instead of refusing the
+    field, cells cut by the field's edge are left out; an unknown name is refused."""
+    p = detect.Parameters.load(SmearFieldRuntime.versions()[0].weights)
+    field = np.full((400, 400, 3), 235, np.uint8)
+    cv2.circle(field, (100, 100), 12, (90, 40, 160), -1)  # a white cell's nucleus, about 5 um across
+    cv2.rectangle(field, (200, 150), (390, 390), (90, 40, 160), -1)  # a violet mass far over 30 um: a clump
+    cv2.circle(field, (0, 300), 12, (90, 40, 160), -1)  # a nucleus cut by the left edge
+    um_per_px = 0.2
+    assert [i.code for i in detect.cells(field, p, 1 / um_per_px)[1]] == ["CLUMP"]
+    site = p.with_overrides({"skip_clumps": True, "drop_border_cells": True})
+    found, issues = detect.cells(field, site, 1 / um_per_px)
+    assert issues == [] and len(found) == 1
+    x, y, w, h = found[0].box
+    assert abs(x + w / 2 - 100) < 3 and abs(y + h / 2 - 100) < 3
+    with pytest.raises(ValueError, match="unknown detector parameters: nucleus_colour"):
+        p.with_overrides({"nucleus_colour": 1})

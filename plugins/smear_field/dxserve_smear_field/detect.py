@@ -20,6 +20,7 @@ on one core, with nothing to train or ship; the figures of every split are in th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,19 @@ class Parameters:
     min_stained_fraction: float  # of the field's pixels: below, no cells to find
     min_smear_hue_fraction: float  # of its saturated pixels in pink, red or violet: below, not a stained smear
     min_focus: float  # variance of the Laplacian of the grey field: below, out of focus
+    #: A site's fields (a site profile's `detector` overrides, see `with_overrides`): a clump
+    #: is left out and the other cells kept, instead of refusing the field (1.0.0: refuse).
+    skip_clumps: bool = False
+    #: Leave out a cell whose box touches the field's edge (part of it is outside the field).
+    drop_border_cells: bool = False
+
+    def with_overrides(self, overrides: dict) -> "Parameters":
+        """These parameters with some replaced (a site's profile); an unknown name is a ValueError."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown detector parameters: {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return dataclasses.replace(self, **values)
 
     @classmethod
     def load(cls, path: Path) -> "Parameters":
@@ -96,6 +110,9 @@ def scale(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> flo
     if peaks.size < p.min_red_cells:
         return 0.0
     diameter_px = 2 * float(np.percentile(peaks, p.rbc_radius_quantile)) * p.rbc_estimate_factor
+    # A red cell wider than the field is no measurement (a mask that fills the field gave 1e38).
+    if not np.isfinite(diameter_px) or diameter_px > max(rgb.shape[:2]):
+        return 0.0
     return diameter_px / p.rbc_diameter_um
 
 
@@ -145,11 +162,15 @@ def cells(rgb: np.ndarray, p: Parameters, px_per_um: float) -> tuple[list[Cell],
         ys, xs = np.nonzero(nucleus)
         side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * p.pad_um * px_per_um
         if side > p.max_cell_um * px_per_um:
+            if p.skip_clumps:
+                continue
             return [], [QualityIssue("CLUMP", f"a stained object {side / px_per_um:.0f} um across: overlapping cells, "
                                      "not one to classify", side / px_per_um, 0.0, p.max_cell_um)]
         cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
         x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
         x1, y1 = int(min(width, cx + side / 2)), int(min(height, cy + side / 2))
+        if p.drop_border_cells and (xs.min() == 0 or ys.min() == 0 or xs.max() == width - 1 or ys.max() == height - 1):
+            continue  # the nucleus itself reaches the edge: part of the cell is outside the field
         hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.int32))
         body = cv2.fillConvexPoly(np.zeros((height, width), np.uint8), hull, 1)
         body = cv2.dilate(body, _disk(2 * p.cytoplasm_um * px_per_um))[y0:y1, x0:x1] > 0

@@ -32,8 +32,36 @@ def test_the_server_depends_on_no_framework():
     needs = requirements(ROOT / "pyproject.toml")
     assert "dxserve-client" in needs  # the generated code
     assert not {"tensorflow", "keras", "torch"} & set(needs), needs
-    assert "tensorflow" in requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml")
+    assert not {"tensorflow", "keras", "torch"} & set(requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml"))
     assert not {"tensorflow", "keras", "torch"} & set(requirements(ROOT / "plugins" / "smear_field" / "pyproject.toml"))
+
+
+def test_lymphoblast_serves_on_litert_and_trains_with_tensorflow():
+    """Issue 30: a serving install of lymphoblast has LiteRT, not TensorFlow; training and the
+    export are the `train` extra."""
+    project = tomllib.loads((ROOT / "plugins" / "lymphoblast" / "pyproject.toml").read_text())["project"]
+    assert "ai-edge-litert" in requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml")
+    assert {"tensorflow", "keras"} <= {r.split("==")[0] for r in project["optional-dependencies"]["train"]}
+
+
+def test_serving_lymphoblast_imports_no_tensorflow():
+    """Loading the default version and classifying a cell, as the server does, imports neither
+    TensorFlow nor Keras (each import is refused in the child process)."""
+    code = ("import sys, importlib.abc\n"
+            "class NoFramework(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] in ('tensorflow', 'keras', 'sklearn', 'matplotlib'):\n"
+            "            raise ImportError(f'{name}: serving must not need it')\n"
+            "sys.meta_path.insert(0, NoFramework())\n"
+            "import numpy as np\n"
+            "from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version\n"
+            "from dxserve_lymphoblast.preprocess import input_dtype\n"
+            "runtime = LymphoblastRuntime(find_version()); runtime.load()\n"
+            "print(runtime.version.weights.name, runtime.predict(np.zeros(3, input_dtype(runtime.image_size))).shape)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "DXSERVE_LYMPHOBLAST_RUNTIME"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["model.tflite", "(3,", "2)"]
 
 
 def test_client_code_imports_nothing_of_the_server():
@@ -62,7 +90,7 @@ def test_each_wheel_holds_its_own_part(wheels):
     assert "dxserve/v1/diagnostics_pb2.py" in client and "dxserve/__init__.py" not in client  # a namespace the server shares
     assert not any(n.startswith("dxserve/v1/") for n in server) and "dxserve/app.py" in server  # the generated code once
     assert "dxserve/testing/conformance.py" in server
-    assert {f"dxserve_lymphoblast/models/{v}/{f}" for v in (DEFAULT_VERSION, PREVIOUS_VERSION) for f in ("model.keras", "ood.npz")} <= set(plugin)
+    assert {f"dxserve_lymphoblast/models/{v}/{f}" for v in (DEFAULT_VERSION, PREVIOUS_VERSION) for f in ("model.keras", "model.tflite", "ood.npz")} <= set(plugin)
     assert "dxserve_lymphoblast/examples/ATTRIBUTION.md" in plugin
     assert "dxserve/oip/grpc_service_pb2.py" in client  # the Open Inference Protocol's code, for callers too
     field = zipfile.ZipFile(wheels["dxserve_smear_field"]).namelist()

@@ -4,6 +4,7 @@ shipped weights and the evaluate command."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -479,9 +480,12 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
 
     version_dir, _, _ = tiny_version
     version, tta = sorted(shipped_versions(version_dir.parent), key=lambda v: v.version)
-    assert tta.version == "0.0.1-tta8" and tta.weights == (version_dir / "model.keras").resolve()
+    # train exports the served LiteRT file too; the -tta8 variant serves the same file with 8 views
+    assert tta.version == "0.0.1-tta8" and tta.weights == (version_dir / "model.tflite").resolve()
     assert tta.weights_sha256 == version.weights_sha256  # the same weights, served another way
-    assert version.weights_sha256 == sha256_of(version_dir / "model.keras")
+    assert version.weights_sha256 == sha256_of(version_dir / "model.tflite")
+    keras_version, _ = sorted(shipped_versions(version_dir.parent, runtime="tensorflow"), key=lambda v: v.version)
+    assert keras_version.weights_sha256 == sha256_of(version_dir / "model.keras")
     import h5py
     import zipfile
 
@@ -494,7 +498,10 @@ def test_written_version_loads_and_serves(tiny_version, cell_paths):
     # The recipe's window and heads are the served model's: a 300 px square of the canvas, two heads averaged.
     assert runtime.window == 300 and json.loads(version.model_card_json)["input"]["window"] == 300
     np.testing.assert_array_equal(batch[0]["cell"], model_input(cell(cell_paths[0]), 32, window=300)["cell"])
-    assert {"head_0", "head_1"} <= {layer.name for layer in runtime.model.get_layer("head").layers}
+    keras_runtime = LymphoblastRuntime(keras_version)
+    keras_runtime.load()
+    assert {"head_0", "head_1"} <= {layer.name for layer in keras_runtime.model.get_layer("head").layers}
+    np.testing.assert_allclose(keras_runtime.predict(batch), runtime.predict(batch), atol=1e-5)  # the export is the model
     p = runtime.predict(batch)
     assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
     assert len(runtime.predict_with_issues(batch).issues) == 6 and runtime.ood is not None  # an OOD model per version
@@ -513,14 +520,18 @@ def test_shipped_weights_match_their_card():
     from dxserve.runtime import sha256_of
     from dxserve_lymphoblast.plugin import shipped_versions
 
-    versions = shipped_versions()
+    versions = shipped_versions(runtime="tensorflow")
     assert versions, "no shipped weights"
     for version in versions:
         card = json.loads(version.model_card_json)
         assert sha256_of(version.weights) == card["weights"]["sha256"] == version.weights_sha256
         assert version.weights.stat().st_size <= 20 * 1024 * 1024
+        if "litert" in card:  # the served file (issue 30): every 2.x version has one
+            assert sha256_of(version.weights.parent / Path(card["litert"]["file"]).name) == card["litert"]["sha256"]
         for key in ("evaluation", "calibration", "thresholds", "intended_use", "limitations", "data"):
             assert key in card
+    served = {v.version: v for v in shipped_versions()}
+    assert all(served[v].weights.name == "model.tflite" for v in served if v.startswith("2."))
 
 
 @pytest.fixture(scope="module")
@@ -530,6 +541,70 @@ def shipped_runtime():
     runtime = LymphoblastRuntime(shipped_versions()[0])
     runtime.load()
     return runtime
+
+
+@pytest.fixture(scope="module")
+def tensorflow_runtime():
+    """The default version served by TensorFlow (DXSERVE_LYMPHOBLAST_RUNTIME=tensorflow)."""
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+
+    runtime = LymphoblastRuntime(shipped_versions(runtime="tensorflow")[0])
+    runtime.load()
+    return runtime
+
+
+DEVELOPER_CELLS = ROOT.parent / "shared" / "data" / "cnmc2019"
+
+
+def developer_cells(every: int = 24, count: int = 200) -> list[np.ndarray]:
+    """Every `every`-th developer-set cell (C-NMC), `count` of them; the fixture cells where the
+    shared data is not beside the repository."""
+    from dxserve_lymphoblast.data import read_manifest
+
+    if not (DEVELOPER_CELLS / "manifest.csv").exists():
+        return [cell(p) for p in sorted((FIXTURES / "cells").glob("*.png"))]
+    return [cell(DEVELOPER_CELLS / r["path"]) for r in read_manifest(DEVELOPER_CELLS)[::every][:count]]
+
+
+def test_litert_serves_what_tensorflow_serves(shipped_runtime, tensorflow_runtime):
+    """Issue 30: the default version on LiteRT (its `model.tflite`, the area resize as matrix
+    products) gives the TensorFlow path's probabilities to 1e-5, the same out-of-distribution
+    issues and the same decisions, on 200 developer cells in batches of 1, 5 and 12 (padded to
+    the planned interpreters' sizes), and names its own file and hash."""
+    assert shipped_runtime.version.weights.name == "model.tflite" and tensorflow_runtime.version.weights.name == "model.keras"
+    assert shipped_runtime.version.weights_sha256 == shipped_runtime.version.extra["card"]["litert"]["sha256"]
+    records = np.stack([shipped_runtime.preprocess(c) for c in developer_cells()])
+    for size in (1, 5, 12):
+        for start in range(0, min(len(records), 10 * size), size):
+            batch = records[start:start + size]
+            lite, tf_ = shipped_runtime.predict_with_issues(batch), tensorflow_runtime.predict_with_issues(batch)
+            np.testing.assert_allclose(lite.probabilities, tf_.probabilities, atol=1e-5, rtol=0)
+            assert [[i.code for i in item] for item in lite.issues] == [[i.code for i in item] for item in tf_.issues]
+            assert [shipped_runtime.decide(p).label for p in lite.probabilities] == \
+                [tensorflow_runtime.decide(p).label for p in tf_.probabilities]
+
+
+def test_the_area_resize_as_matrix_products_is_resize_area():
+    """export.area_resize (what LiteRT runs) equals TensorFlow's ResizeArea at 224 -> 128 (the served
+    scale) to 1e-6, and at an odd ratio to 5e-5 (ResizeArea computes its pixel spans in float32)."""
+    import tensorflow as tf
+
+    from dxserve_lymphoblast.export import area_resize
+
+    images = np.random.default_rng(0).random((2, 224, 224, 3), np.float32)
+    for size, tolerance in ((128, 1e-6), (97, 5e-5)):
+        np.testing.assert_allclose(area_resize(tf.constant(images), size).numpy(),
+                                   tf.image.resize(images, (size, size), method="area").numpy(), atol=tolerance, rtol=0)
+
+
+def test_the_runtime_setting_is_checked(monkeypatch):
+    from dxserve_lymphoblast import plugin
+
+    monkeypatch.setenv(plugin.RUNTIME_ENV, "onnx")
+    with pytest.raises(ValueError, match="expected one of litert, tensorflow"):
+        plugin.chosen_runtime()
+    monkeypatch.setenv(plugin.RUNTIME_ENV, "TensorFlow")
+    assert {v.extra["runtime"] for v in plugin.shipped_versions()} == {"tensorflow"}
 
 
 def on_canvas(rgb: np.ndarray, side: int, offset: tuple[int, int]) -> np.ndarray:
@@ -595,7 +670,7 @@ def test_every_shipped_version_loads_and_predicts(version, cell_paths):
     assert p.shape == (6, 2) and np.allclose(p.sum(axis=1), 1)
 
 
-def test_the_frozen_graph_serves_what_the_model_computes(shipped_runtime, cell_paths, monkeypatch):
+def test_the_frozen_graph_serves_what_the_model_computes(tensorflow_runtime, cell_paths, monkeypatch):
     """The runtime serves its tf.function with the weights folded into constants (`plugin.frozen`):
     the same logits and CNN features as the unfrozen function, to float32 reassociation, and the
     probabilities to 1e-5, on the fixture cells in batches of 1, 6 and 17."""
@@ -603,6 +678,7 @@ def test_the_frozen_graph_serves_what_the_model_computes(shipped_runtime, cell_p
 
     from dxserve_lymphoblast import plugin
 
+    shipped_runtime = tensorflow_runtime
     monkeypatch.setattr(plugin, "frozen", lambda function: function)
     unfrozen_runtime = plugin.LymphoblastRuntime(shipped_runtime.version)
     unfrozen_runtime.load()

@@ -89,6 +89,10 @@ def render_markdown(card: dict) -> str:
         "",
         f"- **Weights:** `{card['weights']['file']}`, {card['weights']['bytes'] / 1e6:.1f} MB, "
         f"SHA-256 `{card['weights']['sha256']}`",
+        *([f"- **Served on LiteRT:** `{card['litert']['file']}`, {card['litert']['bytes'] / 1e6:.1f} MB, SHA-256 "
+           f"`{card['litert']['sha256']}` (verified before loading; {card['litert']['converted_with']}; logits equal to the "
+           f"Keras model's to {card['litert']['max_abs_logit_difference']:.1e} on {card['litert']['checked_on']})"]
+          if "litert" in card else []),
         f"- **Trained:** {card['trained_at']} in {card['training_seconds'] / 60:.0f} min on {card['machine']}",
         f"- **Command:** `{card['command']}`",
         f"- **Architecture:** {card['architecture']}",

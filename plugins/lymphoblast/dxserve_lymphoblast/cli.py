@@ -155,6 +155,7 @@ def train_command(args: argparse.Namespace) -> int:
                 "thresholds": tta.pop("thresholds"),
                 "evaluation": {**evaluation, **tta, "folds": evaluation["candidates"][MODEL_8_VIEWS]["folds"]}}
     write_card(tta_dir, tta_card, weights_file=f"../{args.version}/{WEIGHTS_FILE}")
+    export_command(argparse.Namespace(models=args.out, version=args.version))  # the served format
     specimen_command(argparse.Namespace(models=args.out, version=args.version, **SPECIMEN_DEFAULTS))
     log(f"wrote {version_dir} and {tta_dir} in {(time.time() - started) / 60:.1f} min")
     return 0
@@ -236,6 +237,29 @@ def gate_command(args: argparse.Namespace) -> int:
         card = read_card(folder)
         write_card(folder, {**card, "quality_gate": gate}, weights_file=card["weights"]["file"])
         print(f"wrote the gate into {folder / CARD_FILE}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Export a version's Keras model to LiteRT (`export.py`) and record the file in its card
+    and its serving variants' cards (-tta8 serves the same file with more views)."""
+    from .card import CARD_FILE, WEIGHTS_FILE, read_card, write_card
+    from .export import export
+
+    folders = version_folders(args.models, args.version)
+    own = [f for f in folders if read_card(f)["weights"]["file"] == WEIGHTS_FILE]
+    if not own:
+        print(f"no model version {args.version!r} with its own weights in {args.models}", file=sys.stderr)
+        return 2
+    folder = own[0]
+    entry = export(folder, read_card(folder))
+    print(f"wrote {folder / entry['file']}: {entry['bytes'] / 1e6:.1f} MB, logits equal to "
+          f"{entry['max_abs_logit_difference']:.1e} ({entry['checked_on']})")
+    for variant in folders:
+        card = read_card(variant)
+        relative = entry["file"] if variant == folder else f"../{folder.name}/{entry['file']}"
+        write_card(variant, {**card, "litert": {**entry, "file": relative}}, weights_file=card["weights"]["file"])
+        print(f"recorded it in {variant / CARD_FILE}")
     return 0
 
 
@@ -378,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     specimen.add_argument("--positive-at-least", type=float, help="Wilson lower end at or above: blast-like cells predominate")
     specimen.add_argument("--negative-below", type=float, help="Wilson upper end below: no excess of blast-like cells")
     specimen.set_defaults(run=specimen_command, **SPECIMEN_DEFAULTS)
+
+    export = sub.add_parser("export-litert", help="export a version to LiteRT (model.tflite, the served format) and record it "
+                            "in its card (train does this itself)")
+    export.add_argument("--version", required=True)
+    export.add_argument("--models", type=Path, default=MODELS_DIR)
+    export.set_defaults(run=export_command)
 
     evaluate = sub.add_parser("evaluate", help="score a weights version on a labelled folder or manifest; JSON report and plots")
     evaluate.add_argument("--data", type=Path, required=True, help="folder of *_all/*_hem images, or a manifest.csv")

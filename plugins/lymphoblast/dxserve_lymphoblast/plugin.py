@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,20 @@ MODELS_DIR = Path(__file__).parent / "models"
 PLUGIN_VERSION = "1.0.0"
 # The model's single logit is for "lymphoblast"; "normal" is its complement.
 LABELS = ("lymphoblast", "normal")
+#: Which runtime serves a version whose card has a LiteRT export (`litert` in the card):
+#: "litert" (the default: XNNPACK on the CPU, no TensorFlow) or "tensorflow" (the Keras model
+#: as a frozen graph, e.g. on a GPU host; needs `dxserve-lymphoblast[train]`). Versions without
+#: an export (1.x) are served by TensorFlow either way.
+RUNTIME_ENV = "DXSERVE_LYMPHOBLAST_RUNTIME"
+RUNTIMES = ("litert", "tensorflow")
+
+
+def chosen_runtime() -> str:
+    """The runtime named by DXSERVE_LYMPHOBLAST_RUNTIME (default "litert"); another name is a ValueError."""
+    name = os.environ.get(RUNTIME_ENV, "litert").strip().lower() or "litert"
+    if name not in RUNTIMES:
+        raise ValueError(f"{RUNTIME_ENV}={name!r}: expected one of {', '.join(RUNTIMES)}")
+    return name
 
 
 def _version_key(name: str) -> tuple:
@@ -34,20 +49,24 @@ def _version_key(name: str) -> tuple:
     return numbers, 0 if suffix else 1, suffix
 
 
-def shipped_versions(models_dir: Path = MODELS_DIR) -> list[ModelVersion]:
-    """Every models/<version>/ with weights and a card, newest first."""
+def shipped_versions(models_dir: Path = MODELS_DIR, runtime: str | None = None) -> list[ModelVersion]:
+    """Every models/<version>/ with weights and a card, newest first. A version served on
+    LiteRT (`runtime`, default `chosen_runtime()`) names its `model.tflite` as its weights, so
+    the server verifies that file's SHA-256 and every result names the file that produced it."""
+    runtime = runtime or chosen_runtime()
     versions = []
     for folder in sorted((d for d in models_dir.iterdir() if (d / CARD_FILE).exists()), key=lambda d: _version_key(d.name), reverse=True):
         card_json = (folder / CARD_FILE).read_text()
         card = json.loads(card_json)
         markdown = folder / CARD_MARKDOWN
+        served = card["litert"] if runtime == "litert" and "litert" in card else card["weights"]
         versions.append(ModelVersion(
             version=card["version"],
-            weights=(folder / card["weights"].get("file", WEIGHTS_FILE)).resolve(),
-            weights_sha256=card["weights"]["sha256"],
+            weights=(folder / served.get("file", WEIGHTS_FILE)).resolve(),
+            weights_sha256=served["sha256"],
             model_card=markdown.read_text() if markdown.exists() else "",
             model_card_json=card_json,
-            extra={"card": card, "folder": folder},
+            extra={"card": card, "folder": folder, "runtime": "litert" if served is card.get("litert") else "tensorflow"},
         ))
     return versions
 
@@ -100,7 +119,8 @@ def frozen(function):
 
 
 class LymphoblastRuntime(ModelRuntime):
-    """Keras CNN + MLP; calibrated by temperature; decides with the card's thresholds.
+    """Keras CNN + MLP, served on LiteRT (or TensorFlow: `RUNTIME_ENV`); calibrated by
+    temperature; decides with the card's thresholds.
     A version whose card says `input.views: k` averages the logit over k orientations, and
     one with `input.window: w` sees a w px square of the canvas around the cell (3.x)."""
 
@@ -137,23 +157,37 @@ class LymphoblastRuntime(ModelRuntime):
         return frozenset(name for name, key in ((QUALITY_GATE, "quality_gate"), (OUT_OF_DISTRIBUTION, "ood")) if key in card)
 
     def load(self) -> None:
-        import keras
-
-        from . import model as _registers_custom_layers  # noqa: F401
-
         card = self.version.extra["card"]
         self.image_size = int(card["input"]["image_size"])
         self.window = int(card["input"].get("window", 0))  # 3.x: a fixed square of the canvas; 2.x: the cell's box
         self.temperature = float(card["calibration"]["temperature"])
         self.thresholds = Thresholds(**card["thresholds"])
-        import tensorflow as tf
-
         self.views = int(card["input"].get("views", 1))
         self.specimen_rule = SpecimenRule(**card["specimen"]["rule"]) if "specimen" in card else None
+        self.ood = load_ood(self.version.extra["folder"], card["ood"]) if "ood" in card else None
+        if self.version.extra.get("runtime") == "litert":
+            from .litert import LiteRTModel
+
+            self._litert = LiteRTModel(self.version.weights, self.views)
+        else:
+            self._load_tensorflow()
+        self.predict(np.zeros(1, input_dtype(self.image_size)))  # build graphs now, not on the first request
+
+    def _load_tensorflow(self) -> None:
+        """The Keras model as a frozen TensorFlow graph (`frozen`), views averaged in the graph."""
+        try:
+            import keras
+            import tensorflow as tf
+        except ImportError as error:
+            raise RuntimeError(f"model version {self.version.version} is served by TensorFlow here, which is not installed "
+                               "(pip install 'dxserve-lymphoblast[train]'), or serve its LiteRT export "
+                               f"({RUNTIME_ENV}=litert)") from error
+
+        from . import model as _registers_custom_layers  # noqa: F401
+
+        self._litert = None
         self.model = keras.models.load_model(self.version.weights, compile=False)
-        self.ood = None
-        if "ood" in card:  # the model also returns its CNN features, for the out-of-distribution score
-            self.ood = load_ood(self.version.extra["folder"], card["ood"])
+        if self.ood is not None:  # the model also returns its CNN features, for the out-of-distribution score
             self.model = keras.Model(self.model.inputs, [self.model.output, self.model.get_layer("features").output])
         # One traced graph for every batch size: 1.7x faster than eager calls at batch 32, 5x at 1.
         size = self.image_size
@@ -164,7 +198,6 @@ class LymphoblastRuntime(ModelRuntime):
             return forward({"cell": tf.cast(inputs["cell"], tf.float32) / 255.0, "log_diameter": inputs["log_diameter"]})
 
         self._forward = frozen(tf.function(scaled, input_signature=[signature], autograph=False))
-        self.predict(np.zeros(1, input_dtype(self.image_size)))  # build graphs now, not on the first request
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return model_input(image, self.image_size, window=self.window)
@@ -194,6 +227,9 @@ class LymphoblastRuntime(ModelRuntime):
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The served logits (n,) of stacked `model_input` records, and the CNN features when the version has an OOD model."""
+        if self._litert is not None:
+            logits, features = self._litert(batch["cell"], batch["log_diameter"])
+            return logits, (features if self.ood else None)
         outputs = self._forward({"cell": batch["cell"], "log_diameter": batch["log_diameter"][:, None]})
         return (outputs[0].numpy()[:, 0], outputs[1].numpy()) if self.ood else (outputs.numpy()[:, 0], None)
 

@@ -31,7 +31,7 @@ def test_list_plugins_reports_every_plugin_with_state(client):
     version = lymph.model_versions[0]
     assert len(version.weights_sha256) == 64
     card = json.loads(version.model_card_json)
-    assert card["weights"]["sha256"] == version.weights_sha256
+    assert card["litert"]["sha256"] == version.weights_sha256  # the file that is served (issue 30: LiteRT)
     assert "Intended use" in version.model_card and "Research use" in lymph.intended_use
     assert set(lymph.input.formats) == {"PNG", "JPEG", "BMP", "TIFF"}
     assert lymph.input.max_pixels == 4_000_000 and lymph.input.max_message_bytes == 4 * 1024 * 1024

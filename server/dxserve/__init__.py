@@ -11,8 +11,8 @@ __path__ = extend_path(__path__, __name__)
 
 
 from .hookspecs import hookimpl
-from .runtime import (OUT_OF_DISTRIBUTION, QUALITY_GATE, Decision, Explanation, FoundObject, InputSpec, ModelRuntime,
-                      ModelVersion, PluginInfo, Prediction, QualityIssue, SpecimenCounts)
+from .runtime import (OUT_OF_DISTRIBUTION, QUALITY_GATE, Adaptation, Decision, Explanation, FoundObject, InputSpec,
+                      LabelledImage, ModelRuntime, ModelVersion, PluginInfo, Prediction, QualityIssue, SpecimenCounts)
 
 __version__ = "0.1.0"
-__all__ = ["Decision", "Explanation", "FoundObject", "InputSpec", "ModelRuntime", "ModelVersion", "PluginInfo", "Prediction", "QualityIssue", "SpecimenCounts", "QUALITY_GATE", "OUT_OF_DISTRIBUTION", "hookimpl", "__version__"]
+__all__ = ["Adaptation", "LabelledImage", "Decision", "Explanation", "FoundObject", "InputSpec", "ModelRuntime", "ModelVersion", "PluginInfo", "Prediction", "QualityIssue", "SpecimenCounts", "QUALITY_GATE", "OUT_OF_DISTRIBUTION", "hookimpl", "__version__"]

@@ -255,6 +255,39 @@ def plugin_command(args: argparse.Namespace) -> int:
     return int(pytest.main(flags))
 
 
+def site_command(args: argparse.Namespace) -> int:
+    """`dxserve site onboard` (make a site version) and `dxserve site list` (what sites_dir holds)."""
+    from . import sites
+    from .onboarding import OnboardingError, onboard
+
+    try:
+        settings = load_settings(args.config, {"sites_dir": args.sites_dir})
+    except SettingsError as error:
+        print(f"dxserve: {error}", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        for folder in sites.site_folders(settings.sites_dir, args.plugin) if settings.sites_dir else []:
+            site = json.loads((folder / sites.SITE_FILE).read_text())
+            missed = sites.unmet(site["report"], sites.criteria_for(site["site"], settings.site_acceptance))
+            print(f"{site['version']}\t{site['made_at']}\t" + ("meets its acceptance criteria" if not missed else
+                                                                "NOT served: " + "; ".join(missed)))
+        return 0
+    if not (args.site and args.labelled and args.unlabelled):
+        print("dxserve: site onboard needs --site, --labelled and --unlabelled", file=sys.stderr)
+        return 2
+    try:
+        done = onboard(settings, args.plugin, args.base, args.site, args.labelled, args.unlabelled)
+    except (OnboardingError, OSError) as error:
+        print(f"dxserve: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {done.folder}: site version {done.version}")
+    if done.unmet:
+        print("it is NOT served until the site's acceptance criteria are met: " + "; ".join(done.unmet))
+        return 1
+    print("it meets the site's acceptance criteria: a server with this sites_dir serves it (reload the plugin or restart)")
+    return 0
+
+
 def weights_command(args: argparse.Namespace) -> int:
     from .runtime import sha256_of
 
@@ -321,6 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     plugin.add_argument("--examples", type=Path, help="check: classify these image files (default: the plugin's examples())")
     plugin.add_argument("--plugin-module", action="append", default=[], help="check: also register this module ('package.module')")
     plugin.set_defaults(run=plugin_command)
+
+    site = sub.add_parser("site", help="site versions: adapt a version to another laboratory (onboard), list them")
+    site.add_argument("action", choices=["onboard", "list"])
+    site.add_argument("--plugin", default="lymphoblast")
+    site.add_argument("--base", default="", help="onboard: the version to adapt (default: the plugin's default)")
+    site.add_argument("--site", help="onboard: the laboratory's short name, e.g. taleqani")
+    site.add_argument("--labelled", type=Path, help="onboard: CSV of path,label,group (the group: patient, or block)")
+    site.add_argument("--unlabelled", type=Path, help="onboard: folder of the site's unlabelled images")
+    site.add_argument("--sites-dir", type=Path, help="where site versions live (default: the sites_dir setting)")
+    site.add_argument("--config", type=Path, help="TOML settings file (sites_dir, site_acceptance)")
+    site.set_defaults(run=site_command)
 
     weights = sub.add_parser("weights-sha256", help="print the SHA-256 of weights files, as ModelVersion.weights_sha256 wants it")
     weights.add_argument("files", nargs="+", type=Path)

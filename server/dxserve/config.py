@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .sites import SiteAcceptance
+
 ENV_PREFIX = "DXSERVE_"
 
 
@@ -64,6 +66,11 @@ class Settings(BaseModel):
                                    "ungated), requests without a version get its newest servable one; false: refused")
     predict_timeout_s: float = Field(30.0, gt=0, description="a model call running longer marks its version "
                                      "unresponsive (health NOT_SERVING, its queue failed fast) until it returns")
+    sites_dir: Path | None = Field(None, description="folder of site versions (`dxserve site onboard`): "
+                                   "<plugin>/<version>+<site>.<n>/; none: no site versions are listed")
+    site_acceptance: dict[str, SiteAcceptance] = Field(default_factory=lambda: {"*": SiteAcceptance()}, description=
+                                                       "what a site version's validation report must meet to be served, "
+                                                       "per site name ('*': any site) (TOML tables only)")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to register, as 'package.module'")
     disabled_plugins: list[str] = Field(default_factory=list, description="entry-point plugins not to load")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, serve TLS")

@@ -184,6 +184,16 @@ def weights_mismatch(plugin: str, version: str, served: str, asked: str) -> Serv
         _error_info("WEIGHTS_MISMATCH", plugin=plugin, model_version=version, weights_sha256=asked))
 
 
+def site_not_accepted(plugin: str, version: str, description: str) -> ServingError:
+    """FAILED_PRECONDITION: a site version whose validation does not meet its site's acceptance
+    criteria, or whose parent changed since it was made (`sites.py`)."""
+    return ServingError(
+        grpc.StatusCode.FAILED_PRECONDITION, description,
+        error_details_pb2.PreconditionFailure(violations=[error_details_pb2.PreconditionFailure.Violation(
+            type="SITE_ACCEPTANCE", subject=f"{plugin}/{version}", description=description)]),
+        _error_info("SITE_NOT_ACCEPTED", plugin=plugin, model_version=version))
+
+
 def version_ungated(plugin: str, version: str, missing: list[str], description: str) -> ServingError:
     """FAILED_PRECONDITION: the version lacks a required safety check and the operator did not allow it."""
     return ServingError(

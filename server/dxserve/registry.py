@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from . import errors, heap, hookspecs, safety
+from . import errors, heap, hookspecs, safety, sites
 from .batcher import Batcher
 from .config import Settings
 from .runtime import ModelRuntime, ModelVersion, PluginInfo, sha256_of
@@ -137,7 +137,21 @@ def load_versions(entry: PluginEntry, settings: Settings, loaded: dict[str, Batc
     loaded = loaded or {}
     default = entry.default_override if any(v.version == entry.default_override for v in versions) else versions[0].version
     runtimes, faults = {}, {}
+    if settings.sites_dir is not None and entry.runtime_class.adapts():
+        site_versions, refused = sites.site_versions(settings.sites_dir, entry.name, versions)
+        versions += site_versions
+        for name, why in refused.items():
+            faults[name] = NOT_SERVED, f"site version {name}: {why}"
     for version in versions:
+        if version.version in faults:
+            continue
+        site = version.extra.get("site")
+        if site is not None:
+            missed = sites.unmet(site["report"], sites.criteria_for(site["site"], settings.site_acceptance))
+            if missed:
+                faults[version.version] = NOT_SERVED, (f"site version {version.version} does not meet the acceptance "
+                                                       f"criteria declared for site {site['site']!r}: {'; '.join(missed)}")
+                continue
         missing = safety.missing_checks(entry.runtime_class, version)
         if missing and not safety.allowed_ungated(settings.ungated_versions_allowed, entry.name, version.version):
             faults[version.version] = NOT_SERVED, safety.refusal_reason(entry.name, version.version, missing)
@@ -183,6 +197,8 @@ async def ensure_loaded(entry: PluginEntry, name: str, settings: Settings) -> Ba
     state, reason = entry.version_state(name)
     if state == NOT_SERVED:
         version = next(v for v in entry.versions if v.version == name)
+        if "site" in version.extra:
+            raise errors.site_not_accepted(entry.name, name, reason)
         raise errors.version_ungated(entry.name, name, safety.missing_checks(entry.runtime_class, version), reason)
     if state == FAILED:
         raise errors.unavailable(entry.name, f"model version {name!r} of plugin {entry.name!r} failed: {reason}", "VERSION_FAILED")

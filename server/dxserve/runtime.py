@@ -155,6 +155,25 @@ class Explanation:
     method: str  # how it was made, in words
 
 
+@dataclass(frozen=True)
+class LabelledImage:
+    """One labelled image a site brings to `ModelRuntime.adapt`."""
+
+    image: np.ndarray  # decoded uint8 RGB (H, W, 3)
+    label: str  # one of the plugin's labels
+    group: str  # the patient (or, without patient IDs, the block of images it came from): the unit of every split
+    source: str = ""  # the file it came from, for the report
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What `ModelRuntime.adapt` wrote into its folder: a site version's weights and figures."""
+
+    weights: str  # file name in the folder: verified by SHA-256 before every load, like a version's weights
+    report: dict  # the validation report (the metrics the operator's acceptance criteria read, and the rest)
+    card: dict = field(default_factory=dict)  # what the site version's card says beyond the platform's fields
+
+
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file: what ModelVersion.weights_sha256 must be."""
     digest = hashlib.sha256()
@@ -173,7 +192,8 @@ class ModelRuntime:
     (default: `predict`, with no issues), `decide_specimen` (default: no specimen-level call)
     `explain` (default: none; the server answers explain requests UNIMPLEMENTED) and
     `examples` (default: none; sample inputs for `dxserve plugin check`) and `prepare` (default:
-    `preprocess` and `check_quality`, one after the other; override to share work between them).
+    `preprocess` and `check_quality`, one after the other; override to share work between them),
+    and `adapt` (default: none; a site version for another laboratory, `dxserve site onboard`).
 
     A **field plugin** sets `info.objects_plugin` and implements `find_objects` instead of
     `predict`: it finds objects in an image (cells in a microscope field) and the server has
@@ -272,6 +292,26 @@ class ModelRuntime:
         estimate it, e.g. from red cells). Runs in a worker thread, per image. The server
         refuses a field with more than `max_objects_per_field` objects (INVALID_ARGUMENT)."""
         raise NotImplementedError
+
+    def adapt(self, labelled: Sequence[LabelledImage], unlabelled: Sequence[np.ndarray], folder: Path) -> Adaptation:
+        """Optional: a **site version** of this (loaded) version for one laboratory, from a few of
+        its labelled images and many unlabelled ones (`dxserve site onboard`). Re-fit what
+        depends on the lab (the quality gate's ranges, the out-of-distribution reference, the
+        classifier's last stage, calibration and thresholds), write the weights into `folder`
+        and return them with a validation report: grouped cross-validation on `labelled` by
+        `LabelledImage.group`, beside this version unadapted and trivial baselines in the same
+        splits. The report's `acceptance` block carries the figures the operator's acceptance
+        criteria read (`sites.SiteAcceptance`): `labelled`, `auroc`, `sensitivity_at_screen`,
+        `ece`, `confidently_wrong`, `margin_over_colour_alone`. The server serves the site version (`<version>+<site>.<n>`) only
+        while they are met, and loads it with `load`, `self.version.extra["site"]` set to its
+        site.json and `["parent"]` to this version's `ModelVersion` (`sites.py`).
+        Runs offline, never in the server. Default: not available."""
+        raise NotImplementedError
+
+    @classmethod
+    def adapts(cls) -> bool:
+        """Whether this runtime overrides `adapt` (site versions can be made and served)."""
+        return cls.adapt is not ModelRuntime.adapt
 
     @classmethod
     def examples(cls) -> Sequence[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dxserve import (OUT_OF_DISTRIBUTION, QUALITY_GATE, Decision, Explanation, InputSpec, ModelRuntime, ModelVersion, PluginInfo,
+from dxserve import (OUT_OF_DISTRIBUTION, QUALITY_GATE, Adaptation, Decision, Explanation, InputSpec, ModelRuntime, ModelVersion, PluginInfo,
                      Prediction, QualityIssue, SpecimenCounts, hookimpl)
 from dxserve.runtime import INDETERMINATE
 
@@ -157,7 +157,12 @@ class LymphoblastRuntime(ModelRuntime):
         return frozenset(name for name, key in ((QUALITY_GATE, "quality_gate"), (OUT_OF_DISTRIBUTION, "ood")) if key in card)
 
     def load(self) -> None:
+        site, parent = self.version.extra.get("site"), self.version.extra.get("parent")
+        if site is not None:  # a site version (dxserve.sites): the parent's CNN, the site's head, gate and OOD
+            return self._load_site(site, parent)
         card = self.version.extra["card"]
+        self.gate = card.get("quality_gate")
+        self.site_head = None
         self.image_size = int(card["input"]["image_size"])
         self.window = int(card["input"].get("window", 0))  # 3.x: a fixed square of the canvas; 2.x: the cell's box
         self.temperature = float(card["calibration"]["temperature"])
@@ -172,6 +177,30 @@ class LymphoblastRuntime(ModelRuntime):
         else:
             self._load_tensorflow()
         self.predict(np.zeros(1, input_dtype(self.image_size)))  # build graphs now, not on the first request
+
+    def _load_site(self, site: dict, parent: ModelVersion) -> None:
+        """A site version: its parent loaded as itself (its weights verified by hash first), then
+        the site's head, calibration, thresholds, gate and out-of-distribution reference."""
+        from dxserve.runtime import sha256_of
+
+        if sha256_of(parent.weights) != parent.weights_sha256:
+            raise RuntimeError(f"parent {parent.version}'s weights {parent.weights.name} do not match their SHA-256")
+        base = LymphoblastRuntime(parent)
+        base.load()
+        self.__dict__.update({k: v for k, v in base.__dict__.items() if k not in ("version", "turns")})
+        folder = self.version.extra["site_folder"]
+        with np.load(self.version.weights) as stored:
+            self.site_head = {key: stored[key].astype(np.float64) for key in stored.files}
+        self.gate = site["quality_gate"]
+        self.ood = load_ood(folder, site["ood"])
+        self.thresholds = Thresholds(**site["thresholds"])
+
+    def adapt(self, labelled, unlabelled, folder: Path) -> Adaptation:
+        """A site version (`adaptation.py`): the gate's colour model, the OOD reference, a head on the
+        frozen CNN features, Platt calibration and thresholds, refitted on the site's cells."""
+        from .adaptation import adapt
+
+        return adapt(self, list(labelled), list(unlabelled), folder)
 
     def _load_tensorflow(self) -> None:
         """The Keras model as a frozen TensorFlow graph (`frozen`), views averaged in the graph."""
@@ -205,8 +234,7 @@ class LymphoblastRuntime(ModelRuntime):
     def check_quality(self, image: np.ndarray, mask: np.ndarray | None = None) -> list[QualityIssue]:
         """The card's input quality gate (`gate.py`); versions without one (1.x) pass everything.
         `mask`: the image's `foreground_mask`, when the caller has it."""
-        gate = self.version.extra["card"].get("quality_gate")
-        return check(image, gate, mask) if gate else []
+        return check(image, self.gate, mask) if self.gate else []
 
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, list[QualityIssue]]:
         """`preprocess` and `check_quality` with the cell's foreground mask computed once for both."""
@@ -220,10 +248,27 @@ class LymphoblastRuntime(ModelRuntime):
     def predict_with_issues(self, batch: np.ndarray) -> Prediction:
         """The probabilities and, for versions with an out-of-distribution model (the card's
         `ood`, 2.x), each image's OUT_OF_DISTRIBUTION issue, from one forward pass."""
-        logits, features = self._run(batch)
-        p_blast = calibrated(logits, self.temperature)
+        if self.site_head is not None:
+            from .adaptation import design, head_logit
+
+            _, features = self._run_with_features(batch)
+            a, b = self.site_head["platt"]
+            logits = head_logit(self.site_head, design(features.astype(np.float64), batch["log_diameter"].astype(np.float64)))
+            p_blast = 1.0 / (1.0 + np.exp(-(a * logits + b)))
+        else:
+            logits, features = self._run(batch)
+            p_blast = calibrated(logits, self.temperature)
         issues = ood_issues(features, self.ood) if self.ood else [[] for _ in logits]
         return Prediction(np.stack([p_blast, 1.0 - p_blast], axis=1), issues)
+
+    def _run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The parent model's logits (n,) and CNN features (n, d) of stacked `model_input` records."""
+        if self._litert is not None:
+            return self._litert(batch["cell"], batch["log_diameter"])
+        logits, features = self._run(batch)
+        if features is None:
+            raise RuntimeError(f"version {self.version.version} has no CNN features output (no OOD model)")
+        return logits, features
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The served logits (n,) of stacked `model_input` records, and the CNN features when the version has an OOD model."""

@@ -1,0 +1,216 @@
+"""A site version of a lymphoblast version (`LymphoblastRuntime.adapt`, `dxserve site onboard`).
+
+What depends on the laboratory is fitted again on its own images; the CNN stays the parent's,
+bit for bit (its `model.tflite`, verified by hash when the site version loads):
+
+1. the quality gate's colour model (mean colour and its spread) on every site cell, labelled or
+   not, so the site's stain is in range and a different one is still refused;
+2. the out-of-distribution reference on the site cells' CNN features (mean, Ledoit-Wolf
+   precision, threshold at the 99.5th percentile of out-of-fold distances);
+3. the classifier's last stage: a logistic regression (L2, C = 0.05) on the parent's 768 CNN
+   features and the log cell diameter, standardised on the site's cells (the site's own
+   statistics take the place of C-NMC's, as re-estimating batch-norm statistics would);
+4. calibration (Platt) and the thresholds (screening at sensitivity 0.95, the calling band) on
+   cross-fitted out-of-fold predictions.
+
+The validation report is grouped cross-validation on the labelled cells (every group, a patient
+or a block of images, on one side only), each figure beside the parent unadapted, size alone and
+colour alone (the mean colour of the cell as the model sees it) in the same splits, with 95 %
+bootstrap intervals over groups, per-fold spread, and a learning curve at 10 / 25 / 50 / 100 cells.
+Every fitted step sees only the training folds' labelled cells (unlabelled cells are no labels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit
+
+from dxserve import Adaptation, LabelledImage
+
+from .calibration import Thresholds, choose_thresholds, expected_calibration_error
+from .gate import _measure, check
+from .gate import fit as fit_gate
+from .preprocess import input_dtype
+
+HEAD_FILE = "site_head.npz"
+C = 0.05  # L2 strength of the head: stable from 0.005 to 0.2 on Aria's cells (experiments/site_aria.py)
+CURVE = (10, 25, 50, 100)
+CONFIDENT = 0.9
+
+
+def served_inputs(runtime, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """What the parent sees of each image: logit, CNN features, log diameter, mean colour of the
+    model's input cell, and the gate's statistics (for refitting its colour model)."""
+    records, stats, colours, mean_rgb = [], [], [], []
+    for image in images:
+        record, _ = runtime.prepare(image)
+        records.append(record)
+        measured, colour = _measure(image)
+        stats.append(measured)
+        colours.append(colour if colour is not None else np.full(3, np.nan))
+        cell = record["cell"]
+        inside = cell.max(axis=2) > 12
+        mean_rgb.append(cell[inside].mean(axis=0) if inside.any() else np.zeros(3))
+    batch = np.stack(records) if records else np.zeros(0, input_dtype(runtime.image_size))
+    logits, features = [], []
+    for start in range(0, len(batch), 24):
+        lo, f = runtime._run_with_features(batch[start:start + 24])
+        logits.append(lo)
+        features.append(f)
+    return {"logit": np.concatenate(logits), "features": np.concatenate(features).astype(np.float64),
+            "log_diameter": batch["log_diameter"].astype(np.float64), "mean_rgb": np.array(mean_rgb),
+            "stats": stats, "colours": np.array(colours)}
+
+
+def design(features: np.ndarray, log_diameter: np.ndarray) -> np.ndarray:
+    return np.column_stack([features, log_diameter])
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, standardise: tuple[np.ndarray, np.ndarray], c: float = C) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = standardise
+    model = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / scale, y)
+    return {"mean": mean, "scale": scale, "coef": model.coef_[0], "intercept": np.float64(model.intercept_[0])}
+
+
+def head_logit(head: dict, x: np.ndarray) -> np.ndarray:
+    return ((x - head["mean"]) / head["scale"]) @ head["coef"] + head["intercept"]
+
+
+def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, None], y)
+    return float(model.coef_[0, 0]), float(model.intercept_[0])
+
+
+def folds_by_group(groups: np.ndarray, y: np.ndarray, k: int = 5) -> np.ndarray:
+    """A fold number per image; every group in one fold (stratified by class where groups allow)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = max(2, min(k, len(set(groups))))
+    out = np.zeros(len(groups), int)
+    for fold, (_, test) in enumerate(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(groups, y, groups)):
+        out[test] = fold
+    return out
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if len(set(y.tolist())) == 2 else float("nan")
+
+
+def interval(y, score, groups, draws: int = 200, seed: int = 0) -> list[float]:
+    """95 % percentile bootstrap of AUROC over groups."""
+    rng, names = np.random.default_rng(seed), np.unique(groups)
+    index = {g: np.flatnonzero(groups == g) for g in names}
+    values = []
+    for _ in range(draws):
+        picked = np.concatenate([index[g] for g in rng.choice(names, len(names))])
+        if len(set(y[picked].tolist())) == 2:
+            values.append(auroc(y[picked], score[picked]))
+    return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])] if values else [float("nan")] * 2
+
+
+def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], folder: Path) -> Adaptation:
+    from . import ood as ood_model
+    from .baselines import _logistic
+    from .plugin import LABELS
+
+    y = np.array([item.label == LABELS[0] for item in labelled], int)
+    if len(set(y.tolist())) < 2:
+        raise ValueError("the labelled images must hold both labels")
+    groups = np.array([item.group for item in labelled])
+    seen = served_inputs(runtime, [item.image for item in labelled])
+    site = served_inputs(runtime, list(unlabelled)) if len(unlabelled) else None
+    every = {k: np.concatenate([seen[k], site[k]]) if site is not None and k != "stats" else seen[k]
+             for k in ("features", "log_diameter", "colours")}
+    stats = seen["stats"] + (site["stats"] if site is not None else [])
+
+    # 1-2: the gate's colour model and the out-of-distribution reference, on every site cell.
+    parent_gate = runtime.version.extra["card"]["quality_gate"]
+    colours = every["colours"][~np.isnan(every["colours"]).any(axis=1)]
+    refitted = fit_gate(stats, colours)
+    gate = {**parent_gate, "colour": refitted["colour"],
+            "ranges": {**parent_gate["ranges"], "colour_distance": refitted["ranges"]["colour_distance"]},
+            "fitted_on": f"the parent's ranges; colour model and colour distance refitted on {len(colours)} site cells"}
+    folds_ood = np.arange(len(every["features"])) % 5
+    ood = ood_model.fit(every["features"], folds=folds_ood)
+    ood_entry = ood_model.save(ood, folder, threshold_from="out-of-fold distances of the site's cells (5 folds)",
+                               fitted_on=f"{len(every['features'])} site cells")
+
+    # 3-4: the head, its calibration and thresholds; grouped cross-validation on the labelled cells.
+    x = design(seen["features"], seen["log_diameter"])
+    x_all = design(every["features"], every["log_diameter"])
+    standardise = (x_all.mean(axis=0), np.maximum(x_all.std(axis=0), 1e-6))
+    folds = folds_by_group(groups, y)
+    oof = np.zeros(len(y))
+    baselines = {"parent unadapted": seen["logit"], "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y))}
+    curve = {n: [] for n in CURVE}
+    for k in np.unique(folds):
+        train, test = folds != k, folds == k
+        oof[test] = head_logit(fit_head(x[train], y[train], standardise), x[test])
+        baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
+        baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
+        rng = np.random.default_rng(int(k))
+        for n in CURVE:
+            idx = np.flatnonzero(train)
+            per_class = [rng.permutation(idx[y[idx] == c])[: max(1, n // 2)] for c in (0, 1)]
+            picked = np.concatenate(per_class)
+            if len(picked) >= min(n, train.sum()) * 0.9 and len(set(y[picked].tolist())) == 2:
+                curve[n].append(auroc(y[test], head_logit(fit_head(x[picked], y[picked], standardise), x[test])))
+    # Cross-fitted calibration and screening threshold: fold k's with a map and threshold fitted on the other folds.
+    p_oof, screened = np.zeros(len(y)), np.zeros(len(y), bool)
+    for k in np.unique(folds):
+        other, test = folds != k, folds == k
+        a, b = fit_platt(oof[other], y[other])
+        p_oof[test] = expit(a * oof[test] + b)
+        p_other = expit(a * oof[other] + b)
+        screened[test] = choose_thresholds(p_other, y[other]).screen(p_oof[test])
+    a, b = fit_platt(oof, y)
+    thresholds = choose_thresholds(p_oof, y)
+    decided = thresholds.decide(p_oof)
+    confident_wrong = ((p_oof >= CONFIDENT) & (y == 0)) | ((p_oof <= 1 - CONFIDENT) & (y == 1))
+    per_fold = [round(auroc(y[folds == k], oof[folds == k]), 4) for k in np.unique(folds)]
+
+    head = fit_head(x, y, standardise)
+    np.savez(folder / HEAD_FILE, **head, platt=np.array([a, b]))
+    report = {
+        "protocol": (f"grouped {len(np.unique(folds))}-fold cross-validation on the labelled images (StratifiedGroupKFold "
+                     "by `group`: no group on both sides); the head, Platt calibration and screening threshold of each "
+                     "fold fitted on the other folds only; baselines (logistic) in the same folds; intervals: 95 % "
+                     "bootstrap over groups"),
+        "labelled": {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), LABELS[0]: int(y.sum()),
+                     LABELS[1]: int((1 - y).sum())},
+        "unlabelled_images": int(len(unlabelled)),
+        "auroc": {"site version": round(auroc(y, oof), 4), "interval": interval(y, oof, groups), "per_fold": per_fold,
+                  **{name: round(auroc(y, s), 4) for name, s in baselines.items()},
+                  **{f"{name} interval": interval(y, s, groups) for name, s in baselines.items()}},
+        "margin_over_colour_alone": round(auroc(y, oof) - auroc(y, baselines["colour alone"]), 4),
+        "learning_curve_auroc": {str(n): round(float(np.mean(v)), 4) if v else None for n, v in curve.items()},
+        "ece": round(expected_calibration_error(p_oof, y), 4),
+        "sensitivity_at_screen": round(float(screened[y == 1].mean()), 4),
+        "specificity_at_screen": round(float((~screened[y == 0]).mean()), 4),
+        "indeterminate": round(float((decided == -1).mean()), 4),
+        "confidently_wrong": round(float(confident_wrong.mean()), 4),
+        "gate_passed_site_images": round(float(np.mean([not check(image, gate) for image in
+                                                         [item.image for item in labelled] + list(unlabelled)])), 4),
+        "gate_passed_site_images_parent": round(float(np.mean([not check(image, parent_gate) for image in
+                                                                [item.image for item in labelled] + list(unlabelled)])), 4),
+        "ood_flagged_site_images_parent": round(float(np.mean(ood_model.distance(every["features"], runtime.ood)
+                                                              > float(runtime.ood["threshold"]))), 4),
+    }
+    report["acceptance"] = {"labelled": report["labelled"]["images"], "auroc": report["auroc"]["site version"],
+                            "sensitivity_at_screen": report["sensitivity_at_screen"], "ece": report["ece"],
+                            "confidently_wrong": report["confidently_wrong"],
+                            "margin_over_colour_alone": report["margin_over_colour_alone"]}
+    card = {"quality_gate": gate, "ood": ood_entry, "thresholds": thresholds.to_dict(),
+            "calibration": {"method": "Platt scaling of the site head's logit", "a": a, "b": b,
+                            "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation"},
+            "head": {"file": HEAD_FILE, "method": f"logistic regression, L2 C={C}, on the parent's CNN features and the "
+                                                  "log cell diameter, standardised on the site's cells"}}
+    return Adaptation(HEAD_FILE, report, card)

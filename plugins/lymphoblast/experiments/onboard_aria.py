@@ -1,0 +1,142 @@
+"""Issue 33's targets on the developer part of Aria, through the platform: `dxserve site onboard`
+on one block's cells, the site version scored on the other blocks, as a lab would validate it.
+Research: nothing here is shipped; RESULTS.md says what it measured.
+
+    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0]
+
+1. Aria's cells found by smear-field with the site profile (`site_aria.py`), split by contiguous
+   number blocks within each class (5 blocks); block `--block` is the onboarding block.
+2. For each size in --labelled: that many cells of the block (half of each class, at random) are
+   written as PNG with labels.csv (group: the field's sub-block of about 5 numbers in its class:
+   neighbouring fields share a patient), the block's other cells as the unlabelled folder, and
+   `dxserve site onboard` makes a site version of 2.1.0 into a scratch sites_dir.
+3. The site version, loaded as the server loads it, classifies every cell of the other blocks:
+   AUROC per cell with its spread over blocks, beside the colour-only and background-only
+   baselines fitted on the same labelled cells; confidently wrong (P >= 0.9 for the wrong label);
+   gate and OOD pass rates; PBC lymphocytes called lymphoblast by the site version and by 2.1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import site_aria as aria
+
+HERE = Path(__file__).resolve()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def write_onboarding(folder: Path, crops, rows, picked: np.ndarray, unlabelled: np.ndarray) -> tuple[Path, Path]:
+    (folder / "labelled").mkdir(parents=True)
+    (folder / "unlabelled").mkdir()
+    with (folder / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for i in picked:
+            name = f"labelled/{i:05d}.png"
+            Image.fromarray(crops[i]).save(folder / name)
+            out.writerow([name, "lymphoblast" if rows[i]["label"] == "blast" else "normal",
+                          f"{rows[i]['klass']}-{rows[i]['number'] // 5}"])
+    for i in unlabelled:
+        Image.fromarray(crops[i]).save(folder / "unlabelled" / f"{i:05d}.png")
+    return folder / "labels.csv", folder / "unlabelled"
+
+
+def served(runtime, crops) -> tuple[np.ndarray, list[list[str]]]:
+    """P(lymphoblast) and the issues of each crop, through the runtime as the server calls it."""
+    probabilities, issues = [], []
+    prepared = [runtime.prepare(c) for c in crops]
+    for start in range(0, len(prepared), 12):
+        part = prepared[start:start + 12]
+        prediction = runtime.predict_with_issues(np.stack([r for r, _ in part]))
+        probabilities.append(prediction.probabilities[:, 0])
+        issues += [[q.code for q in gate] + [q.code for q in model] for (_, gate), model in zip(part, prediction.issues)]
+    return np.concatenate(probabilities), issues
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=aria.SHARED)
+    parser.add_argument("--labelled", type=int, nargs="+", default=[100, 25])
+    parser.add_argument("--block", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE.parent / "onboard_aria.json")
+    args = parser.parse_args()
+
+    from dxserve import sites
+    from dxserve.config import Settings
+    from dxserve.onboarding import onboard
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
+
+    crops, rows = aria.aria_cells(args.shared / "data" / "aria-taleqani")
+    found = [r for r in rows if r["cell"] >= 0]
+    y = np.array([r["label"] == "blast" for r in found], int)
+    block = aria.blocks(found)
+    background = np.array([r["background"] for r in found])
+    in_block, held = np.flatnonzero(block == args.block), np.flatnonzero(block != args.block)
+    log(f"{len(found)} cells; onboarding block {args.block}: {len(in_block)} cells; held out: {len(held)} cells")
+    pbc_crops, _ = aria.pbc_cells(args.shared / "data" / "pbc-barcelona")
+    parent = LymphoblastRuntime(find_version("2.1.0"))
+    parent.load()
+    p_parent, issues_parent = served(parent, [crops[i] for i in held])
+    p_pbc_parent, pbc_issues_parent = served(parent, pbc_crops)
+    report = {"cells": len(found), "held_out_cells": int(len(held)), "onboarding_block": args.block,
+              "parent 2.1.0": {"auroc": aria.auroc(y[held], p_parent),
+                               "answered (no issue)": float(np.mean([not i for i in issues_parent])),
+                               "pbc_called_lymphoblast": float(np.mean([p >= 0.5 and not i for p, i in zip(p_pbc_parent, pbc_issues_parent)]))}}
+    log(f"parent: {report['parent 2.1.0']}")
+    for n in args.labelled:
+        rng = np.random.default_rng(n)
+        picked = np.concatenate([rng.choice(in_block[y[in_block] == k], n // 2, replace=False) for k in (0, 1)])
+        unlabelled = np.setdiff1d(in_block, picked)
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
+            labels, folder = write_onboarding(scratch / "data", crops, found, picked, unlabelled)
+            settings = Settings(sites_dir=scratch / "sites", audit_db="")
+            started = time.time()
+            done = onboard(settings, "lymphoblast", "2.1.0", "taleqani", labels, folder, log=log)
+            seconds = time.time() - started
+            versions, refused = sites.site_versions(settings.sites_dir, "lymphoblast", shipped_versions())
+            runtime = LymphoblastRuntime(versions[0])
+            runtime.load()
+            p, issues = served(runtime, [crops[i] for i in held])
+            p_pbc, pbc_issues = served(runtime, pbc_crops)
+        colour = aria.logistic(data_colour(crops, picked), y[picked], data_colour(crops, held), 1.0)
+        bg = aria.logistic(background[picked], y[picked], background[held], 1.0)
+        per_block = {int(b): aria.auroc(y[held][block[held] == b], p[block[held] == b]) for b in np.unique(block[held])}
+        wrong = ((p >= 0.9) & (y[held] == 0)) | ((p <= 0.1) & (y[held] == 1))
+        entry = {"onboarding_seconds": round(seconds, 1), "unmet": done.unmet, "report": done.site["report"],
+                 "held_out": {"auroc": aria.auroc(y[held], p), "auroc_per_block": per_block,
+                              "colour_alone_auroc": aria.auroc(y[held], colour), "background_alone_auroc": aria.auroc(y[held], bg),
+                              "confidently_wrong": float(wrong.mean()),
+                              "answered (no issue)": float(np.mean([not i for i in issues])),
+                              "pbc_called_lymphoblast": float(np.mean([q >= 0.5 and not i for q, i in zip(p_pbc, pbc_issues)])),
+                              "pbc_answered": float(np.mean([not i for i in pbc_issues]))}}
+        report[f"{n} labelled"] = entry
+        log(f"{n} labelled: {json.dumps(entry['held_out'])}; onboarding {seconds:.0f} s; unmet: {done.unmet}")
+    args.out.write_text(json.dumps(report, indent=1, default=float))
+    log(f"wrote {args.out}")
+
+
+def data_colour(crops, index) -> np.ndarray:
+    """Mean colour of each crop's cell pixels (what the model's input shows of its colour)."""
+    out = []
+    for i in index:
+        c = crops[i]
+        inside = c.max(axis=2) > 12
+        out.append(c[inside].mean(axis=0) if inside.any() else np.zeros(3))
+    return np.array(out)
+
+
+if __name__ == "__main__":
+    main()

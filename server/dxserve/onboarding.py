@@ -1,0 +1,106 @@
+"""`dxserve site onboard`: make a site version (`sites.py`) through a plugin's `adapt`.
+
+    dxserve site onboard --plugin lymphoblast --base 2.1.0 --site taleqani \\
+        --labelled labels.csv --unlabelled cells/ --sites-dir /var/lib/dxserve/sites
+
+`labels.csv` has a header and the columns `path` (relative to the CSV's folder), `label` (one of
+the plugin's labels) and `group` (the patient, or the block of images one came from: every
+split of the validation keeps a group whole). Unlabelled images are every PNG, JPEG, BMP or
+TIFF under the folder. Nothing is written unless the plugin's adaptation completes; the folder
+of a failed one is removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from . import registry, sites
+from .config import Settings
+from .images import to_rgb
+from .runtime import LabelledImage
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class OnboardingError(ValueError):
+    """What the operator asked for cannot be done (unknown plugin or version, bad labels file...)."""
+
+
+@dataclass(frozen=True)
+class Onboarded:
+    version: str
+    folder: Path
+    site: dict
+    unmet: list[str]
+
+
+def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[LabelledImage], dict[str, str]]:
+    """The labelled images of `csv_path` and {path: SHA-256} of their files."""
+    images, files = [], []
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label", "group"} <= set(rows[0]):
+        raise OnboardingError(f"{csv_path}: expected a header with the columns path, label, group")
+    for number, row in enumerate(rows, start=2):
+        if row["label"] not in labels:
+            raise OnboardingError(f"{csv_path}, line {number}: label {row['label']!r} is not one of {', '.join(labels)}")
+        path = csv_path.parent / row["path"]
+        images.append(LabelledImage(decoded(path), row["label"], row["group"] or "?", row["path"]))
+        files.append(path)
+    return images, sites.hashed(files, csv_path.parent)
+
+
+def read_unlabelled(folder: Path) -> tuple[list, dict[str, str]]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise OnboardingError(f"{folder}: no images (PNG, JPEG, BMP, TIFF) to learn the site's images from")
+    return [decoded(p) for p in files], sites.hashed(files, folder)
+
+
+def decoded(path: Path):
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)  # as the server decodes a request
+    except (OSError, ValueError) as error:
+        raise OnboardingError(f"{path}: not a readable image ({error})") from None
+
+
+def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv: Path, unlabelled_dir: Path,
+            log=print) -> Onboarded:
+    if settings.sites_dir is None:
+        raise OnboardingError("no sites_dir: say where site versions live (--sites-dir or the sites_dir setting)")
+    if not sites.SITE_NAME.match(site):
+        raise OnboardingError(f"site {site!r}: use lower case letters, digits and '-' (2-41 characters, a letter first)")
+    entry = registry.discover(settings).get(plugin)
+    if entry is None or entry.runtime_class is None:
+        raise OnboardingError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
+    if not entry.runtime_class.adapts():
+        raise OnboardingError(f"plugin {plugin!r} cannot make site versions (its runtime has no `adapt`)")
+    versions = {v.version: v for v in entry.runtime_class.versions()}
+    parent = versions.get(base) if base else next(iter(versions.values()))
+    if parent is None:
+        raise OnboardingError(f"plugin {plugin!r} has no version {base!r} (has: {', '.join(versions)})")
+    labels = entry.runtime_class.info.labels
+    labelled, labelled_files = read_labelled(labelled_csv, labels)
+    unlabelled, unlabelled_files = read_unlabelled(unlabelled_dir)
+    log(f"{len(labelled)} labelled images in {len({x.group for x in labelled})} groups, {len(unlabelled)} unlabelled; "
+        f"loading {plugin} {parent.version}")
+    runtime = registry.load_runtime(entry.runtime_class, parent)
+    version = sites.next_version(settings.sites_dir, plugin, parent.version, site)
+    folder = settings.sites_dir / plugin / version
+    folder.mkdir(parents=True)
+    try:
+        adaptation = runtime.adapt(labelled, unlabelled, folder)
+        criteria = sites.criteria_for(site, settings.site_acceptance)
+        record = sites.record(folder, plugin=plugin, site=site, version=version, parent=parent, weights=adaptation.weights,
+                              report=adaptation.report, card=adaptation.card, labelled=labelled_files,
+                              unlabelled=unlabelled_files, criteria=criteria)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Onboarded(version, folder, record, sites.unmet(adaptation.report, criteria))

@@ -1,0 +1,151 @@
+"""Site versions: a served model version adapted to one laboratory (issue 33).
+
+A site version is made offline by `dxserve site onboard` through the plugin's optional
+`ModelRuntime.adapt`, from a few of the lab's labelled images and its unlabelled ones, and
+stored outside the installed package, in the `sites_dir` setting:
+
+    <sites_dir>/<plugin>/<parent>+<site>.<n>/
+        site.json        what it is: site, parent version and the parent's weights SHA-256, its own
+                         weights and their SHA-256, the SHA-256 of every file it was fitted on,
+                         the validation report, when and by which command it was made
+        <weights>        written by the plugin's `adapt`
+        MODEL_CARD.md    the card people read (model_card_json: site.json itself)
+
+The server lists it beside the plugin's own versions, `2.1.0+taleqani.1`, and serves it only
+while (1) its parent version is listed with the weights hash it was made from, (2) its weights
+match their hash, and (3) its validation report meets the acceptance criteria the operator
+declares for the site (`site_acceptance`); otherwise it is NOT_SERVED with the reason, as a
+version without safety checks is. It is never a plugin's default: a caller names it (or is
+bound to it by its key).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .runtime import ModelVersion, sha256_of
+
+SITE_FILE = "site.json"
+CARD_FILE = "MODEL_CARD.md"
+SITE_NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
+
+
+class SiteAcceptance(BaseModel):
+    """What a site version's validation report must show before it is served (one lab's quality
+    manager's criteria; `site_acceptance` maps a site's name, or "*" for any site, to these)."""
+
+    min_labelled: int = Field(50, ge=1, description="labelled images the adaptation and its validation used, at least")
+    min_sensitivity_at_screen: float = Field(0.90, ge=0, le=1, description="cross-validated sensitivity of the screening "
+                                             "flag for the positive label, at least")
+    max_ece: float = Field(0.10, ge=0, le=1, description="cross-validated expected calibration error, at most")
+    max_confidently_wrong: float = Field(0.05, ge=0, le=1, description="share of cross-validated calls made with "
+                                         "P >= 0.9 for the wrong label, at most")
+    min_auroc: float = Field(0.80, ge=0, le=1, description="cross-validated AUROC, at least")
+    min_margin_over_colour_alone: float = Field(0.05, ge=-1, le=1, description="cross-validated AUROC above a model of "
+                                                "the image's colour alone in the same folds, at least: a site whose classes "
+                                                "were stained or imaged apart is otherwise learned by its slides, not its cells")
+
+
+def criteria_for(site: str, acceptance: dict[str, SiteAcceptance]) -> SiteAcceptance:
+    return acceptance.get(site) or acceptance.get("*") or SiteAcceptance()
+
+
+def unmet(report: dict, criteria: SiteAcceptance) -> list[str]:
+    """Each acceptance criterion the report's `acceptance` figures miss, in words (empty: all met)."""
+    figures = report.get("acceptance", {})
+    checks = (("labelled", ">=", criteria.min_labelled), ("sensitivity_at_screen", ">=", criteria.min_sensitivity_at_screen),
+              ("ece", "<=", criteria.max_ece), ("confidently_wrong", "<=", criteria.max_confidently_wrong),
+              ("auroc", ">=", criteria.min_auroc), ("margin_over_colour_alone", ">=", criteria.min_margin_over_colour_alone))
+    missed = []
+    for name, op, bar in checks:
+        value = figures.get(name)
+        if value is None or (value < bar if op == ">=" else value > bar):
+            missed.append(f"{name} {'missing' if value is None else f'{value:.3g}'} (needs {op} {bar:g})")
+    return missed
+
+
+def site_folders(sites_dir: Path | None, plugin: str) -> list[Path]:
+    folder = (sites_dir / plugin) if sites_dir else None
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(d for d in folder.iterdir() if (d / SITE_FILE).is_file())
+
+
+def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVersion]
+                  ) -> tuple[list[ModelVersion], dict[str, str]]:
+    """The plugin's site versions under `sites_dir` whose parent is listed, and {version: why}
+    for those that cannot be served whatever their report says (unreadable, parent missing or changed)."""
+    by_name = {v.version: v for v in parents}
+    versions, refused = [], {}
+    for folder in site_folders(sites_dir, plugin):
+        try:
+            site_json = (folder / SITE_FILE).read_text()
+            site = json.loads(site_json)
+            name, parent = site["version"], by_name.get(site["parent"]["version"])
+            weights = folder / site["weights"]["file"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            refused[folder.name] = f"{folder / SITE_FILE} is unreadable: {type(error).__name__}: {error}"
+            continue
+        card = folder / CARD_FILE
+        version = ModelVersion(version=name, weights=weights, weights_sha256=site["weights"]["sha256"],
+                               model_card=card.read_text() if card.is_file() else "", model_card_json=site_json,
+                               extra={**(parent.extra if parent else {}), "site": site, "parent": parent, "site_folder": folder})
+        versions.append(version)
+        if parent is None:
+            refused[name] = f"its parent version {site['parent']['version']!r} is not listed by the plugin"
+        elif parent.weights_sha256 != site["parent"]["weights_sha256"]:
+            refused[name] = (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
+                             f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
+    return versions, refused
+
+
+def next_version(sites_dir: Path, plugin: str, parent: str, site: str) -> str:
+    """`<parent>+<site>.<n>` with the next free n."""
+    taken = {f.name for f in site_folders(sites_dir, plugin)} | {d.name for d in (sites_dir / plugin).glob("*")} \
+        if (sites_dir / plugin).is_dir() else set()
+    n = 1
+    while f"{parent}+{site}.{n}" in taken:
+        n += 1
+    return f"{parent}+{site}.{n}"
+
+
+def describe(site: dict, criteria: SiteAcceptance) -> str:
+    """The site version's Markdown card: what it is, what it was fitted on, its figures."""
+    report, missed = site["report"], unmet(site["report"], criteria)
+    lines = [f"# Site version {site['version']} ({site['plugin']})", "",
+             f"- **Site:** {site['site']}",
+             f"- **Parent version:** {site['parent']['version']}, weights SHA-256 `{site['parent']['weights_sha256']}`",
+             f"- **Weights:** `{site['weights']['file']}`, SHA-256 `{site['weights']['sha256']}`",
+             f"- **Made:** {site['made_at']} by `{site['command']}`",
+             f"- **Fitted on:** {len(site['labelled'])} labelled and {len(site['unlabelled'])} unlabelled images "
+             "(their SHA-256 in site.json)",
+             f"- **Acceptance ({'met' if not missed else 'NOT met: ' + '; '.join(missed)}):** "
+             + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.get("acceptance", {}).items()),
+             "", "## Validation report", "", "```json", json.dumps(report, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def hashed(paths: Iterable[Path], root: Path | None = None) -> dict[str, str]:
+    return {str(p.relative_to(root) if root else p): sha256_of(p) for p in paths}
+
+
+def record(folder: Path, *, plugin: str, site: str, version: str, parent: ModelVersion, weights: str, report: dict,
+           card: dict, labelled: dict[str, str], unlabelled: dict[str, str], criteria: SiteAcceptance) -> dict:
+    """Write site.json and MODEL_CARD.md for an adaptation `adapt` wrote into `folder`."""
+    site = {"plugin": plugin, "site": site, "version": version,
+            "parent": {"version": parent.version, "weights_sha256": parent.weights_sha256},
+            "weights": {"file": weights, "sha256": sha256_of(folder / weights)},
+            "made_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "dxserve " + shlex.join(sys.argv[1:]),
+            "labelled": labelled, "unlabelled": unlabelled, "report": report, **card}
+    (folder / SITE_FILE).write_text(json.dumps(site, indent=1) + "\n")
+    (folder / CARD_FILE).write_text(describe(site, criteria))
+    return site

@@ -1,0 +1,165 @@
+"""Site versions (issue 33): `dxserve site onboard` through lymphoblast's `adapt`, and a server
+that serves a site version only while its validation meets the site's acceptance criteria,
+its parent is unchanged and its weights match their hash."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import grpc
+import numpy as np
+import pytest
+from conftest import DEFAULT_VERSION, FIXTURES, ServerProcess, wait_serving
+from PIL import Image
+
+from dxserve.cli import main as dxserve
+from dxserve_client import Client, DxServeError
+from dxserve.v1 import diagnostics_pb2 as pb
+
+CELLS = sorted((FIXTURES / "cells").glob("*.png"))
+SITE_VERSION = f"{DEFAULT_VERSION}+lab.1"
+
+
+def as_another_lab(rgb: np.ndarray, k: int) -> np.ndarray:
+    """The cell in orientation k, under a blue-ish stain cast (another lab's look)."""
+    out = np.rot90(rgb, k % 4)
+    out = out[:, ::-1] if k >= 4 else out
+    cast = np.where(out.max(axis=2, keepdims=True) > 12, np.clip(out * np.array([0.85, 0.9, 1.1]), 13, 255), 0)
+    return np.ascontiguousarray(cast.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def onboarded(tmp_path_factory):
+    """A site version of the default, onboarded on the six fixture cells as another lab's: 48
+    labelled images (8 orientations each, grouped by cell) and 12 unlabelled ones."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "labelled").mkdir()
+    (root / "unlabelled").mkdir()
+    with (root / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for path in CELLS:
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            for k in range(8):
+                name = f"labelled/{path.stem}-{k}.png"
+                Image.fromarray(as_another_lab(rgb, k)).save(root / name)
+                out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", path.stem])
+            for k in (1, 6):
+                Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.png")
+    sites_dir = root / "sites"
+    code = dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(root / "labels.csv"),
+                    "--unlabelled", str(root / "unlabelled"), "--sites-dir", str(sites_dir)])
+    return root, sites_dir, code
+
+
+def test_onboarding_writes_a_traceable_site_version(onboarded):
+    from dxserve.runtime import sha256_of
+
+    root, sites_dir, code = onboarded
+    folder = sites_dir / "lymphoblast" / SITE_VERSION
+    site = json.loads((folder / "site.json").read_text())
+    assert code == 1  # 48 labelled images: below the default criteria's 50, so made but not served
+    assert site["version"] == SITE_VERSION and site["site"] == "lab" and site["parent"]["version"] == DEFAULT_VERSION
+    from dxserve_lymphoblast.plugin import find_version
+
+    assert site["parent"]["weights_sha256"] == find_version(DEFAULT_VERSION).weights_sha256
+    assert site["weights"]["sha256"] == sha256_of(folder / site["weights"]["file"])
+    assert len(site["labelled"]) == 48 and len(site["unlabelled"]) == 12
+    assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
+    report = site["report"]
+    assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24}
+    for baseline in ("parent unadapted", "size alone", "colour alone"):
+        assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2
+    assert set(report["learning_curve_auroc"]) == {"10", "25", "50", "100"}
+    assert set(report["acceptance"]) == {"labelled", "auroc", "sensitivity_at_screen", "ece", "confidently_wrong",
+                                         "margin_over_colour_alone"}
+    assert "NOT met" in (folder / "MODEL_CARD.md").read_text() and "min_labelled" not in (folder / "MODEL_CARD.md").read_text()
+    # A second onboarding of the same site is the next version, never an overwrite.
+    from dxserve import sites
+
+    assert sites.next_version(sites_dir, "lymphoblast", DEFAULT_VERSION, "lab") == f"{DEFAULT_VERSION}+lab.2"
+
+
+def test_onboarding_refuses_what_it_cannot_use(onboarded, tmp_path, capsys):
+    root, sites_dir, _ = onboarded
+    bad = tmp_path / "labels.csv"
+    bad.write_text("path,label,group\nlabelled/UID_11_10_1_all-0.png,blast,1\n")
+    (tmp_path / "labelled").symlink_to(root / "labelled")
+    assert dxserve(["site", "onboard", "--site", "lab", "--labelled", str(bad), "--unlabelled", str(root / "unlabelled"),
+                    "--sites-dir", str(sites_dir)]) == 2
+    assert "label 'blast' is not one of lymphoblast, normal" in capsys.readouterr().err
+    assert dxserve(["site", "onboard", "--site", "Lab 2", "--labelled", str(bad), "--unlabelled", str(root / "unlabelled"),
+                    "--sites-dir", str(sites_dir)]) == 2
+    assert dxserve(["site", "onboard", "--plugin", "nope", "--site", "lab", "--labelled", str(root / "labels.csv"),
+                    "--unlabelled", str(root / "unlabelled"), "--sites-dir", str(sites_dir)]) == 2
+    assert "no plugin 'nope'" in capsys.readouterr().err
+    assert [p.name for p in (sites_dir / "lymphoblast").iterdir()] == [SITE_VERSION]  # nothing half-written
+
+
+def relaxed(tmp_path):
+    """Acceptance criteria this tiny site meets (an operator's TOML)."""
+    config = tmp_path / "dxserve.toml"
+    config.write_text("[site_acceptance.lab]\nmin_labelled = 40\nmin_auroc = 0.0\nmin_sensitivity_at_screen = 0.0\n"
+                      "max_ece = 1.0\nmax_confidently_wrong = 1.0\nmin_margin_over_colour_alone = -1.0\n")
+    return config
+
+
+def test_a_server_serves_a_site_version_only_while_it_meets_its_criteria(onboarded, tmp_path):
+    _, sites_dir, _ = onboarded
+    strict = ServerProcess("--sites-dir", str(sites_dir), tmp=tmp_path, env={"DXSERVE_DISABLED_PLUGINS": "smear_field"})
+    served = ServerProcess("--sites-dir", str(sites_dir), "--config", str(relaxed(tmp_path)), tmp=tmp_path)
+    try:
+        wait_serving(strict.address, [None, "lymphoblast"])
+        wait_serving(served.address, [None, "lymphoblast"])
+        image = np.asarray(Image.open(CELLS[0]).convert("RGB"))
+        with Client(strict.address) as client:
+            versions = {v.version: v for v in next(p for p in client.list_plugins() if p.name == "lymphoblast").model_versions}
+            assert versions[SITE_VERSION].state == pb.VERSION_STATE_NOT_SERVED
+            assert "acceptance criteria declared for site 'lab'" in versions[SITE_VERSION].state_reason
+            assert "labelled 48 (needs >= 50)" in versions[SITE_VERSION].state_reason
+            with pytest.raises(DxServeError) as refused:
+                client.classify(as_another_lab(image, 0), model_version=SITE_VERSION)
+            assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SITE_NOT_ACCEPTED")
+            assert client.classify(image).model_version == DEFAULT_VERSION  # never the default
+        with Client(served.address) as client:
+            site = json.loads((sites_dir / "lymphoblast" / SITE_VERSION / "site.json").read_text())
+            result = client.classify(as_another_lab(image, 0), model_version=SITE_VERSION)
+            assert result.ok and result.model_version == SITE_VERSION and result.weights_sha256 == site["weights"]["sha256"]
+            assert abs(sum(result.probabilities.values()) - 1) < 1e-6
+            listed = {v.version: v for v in next(p for p in client.list_plugins() if p.name == "lymphoblast").model_versions}
+            assert json.loads(listed[SITE_VERSION].model_card_json)["parent"]["version"] == DEFAULT_VERSION
+            assert client.classify(image).model_version == DEFAULT_VERSION
+    finally:
+        assert strict.stop() == 0 and served.stop() == 0
+
+
+def test_an_altered_site_version_is_refused(onboarded, tmp_path):
+    """Its weights changed after onboarding: FAILED on first use (hash), the default serves on;
+    its parent named with other weights: NOT_SERVED, asking for onboarding again."""
+    import shutil
+
+    _, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    folder = copy / "lymphoblast" / SITE_VERSION
+    site = json.loads((folder / "site.json").read_text())
+    with (folder / site["weights"]["file"]).open("ab") as f:
+        f.write(b"\0")
+    changed = copy / "lymphoblast" / f"{DEFAULT_VERSION}+lab.2"
+    shutil.copytree(folder, changed)
+    other = {**site, "version": f"{DEFAULT_VERSION}+lab.2", "parent": {**site["parent"], "weights_sha256": "0" * 64}}
+    (changed / "site.json").write_text(json.dumps(other))
+    server = ServerProcess("--sites-dir", str(copy), "--config", str(relaxed(tmp_path)), tmp=tmp_path)
+    try:
+        wait_serving(server.address, [None, "lymphoblast"])
+        with Client(server.address) as client:
+            with pytest.raises(DxServeError) as corrupt:
+                client.classify(CELLS[0], model_version=SITE_VERSION)
+            assert corrupt.value.code == grpc.StatusCode.UNAVAILABLE and "SHA-256" in str(corrupt.value)
+            with pytest.raises(DxServeError) as stale:
+                client.classify(CELLS[0], model_version=f"{DEFAULT_VERSION}+lab.2")
+            assert stale.value.reason == "SITE_NOT_ACCEPTED" and "onboard the site again" in str(stale.value)
+            assert client.classify(CELLS[0]).ok
+    finally:
+        assert server.stop() == 0

@@ -314,3 +314,29 @@ def test_each_stage_runs_in_threads_named_for_it_so_its_cpu_can_be_read_off_a_ru
             names[(task / "comm").read_text().strip()] += 1
     assert {"dx-decode", "dx-model-lympho", "dx-explain", "dx-audit"} <= names.keys(), sorted(names)
     assert names["dx-audit"] == 1, names
+
+
+def test_overall_health_waits_for_every_plugin_to_finish_loading():
+    """Issue 32: a probe on the overall name ("") must not send traffic while a plugin is still
+    loading, even when another plugin already serves; the plugin's own name was always right."""
+    from conftest import UNGATED
+    from dxserve.testing.server import serving
+    from dxserve_testplugins import slow
+
+    slow.RELEASE.clear()
+    try:
+        with serving("brightness", modules=("dxserve_testplugins.slow",), disabled_plugins=["lymphoblast", "flaky"],
+                     ungated_versions_allowed=UNGATED) as client:
+            health = health_pb2_grpc.HealthStub(client.channel)
+            status = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
+            serving_, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+            assert status("dxserve.v1.DiagnosticsService/brightness") == serving_
+            assert status("") == not_serving and status("dxserve.v1.DiagnosticsService") == not_serving
+            slow.RELEASE.set()
+            client.wait_until_serving("slow", 30)
+            deadline = time.monotonic() + 10
+            while status("") != serving_ and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert status("") == serving_
+    finally:
+        slow.RELEASE.clear()

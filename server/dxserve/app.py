@@ -17,7 +17,7 @@ from .config import Settings
 from .inference import InferenceService
 from .oip import grpc_service_pb2 as oip
 from .oip import grpc_service_pb2_grpc as oip_grpc
-from .registry import READY, PluginEntry, discover, load_all
+from .registry import LOADING, READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
 from .v1 import admin_pb2, admin_pb2_grpc
 from .v1 import diagnostics_pb2 as pb
@@ -178,8 +178,11 @@ class Server:
         await self._set_overall()
 
     def ready(self) -> bool:
-        """The server as a whole serves once any plugin does; per-plugin names tell the rest."""
-        return self._answering() and any(e.serving for e in self.plugins.values())
+        """The server as a whole serves once no plugin is still loading and one serves (a plugin
+        that failed is settled, and its own health name says so): a probe on the overall name
+        never sends traffic to a server whose plugins are half loaded (issue 32)."""
+        entries = self.plugins.values()
+        return self._answering() and not any(e.state == LOADING for e in entries) and any(e.serving for e in entries)
 
     async def _set_overall(self) -> None:
         serving = self.ready()

@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +264,33 @@ def test_watch_takes_a_file_once_complete_and_remembers_across_restarts(server, 
     records = {json.loads(line)["path"].rsplit("/", 1)[-1]: json.loads(line) for line in out.splitlines()}
     assert code == 1 and sorted(records) == ["junk.png", "third.png"]
     assert records["junk.png"]["error_code"] == "INVALID_ARGUMENT" and records["third.png"]["error_code"] == ""
+
+
+def test_one_oversized_image_costs_only_itself(tmp_path, capsys):
+    """Issue 31: an uncompressed 2,500 px TIFF (18.75 MB) in a folder, against a server with the
+    default 16 MiB limit: that item is refused alone, every other image is answered and printed,
+    and the run exits 1 (it used to end at the client's own send limit, exit 2, nothing printed)."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import ServerProcess, wait_serving
+    from dxserve_client.client import encode_png
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name, value in (("a.png", 40), ("c.png", 220)):
+        (folder / name).write_bytes(encode_png(np.full((32, 32, 3), value, np.uint8)))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (2500, 2500, 3), dtype=np.uint8)).save(folder / "b.tiff")
+    assert (folder / "b.tiff").stat().st_size > 16 * 1024 * 1024
+    server = ServerProcess("--disabled-plugins", "lymphoblast", "--disabled-plugins", "flaky", tmp=tmp_path)
+    try:
+        wait_serving(server.address, ["brightness"], timeout_s=60)
+        code, out, err = run(capsys, "--server", server.address, "classify", str(folder), "--plugin", "brightness",
+                             "--format", "jsonl", "--quiet")
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert code == 1, err
+        assert [Path(r["path"]).name for r in rows] == ["a.png", "b.tiff", "c.png"]
+        assert [r["label"] for r in rows if not r.get("error_code")] == ["dark", "bright"]
+        assert next(r for r in rows if r["path"].endswith("b.tiff"))["error_code"] == "RESOURCE_EXHAUSTED"
+    finally:
+        assert server.stop() == 0

@@ -22,6 +22,7 @@ from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
 DEFAULT_SERVER = "localhost:50051"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SEND_FACTOR = 4  # the server's transport takes 4x its max_message_bytes (dxserve.app.TRANSPORT_FACTOR)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # google.rpc.Code number -> grpc.StatusCode
@@ -238,7 +239,10 @@ class Client:
         round_robin: bool = False,  # spread calls over every address the name resolves to (a headless Service)
     ):
         channel_options = [
-            ("grpc.max_send_message_length", max_message_bytes),
+            # Sends may exceed the server's per-request limit, as its transport's limit does (4x),
+            # so an oversized item is refused by the server alone, with its details, and a stream
+            # goes on: at the same limit the client's own transport ended the whole run (issue 31).
+            ("grpc.max_send_message_length", SEND_FACTOR * max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             *(options or []),
         ]

@@ -86,12 +86,12 @@ def test_a_new_plugin_installs_serves_and_passes_its_own_tests(tmp_path):
     made = dxserve("plugin", "new", "demo_kit", "--directory", str(tmp_path))
     assert made.returncode == 0, made.stderr
     root = tmp_path / "demo_kit"
-    assert (root / "dxserve_demo_kit" / "models" / "1.0.0" / "weights.json").exists()
+    assert (root / "dxserve_demo_kit" / "models" / "1.0.0" / "model.tflite").exists()  # the LiteRT pattern
     site = tmp_path / "site"  # installed as pip installs any package: a dist-info with its entry point
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(root)],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
-    assert (site / "dxserve_demo_kit" / "models" / "1.0.0" / "weights.json").exists()  # package data shipped
+    assert (site / "dxserve_demo_kit" / "models" / "1.0.0" / "model.tflite").exists()  # package data shipped
     env = {**os.environ, "PYTHONPATH": str(site)}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -111,3 +111,23 @@ def test_weights_sha256_prints_what_a_model_version_declares(tmp_path):
     assert run.returncode == 0 and run.stdout.split()[0] == hashlib.sha256(weights.read_bytes()).hexdigest()
     missing = dxserve("weights-sha256", str(tmp_path / "nope.bin"))
     assert missing.returncode == 1 and "nope.bin" in missing.stderr
+
+
+def test_the_scaffolds_placeholder_model_is_the_logistic_it_claims():
+    """server/dxserve/scaffold_model.tflite (scripts/make_scaffold_model.py) on LiteRT: P(bright)
+    = sigmoid(12 (brightness - 0.5)), rows summing to 1, at any batch size."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from dxserve.scaffold import PLACEHOLDER
+
+    interpreter = Interpreter(model_path=str(PLACEHOLDER))
+    source = interpreter.get_input_details()[0]
+    x = np.linspace(0, 1, 7, dtype=np.float32)[:, None]
+    interpreter.resize_tensor_input(source["index"], list(x.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], x)
+    interpreter.invoke()
+    p = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(p[:, 1], 1 / (1 + np.exp(-12 * (x[:, 0] - 0.5))), atol=1e-6)
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-6)

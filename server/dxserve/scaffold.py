@@ -3,14 +3,25 @@ conformance suite as it is, for its author to replace the model in (docs/plugins
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
+import shutil
 from pathlib import Path
 
 from . import __version__
 from .runtime import sha256_of
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
+PLACEHOLDER = Path(__file__).parent / "scaffold_model.tflite"
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 PYPROJECT = '''[build-system]
 requires = ["setuptools>=77"]
@@ -21,7 +32,7 @@ name = "dxserve-{dist}"
 version = "0.1.0"  # the plugin's code; each trained model is a model version under models/
 description = "dxserve plugin {name}"
 requires-python = ">=3.11"
-dependencies = ["dxserve=={dxserve_version}", "numpy"]
+dependencies = ["dxserve=={dxserve_version}", "numpy", "ai-edge-litert=={litert_version}"]
 
 [project.optional-dependencies]
 test = ["dxserve[testing]=={dxserve_version}"]
@@ -40,14 +51,18 @@ packages = ["{package}", "{package}.models"]
 
 PLUGIN = '''"""dxserve plugin {name}: a placeholder model to replace with yours.
 
-It calls an image "bright" or "dark" from its mean brightness (a logistic on one feature whose
-two numbers are the model version's weights), refuses blank and noise images (its quality
-gate), and flags brightness outside what it was fitted on (its out-of-distribution check).
+It calls an image "bright" or "dark" from its mean brightness (a logistic on one feature, as a
+LiteRT model: `model.tflite`, the model version's weights), refuses blank and noise images (its
+quality gate), and flags brightness outside what it was fitted on (its out-of-distribution
+check). Serve yours the same way: export it to LiteRT (`tf.lite.TFLiteConverter`, or
+`ai_edge_torch` for PyTorch) and run it with `ai_edge_litert`'s Interpreter, no training
+framework in the serving install.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +92,16 @@ class Runtime(ModelRuntime):
             out.append(ModelVersion(version=folder.name, weights=folder / card["weights"],
                                     weights_sha256=card["weights_sha256"],
                                     model_card=(folder / "MODEL_CARD.md").read_text(),
-                                    model_card_json=json.dumps(card)))
+                                    model_card_json=json.dumps(card), extra={{"card": card}}))
         return out
 
     def load(self) -> None:
-        weights = json.loads(Path(self.version.weights).read_text())
-        self.slope, self.midpoint = weights["slope"], weights["midpoint"]
-        self.fitted_range = tuple(weights["fitted_range"])
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(self.version.weights), num_threads=1)
+        self.interpreter.allocate_tensors()
+        self.lock = threading.Lock()  # one call at a time on an interpreter
+        self.fitted_range = tuple(self.version.extra["card"]["fitted_range"])
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return np.array([image.mean() / 255.0], np.float32)
@@ -98,13 +116,23 @@ class Runtime(ModelRuntime):
                                  roughness, 0.0, 40.0)]
         return []
 
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """The LiteRT model on a batch: resized to the batch's size when it changes, one call at a time."""
+        with self.lock:
+            source, = self.interpreter.get_input_details()
+            if tuple(source["shape"]) != batch.shape:
+                self.interpreter.resize_tensor_input(source["index"], list(batch.shape))
+                self.interpreter.allocate_tensors()
+            self.interpreter.set_tensor(source["index"], np.ascontiguousarray(batch, np.float32))
+            self.interpreter.invoke()
+            return self.interpreter.get_tensor(self.interpreter.get_output_details()[0]["index"]).copy()
+
     def predict_with_issues(self, batch: np.ndarray) -> Prediction:
-        mean = batch[:, 0].astype(np.float64)
-        bright = 1.0 / (1.0 + np.exp(-self.slope * (mean - self.midpoint)))
+        probabilities = self._run(batch).astype(np.float64)
         low, high = self.fitted_range
         issues = [[QualityIssue("OUT_OF_RANGE", f"mean brightness {{m:.2f}} outside the fitted range", m, low, high)]
-                  if not low <= m <= high else [] for m in mean]
-        return Prediction(np.stack([1.0 - bright, bright], axis=1), issues)
+                  if not low <= m <= high else [] for m in batch[:, 0]]
+        return Prediction(probabilities / probabilities.sum(axis=1, keepdims=True), issues)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.predict_with_issues(batch).probabilities
@@ -128,8 +156,8 @@ def dxserve_model_runtimes():
 
 MODEL_CARD = '''# {name} {version}
 
-- **Model**: logistic on mean brightness (placeholder; replace with yours).
-- **Weights**: `weights.json`, SHA-256 `{sha256}` (`dxserve weights-sha256 weights.json`).
+- **Model**: logistic on mean brightness, as a LiteRT model (placeholder; replace with yours).
+- **Weights**: `model.tflite`, SHA-256 `{sha256}` (`dxserve weights-sha256 model.tflite`).
 - **Data, split and metrics**: say what it was trained on, how it was split (by subject, never
   by image), and its figures beside a trivial baseline, with their spread.
 - **Intended use**: example only; not for clinical use.
@@ -166,8 +194,9 @@ A dxserve plugin, made by `dxserve plugin new {name}`.
     pytest                            # the conformance suite and your tests, against a real server
     dxserve serve                     # serves it (entry point "{name}")
 
-A new model version: a folder `{package}/models/<version>/` with the weights, `MODEL_CARD.md`
-and `model_card.json` (its `weights_sha256` from `dxserve weights-sha256 FILE`).
+A new model version: a folder `{package}/models/<version>/` with the weights (a LiteRT
+`model.tflite`, exported from your training framework), `MODEL_CARD.md` and `model_card.json`
+(its `weights_sha256` from `dxserve weights-sha256 FILE`).
 '''
 
 
@@ -179,16 +208,18 @@ def new_plugin(name: str, parent: Path) -> Path:
     if root.exists():
         raise FileExistsError(f"{root} exists: not overwritten")
     package = f"dxserve_{name}"
-    fields = {"name": name, "dist": name.replace("_", "-"), "package": package, "dxserve_version": __version__}
+    fields = {"name": name, "dist": name.replace("_", "-"), "package": package, "dxserve_version": __version__,
+              "litert_version": importlib.metadata.version("ai-edge-litert") if _installed("ai-edge-litert") else "2.3.0"}
     version = "1.0.0"
     model = root / package / "models" / version
     model.mkdir(parents=True)
     (root / "tests").mkdir()
     (root / package / "examples").mkdir()
-    weights = model / "weights.json"
-    weights.write_text(json.dumps({"slope": 12.0, "midpoint": 0.5, "fitted_range": [0.02, 0.98]}, indent=1) + "\n")
+    weights = model / "model.tflite"
+    shutil.copyfile(PLACEHOLDER, weights)  # made by scripts/make_scaffold_model.py
     sha256 = sha256_of(weights)
-    (model / "model_card.json").write_text(json.dumps({"version": version, "weights": weights.name, "weights_sha256": sha256}, indent=1) + "\n")
+    (model / "model_card.json").write_text(json.dumps({"version": version, "weights": weights.name, "weights_sha256": sha256,
+                                                       "fitted_range": [0.02, 0.98]}, indent=1) + "\n")
     (model / "MODEL_CARD.md").write_text(MODEL_CARD.format(version=version, sha256=sha256, **fields))
     (root / "pyproject.toml").write_text(PYPROJECT.format(**fields))
     (root / "README.md").write_text(README.format(**fields))

@@ -24,8 +24,14 @@ import numpy as np
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24)
 
 
+THREADS_ENV = "DXSERVE_LYMPHOBLAST_THREADS"
+
+
 def default_threads() -> int:
-    """The cores this process may run on (its CPU affinity), as XNNPACK's thread count."""
+    """XNNPACK's thread count: DXSERVE_LYMPHOBLAST_THREADS when set, else the cores this process
+    may run on (its CPU affinity)."""
+    if os.environ.get(THREADS_ENV, "").strip():
+        return max(1, int(os.environ[THREADS_ENV]))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -163,3 +163,34 @@ def test_an_altered_site_version_is_refused(onboarded, tmp_path):
             assert client.classify(CELLS[0]).ok
     finally:
         assert server.stop() == 0
+
+
+def test_a_caller_bound_to_its_site_version_gets_it_by_default(onboarded, tmp_path, capsys):
+    """Issue 33: `dxserve tokens add NAME --version lymphoblast=<site version>` binds a caller (its
+    lab's software) to the site version: its requests that name no version get it, and its audit
+    rows name it; another caller gets the plugin's default; naming a version still wins."""
+    import sqlite3
+
+    _, sites_dir, _ = onboarded
+    keys, tokens = tmp_path / "callers.json", {}
+    for name, flags in (("lab-lis", ["--version", f"lymphoblast={SITE_VERSION}"]), ("other", [])):
+        assert dxserve(["tokens", "add", name, "--keys-file", str(keys), *flags]) == 0
+        tokens[name] = capsys.readouterr().out.strip()  # printed once
+    assert dxserve(["tokens", "add", "bad", "--keys-file", str(keys), "--version", "lymphoblast"]) == 2
+    assert "PLUGIN=VERSION" in capsys.readouterr().err
+    assert dxserve(["tokens", "list", "--keys-file", str(keys)]) == 0
+    assert f"lab-lis: token; plugins *; lymphoblast version {SITE_VERSION}" in capsys.readouterr().out
+    server = ServerProcess("--sites-dir", str(sites_dir), "--config", str(relaxed(tmp_path)), "--auth-keys-file", str(keys),
+                           tmp=tmp_path)
+    try:
+        wait_serving(server.address, [None, "lymphoblast"])
+        image = as_another_lab(np.asarray(Image.open(CELLS[0]).convert("RGB")), 0)
+        with Client(server.address, token=tokens["lab-lis"]) as lab, Client(server.address, token=tokens["other"]) as other:
+            assert lab.classify(image).model_version == SITE_VERSION
+            assert [r.model_version for r in lab.classify_stream([image, image])] == [SITE_VERSION] * 2
+            assert lab.classify(image, model_version=DEFAULT_VERSION).model_version == DEFAULT_VERSION
+            assert other.classify(image).model_version == DEFAULT_VERSION
+        rows = sqlite3.connect(server.audit_path).execute("SELECT caller, model_version FROM audit WHERE caller != ''").fetchall()
+        assert ("lab-lis", SITE_VERSION) in rows and ("other", DEFAULT_VERSION) in rows
+    finally:
+        assert server.stop() == 0

@@ -62,9 +62,16 @@ class Caller:
     plugins: frozenset[str] | None = None  # None: every plugin
     admin: bool = False
     how: str = "anonymous"  # "token", "certificate" or "anonymous"
+    #: (plugin, model version) pairs: the version a request of this caller gets when it names
+    #: none, e.g. its laboratory's site version (`dxserve tokens add NAME --version P=V`).
+    versions: tuple[tuple[str, str], ...] = ()
 
     def may_use(self, plugin: str) -> bool:
         return self.plugins is None or plugin in self.plugins
+
+    def default_version(self, plugin: str) -> str:
+        """The version this caller is bound to for `plugin`; "" for the plugin's own default."""
+        return next((v for p, v in self.versions if p == plugin), "")
 
 
 ANONYMOUS = Caller("anonymous")
@@ -92,6 +99,8 @@ class KeyFile:
         for entry in callers:
             if not entry.get("name") or not (entry.get("token_sha256") or entry.get("certificate_subject")):
                 raise ValueError(f"{path}: every caller needs a name and a token_sha256 or certificate_subject: {entry}")
+            if not isinstance(entry.get("versions", {}), dict):
+                raise ValueError(f"{path}: caller {entry['name']!r}: versions must map plugin names to model versions")
         return cls(path, callers)
 
     def save(self) -> None:
@@ -101,19 +110,22 @@ class KeyFile:
         os.chmod(temporary, 0o600)
         temporary.replace(self.path)
 
-    def add(self, name: str, plugins: list[str], admin: bool = False, certificate_subject: str = "") -> str:
-        """Add a caller; returns its new token (shown once, never stored), or "" for a certificate."""
+    def add(self, name: str, plugins: list[str], admin: bool = False, certificate_subject: str = "",
+            versions: dict[str, str] | None = None) -> str:
+        """Add a caller; returns its new token (shown once, never stored), or "" for a certificate.
+        `versions`: {plugin: model version} its requests get when they name none (a site version)."""
         if any(entry["name"] == name for entry in self.callers):
             raise ValueError(f"a caller named {name!r} exists already")
         token = "" if certificate_subject else TOKEN_PREFIX + secrets.token_urlsafe(32)
-        entry = {"name": name, "plugins": plugins or ["*"], "admin": admin}
+        entry = {"name": name, "plugins": plugins or ["*"], "admin": admin, **({"versions": versions} if versions else {})}
         entry.update({"certificate_subject": certificate_subject} if certificate_subject else {"token_sha256": hash_token(token)})
         self.callers.append(entry)
         return token
 
     def _caller(self, entry: dict, how: str) -> Caller:
         plugins = entry.get("plugins", ["*"])
-        return Caller(entry["name"], None if "*" in plugins else frozenset(plugins), bool(entry.get("admin")), how)
+        versions = tuple(sorted((str(p), str(v)) for p, v in (entry.get("versions") or {}).items()))
+        return Caller(entry["name"], None if "*" in plugins else frozenset(plugins), bool(entry.get("admin")), how, versions)
 
     def by_token(self, token: str) -> Caller | None:
         digest = hash_token(token)

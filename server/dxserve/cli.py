@@ -152,7 +152,8 @@ def tokens_command(args: argparse.Namespace) -> int:
     if args.action == "list":
         for entry in keys.callers:
             how = f"certificate {entry['certificate_subject']}" if "certificate_subject" in entry else "token"
-            print(f"{entry['name']}: {how}; plugins {', '.join(entry['plugins'])}{'; admin' if entry.get('admin') else ''}")
+            bound = "".join(f"; {p} version {v}" for p, v in (entry.get("versions") or {}).items())
+            print(f"{entry['name']}: {how}; plugins {', '.join(entry['plugins'])}{'; admin' if entry.get('admin') else ''}{bound}")
         return 0
     if args.action == "revoke":
         kept = [e for e in keys.callers if e["name"] != args.name]
@@ -164,7 +165,10 @@ def tokens_command(args: argparse.Namespace) -> int:
         print(f"revoked {args.name}; a running server reads the key file again on SIGHUP or restart", file=sys.stderr)
         return 0
     try:
-        token = keys.add(args.name, args.plugins, args.admin, args.certificate_subject)
+        if any(not p or not v for p, _, v in (pair.partition("=") for pair in args.version)):
+            raise ValueError("--version takes PLUGIN=VERSION, e.g. lymphoblast=2.1.0+taleqani.1")
+        versions = dict(pair.split("=", 1) for pair in args.version)
+        token = keys.add(args.name, args.plugins, args.admin, args.certificate_subject, versions)
     except ValueError as error:
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
@@ -314,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_argument("--keys-file", type=Path, required=True)
     tokens.add_argument("--plugins", nargs="*", default=[], help="plugins it may use (default: all)")
     tokens.add_argument("--admin", action="store_true", help="may also reload plugins and change default versions")
+    tokens.add_argument("--version", action="append", default=[], metavar="PLUGIN=VERSION",
+                        help="the model version its requests get when they name none, e.g. its lab's site version "
+                             "lymphoblast=2.1.0+taleqani.1 (repeatable)")
     tokens.add_argument("--certificate-subject", default="", help="identify it by this client-certificate subject, "
                         "e.g. 'CN=lab-7', instead of a token")
     tokens.set_defaults(run=tokens_command)

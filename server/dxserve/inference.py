@@ -253,7 +253,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 raise errors.unknown_plugin(name, self.plugins)
             if entry.info is None:
                 raise errors.unavailable(entry.name, f"model {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
-            version = version or entry.default_version
+            version = version or auth.CALLER.get().default_version(entry.name) or entry.default_version
             if all(v.version != version for v in entry.versions):
                 raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])
         except errors.ServingError as error:

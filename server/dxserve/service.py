@@ -372,7 +372,9 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         if entry.state == FAILED:
             raise errors.unavailable(entry.name, f"plugin {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
         pinned = request.weights_sha256.lower()
-        version = request.model_version or self._version_with(entry, pinned) or entry.default_version
+        # Named, else the one serving the pinned weights, else the caller's (its lab's site version), else the plugin's.
+        version = (request.model_version or self._version_with(entry, pinned) or auth.CALLER.get().default_version(entry.name)
+                   or entry.default_version)
         served = next((v for v in entry.versions if v.version == version), None)
         if served is None:
             raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])

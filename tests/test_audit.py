@@ -15,6 +15,7 @@ from dxserve.audit import AuditTrail, SQLiteStore, open_store, verify
 from dxserve.cli import main as dxserve
 from dxserve_client import Client, DxServeError
 from dxserve_client.client import encode_png
+from test_faults import loaded
 from test_lifecycle import light_server
 
 
@@ -26,7 +27,7 @@ def test_every_outcome_is_recorded_with_who_what_and_which_weights(client, serve
         client.classify(b"not an image", request_id="audit-2")
     with pytest.raises(DxServeError):
         client.classify(image, request_id="audit-3", plugin="x" * 5000)
-    rows = {r["request_id"]: r for r in open_store(str(server.audit_path)).rows() if r["request_id"].startswith("audit-")}
+    rows = {r["request_id"]: r for r in open_store(str(server.audit_path)).rows() if (r["request_id"] or "").startswith("audit-")}
     ok = rows["audit-1"]
     assert ok["status"] == "OK" and ok["caller"].startswith("anonymous@") and ok["method"] == "Classify"
     assert ok["input_sha256"] == hashlib.sha256(image).hexdigest() and ok["specimen_id"] == "smear-9"
@@ -77,7 +78,8 @@ def test_export_as_csv_and_jsonl_since_a_time(tmp_path, capsys):
 def test_no_result_without_a_record_unless_configured(tmp_path):
     unwritable = str(tmp_path / "no-such-dir" / "audit.sqlite3")
     grey = np.full((8, 8, 3), 128, np.uint8)
-    with light_server(tmp_path, "--audit-db", unwritable) as server, Client(server.address) as client:
+    with light_server(tmp_path, "--audit-db", unwritable, ready=[]) as server, Client(server.address) as client:
+        loaded(client, "brightness")  # loaded, but never SERVING: the trail failed at start
         with pytest.raises(DxServeError) as caught:
             client.classify(grey, plugin="brightness")
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "audit trail" in caught.value.message
@@ -104,7 +106,7 @@ def test_records_are_batched_and_chained_across_threads(tmp_path):
         t.join()
     trail.close()
     count, _, problems = verify(open_store(str(tmp_path / "a.sqlite3")))
-    assert count == 1500 and problems == []
+    assert count == 1 + 1500 and problems == []  # the trail's server_start row, then every record
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +138,11 @@ def test_postgresql_trail_from_two_replicas_is_one_intact_chain(tmp_path, postgr
         for t in threads:
             t.join()
     assert dxserve(["audit", "verify", "--db", url]) == 0
-    assert "50 rows checked, chain intact" in capsys.readouterr().err
+    assert "52 rows checked, chain intact" in capsys.readouterr().err  # each replica's server_start row, then 50 results
     rows = list(open_store(url).rows())
-    assert open_store(url).head() == (50, rows[-1]["hash"])  # what a checkpoint signs, read in its own transaction
+    assert open_store(url).head() == (52, rows[-1]["hash"])  # what a checkpoint signs, read in its own transaction
+    assert [r["event"] for r in rows].count("server_start") == 2
+    rows = [r for r in rows if r["event"] == "classify"]
     assert sorted(r["request_id"] for r in rows) == sorted([f"a{i}" for i in range(25)] + [f"b{i}" for i in range(25)])
     assert all(r["status"] == "OK" and r["weights_sha256"] for r in rows)
     postgres.psql("\\c replicas\nUPDATE audit SET caller = 'someone else' WHERE seq = 7;")

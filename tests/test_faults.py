@@ -28,6 +28,18 @@ def health(client: Client, service: str = "") -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+def loaded(client: Client, plugin: str, timeout_s: float = 30) -> None:
+    """Once the server listens and `plugin` has loaded (READY or not: health may say NOT_SERVING)."""
+    def ready() -> bool:
+        try:
+            client.wait_until_loaded(plugin, 1)
+            return True
+        except (DxServeError, TimeoutError):
+            return False
+
+    wait_for(ready, timeout_s, f"{plugin} to load")
+
+
 def wait_for(condition, timeout_s: float = 20, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -85,7 +97,7 @@ def test_sigterm_finishes_within_the_grace_period_with_a_hung_plugin(tmp_path):
 def test_an_audit_trail_below_its_low_water_mark_refuses_cleanly_and_health_says_so(tmp_path):
     # A low-water mark above any disk's free space: the trail is "full" from the first write.
     with light_server(tmp_path, "--audit-min-free-mb", str(2**40), ready=[]) as server, Client(server.address) as client:
-        client.wait_until_serving("brightness", 30)
+        loaded(client, "brightness")  # never SERVING: the trail's start row already failed
         with pytest.raises(DxServeError) as caught:
             client.classify(GREY, plugin="brightness")
         assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
@@ -94,6 +106,26 @@ def test_an_audit_trail_below_its_low_water_mark_refuses_cleanly_and_health_says
         assert health(client, "dxserve.v1.DiagnosticsService/brightness") == "NOT_SERVING"
         assert health(client, "dxserve.v1.Liveness") == "SERVING"  # alive: a restart would not free the disk
     assert '"audit trail cannot be written: health NOT_SERVING until it can"' in server.logs()
+
+
+def test_an_unwritable_audit_trail_is_not_serving_before_any_call(tmp_path):
+    """Issue 32: the trail is written at start (a server_start row), so a trail that cannot be
+    written is NOT_SERVING from the first seconds, with no call needed to find out."""
+    with light_server(tmp_path, "--audit-min-free-mb", str(2**40), ready=[]) as server, Client(server.address) as client:
+        loaded(client, "brightness")
+        wait_for(lambda: '"audit trail cannot be written' in server.logs(), 30, "the trail's state at start")
+        assert health(client) == "NOT_SERVING" and health(client, "dxserve.v1.DiagnosticsService/brightness") == "NOT_SERVING"
+        assert health(client, "dxserve.v1.Liveness") == "SERVING"
+    assert "below its low-water mark" in server.logs()
+
+
+def test_a_writable_trail_starts_with_a_server_start_row(tmp_path):
+    import sqlite3
+
+    with light_server(tmp_path) as server:
+        pass
+    first = sqlite3.connect(server.audit_path).execute("SELECT seq, event FROM audit ORDER BY seq LIMIT 1").fetchone()
+    assert first == (1, "server_start")
 
 
 def test_the_audit_trail_recovers_by_itself_and_records_its_outage():

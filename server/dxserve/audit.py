@@ -283,6 +283,9 @@ class AuditTrail:
 
     def _run(self) -> None:
         name_os_thread("dx-audit")
+        # Written at once, so an unwritable trail is known (health NOT_SERVING) before any call is (issue 32).
+        self._write([({"event": "server_start", "status": "OK", "detail": "the server started; its audit trail is writable"},
+                      None, None)])
         self._checkpoint("start")
         while (item := self._next()) is not None:
             batch = [item]

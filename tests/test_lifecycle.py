@@ -340,3 +340,41 @@ def test_overall_health_waits_for_every_plugin_to_finish_loading():
             assert status("") == serving_
     finally:
         slow.RELEASE.clear()
+
+
+def test_logs_are_text_on_a_terminal_json_elsewhere_with_one_ready_line(tmp_path):
+    """Issue 31: on a terminal (log_format auto) lines for people and one plain "ready" line with
+    the address, TLS, audit trail and each plugin's default version; piped, JSON lines."""
+    import json
+    import os
+    import pty
+    import select
+    import signal
+    import sys
+
+    with light_server(tmp_path) as server:
+        pass
+    ready = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{") and '"ready on' in line]
+    assert len(ready) == 1 and ready[0]["message"] == f"ready on 127.0.0.1:{server.port}"
+    assert ready[0]["versions"]["brightness"] and ready[0]["tls"] is False and ready[0]["audit"].endswith(".sqlite3")
+
+    port = free_port()
+    leader, follower = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "plugins" / "site"), "DXSERVE_AUDIT_DB": str(tmp_path / "t.sqlite3")}
+    process = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}", *LIGHT],
+                               stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    seen, deadline = b"", time.monotonic() + 60
+    try:
+        while b"ready on" not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(leader, 65536)
+                except OSError:
+                    break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        os.close(leader)
+    line = next(x for x in seen.decode(errors="replace").splitlines() if "ready on" in x)
+    assert f"INFO dxserve.app: ready on 127.0.0.1:{port}" in line and "versions=" in line and not line.lstrip().startswith("{")

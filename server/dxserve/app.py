@@ -92,6 +92,7 @@ class Server:
         self.port = 0
         self._loading: asyncio.Task | None = None
         self._stopping = False
+        self._announced = False  # the "ready" line is logged once
         # Identity, authorization context and limits for every call; health is never limited.
         self.callers = CallerInterceptor(
             KeyFile.load(settings.auth_keys_file) if settings.auth_keys_file else None,
@@ -186,6 +187,12 @@ class Server:
 
     async def _set_overall(self) -> None:
         serving = self.ready()
+        if serving and not self._announced:  # one plain line when the server first serves
+            self._announced = True
+            audit_where = self.settings.audit_db.split("@")[-1] if self.settings.audit_db else "off"
+            log.info(f"ready on {self.settings.address.rpartition(':')[0]}:{self.port}", extra={
+                "tls": bool(self.settings.tls_cert), "audit": audit_where,
+                "versions": {e.name: e.default_version for e in self.plugins.values() if e.serving}})
         await self.health.set(health.OVERALL_HEALTH, SERVING if serving else NOT_SERVING)
         await self.health.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
 

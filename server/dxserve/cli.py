@@ -66,7 +66,8 @@ def route_native_stderr() -> TextIO:
 
 
 def configure_logging(settings: Settings) -> None:
-    if settings.log_format == "json":
+    form = settings.log_format if settings.log_format != "auto" else ("text" if sys.stderr.isatty() else "json")
+    if form == "json":
         from pythonjsonlogger.json import JsonFormatter
 
         handler = logging.StreamHandler(route_native_stderr())

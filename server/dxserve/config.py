@@ -98,7 +98,8 @@ class Settings(BaseModel):
                                   "items already read, at most half the grace; the rest are dropped unrun and "
                                   "resent by the client from the stream's resume_index")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="json (one object a line, for collectors), "
+                                                        "text (for people), or auto: text on a terminal, else json")
 
     @field_validator("address")
     @classmethod

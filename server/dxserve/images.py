@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import threading
 import warnings
 
@@ -98,7 +99,12 @@ def _decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
     except ServingError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise bad_image("IMAGE_TOO_LARGE", str(error), "image.encoded") from None
+        # Pillow refuses it as it opens the header (its limit is the server's: limit_pixels); say
+        # so in the server's words, not Pillow's "decompression bomb DOS attack" (issue 31).
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        found = f"{int(pixels.group(1))} px" if pixels else "the image"
+        raise bad_image("IMAGE_TOO_LARGE", f"{found} exceeds the limit of {Image.MAX_IMAGE_PIXELS} pixels (max_image_pixels)",
+                        "image.encoded") from None
     except UnidentifiedImageError:
         raise bad_image("IMAGE_UNREADABLE", f"not a readable image ({', '.join(FORMATS)} expected)", "image.encoded") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:

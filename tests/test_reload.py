@@ -187,3 +187,29 @@ def test_a_weights_file_corrupted_under_a_loaded_version_fails_that_version_alon
         assert listed.state == pb.PLUGIN_STATE_READY and listed.default_model_version == "2.0"
         assert client.classify(GREY, plugin="brightness").model_version == "2.0"
         assert _health(client, "brightness") == "SERVING"
+
+
+def test_setting_a_default_while_the_plugin_loads_says_it_is_loading(tmp_path):
+    """Issue 31: an admin who sets a default version while the plugin loads is told it is LOADING
+    (UNAVAILABLE, retry), not "has no version '2.0' (has: )" as if the plugin had none."""
+    from conftest import UNGATED
+    from dxserve.auth import KeyFile
+    from dxserve.testing.server import serving
+    from dxserve_testplugins import slow
+
+    keys = KeyFile(tmp_path / "callers.json")
+    token = keys.add("ops", [], admin=True)
+    keys.save()
+    slow.RELEASE.clear()
+    try:
+        with serving(modules=("dxserve_testplugins.slow",), disabled_plugins=["lymphoblast", "flaky", "brightness"],
+                     ungated_versions_allowed=UNGATED, auth_keys_file=keys.path) as client:
+            admin = admin_pb2_grpc.AdminServiceStub(client.channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                admin.SetDefaultVersion(admin_pb2.SetDefaultVersionRequest(plugin="slow", model_version="2.0"),
+                                        metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading (LOADING)" in caught.value.details() and "has no version" not in caught.value.details()
+            slow.RELEASE.set()
+    finally:
+        slow.RELEASE.clear()

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from . import auth, errors
 from .audit import AuditTrail, AuditUnavailable
-from .registry import PluginEntry, ReloadReport, ensure_loaded, reload
+from .registry import LOADING, PluginEntry, ReloadReport, ensure_loaded, reload
 from .config import Settings
 from .v1 import admin_pb2 as pb
 from .v1 import admin_pb2_grpc as pb_grpc
@@ -43,6 +43,9 @@ class Operations:
         entry = self.plugins.get(name)
         if entry is None:
             raise errors.not_found("plugin", name, f"unknown plugin {errors.clip(name)!r}")
+        if entry.state == LOADING:  # its versions are not listed yet: say so, not "has no version" (issue 31)
+            raise errors.unavailable(name, f"plugin {name!r} is still loading (LOADING): set its default version once it is "
+                                     "loaded", "PLUGIN_LOADING", retry_after_s=1)
         if version and not any(v.version == version for v in entry.versions):
             raise errors.not_found("model_version", f"{name}/{version}", f"plugin {name!r} has no version "
                                    f"{errors.clip(version)!r} (has: {', '.join(v.version for v in entry.versions)})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import grpc
 import numpy as np
@@ -192,5 +193,57 @@ def test_a_caller_bound_to_its_site_version_gets_it_by_default(onboarded, tmp_pa
             assert other.classify(image).model_version == DEFAULT_VERSION
         rows = sqlite3.connect(server.audit_path).execute("SELECT caller, model_version FROM audit WHERE caller != ''").fetchall()
         assert ("lab-lis", SITE_VERSION) in rows and ("other", DEFAULT_VERSION) in rows
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_candidate_in_shadow_is_counted_never_returned_then_promoted(onboarded, tmp_path, capsys):
+    """Issue 33, item 5: the site version in shadow beside the default: every answer is the
+    default's, the candidate's decision lands in the trail (per cell, with its specimen), the
+    report gives agreement per cell and per specimen, and promote makes it the default, recorded."""
+    import sqlite3
+
+    _, sites_dir, _ = onboarded
+    config = relaxed(tmp_path)
+    config.write_text(config.read_text() + f'\n[shadow]\nlymphoblast = "{SITE_VERSION}"\n')
+    keys = tmp_path / "callers.json"
+    assert dxserve(["tokens", "add", "ops", "--admin", "--keys-file", str(keys)]) == 0
+    admin_token = capsys.readouterr().out.strip()
+    assert dxserve(["tokens", "add", "lab", "--keys-file", str(keys)]) == 0
+    lab_token = capsys.readouterr().out.strip()
+    server = ServerProcess("--sites-dir", str(sites_dir), "--config", str(config), "--auth-keys-file", str(keys), tmp=tmp_path)
+    try:
+        wait_serving(server.address, [None, "lymphoblast"])
+        cells = [as_another_lab(np.asarray(Image.open(p).convert("RGB")), 0) for p in CELLS]
+        with Client(server.address, token=lab_token) as lab:
+            results = list(lab.classify_stream(cells, specimen_id="smear-1"))
+            assert [r.model_version for r in results] == [DEFAULT_VERSION] * len(CELLS)  # only the served answer
+            assert lab.classify(cells[0], model_version=SITE_VERSION).model_version == SITE_VERSION  # named: no shadow
+        database = sqlite3.connect(server.audit_path)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and database.execute("SELECT COUNT(*) FROM audit WHERE event = 'shadow'").fetchone()[0] < len(CELLS):
+            time.sleep(0.1)
+        rows = database.execute("SELECT model_version, specimen_id, status, decision, detail FROM audit WHERE event = 'shadow'").fetchall()
+        assert len(rows) == len(CELLS) and {r[:3] for r in rows} == {(SITE_VERSION, "smear-1", "OK")}
+        served = {r.request_id + "/shadow": r.decision for r in results}
+        for row in database.execute("SELECT request_id, decision, detail FROM audit WHERE event = 'shadow'"):
+            detail = json.loads(row[2])
+            assert detail["served_version"] == DEFAULT_VERSION and detail["served_decision"] == served[row[0]]
+            assert detail["agree"] == (row[1] == served[row[0]])
+        assert dxserve(["site", "shadow-report", "--db", str(server.audit_path), "--format", "json"]) == 0
+        report = json.loads(capsys.readouterr().out)[f"lymphoblast {DEFAULT_VERSION} -> {SITE_VERSION}"]
+        agreeing = sum(json.loads(r[4])["agree"] for r in rows)
+        assert report["cells"] == len(CELLS) and report["agreement"] == pytest.approx(agreeing / len(CELLS))
+        assert report["specimens"]["smear-1"] == {"cells": len(CELLS), "agreement": pytest.approx(agreeing / len(CELLS))}
+
+        assert dxserve(["site", "promote", "--server", server.address, "--plugin", "lymphoblast", "--version", SITE_VERSION,
+                        "--token", lab_token]) == 1  # not an admin
+        assert dxserve(["site", "promote", "--server", server.address, "--plugin", "lymphoblast", "--version", SITE_VERSION,
+                        "--token", admin_token]) == 0
+        assert f"default {DEFAULT_VERSION} -> {SITE_VERSION}" in capsys.readouterr().out
+        with Client(server.address, token=lab_token) as lab:
+            assert lab.classify(cells[0]).model_version == SITE_VERSION
+        promoted = database.execute("SELECT caller, model_version FROM audit WHERE event = 'default_version'").fetchall()
+        assert promoted == [("ops", SITE_VERSION)]
     finally:
         assert server.stop() == 0

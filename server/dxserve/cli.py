@@ -270,6 +270,10 @@ def site_command(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
+    if args.action == "shadow-report":
+        return _shadow_report(args)
+    if args.action == "promote":
+        return _promote(args)
     if args.action == "list":
         for folder in sites.site_folders(settings.sites_dir, args.plugin) if settings.sites_dir else []:
             site = json.loads((folder / sites.SITE_FILE).read_text())
@@ -290,6 +294,55 @@ def site_command(args: argparse.Namespace) -> int:
         print("it is NOT served until the site's acceptance criteria are met: " + "; ".join(done.unmet))
         return 1
     print("it meets the site's acceptance criteria: a server with this sites_dir serves it (reload the plugin or restart)")
+    return 0
+
+
+def _shadow_report(args: argparse.Namespace) -> int:
+    """Agreement of the candidates run in shadow (shadow.py), from the audit trail's shadow rows."""
+    from .audit import open_store
+    from .shadow import report
+
+    if not args.db:
+        print("dxserve: site shadow-report needs --db (the audit_db setting)", file=sys.stderr)
+        return 2
+    try:
+        found = report(open_store(args.db, must_exist=True).rows())
+    except (OSError, ValueError) as error:
+        print(f"dxserve: {error}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(found, indent=1))
+        return 0
+    for pair, entry in found.items():
+        agreement = "n/a" if entry["agreement"] is None else f"{entry['agreement']:.1%}"
+        print(f"{pair}: {entry['cells']} cells, decisions agree on {agreement} of those compared "
+              f"({entry['not_compared']} not compared); {len(entry['specimens'])} specimens, "
+              f"{entry['specimens_all_agree']} with every cell agreeing")
+        for specimen, figures in entry["specimens"].items():
+            print(f"  {specimen}: {figures['cells']} cells, {figures['agreement']:.1%} agree")
+    if not found:
+        print("no shadow rows in this trail (set [shadow] in the server's settings)")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    """AdminService.SetDefaultVersion: the candidate becomes the plugin's default (recorded in the trail)."""
+    import grpc
+
+    from .v1 import admin_pb2, admin_pb2_grpc
+
+    if not args.version:
+        print("dxserve: site promote needs --version (the candidate to make the default)", file=sys.stderr)
+        return 2
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            reply = admin_pb2_grpc.AdminServiceStub(channel).SetDefaultVersion(
+                admin_pb2.SetDefaultVersionRequest(plugin=args.plugin, model_version=args.version), metadata=metadata, timeout=120)
+        except grpc.RpcError as error:
+            print(f"dxserve: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.plugin}: default {reply.previous_default} -> {reply.default_model_version} (recorded in the audit trail)")
     return 0
 
 
@@ -363,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     plugin.add_argument("--plugin-module", action="append", default=[], help="check: also register this module ('package.module')")
     plugin.set_defaults(run=plugin_command)
 
-    site = sub.add_parser("site", help="site versions: adapt a version to another laboratory (onboard), list them")
-    site.add_argument("action", choices=["onboard", "list"])
+    site = sub.add_parser("site", help="site versions: adapt a version to another laboratory (onboard), list them, "
+                          "read how a candidate in shadow agrees (shadow-report), make it the default (promote)")
+    site.add_argument("action", choices=["onboard", "list", "shadow-report", "promote"])
     site.add_argument("--plugin", default="lymphoblast")
     site.add_argument("--base", default="", help="onboard: the version to adapt (default: the plugin's default)")
     site.add_argument("--site", help="onboard: the laboratory's short name, e.g. taleqani")
@@ -372,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     site.add_argument("--unlabelled", type=Path, help="onboard: folder of the site's unlabelled images")
     site.add_argument("--sites-dir", type=Path, help="where site versions live (default: the sites_dir setting)")
     site.add_argument("--config", type=Path, help="TOML settings file (sites_dir, site_acceptance)")
+    site.add_argument("--db", help="shadow-report: the audit trail (a SQLite file or a postgresql:// URL)")
+    site.add_argument("--format", choices=["text", "json"], default="text", help="shadow-report's output")
+    site.add_argument("--server", default="127.0.0.1:50051", help="promote: the server (plaintext; an admin's --token)")
+    site.add_argument("--token", default=os.environ.get("DXSERVE_TOKEN", ""), help="promote: an admin's bearer token")
+    site.add_argument("--version", default="", help="promote: the version to make the plugin's default")
     site.set_defaults(run=site_command)
 
     weights = sub.add_parser("weights-sha256", help="print the SHA-256 of weights files, as ModelVersion.weights_sha256 wants it")

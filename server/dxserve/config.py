@@ -71,6 +71,9 @@ class Settings(BaseModel):
     site_acceptance: dict[str, SiteAcceptance] = Field(default_factory=lambda: {"*": SiteAcceptance()}, description=
                                                        "what a site version's validation report must meet to be served, "
                                                        "per site name ('*': any site) (TOML tables only)")
+    shadow: dict[str, str] = Field(default_factory=dict, description="{plugin: candidate model version} classified in "
+                                   "shadow beside the served version of every request that names none: counted and "
+                                   "audited, never returned (TOML table [shadow])")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to register, as 'package.module'")
     disabled_plugins: list[str] = Field(default_factory=list, description="entry-point plugins not to load")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key, serve TLS")

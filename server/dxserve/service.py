@@ -18,6 +18,7 @@ from .batcher import Batcher, Result
 from .config import Settings
 from .explanations import ExplanationLimits
 from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
+from .shadow import Shadow
 from .runtime import INDETERMINATE, Decision, QualityIssue
 from .specimens import StreamSpecimens, Tally, check_specimen_id
 from .streams import requests_while_open
@@ -30,6 +31,7 @@ log = logging.getLogger("dxserve.service")
 STATES = {LOADING: pb.PLUGIN_STATE_LOADING, registry.READY: pb.PLUGIN_STATE_READY, FAILED: pb.PLUGIN_STATE_FAILED}
 MAX_REQUEST_ID = 256  # characters of a client's request_id
 STREAMING = {"ClassifyStream", "ModelStreamInfer"}  # methods whose items wait for a place in the queue (backpressure)
+SHADOW_TIMEOUT_S = 60.0  # a shadow classification (shadow.py) gives up after this long
 FIELD_CLASSIFIED = "classified"  # a field plugin's decision when some object it found was classified
 VERSION_STATES = {registry.AVAILABLE: pb.VERSION_STATE_AVAILABLE, registry.READY: pb.VERSION_STATE_READY,
                   FAILED: pb.VERSION_STATE_FAILED, registry.NOT_SERVED: pb.VERSION_STATE_NOT_SERVED,
@@ -47,6 +49,9 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self._decode_pool = named_pool(settings.decode_threads, "decode")
         self._explanations = ExplanationLimits(settings.explain_threads, settings.max_queued_explanations,
                                                settings.max_explanations_per_caller)
+        # Candidate versions answering in shadow beside the served ones (shadow.py); never returned.
+        self.shadow = Shadow(settings.shadow, lambda r, request_id: self._classify(r, request_id, SHADOW_TIMEOUT_S, "Shadow"),
+                             self.audit.record if self.audit else None) if settings.shadow else None
 
     def drain(self) -> None:
         """SIGTERM: streams stop reading at once, answer in order what finishes within
@@ -208,6 +213,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 outcome = errors.unavailable("audit", f"the audit trail cannot be written, so no result is given: {error}",
                                              "AUDIT_UNAVAILABLE", retry_after_s=1)
         self._count(request, outcome, time.monotonic() - started)
+        if self.shadow is not None and not isinstance(outcome, errors.ServingError):
+            self.shadow.observe(request, outcome, auth.CALLER.get().name)  # after the answer is recorded
         if isinstance(outcome, errors.ServingError):
             log.info("request failed", extra={"request_id": errors.clip(request_id), "plugin": errors.clip(request.plugin),
                                               "code": outcome.code.name, "error": outcome.message})

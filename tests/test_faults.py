@@ -146,8 +146,10 @@ def test_the_audit_trail_recovers_by_itself_and_records_its_outage():
                 raise OSError(28, "No space left on device")
             self.rows_written.extend(records)
 
-    store, changes = Flaky(), []
-    trail = AuditTrail(store, on_change=lambda: changes.append(trail.failing), retry_s=0.05)
+    store, changes, made = Flaky(), [], {}
+    # The writer's first write (its server_start row) may fail before `trail` is assigned here.
+    trail = AuditTrail(store, on_change=lambda: changes.append(made["trail"].failing if made else "before"), retry_s=0.05)
+    made["trail"] = trail
 
     async def scenario():
         with pytest.raises(AuditUnavailable, match="No space left on device"):
@@ -158,7 +160,7 @@ def test_the_audit_trail_recovers_by_itself_and_records_its_outage():
 
     asyncio.run(scenario())
     trail.close()
-    assert changes[0] == "OSError: [Errno 28] No space left on device" and changes[-1] == ""
+    assert changes[0] in ("OSError: [Errno 28] No space left on device", "before") and changes[-1] == ""
     gap = store.rows_written[0]
     assert gap["event"] == "audit_gap" and "No space left on device" in gap["detail"]
 
@@ -308,3 +310,27 @@ def test_failed_logins_are_counted_logged_and_recorded_but_a_flood_is_aggregated
     assert sorted(r["status"] for r in refused) == ["UNAUTHENTICATED", "UNAUTHENTICATED"]  # one row per cause and peer
     assert all(r["caller"].startswith("ipv4:127.0.0.1") for r in refused)
     assert server.logs().count('"calls refused"') == 2
+
+
+def test_a_failing_state_callback_never_stops_the_audit_writer(tmp_path):
+    """The writer reports the trail's state through `on_change`; a callback that raises (e.g. the
+    server's, called before the server holds the trail) is logged and the writer goes on: every
+    result waits on it, so a dead writer would hang the server."""
+    from dxserve.audit import AuditTrail, AuditUnavailable, SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "a.sqlite3"), min_free_bytes=2**62)  # "full" from the first write
+
+    def broken_callback():
+        raise AttributeError("no trail yet")
+
+    trail = AuditTrail(store, on_change=broken_callback, retry_s=0.05)
+
+    async def scenario():
+        with pytest.raises(AuditUnavailable):
+            await asyncio.wait_for(trail.record(event="classify", status="OK"), 10)  # answered, not hung
+        store.min_free_bytes = 0
+        wait_for(lambda: not trail.failing, 10, "the probe to succeed")
+        assert (await asyncio.wait_for(trail.record(event="classify", status="OK"), 10))[0] > 0
+
+    asyncio.run(scenario())
+    trail.close()

@@ -153,7 +153,10 @@ class Server:
         await self._set_overall()
 
     def _on_audit_change(self) -> None:
-        """From the audit writer thread: the trail failed or recovered."""
+        """From the audit writer thread: the trail failed or recovered. It writes its start row at
+        once, so this can come before `self.audit` is assigned; health reads `failing` at `start`."""
+        if getattr(self, "audit", None) is None:
+            return
         if self.audit.failing:
             log.error("audit trail cannot be written: health NOT_SERVING until it can", extra={"error": self.audit.failing})
         else:

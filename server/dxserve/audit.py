@@ -340,7 +340,10 @@ class AuditTrail:
                 self._failing_since = now()
             self.failing = reason
             if self.on_change is not None:
-                self.on_change()
+                try:
+                    self.on_change()
+                except Exception:  # the callback's bug must never stop the writer: every result waits on it
+                    log.exception("audit trail state change not reported")
         elif reason:
             self.failing = reason
 

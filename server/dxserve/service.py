@@ -18,8 +18,8 @@ from .batcher import Batcher, Result
 from .config import Settings
 from .explanations import ExplanationLimits
 from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
-from .shadow import Shadow
 from .runtime import INDETERMINATE, Decision, QualityIssue
+from .shadow import Shadow
 from .specimens import StreamSpecimens, Tally, check_specimen_id
 from .streams import requests_while_open
 from .threads import named_pool

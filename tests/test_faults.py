@@ -334,3 +334,28 @@ def test_a_failing_state_callback_never_stops_the_audit_writer(tmp_path):
 
     asyncio.run(scenario())
     trail.close()
+
+
+def test_a_key_file_that_fails_to_parse_refuses_everyone_until_fixed(tmp_path):
+    """Issue 32: a malformed key file on SIGHUP used to keep the old one in force, revoked tokens
+    included. Now it fails closed and loudly: every caller UNAUTHENTICATED, open streams end at
+    their next item, health NOT_SERVING, a metric and an ERROR line; a fixed file serves again."""
+    import signal
+
+    keys, tokens = _callers(tmp_path, "lab")
+    good = keys.path.read_text()
+    with light_server(tmp_path, "--auth-keys-file", str(keys.path), ready=[]) as server, \
+            Client(server.address, token=tokens["lab"]) as lab:
+        lab.wait_until_serving("brightness", 30)
+        assert lab.classify(GREY, plugin="brightness").ok
+        keys.path.write_text(good.replace('"callers"', '"callers" oops'))  # an edit that breaks the JSON
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: health(lab) == "NOT_SERVING", 10, "health to say so")
+        with pytest.raises(DxServeError) as caught:
+            lab.classify(GREY, plugin="brightness")
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert '"key file cannot be read: every caller is refused' in server.logs()
+        keys.path.write_text(good)
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: health(lab) == "SERVING", 10, "health to recover")
+        assert lab.classify(GREY, plugin="brightness").ok

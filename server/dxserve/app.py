@@ -93,6 +93,7 @@ class Server:
         self._loading: asyncio.Task | None = None
         self._stopping = False
         self._announced = False  # the "ready" line is logged once
+        self.key_file_error = ""  # why the key file did not read on its last reload (every caller refused meanwhile)
         # Identity, authorization context and limits for every call; health is never limited.
         self.callers = CallerInterceptor(
             KeyFile.load(settings.auth_keys_file) if settings.auth_keys_file else None,
@@ -165,8 +166,10 @@ class Server:
             asyncio.run_coroutine_threadsafe(self._set_all(), self._loop)
 
     def _answering(self) -> bool:
-        """Whether a result can be given at all: not stopping, and (when records are required) the trail is writable."""
-        return not self._stopping and not (self.audit is not None and self.audit.required and self.audit.failing)
+        """Whether a result can be given at all: not stopping, (when records are required) the trail is writable,
+        and the key file read on its last reload."""
+        return not self._stopping and not (self.audit is not None and self.audit.required and self.audit.failing) \
+            and not self.key_file_error
 
     async def _set_plugin(self, entry: PluginEntry) -> None:
         """The plugin's health name (its default version serves) and one per version."""
@@ -204,8 +207,16 @@ class Server:
         if self.settings.auth_keys_file:
             try:
                 self.callers.keys = KeyFile.load(self.settings.auth_keys_file)
+                self.key_file_error = ""
             except (OSError, ValueError) as error:
-                log.error("key file not reloaded; the old one stays in force", extra={"error": str(error)})
+                # Fail closed (issue 32): the old file may hold callers this edit revoked, so no caller is
+                # known until the file reads again; open streams end at their next item; health says so.
+                self.callers.keys = KeyFile(self.settings.auth_keys_file)
+                self.key_file_error = f"{type(error).__name__}: {error}"
+                log.error("key file cannot be read: every caller is refused and health is NOT_SERVING until it can "
+                          "(fix it, then SIGHUP)", extra={"error": self.key_file_error})
+            metrics.KEY_FILE_READABLE.set(0 if self.key_file_error else 1)
+            await self._set_all()
         await self.wait_loaded()
         await self.operations.reload([], who)
 

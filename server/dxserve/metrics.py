@@ -34,6 +34,8 @@ EXPLANATIONS_REFUSED = Counter("dxserve_explanations_refused_total", "Explanatio
 AUTH_REFUSED = Counter("dxserve_auth_refused_total", "Calls refused before the service: UNAUTHENTICATED by cause "
                        "(no_credentials, unknown_token, unknown_certificate, revoked), or a caller's limits (too_many_calls, "
                        "rate_limited)", ["reason"])
+KEY_FILE_READABLE = Gauge("dxserve_key_file_readable", "0 while the key file (auth_keys_file) failed to read on its last "
+                          "reload: every caller is refused until it reads again; 1 otherwise")
 QUEUE_DEPTH = Gauge("dxserve_queue_depth", "Images waiting for the model", ["plugin", "version"])
 IN_FLIGHT = Gauge("dxserve_in_flight", "Requests admitted to a model version and not yet answered", ["plugin", "version"])
 

@@ -359,3 +359,27 @@ def test_a_key_file_that_fails_to_parse_refuses_everyone_until_fixed(tmp_path):
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: health(lab) == "SERVING", 10, "health to recover")
         assert lab.classify(GREY, plugin="brightness").ok
+
+
+def test_an_idle_open_inference_stream_ends_too(tmp_path):
+    """Issue 32: ModelStreamInfer ignored stream_idle_timeout_s and max_stream_age_s; a stream
+    that goes quiet now ends UNAVAILABLE (STREAM_IDLE) after what it sent was answered."""
+    from dxserve.inference import serialize_bytes
+    from dxserve.oip import grpc_service_pb2 as oip
+    from dxserve.oip import grpc_service_pb2_grpc as oip_grpc
+    from dxserve_client.client import encode_png
+
+    def requests():
+        for i in range(3):
+            if i == 2:
+                time.sleep(2.5)  # past stream_idle_timeout_s
+            yield oip.ModelInferRequest(model_name="brightness", id=f"r{i}", raw_input_contents=[serialize_bytes([encode_png(GREY)])],
+                                        inputs=[oip.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])])
+
+    with light_server(tmp_path, "--stream-idle-timeout-s", "1") as server, grpc.insecure_channel(server.address) as channel:
+        answers = []
+        with pytest.raises(grpc.RpcError) as caught:
+            for answer in oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=30):
+                answers.append(answer)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "sent nothing for 1 s" in caught.value.details()
+        assert [a.infer_response.id for a in answers] == ["r0", "r1"] and not any(a.error_message for a in answers)

@@ -24,6 +24,7 @@ from .oip import grpc_service_pb2 as oip
 from .oip import grpc_service_pb2_grpc as oip_grpc
 from .registry import PluginEntry
 from .service import DiagnosticsService
+from .streams import requests_while_open
 from .v1 import diagnostics_pb2 as pb
 
 PLATFORM = "dxserve"
@@ -211,10 +212,13 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         # stops reading from a caller that sends faster than the model answers, and the
         # responses go back in request order, each error in its own response.
         window: asyncio.Queue[tuple[asyncio.Future, oip.ModelInferRequest] | None] = asyncio.Queue(self.settings.stream_window)
+        ended: list[tuple[str, str]] = []  # the idle or age limit that ended it (issue 32: they hold here too)
+        answered = 0
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
+                async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
+                                                         self.settings.max_stream_age_s, ended):
                     item = asyncio.ensure_future(self._infer(request, context.time_remaining(), "ModelStreamInfer"))
                     try:
                         await window.put((item, request))
@@ -234,6 +238,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                         model_name=request.model_name, model_version=request.model_version, id=request.id))
                 else:
                     yield oip.ModelStreamInferResponse(infer_response=outcome)
+                answered += 1
+            if ended:
+                await errors.stream_ended(ended[0][0], answered, ended[0][1]).abort(context)
             try:
                 await reader
             except errors.ServingError as refusal:  # e.g. the caller's token was revoked mid-stream

@@ -270,6 +270,11 @@ def site_command(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
+    needs = {"shadow-report": ("db", "--db (the audit_db setting)"),
+             "promote": ("version", "--version (the candidate to make the default)")}.get(args.action)
+    if needs and not getattr(args, needs[0]):
+        print(f"dxserve: site {args.action} needs {needs[1]}", file=sys.stderr)
+        return 2
     if args.action == "shadow-report":
         return _shadow_report(args)
     if args.action == "promote":
@@ -302,9 +307,6 @@ def _shadow_report(args: argparse.Namespace) -> int:
     from .audit import open_store
     from .shadow import report
 
-    if not args.db:
-        print("dxserve: site shadow-report needs --db (the audit_db setting)", file=sys.stderr)
-        return 2
     try:
         found = report(open_store(args.db, must_exist=True).rows())
     except (OSError, ValueError) as error:
@@ -331,9 +333,6 @@ def _promote(args: argparse.Namespace) -> int:
 
     from .v1 import admin_pb2, admin_pb2_grpc
 
-    if not args.version:
-        print("dxserve: site promote needs --version (the candidate to make the default)", file=sys.stderr)
-        return 2
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     with grpc.insecure_channel(args.server) as channel:
         try:

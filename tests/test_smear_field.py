@@ -124,3 +124,18 @@ def test_a_site_profile_keeps_the_cells_beside_a_clump():
     assert abs(x + w / 2 - 100) < 3 and abs(y + h / 2 - 100) < 3
     with pytest.raises(ValueError, match="unknown detector parameters: nucleus_colour"):
         p.with_overrides({"nucleus_colour": 1})
+
+
+def test_a_site_with_paler_nuclei_has_them_found_by_the_fields_own_threshold():
+    """`nucleus_min_saturation_floor`: a field whose nuclei stain paler than the fixed threshold
+    takes (Aria's Pro-B fields) is searched again with its own (Otsu) threshold; at 0, the shipped
+    detector's behaviour is unchanged."""
+    p = detect.Parameters.load(SmearFieldRuntime.versions()[0].weights).with_overrides(
+        {"min_stained_fraction": 0.0, "min_focus": 0.0})  # a bare synthetic field: only the nucleus matters here
+    field = np.full((400, 400, 3), 235, np.uint8)
+    hsv = np.uint8([[[int(0.75 * 180), int(0.3 * 255), 200]]])  # violet at saturation 0.3 (the fixed threshold: 0.4)
+    pale = tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
+    cv2.circle(field, (150, 200), 12, pale, -1)
+    assert detect.find(field, p, 0.2) == ([], [])
+    found, issues = detect.find(field, p.with_overrides({"nucleus_min_saturation_floor": 0.2}), 0.2)
+    assert issues == [] and len(found) == 1 and abs(found[0].box[0] + found[0].box[2] / 2 - 150) < 3

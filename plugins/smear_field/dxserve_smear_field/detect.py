@@ -60,6 +60,12 @@ class Parameters:
     skip_clumps: bool = False
     #: Leave out a cell whose box touches the field's edge (part of it is outside the field).
     drop_border_cells: bool = False
+    #: Lowest nucleus saturation a field's own threshold may go to (0: the fixed
+    #: `nucleus_min_saturation` only). Above 0, a field in which the fixed threshold finds no
+    #: cell is searched again with its own threshold, Otsu's split of the saturation of its
+    #: violet-hued pixels, kept between this and `nucleus_min_saturation`: a lab whose blasts
+    #: stain paler (Aria's Pro-B fields) still has its nuclei found.
+    nucleus_min_saturation_floor: float = 0.0
 
     def with_overrides(self, overrides: dict) -> "Parameters":
         """These parameters with some replaced (a site's profile); an unknown name is a ValueError."""
@@ -138,11 +144,18 @@ def field_issues(rgb: np.ndarray, p: Parameters) -> list[QualityIssue]:
     return []
 
 
-def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float) -> list[np.ndarray]:
-    """One bool mask (the field's size) per white-cell nucleus, lobes merged."""
+def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = False) -> list[np.ndarray]:
+    """One bool mask (the field's size) per white-cell nucleus, lobes merged; `adaptive`: with
+    the field's own saturation threshold (`Parameters.nucleus_min_saturation_floor`)."""
     hue, saturation = _hsv(rgb)
     low, high = p.nucleus_hue
-    violet = ((hue > low) & (hue < high) & (saturation > p.nucleus_min_saturation)).astype(np.uint8)
+    threshold = p.nucleus_min_saturation
+    hued = (hue > low) & (hue < high)
+    if adaptive and hued.sum() > 16:
+        values = np.clip(saturation[hued] * 255, 0, 255).astype(np.uint8).reshape(-1, 1)
+        otsu = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
+        threshold = float(np.clip(otsu, p.nucleus_min_saturation_floor, p.nucleus_min_saturation))
+    violet = (hued & (saturation > threshold)).astype(np.uint8)
     violet = cv2.morphologyEx(violet, cv2.MORPH_OPEN, _disk(p.nucleus_open_um * px_per_um))
     merged = cv2.dilate(violet, _disk(p.merge_um * px_per_um))
     count, labels = cv2.connectedComponents(merged)
@@ -154,11 +167,11 @@ def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float) -> list[np.ndarray]
     return found
 
 
-def cells(rgb: np.ndarray, p: Parameters, px_per_um: float) -> tuple[list[Cell], list[QualityIssue]]:
+def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = False) -> tuple[list[Cell], list[QualityIssue]]:
     """The field's white cells (reading order), or the clump that makes the field unusable."""
     height, width = rgb.shape[:2]
     found = []
-    for nucleus in nuclei(rgb, p, px_per_um):
+    for nucleus in nuclei(rgb, p, px_per_um, adaptive):
         ys, xs = np.nonzero(nucleus)
         side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * p.pad_um * px_per_um
         if side > p.max_cell_um * px_per_um:
@@ -201,4 +214,7 @@ def find(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> tupl
     if px_per_um <= 0:
         return [], [QualityIssue("SCALE_UNKNOWN", "too few red cells to measure the field's scale; send microns_per_pixel",
                                  0.0, float(p.min_red_cells), float("inf"))]
-    return cells(rgb, p, px_per_um)
+    found, issues = cells(rgb, p, px_per_um)
+    if not found and not issues and p.nucleus_min_saturation_floor > 0:  # paler nuclei than the fixed threshold takes
+        found, issues = cells(rgb, p, px_per_um, adaptive=True)
+    return found, issues

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve()
 SHARED = HERE.parents[3].parent / "shared"
 PBC_UM_PER_PX = 0.083  # red cells measured in the crops where enough show (12 px/um)
 ARIA_UM_PER_PX = 0.47  # red cells about 16 px across at 7.5 um (the 224 px fields are downscaled 100x captures)
-SITE_DETECTOR = {"skip_clumps": True, "drop_border_cells": True, "min_smear_hue_fraction": 0.0}
+SITE_DETECTOR = {"skip_clumps": True, "drop_border_cells": True, "min_smear_hue_fraction": 0.0, "nucleus_min_saturation_floor": 0.2}
 BLOCKS = 5
 SIZES = (10, 25, 50, 100)
 DRAWS = 5
@@ -174,9 +174,10 @@ def head_with_site_stats(version: str, features: np.ndarray, log_d: np.ndarray, 
     site's unlabelled cells (what re-estimating batch-norm statistics does for a frozen net)."""
     import keras
 
-    from dxserve_lymphoblast.plugin import find_version
+    from dxserve_lymphoblast.plugin import shipped_versions
 
-    model = keras.models.load_model(find_version(version).weights, compile=False)
+    keras_file = next(v for v in shipped_versions(runtime="tensorflow") if v.version == version).weights
+    model = keras.models.load_model(keras_file, compile=False)
     head = model.get_layer("head")
     scaling = [layer for layer in head.layers if "feature_scaling" in layer.name] or \
               [layer for sub in head.layers if hasattr(sub, "layers") for layer in sub.layers if "feature_scaling" in layer.name]

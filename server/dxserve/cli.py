@@ -166,9 +166,10 @@ def tokens_command(args: argparse.Namespace) -> int:
         print(f"revoked {args.name}; a running server reads the key file again on SIGHUP or restart", file=sys.stderr)
         return 0
     try:
-        if any(not p or not v for p, _, v in (pair.partition("=") for pair in args.version)):
+        pairs = [pair.partition("=") for pair in args.version]
+        if any(not plugin or not version for plugin, _, version in pairs):
             raise ValueError("--version takes PLUGIN=VERSION, e.g. lymphoblast=2.1.0+taleqani.1")
-        versions = dict(pair.split("=", 1) for pair in args.version)
+        versions = {plugin: version for plugin, _, version in pairs}
         token = keys.add(args.name, args.plugins, args.admin, args.certificate_subject, versions)
     except ValueError as error:
         print(f"dxserve: {error}", file=sys.stderr)
@@ -261,7 +262,8 @@ def plugin_command(args: argparse.Namespace) -> int:
 
 
 def site_command(args: argparse.Namespace) -> int:
-    """`dxserve site onboard` (make a site version) and `dxserve site list` (what sites_dir holds)."""
+    """`dxserve site onboard` (make a site version), `list` (what sites_dir holds), `shadow-report`
+    (how a candidate in shadow agreed) and `promote` (make it the default)."""
     from . import sites
     from .onboarding import OnboardingError, onboard
 

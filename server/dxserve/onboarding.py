@@ -17,15 +17,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dxserve_client.client import image_files
 from PIL import Image
 
 from . import registry, sites
 from .config import Settings
 from .images import to_rgb
 from .runtime import LabelledImage
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
 
 class OnboardingError(ValueError):
     """What the operator asked for cannot be done (unknown plugin or version, bad labels file...)."""
@@ -56,7 +54,7 @@ def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[Labelle
 
 
 def read_unlabelled(folder: Path) -> tuple[list, dict[str, str]]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files([folder])  # the client's own rule for a folder of images
     if not files:
         raise OnboardingError(f"{folder}: no images (PNG, JPEG, BMP, TIFF) to learn the site's images from")
     return [decoded(p) for p in files], sites.hashed(files, folder)

@@ -138,20 +138,14 @@ def load_versions(entry: PluginEntry, settings: Settings, loaded: dict[str, Batc
     default = entry.default_override if any(v.version == entry.default_override for v in versions) else versions[0].version
     runtimes, faults = {}, {}
     if settings.sites_dir is not None and entry.runtime_class.adapts():
-        site_versions, refused = sites.site_versions(settings.sites_dir, entry.name, versions)
+        site_versions, refused = sites.site_versions(settings.sites_dir, entry.name, versions, settings.site_acceptance)
         versions += site_versions
         for name, why in refused.items():
             faults[name] = NOT_SERVED, f"site version {name}: {why}"
+            log.warning("site version not served", extra={"plugin": entry.name, "version": name, "reason": why})
     for version in versions:
         if version.version in faults:
             continue
-        site = version.extra.get("site")
-        if site is not None:
-            missed = sites.unmet(site["report"], sites.criteria_for(site["site"], settings.site_acceptance))
-            if missed:
-                faults[version.version] = NOT_SERVED, (f"site version {version.version} does not meet the acceptance "
-                                                       f"criteria declared for site {site['site']!r}: {'; '.join(missed)}")
-                continue
         missing = safety.missing_checks(entry.runtime_class, version)
         if missing and not safety.allowed_ungated(settings.ungated_versions_allowed, entry.name, version.version):
             faults[version.version] = NOT_SERVED, safety.refusal_reason(entry.name, version.version, missing)

@@ -93,10 +93,6 @@ class Shadow:
             except Exception as error:  # the trail's own health says why; a shadow row is never a result
                 log.warning("shadow row not recorded", extra={"error": f"{type(error).__name__}: {error}"})
 
-    async def drain(self) -> None:
-        if self.in_flight:
-            await asyncio.wait(list(self.in_flight))
-
 
 def report(rows: Iterable[dict]) -> dict:
     """Agreement of a trail's shadow rows, per candidate: per cell, and per specimen (the share of

@@ -79,10 +79,10 @@ def site_folders(sites_dir: Path | None, plugin: str) -> list[Path]:
     return sorted(d for d in folder.iterdir() if (d / SITE_FILE).is_file())
 
 
-def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVersion]
-                  ) -> tuple[list[ModelVersion], dict[str, str]]:
-    """The plugin's site versions under `sites_dir` whose parent is listed, and {version: why}
-    for those that cannot be served whatever their report says (unreadable, parent missing or changed)."""
+def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVersion],
+                  acceptance: dict[str, SiteAcceptance]) -> tuple[list[ModelVersion], dict[str, str]]:
+    """The plugin's site versions under `sites_dir`, and {version: why} for those that cannot be
+    served: unreadable, parent missing or changed, or a report short of the site's `acceptance`."""
     by_name = {v.version: v for v in parents}
     versions, refused = [], {}
     for folder in site_folders(sites_dir, plugin):
@@ -104,13 +104,14 @@ def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVe
         elif parent.weights_sha256 != site["parent"]["weights_sha256"]:
             refused[name] = (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
                              f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
+        elif missed := unmet(site["report"], criteria_for(site["site"], acceptance)):
+            refused[name] = f"it does not meet the acceptance criteria declared for site {site['site']!r}: {'; '.join(missed)}"
     return versions, refused
 
 
 def next_version(sites_dir: Path, plugin: str, parent: str, site: str) -> str:
     """`<parent>+<site>.<n>` with the next free n."""
-    taken = {f.name for f in site_folders(sites_dir, plugin)} | {d.name for d in (sites_dir / plugin).glob("*")} \
-        if (sites_dir / plugin).is_dir() else set()
+    taken = {d.name for d in (sites_dir / plugin).glob("*")}  # with folders of failed or unreadable ones
     n = 1
     while f"{parent}+{site}.{n}" in taken:
         n += 1

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .features import view
+
 #: Row counts (views x cells) an interpreter is planned for; calls are padded up to the next one.
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24)
 
@@ -39,14 +41,9 @@ def default_threads() -> int:
 
 
 def views_of(cells: np.ndarray, views: int) -> np.ndarray:
-    """The first `views` of the 8 orientations of each cell (n, s, s, 3), view-major: (views x n, s, s, 3).
-    The order of `features.view`, which training and the TensorFlow path use: 4 quarter turns
-    (counter-clockwise, as tf.image.rot90), then the same of the cell mirrored left to right."""
-    out = np.empty((views * len(cells), *cells.shape[1:]), cells.dtype)
-    for k in range(views):
-        rotated = np.rot90(cells, k % 4, axes=(1, 2))
-        out[k * len(cells):(k + 1) * len(cells)] = rotated[:, :, ::-1] if k >= 4 else rotated
-    return out
+    """The first `views` of the 8 orientations of each cell (n, s, s, 3), view-major: (views x n, s, s, 3),
+    each made by `features.view`, as training and the TensorFlow path make them."""
+    return np.concatenate([view(cells, k) for k in range(views)])
 
 
 class LiteRTModel:
@@ -69,7 +66,6 @@ class LiteRTModel:
             outputs = sorted(interpreter.get_output_details(), key=lambda d: int(d["shape"][-1]))  # logit (1) before features
             self._planned[size] = (threading.Lock(), interpreter, cell["index"], log_diameter["index"], outputs[0]["index"],
                                    outputs[1]["index"])
-        self.image_size = int(cell["shape"][1])
 
     def __call__(self, cells: np.ndarray, log_diameters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 cells (n, s, s, 3) and their log diameters (n,) -> logits (n,) and features (n, d),
@@ -85,9 +81,10 @@ class LiteRTModel:
         logits, features = [], []
         for start in range(0, len(rows), largest):
             chunk, chunk_sizes = rows[start:start + largest], sizes[start:start + largest]
-            planned = min(s for s in self._planned if s >= len(chunk))
-            if planned > len(chunk):  # pad with copies of the last row; their outputs are dropped
-                pad = planned - len(chunk)
+            used = len(chunk)
+            planned = min(s for s in self._planned if s >= used)
+            if planned > used:  # pad with copies of the last row; their outputs are dropped
+                pad = planned - used
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
                 chunk_sizes = np.concatenate([chunk_sizes, np.repeat(chunk_sizes[-1:], pad, axis=0)])
             lock, interpreter, cell, log_diameter, logit, feature = self._planned[planned]
@@ -95,7 +92,6 @@ class LiteRTModel:
                 interpreter.set_tensor(cell, chunk)
                 interpreter.set_tensor(log_diameter, chunk_sizes)
                 interpreter.invoke()
-                used = len(rows[start:start + largest])
                 logits.append(interpreter.get_tensor(logit)[:used, 0].copy())
                 features.append(interpreter.get_tensor(feature)[:used].copy())
         return np.concatenate(logits), np.concatenate(features)

@@ -106,7 +106,7 @@ def main() -> None:
             started = time.time()
             done = onboard(settings, "lymphoblast", "2.1.0", "taleqani", labels, folder, log=log)
             seconds = time.time() - started
-            versions, refused = sites.site_versions(settings.sites_dir, "lymphoblast", shipped_versions())
+            versions, refused = sites.site_versions(settings.sites_dir, "lymphoblast", shipped_versions(), settings.site_acceptance)
             runtime = LymphoblastRuntime(versions[0])
             runtime.load()
             p, issues = served(runtime, [crops[i] for i in held])

@@ -111,7 +111,8 @@ def _decode(data: bytes) -> np.ndarray:
 def start_server(port: int, *flags: str, audit_db: str = "", token: str = "", warm_up: bool = True) -> subprocess.Popen:
     """`dxserve serve` on 127.0.0.1:port with `flags`, once lymphoblast serves and (`warm_up`) has
     answered a few calls (made with `token`, on a server with callers)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": audit_db}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DXSERVE_AUDIT_DB": audit_db, "DXSERVE_HTTP_PORT": "0",
+           "DXSERVE_METRICS_PORT": "0"}
     server = subprocess.Popen([sys.executable, "-m", "dxserve.cli", "serve", "--address", f"127.0.0.1:{port}",
                                "--log-level", "WARNING", *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}", token=token or None) as client:

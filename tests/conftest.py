@@ -15,6 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SITE = ROOT / "tests" / "plugins" / "site"
+# Every server a test starts picks its own ports: the HTTP door and metrics (on by default, on
+# fixed ports) are off unless a test asks for them with --http-port / --metrics-port.
+os.environ.setdefault("DXSERVE_HTTP_PORT", "0")
+os.environ.setdefault("DXSERVE_METRICS_PORT", "0")
 # The test plugins have no quality gate or out-of-distribution check: servers under test allow
 # them explicitly, as an operator would for research (lymphoblast's ungated 1.x stay refused).
 TEST_PLUGINS_UNGATED = "brightness/*,flaky/*,slow/*,hang/*,broken_load/*,tiles/*"

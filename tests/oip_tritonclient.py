@@ -5,6 +5,7 @@ tritonclient (it pins protobuf below dxserve's), so nothing here imports dxserve
 
     python oip_tritonclient.py descriptors OUT.json          # tritonclient's wire definitions
     python oip_tritonclient.py drive ADDRESS TOKEN OTHER_TOKEN CELLS_DIR OUT.json
+    python oip_tritonclient.py drive-http HOST:PORT TOKEN OTHER_TOKEN CELLS_DIR OUT.json   # tritonclient.http
 
 `drive` writes what the client saw (metadata, config, results, errors) as JSON.
 """
@@ -114,8 +115,72 @@ def drive(address: str, token: str, other_token: str, cells: Path, out: Path) ->
     out.write_text(json.dumps(seen))
 
 
+def drive_http(url: str, token: str, other_token: str, cells: Path, out: Path) -> None:
+    """The REST binding, as tritonclient.http speaks it (binary tensors by default)."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    headers = {"Authorization": f"Bearer {token}"}
+    client = triton.InferenceServerClient(url)
+    files = sorted(cells.glob("*.png"))
+    seen: dict = {"live": client.is_server_live(headers=headers), "ready": client.is_server_ready(headers=headers),
+                  "model_ready": client.is_model_ready("lymphoblast", headers=headers),
+                  "server": client.get_server_metadata(headers=headers),
+                  "metadata": client.get_model_metadata("lymphoblast", headers=headers),
+                  "config": client.get_model_config("lymphoblast", headers=headers)}
+
+    def encoded(*datas: bytes, binary: bool = True):
+        tensor = triton.InferInput("IMAGE", [len(datas), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[d] for d in datas], dtype=np.object_), binary_data=binary)
+        return [tensor]
+
+    def pixels(path: Path):
+        from PIL import Image
+
+        rgb = np.asarray(Image.open(path).convert("RGB"))[None]
+        tensor = triton.InferInput("PIXELS", list(rgb.shape), "UINT8")
+        tensor.set_data_from_numpy(rgb)
+        return [tensor]
+
+    def outputs(result) -> dict:
+        text = lambda name: [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy(name).reshape(-1)]  # noqa: E731
+        response = result.get_response()
+        return {"model_version": response["model_version"], "id": response.get("id", ""),
+                "weights_sha256": response["parameters"]["weights_sha256"],
+                "probabilities": result.as_numpy("PROBABILITIES").tolist(), "label": text("LABEL"),
+                "decision": text("DECISION"), "reason": text("REASON")}
+
+    def error(call) -> list[str]:
+        try:
+            call()
+        except InferenceServerException as refusal:
+            return [refusal.status(), refusal.message()]
+        return ["OK", ""]
+
+    seen["encoded"] = {p.name: outputs(client.infer("lymphoblast", encoded(p.read_bytes()), request_id=p.stem, headers=headers))
+                       for p in files}
+    seen["pixels"] = {p.name: outputs(client.infer("lymphoblast", pixels(p), headers=headers)) for p in files}
+    seen["batch"] = outputs(client.infer("lymphoblast", encoded(*(p.read_bytes() for p in files)), headers=headers))
+    as_json = client.infer("lymphoblast", encoded(files[0].read_bytes()), headers=headers, outputs=[
+        triton.InferRequestedOutput(name, binary_data=False) for name in ("PROBABILITIES", "LABEL", "DECISION", "REASON")])
+    seen["json_outputs"] = outputs(as_json)
+    seen["json_response"] = as_json.get_response()
+    one = encoded(files[0].read_bytes())
+    seen["unknown_model"] = error(lambda: client.infer("no-such-model", one, headers=headers))
+    seen["unknown_version"] = error(lambda: client.infer("lymphoblast", one, model_version="9.9.9", headers=headers))
+    seen["no_token"] = error(lambda: client.infer("lymphoblast", one))
+    seen["bad_token"] = error(lambda: client.infer("lymphoblast", one, headers={"Authorization": "Bearer wrong"}))
+    seen["not_allowed"] = error(lambda: client.infer("lymphoblast", one, headers={"Authorization": f"Bearer {other_token}"}))
+    seen["too_many"] = error(lambda: client.infer("lymphoblast", encoded(*[files[0].read_bytes()] * 17), headers=headers))
+    seen["not_an_image"] = error(lambda: client.infer("lymphoblast", encoded(b"not an image"), headers=headers))
+    client.close()
+    out.write_text(json.dumps(seen))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "descriptors":
         descriptors(Path(sys.argv[2]))
+    elif sys.argv[1] == "drive-http":
+        drive_http(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]), Path(sys.argv[6]))
     else:
         drive(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]), Path(sys.argv[6]))

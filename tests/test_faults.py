@@ -173,6 +173,23 @@ def test_a_second_server_on_a_port_in_use_is_refused(tmp_path):
         assert "the address is in use" in second.stderr
 
 
+def test_a_taken_http_or_metrics_port_is_a_clear_exit_not_a_half_server(tmp_path):
+    """The HTTP door and metrics are on by default (issue 31): a port of theirs already taken ends
+    the start with exit 1 and the port named, rather than a server without its door."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flag, words in (("--http-port", f"cannot listen for HTTP on 127.0.0.1:{port}"), ("--metrics-port", f"port {port}")):
+            started = subprocess.run([sys.executable, "-m", "dxserve.cli", "serve", "--address", "127.0.0.1:0", flag, port,
+                                      "--disabled-plugins", "lymphoblast", "--audit-db", "", "--log-format", "json"],
+                                     capture_output=True, text=True, timeout=60)
+            assert started.returncode == 1, started.stderr[-2000:]
+            assert words in started.stderr, started.stderr[-2000:]
+
+
 def test_audit_verify_on_a_missing_database_fails_and_creates_nothing(tmp_path, capsys):
     from dxserve.cli import main
 

@@ -13,7 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import DEFAULT_VERSION, FIXTURES, ROOT, ServerProcess, png_bytes, wait_serving
+from conftest import DEFAULT_VERSION, FIXTURES, ROOT, ServerProcess, free_port, png_bytes, wait_serving
 from PIL import Image
 
 from dxserve.auth import KeyFile
@@ -24,7 +24,7 @@ from dxserve_client import Client
 from dxserve_client.client import DxServeError
 
 SCRIPT = ROOT / "tests" / "oip_tritonclient.py"
-TRITONCLIENT = "tritonclient[grpc]==2.73.0"  # pins protobuf < 7: it lives in its own virtual environment
+TRITONCLIENT = "tritonclient[grpc,http]==2.73.0"  # pins protobuf < 7: it lives in its own virtual environment
 CELLS = FIXTURES / "cells"
 Tensor = oip.ModelInferRequest.InferInputTensor
 
@@ -82,7 +82,9 @@ def secured(tmp_path_factory):
     keys = KeyFile.load(tmp / "callers.json")
     tokens = {"lab": keys.add("lab", ["lymphoblast"]), "other": keys.add("other", ["brightness"])}
     keys.save()
-    server = ServerProcess("--auth-keys-file", str(tmp / "callers.json"), tmp=tmp)
+    http_port = free_port()
+    server = ServerProcess("--auth-keys-file", str(tmp / "callers.json"), "--http-port", str(http_port), tmp=tmp)
+    server.http = f"127.0.0.1:{http_port}"
     try:
         wait_serving(server.address, [None, "lymphoblast"])
     except TimeoutError:
@@ -167,6 +169,111 @@ def test_tritonclient_drives_the_facade(triton_python, secured, tmp_path):
     assert all(r["weights_sha256"] == v1[files[0].name].weights_sha256 and len(r["input_sha256"]) == 64 for r in answered)
     streamed = audit_rows(server.audit_path, "ModelStreamInfer", 20)
     assert [r["status"] for r in streamed].count("OK") == 19 and len(streamed) == 20
+
+
+def test_tritonclient_http_drives_the_rest_door(triton_python, secured, tmp_path):
+    """The same protocol over HTTP (issue 31): tritonclient.http (binary tensors, JSON outputs) gets
+    dxserve.v1's answers, and its errors carry the HTTP status of the gRPC code."""
+    server, tokens = secured
+    run_script(triton_python, "drive-http", server.http, tokens["lab"], tokens["other"], str(CELLS), str(tmp_path / "seen.json"))
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    files = sorted(CELLS.glob("*.png"))
+    with Client(server.address, token=tokens["lab"]) as client:
+        v1 = {p.name: client.classify(p.read_bytes()) for p in files}
+
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert seen["server"]["name"] == "dxserve"
+    assert seen["metadata"]["name"] == "lymphoblast" and DEFAULT_VERSION in seen["metadata"]["versions"]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in seen["metadata"]["inputs"]] == [
+        ("IMAGE", "BYTES", [-1, 1]), ("PIXELS", "UINT8", [-1, -1, -1, 3])]
+    assert seen["config"]["max_batch_size"] == 12 and seen["config"]["output"][0]["dims"] == [2]
+
+    def same(result: dict, expected, row: int = 0) -> None:
+        assert result["model_version"] == expected.model_version and result["weights_sha256"] == expected.weights_sha256
+        assert result["probabilities"][row] == pytest.approx([expected.probabilities[l] for l in ("lymphoblast", "normal")],
+                                                             abs=1e-6)
+        assert result["label"][row] == expected.top_label and result["decision"][row] == expected.decision
+        assert result["reason"][row] == expected.reason
+
+    for name, expected in v1.items():
+        same(seen["encoded"][name], expected)
+        same(seen["pixels"][name], expected)
+        assert seen["encoded"][name]["id"] == name.removesuffix(".png")
+    for row, name in enumerate(p.name for p in files):
+        same(seen["batch"], v1[name], row)
+    same(seen["json_outputs"], v1[files[0].name])
+    assert all("data" in o for o in seen["json_response"]["outputs"])  # asked for JSON, got JSON
+
+    assert seen["unknown_model"][0] == seen["not_allowed"][0] == "403"  # a limited caller learns nothing of others
+    assert seen["unknown_version"][0] == "404" and "9.9.9" in seen["unknown_version"][1]
+    assert seen["no_token"][0] == seen["bad_token"][0] == "401"
+    assert seen["too_many"][0] == "400" and "max_batch_size is 12" in seen["too_many"][1]
+    assert seen["not_an_image"][0] == "400" and "not a readable image" in seen["not_an_image"][1]
+
+    # Audit rows as gRPC's, their method says the door: each cell encoded, as pixels and in the batch,
+    # the JSON one, and the refusals after identification (unknown model, version, batch, image).
+    answered_count = 3 * len(files) + 1
+    rows = audit_rows(server.audit_path, "HTTP ModelInfer", answered_count + 5)
+    assert sorted(r["status"] for r in rows) == ["INVALID_ARGUMENT"] * 2 + ["NOT_FOUND"] + ["OK"] * answered_count + \
+        ["PERMISSION_DENIED"] * 2
+    assert {r["caller"] for r in rows} == {"lab", "other"}
+
+
+def curl(*args: str) -> tuple[int, dict]:
+    """curl's HTTP status and JSON body."""
+    done = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60)
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status), json.loads(body) if body else {}
+
+
+def test_curl_speaks_json_to_the_rest_door(secured, tmp_path):
+    """Plain JSON over HTTP: probes, metadata, an image in base64, and each bad request's typed error."""
+    import base64
+
+    server, tokens = secured
+    base, auth = f"http://{server.http}/v2", ("-H", f"Authorization: Bearer {tokens['lab']}")
+    cell = sorted(CELLS.glob("*.png"))[0]
+    with Client(server.address, token=tokens["lab"]) as client:
+        expected = client.classify(cell.read_bytes())
+
+    assert curl(f"{base}/health/live") == (200, {"live": True})  # probes need no token, as gRPC health
+    assert curl(f"{base}/health/ready") == (200, {"ready": True})
+    assert curl(*auth, f"{base}/models/lymphoblast/versions/{DEFAULT_VERSION}/ready") == (200, {"name": "lymphoblast",
+                                                                                            "ready": True})
+    request = {"id": "cell-1", "parameters": {"specimen_id": "SMEAR-7"}, "inputs": [
+        {"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(cell.read_bytes()).decode()]}]}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    status, answer = curl(*auth, "-H", "Content-Type: application/json", "--data-binary", f"@{tmp_path / 'request.json'}",
+                          f"{base}/models/lymphoblast/infer")
+    assert status == 200, answer
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert answer["id"] == "cell-1" and answer["model_version"] == expected.model_version
+    assert answer["parameters"]["weights_sha256"] == expected.weights_sha256
+    assert outputs["PROBABILITIES"]["shape"] == [1, 2]
+    assert outputs["PROBABILITIES"]["data"] == pytest.approx([expected.probabilities["lymphoblast"],
+                                                              expected.probabilities["normal"]], abs=1e-6)
+    assert outputs["DECISION"]["data"] == [expected.decision] and outputs["LABEL"]["data"] == [expected.top_label]
+    row = audit_rows(server.audit_path, "HTTP ModelInfer", 1)
+    assert any(r["request_id"] == "cell-1" and r["specimen_id"] == "SMEAR-7" and r["status"] == "OK" for r in row)
+
+    def refused(body: str, *extra: str, path: str = "models/lymphoblast/infer") -> tuple[int, dict]:
+        (tmp_path / "bad.json").write_text(body)
+        return curl(*extra, "--data-binary", f"@{tmp_path / 'bad.json'}", f"{base}/{path}")
+
+    status, error = refused("{not json", *auth)
+    assert status == 400 and error["code"] == "INVALID_ARGUMENT" and "not JSON" in error["error"]
+    bad_base64 = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}
+    status, error = refused(json.dumps(bad_base64), *auth)
+    assert status == 400 and "base64" in error["error"] and error["details"][0]["@type"] == "google.rpc.BadRequest"
+    wrong_count = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [2, 2, 3], "data": [1, 2, 3]}]}
+    status, error = refused(json.dumps(wrong_count), *auth)
+    assert status == 400 and "holds 3 elements" in error["error"]
+    status, error = refused(json.dumps(request))  # no token
+    assert status == 401 and error["code"] == "UNAUTHENTICATED"
+    status, error = refused(json.dumps(request), "-H", f"Authorization: Bearer {tokens['other']}")
+    assert status == 403 and error["code"] == "PERMISSION_DENIED"
+    status, error = curl(*auth, f"{base}/models/lymphoblast/versions/9.9.9")
+    assert status == 404 and error["reason"] == "MODEL_VERSION_NOT_FOUND" and DEFAULT_VERSION in error["error"]
 
 
 @pytest.fixture

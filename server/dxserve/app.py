@@ -17,6 +17,7 @@ from .config import Settings
 from .inference import InferenceService
 from .oip import grpc_service_pb2 as oip
 from .oip import grpc_service_pb2_grpc as oip_grpc
+from .rest import RestDoor, tls_context
 from .registry import LOADING, READY, PluginEntry, discover, load_all
 from .service import DiagnosticsService
 from .v1 import admin_pb2, admin_pb2_grpc
@@ -121,7 +122,11 @@ class Server:
         self.operations = Operations(self.plugins, settings, self.audit, self._on_plugin_change)
         pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.operations), self._server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.service, self.ready), self._server)
+        self.inference = InferenceService(self.service, self.ready)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
+        # The same protocol over HTTP/REST, behind the same identity and limits (rest.py).
+        self.rest = RestDoor(self.inference, self.callers, settings) if settings.http_port else None
+        self.http_port = 0
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable(self._server, (SERVICE_NAME, ADMIN_SERVICE_NAME, INFERENCE_SERVICE_NAME,
                                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
@@ -144,8 +149,14 @@ class Server:
         await self._set_overall()
         await self._server.start()
         host = self.settings.address.rpartition(":")[0]
+        if self.rest is not None:
+            try:
+                self.http_port = await self.rest.start(host.strip("[]"), self.settings.http_port, tls_context(self.settings))
+            except OSError:
+                await self._server.stop(None)
+                raise
         log.info("listening", extra={"address": f"{host}:{self.port}", "tls": credentials is not None,
-                                      "plugins": list(self.plugins)})
+                                      "http": f"{host}:{self.http_port}" if self.rest else "off", "plugins": list(self.plugins)})
         self._loading = asyncio.ensure_future(load_all(self.plugins, self.settings, self._on_plugin_change))
 
     async def _on_plugin_change(self, entry: PluginEntry) -> None:
@@ -196,7 +207,9 @@ class Server:
         if serving and not self._announced:  # one plain line when the server first serves
             self._announced = True
             audit_where = self.settings.audit_db.split("@")[-1] if self.settings.audit_db else "off"
-            log.info(f"ready on {self.settings.address.rpartition(':')[0]}:{self.port}", extra={
+            host = self.settings.address.rpartition(':')[0]
+            http = f" (HTTP {host}:{self.http_port})" if self.rest else ""
+            log.info(f"ready on {host}:{self.port}{http}", extra={
                 "tls": bool(self.settings.tls_cert), "audit": audit_where,
                 "versions": {e.name: e.default_version for e in self.plugins.values() if e.serving}})
         await self.health.set(health.OVERALL_HEALTH, SERVING if serving else NOT_SERVING)
@@ -234,7 +247,7 @@ class Server:
         self.service.drain()  # streams stop reading now and end, within the grace, with where to resume
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace_s})
-        await self._server.stop(grace_s)
+        await asyncio.gather(self._server.stop(grace_s), *([self.rest.stop(grace_s)] if self.rest else []))
         if self._loading:
             self._loading.cancel()
         for entry in self.plugins.values():

@@ -219,7 +219,7 @@ class Refusals:
             log.error("refusal not recorded in the audit trail", extra={"reason": reason, "error": str(failure)})
 
 
-def _refusal_reason(error: errors.ServingError) -> str:
+def refusal_reason(error: errors.ServingError) -> str:
     info = next((d for d in error.details if d.DESCRIPTOR.name == "ErrorInfo"), None)
     if info is None:
         return "other"
@@ -257,21 +257,42 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
 
     def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        return self.identify_by(str(metadata.get("authorization", "")), lambda: _certificate_subject(context),
+                                _peer_host(context))
+
+    def identify_by(self, authorization: str, certificate_subject: Callable[[], str], peer: str) -> Caller:
+        """The caller of an `authorization` header (or metadata), else of its client certificate's
+        subject, else (no key file) the anonymous caller at `peer`: for gRPC and HTTP alike."""
+        scheme, _, token = authorization.partition(" ")
         if self.keys is None:
-            return Caller(f"anonymous@{_peer_host(context)}")
+            return Caller(f"anonymous@{peer}")
         if scheme.lower() == "bearer" and token:
             caller = self.keys.by_token(token.strip())
             if caller is None:
                 raise errors.unauthenticated("unknown or revoked token", "unknown_token")
             return caller
-        subject = _certificate_subject(context)
+        subject = certificate_subject()
         caller = self.keys.by_certificate(subject) if subject else None
         if caller is None:
             presented = f" (the client certificate's subject {errors.clip(subject)!r} is not a known caller)" if subject else ""
             raise errors.unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client "
                                          f"certificate{presented}", "unknown_certificate" if subject else "no_credentials")
         return caller
+
+    def admit(self, caller: Caller, streaming: bool, counted: bool = True) -> None:
+        """Count a call in, or refuse it (RESOURCE_EXHAUSTED) past the caller's or the server's limits;
+        every admitted call is `release`d when it ends."""
+        if counted:
+            self._admit(caller, streaming)
+        self.calls[caller.name] += counted
+        self.streams[caller.name] += counted and streaming
+
+    def release(self, caller: Caller, streaming: bool, counted: bool = True) -> None:
+        self.calls[caller.name] -= counted
+        self.streams[caller.name] -= counted and streaming
+        for counter in (self.calls, self.streams):
+            if counter[caller.name] <= 0:
+                del counter[caller.name]
 
     def _admit(self, caller: Caller, streaming: bool) -> None:
         if not streaming and (wait := self.rate.take(caller.name)) > 0:
@@ -294,23 +315,16 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         async def enter(context) -> Caller:
             try:
                 caller = interceptor.identify(context)
-                if counted:
-                    interceptor._admit(caller, streaming)
+                interceptor.admit(caller, streaming, counted)
             except errors.ServingError as refusal:
-                interceptor.refusals.refused(_refusal_reason(refusal), _peer_host(context), refusal)
+                interceptor.refusals.refused(refusal_reason(refusal), _peer_host(context), refusal)
                 await refusal.abort(context)
                 raise  # not reached: abort raises
-            interceptor.calls[caller.name] += counted
-            interceptor.streams[caller.name] += counted and streaming
             CALLER.set(caller)  # each call runs in its own task, whose context ends with it
             return caller
 
         def leave(caller: Caller) -> None:
-            interceptor.calls[caller.name] -= counted
-            interceptor.streams[caller.name] -= counted and streaming
-            for counter in (interceptor.calls, interceptor.streams):
-                if counter[caller.name] <= 0:
-                    del counter[caller.name]
+            interceptor.release(caller, streaming, counted)
 
         if handler.response_streaming:
             behavior = handler.stream_stream or handler.unary_stream

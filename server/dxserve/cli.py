@@ -460,7 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, addr=settings.address.rpartition(":")[0].strip("[]"))
+        try:
+            start_http_server(settings.metrics_port, addr=settings.address.rpartition(":")[0].strip("[]"))
+        except OSError as error:
+            logging.getLogger("dxserve").error("cannot serve metrics", extra={
+                "error": f"port {settings.metrics_port}: {error.strerror or error} (--metrics-port 0 turns them off)"})
+            return 1
     from .app import serve as run
 
     try:

@@ -95,7 +95,9 @@ class Settings(BaseModel):
                                    "refused cleanly (as if the disk were full) before it fills; 0 = no low-water mark")
     tracing: bool = Field(False, description="OpenTelemetry traces of every call; the exporter comes from the "
                           "standard OTEL_* variables (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, ...)")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")
+    http_port: int = Field(8000, ge=0, le=65535, description="the Open Inference Protocol's HTTP/REST binding "
+                           "(/v2/...) on the listen host, with the gRPC port's TLS, tokens and limits; 0 = off")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port on the listen host; 0 = off")
     grace_period_s: float = Field(10.0, ge=0, description="time calls in flight get to finish on SIGTERM")
     drain_answer_s: float = Field(3.0, ge=0, description="on SIGTERM, how long streams go on answering (in order) "
                                   "items already read, at most half the grace; the rest are dropped unrun and "

@@ -179,12 +179,22 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerMetadataResponse(name=PLATFORM, version=__version__)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        entry, version = await self._model(request.name, request.version, context)
-        ready = self.ready() and entry.state == registry.READY and entry.servable(version)
-        return oip.ModelReadyResponse(ready=ready)
+        return oip.ModelReadyResponse(ready=await self._answer(self.model_ready, request, context))
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
-        entry, _ = await self._model(request.name, request.version, context)
+        return await self._answer(self.metadata, request, context)
+
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
+        return oip.ModelConfigResponse(config=await self._answer(self.config, request, context))
+
+    # What the protocol's model calls answer, for the gRPC methods above and the REST binding (rest.py).
+
+    def model_ready(self, name: str, version: str) -> bool:
+        entry, version = self.model(name, version)
+        return self.ready() and entry.state == registry.READY and entry.servable(version)
+
+    def metadata(self, name: str, version: str) -> oip.ModelMetadataResponse:
+        entry, _ = self.model(name, version)
         inputs, outputs = tensors(list(entry.info.labels))
         metadata = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
@@ -192,16 +202,23 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             inputs=[metadata(name=n, datatype=k, shape=s) for n, k, s in inputs],
             outputs=[metadata(name=n, datatype=k, shape=s) for n, k, s in outputs])
 
-    async def ModelConfig(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
-        entry, _ = await self._model(request.name, request.version, context)
+    def config(self, name: str, version: str) -> oip.ModelConfig:
+        entry, _ = self.model(name, version)
         inputs, outputs = tensors(list(entry.info.labels))
-        return oip.ModelConfigResponse(config=oip.ModelConfig(
+        return oip.ModelConfig(
             name=entry.name, platform=PLATFORM, backend=PLATFORM, max_batch_size=self.settings.max_batch_size,
             input=[oip.ModelInput(name=n, data_type=CONFIG_TYPES[k], dims=s[1:], optional=True) for n, k, s in inputs],
-            output=[oip.ModelOutput(name=n, data_type=CONFIG_TYPES[k], dims=s[1:]) for n, k, s in outputs]))
+            output=[oip.ModelOutput(name=n, data_type=CONFIG_TYPES[k], dims=s[1:]) for n, k, s in outputs])
+
+    @staticmethod
+    async def _answer(method: Callable, request, context):
+        try:
+            return method(request.name, request.version)
+        except errors.ServingError as error:
+            await error.abort(context)
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
-        outcome = await self._infer(request, context.time_remaining(), "ModelInfer")
+        outcome = await self.infer(request, context.time_remaining(), "ModelInfer")
         if isinstance(outcome, errors.ServingError):
             await outcome.abort(context)
         return outcome
@@ -219,7 +236,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
                                                          self.settings.max_stream_age_s, ended):
-                    item = asyncio.ensure_future(self._infer(request, context.time_remaining(), "ModelStreamInfer"))
+                    item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer"))
                     try:
                         await window.put((item, request))
                     except asyncio.CancelledError:
@@ -251,23 +268,20 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 if (entry := window.get_nowait()) is not None:
                     entry[0].cancel()
 
-    async def _model(self, name: str, version: str, context) -> tuple[PluginEntry, str]:
-        """The plugin and version a metadata call names, or the call ends NOT_FOUND / PERMISSION_DENIED / UNAVAILABLE."""
-        try:
-            auth.authorize(name)
-            entry = self.plugins.get(name)
-            if entry is None:
-                raise errors.unknown_plugin(name, self.plugins)
-            if entry.info is None:
-                raise errors.unavailable(entry.name, f"model {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
-            version = version or auth.CALLER.get().default_version(entry.name) or entry.default_version
-            if all(v.version != version for v in entry.versions):
-                raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])
-        except errors.ServingError as error:
-            await error.abort(context)
+    def model(self, name: str, version: str) -> tuple[PluginEntry, str]:
+        """The plugin and version a model call names, or ServingError NOT_FOUND / PERMISSION_DENIED / UNAVAILABLE."""
+        auth.authorize(name)
+        entry = self.plugins.get(name)
+        if entry is None:
+            raise errors.unknown_plugin(name, self.plugins)
+        if entry.info is None:
+            raise errors.unavailable(entry.name, f"model {entry.name!r} failed to load: {entry.reason}", "PLUGIN_FAILED")
+        version = version or auth.CALLER.get().default_version(entry.name) or entry.default_version
+        if all(v.version != version for v in entry.versions):
+            raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])
         return entry, version
 
-    async def _infer(self, request: oip.ModelInferRequest, timeout: float | None,
+    async def infer(self, request: oip.ModelInferRequest, timeout: float | None,
                      method: str) -> oip.ModelInferResponse | errors.ServingError:
         """The response, or the error to answer (the first image's that failed, naming it)."""
         request_id = request.id or str(uuid.uuid4())

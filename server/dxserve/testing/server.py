@@ -43,7 +43,7 @@ def serving(*plugins: str, modules: tuple[str, ...] = (), timeout_s: float = 300
     from ..config import Settings
 
     with tempfile.TemporaryDirectory(prefix="dxserve-testing-") as tmp:
-        values = {"address": "127.0.0.1:0", "audit_db": str(Path(tmp) / "audit.sqlite3"), "plugins": list(modules),
+        values = {"address": "127.0.0.1:0", "http_port": 0, "audit_db": str(Path(tmp) / "audit.sqlite3"), "plugins": list(modules),
                   "disabled_plugins": other_entry_points(plugins, tuple(modules)), **settings}
         config = Settings(**values)
         loop = asyncio.new_event_loop()

@@ -247,3 +247,65 @@ def test_a_candidate_in_shadow_is_counted_never_returned_then_promoted(onboarded
         assert promoted == [("ops", SITE_VERSION)]
     finally:
         assert server.stop() == 0
+
+
+def test_a_field_site_version_finds_cells_at_the_labs_scale_behind_its_marks(tmp_path, capsys):
+    """Issue 33, fields at a new lab: smear-field's `adapt` measures a lab's scale on its own
+    fields (here BCCD's fields at 0.25x, whose red cells 1.0.0 cannot measure: SCALE_UNKNOWN),
+    finds the mark burnt into each (a scale bar) and paints it over; its site version finds the
+    cells 1.0.0 refuses, and is served only while the labelled fields in which it finds a cell
+    meet the site's `min_fields_with_objects`."""
+    from dxserve.sites import SiteAcceptance, unmet
+    from dxserve_smear_field import detect
+    from dxserve_smear_field.plugin import DETECTORS
+
+    fields = sorted((FIXTURES / "fields").glob("*.jpg"))
+    (tmp_path / "fields").mkdir()
+    with (tmp_path / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for path in fields:
+            small = Image.open(path).convert("RGB").resize((160, 120), Image.Resampling.LANCZOS)
+            for k, view in enumerate((small, small.transpose(0), small.transpose(1), small.rotate(180))):
+                rgb = np.array(view)
+                rgb[110:113, 120:150] = 20  # the scale bar, at the same place in every field
+                name = f"fields/{path.stem}-{k}.png"
+                Image.fromarray(rgb).save(tmp_path / name)
+                out.writerow([name, "classified", path.stem])
+    sites_dir = tmp_path / "sites"
+    code = dxserve(["site", "onboard", "--plugin", "smear-field", "--base", "1.0.0", "--site", "lab", "--labelled",
+                    str(tmp_path / "labels.csv"), "--unlabelled", str(tmp_path / "fields"), "--sites-dir", str(sites_dir)])
+    printed = capsys.readouterr()
+    assert code == 1, printed.out + printed.err  # written, but not to be served under the default criteria
+    assert "labelled 12 (needs >= 50)" in printed.out + printed.err  # the default criteria: too few fields
+
+    site = json.loads((sites_dir / "smear-field" / "1.0.0+lab.1" / "site.json").read_text())
+    assert site["kind"] == "field" and site["parent"]["version"] == "1.0.0"
+    measured = site["report"]["measured"]
+    original = np.asarray(Image.open(fields[0]).convert("RGB"))
+    bccd_px_per_um = detect.scale(original, detect.Parameters.load(DETECTORS / "1.0.0" / "parameters.json"))
+    assert measured["microns_per_pixel"] == pytest.approx(1 / (bccd_px_per_um * 0.25), rel=0.25)
+    (x0, y0, x1, y1), = measured["burnt_in_boxes"]
+    assert x0 <= 120 / 160 and x1 >= 150 / 160 and y0 <= 110 / 120 and y1 >= 113 / 120 and (x1 - x0) * (y1 - y0) < 0.05
+    assert site["report"]["parent"]["labelled_fields_with_a_cell"] == 0  # 1.0.0: SCALE_UNKNOWN everywhere
+    assert site["report"]["parent"]["refusals"] == {"SCALE_UNKNOWN": 24}  # the 12 labelled, and again in the folder
+    assert site["report"]["acceptance"] == {"labelled": 12, "fields_with_objects": 1.0}
+    assert unmet(site["report"], SiteAcceptance(min_labelled=10), "field") == []
+    assert unmet(site["report"], SiteAcceptance(min_labelled=10, min_fields_with_objects=1.0), "field") == []
+    assert unmet({"acceptance": {"labelled": 12, "fields_with_objects": 0.8}}, SiteAcceptance(min_labelled=10), "field") == [
+        "fields_with_objects 0.8 (needs >= 0.95)"]
+
+    config = tmp_path / "dxserve.toml"
+    config.write_text("[site_acceptance.lab]\nmin_labelled = 10\n")
+    server = ServerProcess("--sites-dir", str(sites_dir), "--config", str(config), tmp=tmp_path)
+    try:
+        wait_serving(server.address, [None, "smear-field"])
+        field = (tmp_path / "fields" / f"{fields[0].stem}-0.png").read_bytes()
+        with Client(server.address) as client:
+            refused = client.classify(field, plugin="smear-field")
+            assert refused.indeterminate and refused.field.found == 0 and "SCALE_UNKNOWN" in refused.reason
+            found = client.classify(field, plugin="smear-field", model_version="1.0.0+lab.1")
+            assert found.model_version == "1.0.0+lab.1" and found.field.found >= 1
+            assert all(o.result.plugin == "lymphoblast" for o in found.objects)
+    finally:
+        assert server.stop() == 0

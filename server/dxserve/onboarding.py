@@ -95,10 +95,11 @@ def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv:
     try:
         adaptation = runtime.adapt(labelled, unlabelled, folder)
         criteria = sites.criteria_for(site, settings.site_acceptance)
+        kind = "field" if entry.runtime_class.info.objects_plugin else "classifier"
         record = sites.record(folder, plugin=plugin, site=site, version=version, parent=parent, weights=adaptation.weights,
                               report=adaptation.report, card=adaptation.card, labelled=labelled_files,
-                              unlabelled=unlabelled_files, criteria=criteria)
+                              unlabelled=unlabelled_files, criteria=criteria, kind=kind)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return Onboarded(version, folder, record, sites.unmet(adaptation.report, criteria))
+    return Onboarded(version, folder, record, sites.unmet(adaptation.report, criteria, kind))

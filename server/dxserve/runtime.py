@@ -302,7 +302,11 @@ class ModelRuntime:
         `LabelledImage.group`, beside this version unadapted and trivial baselines in the same
         splits. The report's `acceptance` block carries the figures the operator's acceptance
         criteria read (`sites.SiteAcceptance`): `labelled`, `auroc`, `sensitivity_at_screen`,
-        `ece`, `confidently_wrong`, `margin_over_colour_alone`. The server serves the site version (`<version>+<site>.<n>`) only
+        `ece`, `confidently_wrong`, `margin_over_colour_alone`. A **field plugin**'s `adapt`
+        fits how it finds objects in the lab's fields (its scale, marks, gate); its `labelled`
+        images are fields that show an object (label: its one label), and its `acceptance`
+        block carries `labelled` and `fields_with_objects` (the share of them in which it finds
+        one). The server serves the site version (`<version>+<site>.<n>`) only
         while they are met, and loads it with `load`, `self.version.extra["site"]` set to its
         site.json and `["parent"]` to this version's `ModelVersion` (`sites.py`).
         Runs offline, never in the server. Default: not available."""

@@ -52,18 +52,25 @@ class SiteAcceptance(BaseModel):
     min_margin_over_colour_alone: float = Field(0.05, ge=-1, le=1, description="cross-validated AUROC above a model of "
                                                 "the image's colour alone in the same folds, at least: a site whose classes "
                                                 "were stained or imaged apart is otherwise learned by its slides, not its cells")
+    min_fields_with_objects: float = Field(0.95, ge=0, le=1, description="field plugins (a detector's site version): "
+                                           "share of the labelled fields, each showing an object, in which one is found")
 
 
 def criteria_for(site: str, acceptance: dict[str, SiteAcceptance]) -> SiteAcceptance:
     return acceptance.get(site) or acceptance.get("*") or SiteAcceptance()
 
 
-def unmet(report: dict, criteria: SiteAcceptance) -> list[str]:
-    """Each acceptance criterion the report's `acceptance` figures miss, in words (empty: all met)."""
+def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier") -> list[str]:
+    """Each acceptance criterion the report's `acceptance` figures miss, in words (empty: all met).
+    `kind`: "classifier", or "field" for a field plugin (a detector), whose report shows how often it
+    finds an object in fields that show one."""
     figures = report.get("acceptance", {})
-    checks = (("labelled", ">=", criteria.min_labelled), ("sensitivity_at_screen", ">=", criteria.min_sensitivity_at_screen),
-              ("ece", "<=", criteria.max_ece), ("confidently_wrong", "<=", criteria.max_confidently_wrong),
-              ("auroc", ">=", criteria.min_auroc), ("margin_over_colour_alone", ">=", criteria.min_margin_over_colour_alone))
+    if kind == "field":
+        checks = (("labelled", ">=", criteria.min_labelled), ("fields_with_objects", ">=", criteria.min_fields_with_objects))
+    else:
+        checks = (("labelled", ">=", criteria.min_labelled), ("sensitivity_at_screen", ">=", criteria.min_sensitivity_at_screen),
+                  ("ece", "<=", criteria.max_ece), ("confidently_wrong", "<=", criteria.max_confidently_wrong),
+                  ("auroc", ">=", criteria.min_auroc), ("margin_over_colour_alone", ">=", criteria.min_margin_over_colour_alone))
     missed = []
     for name, op, bar in checks:
         value = figures.get(name)
@@ -104,7 +111,7 @@ def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVe
         elif parent.weights_sha256 != site["parent"]["weights_sha256"]:
             refused[name] = (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
                              f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
-        elif missed := unmet(site["report"], criteria_for(site["site"], acceptance)):
+        elif missed := unmet(site["report"], criteria_for(site["site"], acceptance), site.get("kind", "classifier")):
             refused[name] = f"it does not meet the acceptance criteria declared for site {site['site']!r}: {'; '.join(missed)}"
     return versions, refused
 
@@ -120,7 +127,7 @@ def next_version(sites_dir: Path, plugin: str, parent: str, site: str) -> str:
 
 def describe(site: dict, criteria: SiteAcceptance) -> str:
     """The site version's Markdown card: what it is, what it was fitted on, its figures."""
-    report, missed = site["report"], unmet(site["report"], criteria)
+    report, missed = site["report"], unmet(site["report"], criteria, site.get("kind", "classifier"))
     lines = [f"# Site version {site['version']} ({site['plugin']})", "",
              f"- **Site:** {site['site']}",
              f"- **Parent version:** {site['parent']['version']}, weights SHA-256 `{site['parent']['weights_sha256']}`",
@@ -139,9 +146,10 @@ def hashed(paths: Iterable[Path], root: Path | None = None) -> dict[str, str]:
 
 
 def record(folder: Path, *, plugin: str, site: str, version: str, parent: ModelVersion, weights: str, report: dict,
-           card: dict, labelled: dict[str, str], unlabelled: dict[str, str], criteria: SiteAcceptance) -> dict:
+           card: dict, labelled: dict[str, str], unlabelled: dict[str, str], criteria: SiteAcceptance,
+           kind: str = "classifier") -> dict:
     """Write site.json and MODEL_CARD.md for an adaptation `adapt` wrote into `folder`."""
-    site = {"plugin": plugin, "site": site, "version": version,
+    site = {"plugin": plugin, "kind": kind, "site": site, "version": version,
             "parent": {"version": parent.version, "weights_sha256": parent.weights_sha256},
             "weights": {"file": weights, "sha256": sha256_of(folder / weights)},
             "made_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

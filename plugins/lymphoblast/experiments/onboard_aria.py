@@ -2,9 +2,11 @@
 on one block's cells, the site version scored on the other blocks, as a lab would validate it.
 Research: nothing here is shipped; RESULTS.md says what it measured.
 
-    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0]
+    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0] [--detector site]
 
-1. Aria's cells found by smear-field with the site profile (`site_aria.py`), split by contiguous
+1. Aria's cells found by smear-field with the site profile (`site_aria.py`), or (`--detector
+   site`) by smear-field's own site version, made by `dxserve site onboard --plugin smear-field`
+   from the onboarding block's fields (the whole chain through the platform), split by contiguous
    number blocks within each class (5 blocks); block `--block` is the onboarding block.
 2. For each size in --labelled: that many cells of the block (half of each class, at random) are
    written as PNG with labels.csv (group: the field's sub-block of about 5 numbers in its class:
@@ -70,15 +72,19 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=aria.SHARED)
     parser.add_argument("--labelled", type=int, nargs="+", default=[100, 25])
     parser.add_argument("--block", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=HERE.parent / "onboard_aria.json")
+    parser.add_argument("--detector", choices=("profile", "site"), default="profile")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.out = args.out or HERE.parent / ("onboard_aria.json" if args.detector == "profile" else "onboard_aria_site_detector.json")
 
     from dxserve import sites
     from dxserve.config import Settings
     from dxserve.onboarding import onboard
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
 
-    crops, rows = aria.aria_cells(args.shared / "data" / "aria-taleqani")
+    site_detector, detector_report = (field_site_version(args.shared / "data" / "aria-taleqani", args.block)
+                                      if args.detector == "site" else (None, None))
+    crops, rows = aria.aria_cells(args.shared / "data" / "aria-taleqani", site_detector)
     found = [r for r in rows if r["cell"] >= 0]
     y = np.array([r["label"] == "blast" for r in found], int)
     block = aria.blocks(found)
@@ -90,7 +96,9 @@ def main() -> None:
     parent.load()
     p_parent, issues_parent = served(parent, [crops[i] for i in held])
     p_pbc_parent, pbc_issues_parent = served(parent, pbc_crops)
-    report = {"cells": len(found), "held_out_cells": int(len(held)), "onboarding_block": args.block,
+    report = {"detector": args.detector, "detector_site_version": detector_report,
+              "fields_with_a_cell": len({r["path"] for r in found}) / len({r["path"] for r in rows}),
+              "cells": len(found), "held_out_cells": int(len(held)), "onboarding_block": args.block,
               "parent 2.1.0": {"auroc": aria.auroc(y[held], p_parent),
                                "answered (no issue)": float(np.mean([not i for i in issues_parent])),
                                "pbc_called_lymphoblast": float(np.mean([p >= 0.5 and not i for p, i in zip(p_pbc_parent, pbc_issues_parent)]))}}
@@ -126,6 +134,37 @@ def main() -> None:
         log(f"{n} labelled: {json.dumps(entry['held_out'])}; onboarding {seconds:.0f} s; unmet: {done.unmet}")
     args.out.write_text(json.dumps(report, indent=1, default=float))
     log(f"wrote {args.out}")
+
+
+def field_site_version(root: Path, block: int):
+    """smear-field's site version for Aria, onboarded (`dxserve site onboard --plugin smear-field`)
+    on the fields of `block`: every one listed as showing a white cell, grouped by class."""
+    import re
+
+    from dxserve.config import Settings
+    from dxserve.onboarding import onboard
+    from dxserve_smear_field.detect import Parameters
+
+    fields = list(csv.DictReader(open(root / "manifest.csv")))
+    numbers = {}
+    for r in fields:
+        numbers.setdefault(r["original_class"], []).append(int(re.search(r"(\d+)\.jpg$", r["path"]).group(1)))
+    scratch = Path(tempfile.mkdtemp(prefix="aria-fields-"))
+    (scratch / "fields").mkdir()
+    with (scratch / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for r in fields:
+            ordered = sorted(numbers[r["original_class"]])
+            number = int(re.search(r"(\d+)\.jpg$", r["path"]).group(1))
+            if ordered.index(number) * aria.BLOCKS // len(ordered) == block:
+                name = f"fields/{Path(r['path']).name}"
+                (scratch / name).symlink_to(root / r["path"])
+                out.writerow([name, "classified", r["original_class"]])
+    settings = Settings(sites_dir=scratch / "sites", audit_db="")
+    done = onboard(settings, "smear-field", "1.0.0", "taleqani", scratch / "labels.csv", scratch / "fields", log=log)
+    log(f"smear-field site version {done.version}: {json.dumps(done.site['report']['measured'])}")
+    return Parameters.load(done.folder / done.site["weights"]["file"]), {"version": done.version, **done.site["report"]}
 
 
 def data_colour(crops, index) -> np.ndarray:

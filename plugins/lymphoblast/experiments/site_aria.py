@@ -68,15 +68,17 @@ def background_colour(rgb: np.ndarray) -> np.ndarray:
     return rgb[grey >= np.percentile(grey, 80)].mean(axis=0)
 
 
-def aria_cells(root: Path) -> tuple[list[np.ndarray], list[dict]]:
+def aria_cells(root: Path, site=None) -> tuple[list[np.ndarray], list[dict]]:
+    """Every field's cells: by this script's profile, or by `site` (a smear-field site version's
+    parameters, which mask the scale bar and carry the scale themselves)."""
     from dxserve_smear_field.detect import find
 
-    p = detector(SITE_DETECTOR)
+    p = site or detector(SITE_DETECTOR)
     crops, rows = [], []
     fields = list(csv.DictReader(open(root / "manifest.csv")))
     for r in fields:
-        rgb = mask_scale_bar(np.asarray(Image.open(root / r["path"]).convert("RGB")))
-        cells, issues = find(rgb, p, ARIA_UM_PER_PX)
+        rgb = np.asarray(Image.open(root / r["path"]).convert("RGB"))
+        cells, issues = find(rgb, site) if site else find(mask_scale_bar(rgb), p, ARIA_UM_PER_PX)
         number = int(re.search(r"(\d+)\.jpg$", r["path"]).group(1))
         for i, cell in enumerate(cells):
             crops.append(cell.crop)

@@ -66,6 +66,12 @@ class Parameters:
     #: violet-hued pixels, kept between this and `nucleus_min_saturation`: a lab whose blasts
     #: stain paler (Aria's Pro-B fields) still has its nuclei found.
     nucleus_min_saturation_floor: float = 0.0
+    #: The site's pixel size, measured on its own fields (`adaptation.fit`): used when a request
+    #: gives none, before the field's red cells (0: none; 1.0.0 measures every field).
+    site_microns_per_pixel: float = 0.0
+    #: Boxes (x0, y0, x1, y1 as fractions of the field) of marks burnt into every field of a site
+    #: (a scale bar, a label), painted over with the field's plasma before anything is measured.
+    mask_boxes: tuple = ()
 
     def with_overrides(self, overrides: dict) -> "Parameters":
         """These parameters with some replaced (a site's profile); an unknown name is a ValueError."""
@@ -205,8 +211,23 @@ def _on_canvas(box: np.ndarray, mask: np.ndarray, p: Parameters, px_per_um: floa
     return canvas
 
 
+def mask_boxes(rgb: np.ndarray, boxes) -> np.ndarray:
+    """The field with each box (fractions: x0, y0, x1, y1) painted its plasma's colour (the 90th percentile)."""
+    if not len(boxes):
+        return rgb
+    out = rgb.copy()
+    height, width = rgb.shape[:2]
+    plasma = np.percentile(rgb.reshape(-1, 3), 90, axis=0).astype(np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        out[int(y0 * height):int(np.ceil(y1 * height)), int(x0 * width):int(np.ceil(x1 * width))] = plasma
+    return out
+
+
 def find(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> tuple[list[Cell], list[QualityIssue]]:
-    """The white cells of a field and the field's issues (no cell is returned with issues)."""
+    """The white cells of a field and the field's issues (no cell is returned with issues). The
+    scale: the request's `microns_per_pixel`, else the site's, else the field's red cells."""
+    rgb = mask_boxes(rgb, p.mask_boxes)
+    microns_per_pixel = microns_per_pixel or p.site_microns_per_pixel
     issues = field_issues(rgb, p)
     if issues:
         return [], issues

@@ -50,6 +50,13 @@ class SmearFieldRuntime(ModelRuntime):
         cells, issues = detect.find(image, self.parameters, microns_per_pixel)
         return [FoundObject(cell.box, cell.crop, cell.mask) for cell in cells], issues
 
+    def adapt(self, labelled, unlabelled, folder: Path):
+        """A site version: the scale, burnt-in marks and field gate measured on the lab's fields, and
+        a site's profile (adaptation.py). `labelled`: fields that show a white cell."""
+        from . import adaptation
+
+        return adaptation.adapt(self.parameters, labelled, unlabelled, folder)
+
     @classmethod
     def safety_checks(cls, version: ModelVersion) -> frozenset[str]:
         # Its own gate refuses what is not a usable field; every cell it finds then passes the

@@ -129,3 +129,18 @@ def png_bytes(array: np.ndarray, **save_args) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", **save_args)
     return buffer.getvalue()
+
+
+TRITONCLIENT = "tritonclient[grpc,http]==2.73.0"  # pins protobuf < 7: it lives in its own virtual environment
+
+
+@pytest.fixture(scope="session")
+def triton_python(tmp_path_factory) -> str:
+    """The Python of a fresh virtual environment holding tritonclient (from the package index)."""
+    venv = tmp_path_factory.mktemp("tritonclient") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", TRITONCLIENT,
+                                "pillow==13.0.0"], capture_output=True, text=True)
+    assert installed.returncode == 0, f"could not install {TRITONCLIENT}:\n{installed.stderr[-3000:]}"
+    return python

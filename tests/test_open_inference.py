@@ -24,21 +24,8 @@ from dxserve_client import Client
 from dxserve_client.client import DxServeError
 
 SCRIPT = ROOT / "tests" / "oip_tritonclient.py"
-TRITONCLIENT = "tritonclient[grpc,http]==2.73.0"  # pins protobuf < 7: it lives in its own virtual environment
 CELLS = FIXTURES / "cells"
 Tensor = oip.ModelInferRequest.InferInputTensor
-
-
-@pytest.fixture(scope="module")
-def triton_python(tmp_path_factory) -> str:
-    """The Python of a fresh virtual environment holding tritonclient (from the package index)."""
-    venv = tmp_path_factory.mktemp("tritonclient") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", TRITONCLIENT,
-                                "pillow==13.0.0"], capture_output=True, text=True)
-    assert installed.returncode == 0, f"could not install {TRITONCLIENT}:\n{installed.stderr[-3000:]}"
-    return python
 
 
 def run_script(python: str, *args: str, timeout_s: float = 300) -> None:

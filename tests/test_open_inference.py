@@ -280,6 +280,20 @@ def refusal(call) -> tuple[grpc.StatusCode, str]:
     return caught.value.code(), caught.value.details()
 
 
+def test_a_flood_of_empty_elements_is_counted_not_copied(stub):
+    """Issue 32: a BYTES tensor of a million empty elements under a shape of [1] (typed or raw) is
+    refused by its count, read in O(1) or stopped at the shape's count, before any element is copied."""
+    typed = Tensor(name="IMAGE", datatype="BYTES", shape=[1], contents=oip.InferTensorContents(bytes_contents=[b""] * 1_000_000))
+    code, message = refusal(lambda: infer(stub, typed))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "holds 1000000 elements; its shape says 1" in message
+    code, message = refusal(lambda: infer(stub, Tensor(name="IMAGE", datatype="BYTES", shape=[1]),
+                                          raw=[serialize_bytes([b""] * 1_000_000)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than the 1 elements the shape says" in message
+    pixels = Tensor(name="PIXELS", datatype="UINT8", shape=[1, 2, 2, 3], contents=oip.InferTensorContents(uint_contents=[7] * 500_000))
+    code, message = refusal(lambda: infer(stub, pixels))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs 12 values; got 500000" in message
+
+
 def test_typed_contents_answer_as_raw_ones(stub):
     """The protocol's other encoding: BYTES in bytes_contents, UINT8 in uint_contents."""
     cell = sorted(CELLS.glob("*.png"))[0]

@@ -59,6 +59,8 @@ def serialize_bytes(elements: list[bytes]) -> bytes:
 def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
+        if len(elements) == count:  # stop at the shape's count, not after millions more
+            raise invalid(f"the BYTES contents hold more than the {count} elements the shape says")
         if offset + 4 > len(raw):
             raise invalid("BYTES contents end inside an element's 4-byte length")
         (size,) = struct.unpack_from("<I", raw, offset)
@@ -89,9 +91,10 @@ def images(request: oip.ModelInferRequest, max_batch: int) -> list[pb.Image]:
             raise invalid(f"{IMAGE} is BYTES of shape [N] or [N, 1]; got {tensor.datatype} {shape}")
         count = shape[0]
         _check_batch(count, max_batch)
+        # Counted before anything is copied out (issue 32: millions of empty elements under a shape of [1]).
+        if raw is None and len(tensor.contents.bytes_contents) != count:
+            raise invalid(f"{IMAGE} holds {len(tensor.contents.bytes_contents)} elements; its shape says {count}")
         files = deserialize_bytes(raw, count) if raw is not None else list(tensor.contents.bytes_contents)
-        if len(files) != count:
-            raise invalid(f"{IMAGE} holds {len(files)} elements; its shape says {count}")
         return [pb.Image(encoded=f) for f in files]
     if tensor.name == PIXELS:
         if tensor.datatype != "UINT8" or len(shape) not in (3, 4):
@@ -100,6 +103,8 @@ def images(request: oip.ModelInferRequest, max_batch: int) -> list[pb.Image]:
         _check_batch(count, max_batch)
         size = height * width * channels
         if raw is None:
+            if len(tensor.contents.uint_contents) != count * size:
+                raise invalid(f"{PIXELS} of shape {shape} needs {count * size} values; got {len(tensor.contents.uint_contents)}")
             values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
             if values.size and values.max() > 255:
                 raise invalid(f"{PIXELS} is UINT8: a value of {int(values.max())} is out of range")
@@ -287,7 +292,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         request_id = request.id or str(uuid.uuid4())
         try:
             given = parameters(request)
-            pictures = images(request, self.settings.max_batch_size)
+            # Off the event loop: a batch of pixels sent as integers takes a while to convert.
+            pictures = await asyncio.to_thread(images, request, self.settings.max_batch_size)
             entry = self.plugins.get(request.model_name)
             wanted = outputs_wanted(request, list(entry.info.labels)) if entry is not None and entry.info else []
             refused = None

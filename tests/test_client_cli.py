@@ -133,6 +133,7 @@ def test_classify_with_specimens_per_folder_and_explanations(server, capsys, cel
     overlays = sorted(run_dir.glob("*.overlay.png"))
     assert len(overlays) == 5 and len(list(run_dir.glob("*.heatmap.png"))) == 5
     assert all(p.name.endswith((".lymphoblast.overlay.png", ".normal.overlay.png")) for p in overlays)  # which label it explains
+    assert f"explanations: {run_dir}/ (10 files)" in err  # said where they went
     from PIL import Image
 
     with Image.open(overlays[0]) as overlay, Image.open(str(overlays[0]).replace(".overlay.", ".heatmap.")) as heat:

@@ -344,6 +344,9 @@ def classify_command(args: argparse.Namespace, client: Client) -> int:
         if args.output:
             out.close()
     print(f"{counts['images']} images, {counts['images'] - counts['failed']} classified, {counts['failed']} failed", file=sys.stderr)
+    for what, folder in (("explanations", explain_dir), ("overlays", overlay_dir)):
+        if folder is not None:  # where the pictures went: a new folder per run
+            print(f"{what}: {folder}/ ({sum(1 for _ in folder.iterdir())} files)", file=sys.stderr)
     print_specimens(specimens, sys.stderr)
     if args.specimen_output:
         args.specimen_output.write_text(json.dumps([dataclasses.asdict(s) for s in specimens], indent=2) + "\n")

@@ -19,6 +19,7 @@ from dxserve_client import Client, DxServeError
 from test_lifecycle import light_server
 
 YELLOW = np.zeros((8, 8, 3), np.uint8) + np.array([255, 255, 0], np.uint8)  # the hang plugin hangs on it
+MAGENTA = np.zeros((8, 8, 3), np.uint8) + np.array([255, 0, 255], np.uint8)  # its preprocessing hangs on it
 GREY = np.full((8, 8, 3), 120, np.uint8)
 HANG = ("--plugins", "dxserve_testplugins.hang", "--predict-timeout-s", "1")
 
@@ -75,6 +76,50 @@ def test_a_hung_plugin_is_marked_unresponsive_fails_fast_and_recovers(tmp_path):
     assert '"hung model call returned; version serves again"' in server.logs()
 
 
+def test_hung_preprocessing_costs_its_version_not_the_decode_pool(tmp_path):
+    """Issue 32: preprocessing that never returns held a decode thread for good; with two hung
+    (decode_threads 2) every plugin stopped. Now each is abandoned past predict_timeout_s: its
+    request UNAVAILABLE, its version unresponsive until it returns, the pool replaced, and the
+    other plugins served throughout; SIGTERM exits within the grace."""
+    import concurrent.futures
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    server = ServerProcess("--disabled-plugins", "lymphoblast", *HANG, "--decode-threads", "2", "--grace-period-s", "3",
+                           tmp=tmp_path, env={"DXSERVE_HANG_FILE": str(hold)})
+    try:
+        with Client(server.address, timeout_s=30) as client:
+            client.wait_until_serving("hang", 60)
+            client.wait_until_serving("brightness", 60)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both decode threads taken
+                hung = [pool.submit(client.classify, MAGENTA, plugin="hang") for _ in range(2)]
+                for call in hung:
+                    with pytest.raises(DxServeError) as caught:
+                        call.result(30)
+                    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "VERSION_UNRESPONSIVE")
+                    assert "preprocessing has run over 1 s" in str(caught.value)
+            assert all(client.classify(GREY, plugin="brightness").ok for _ in range(5))  # the pool is whole again
+            assert health(client, "dxserve.v1.DiagnosticsService/hang") == "NOT_SERVING" and health(client) == "SERVING"
+            with pytest.raises(DxServeError) as caught:  # its version refuses fast: no more calls go in to hang
+                client.classify(GREY, plugin="hang")
+            assert caught.value.reason == "VERSION_UNRESPONSIVE"
+            hold.unlink()  # the hung calls return
+            wait_for(lambda: health(client, "dxserve.v1.DiagnosticsService/hang") == "SERVING", what="recovery")
+            assert client.classify(GREY, plugin="hang").ok
+            hold.touch()  # and once more, never to return: the server still stops
+            with pytest.raises(DxServeError):
+                client.classify(MAGENTA, plugin="hang")
+        stopped = time.monotonic()
+        server.process.send_signal(15)
+        assert server.process.wait(20) == 0
+        assert time.monotonic() - stopped < 8, "it waited for the hung call"
+        logs = server.logs()
+        assert '"preprocessing hung; version marked unresponsive"' in logs and "pool replaced" in logs
+        assert "exiting past plugin calls that never returned" in logs
+    finally:
+        server.stop()
+
+
 def test_sigterm_finishes_within_the_grace_period_with_a_hung_plugin(tmp_path):
     hold = tmp_path / "hold"
     hold.touch()  # never removed: the model call never returns
@@ -89,7 +134,7 @@ def test_sigterm_finishes_within_the_grace_period_with_a_hung_plugin(tmp_path):
         server.process.send_signal(15)
         assert server.process.wait(20) == 0
         assert time.monotonic() - stopped < 8, "it waited for the hung call"
-        assert "exiting past model calls that never returned" in server.logs()
+        assert "exiting past plugin calls that never returned" in server.logs()
     finally:
         server.stop()
 

@@ -7,7 +7,9 @@ so the event loop keeps serving while the model works.
 
 A watchdog bounds each model call: one still running after `predict_timeout_s` marks the
 version unresponsive (`unresponsive` says why; health reports it), fails its batch and its
-queue with UNAVAILABLE at once, and refuses new items fast, until the call returns.
+queue with UNAVAILABLE at once, and refuses new items fast, until the call returns. The
+version's other plugin calls (preprocessing, finding objects, explaining; `guard.py`) mark it
+the same way through `hung`.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ class Batcher:
         # any work is spent on it, and makes a stream item wait (so the stream stops reading).
         self._places = asyncio.Semaphore(max_queue_size)
         self.predict_timeout_s = predict_timeout_s
-        self.unresponsive = ""  # why, while a model call has run past predict_timeout_s
+        self.unresponsive = ""  # why, while a model call (or another plugin call: `hung`) has run past predict_timeout_s
+        self._hung = 0  # plugin calls of this version past their time and not returned yet
         self._on_change = on_change  # awaited when `unresponsive` changes (health)
         runtime.turns = ModelTurns(lambda: self.in_flight)  # requests before the runtime's background work (explanations)
 
@@ -174,7 +177,7 @@ class Batcher:
         now = time.monotonic()
         item = _Item(model_input, loop.create_future(), now, None if timeout_s is None else now + timeout_s)
         if self.unresponsive:
-            raise self._unresponsive_error()
+            raise self.unresponsive_error()
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -240,32 +243,50 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(Result(p, decision, (started - item.enqueued) * 1000, model_ms, len(live), tuple(found)))
 
-    def _unresponsive_error(self) -> errors.ServingError:
-        return errors.unavailable(self.plugin, self.unresponsive, "VERSION_UNRESPONSIVE", retry_after_s=1)
+    def unresponsive_error(self, what: str = "") -> errors.ServingError:
+        """UNAVAILABLE (VERSION_UNRESPONSIVE): why this version refuses, or why it will (`what` has hung)."""
+        return errors.unavailable(self.plugin, self.reason(what) if what else self.unresponsive, "VERSION_UNRESPONSIVE",
+                                  retry_after_s=1)
 
     async def _stalled(self, call: asyncio.Future, batch: list[_Item]) -> None:
         """The watchdog: a model call ran past `predict_timeout_s`. Fail its batch and the queue
         now, refuse new items, and wait (the model's one thread is taken) for it to return."""
-        self.unresponsive = (f"model version {self.version!r} of plugin {self.plugin!r} is unresponsive: a model call "
-                             f"has run over {self.predict_timeout_s:g} s (predict_timeout_s); requests are refused until it returns")
-        log.error("model call hung; version marked unresponsive", extra={"plugin": self.plugin, "version": self.version,
-                                                                        "predict_timeout_s": self.predict_timeout_s})
-        metrics.UNRESPONSIVE.labels(self.plugin, self.version).inc()
-        error = self._unresponsive_error()
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
         for item in batch:
             if not item.future.done():
-                item.future.set_exception(error)
-        if self._on_change:
-            await self._on_change()
+                item.future.set_exception(self.unresponsive_error("model call"))
+        await self.hung("model call", call)
+
+    def reason(self, what: str) -> str:
+        return (f"model version {self.version!r} of plugin {self.plugin!r} is unresponsive: a {what} has run over "
+                f"{self.predict_timeout_s:g} s (predict_timeout_s); requests are refused until it returns")
+
+    async def hung(self, what: str, call: asyncio.Future) -> None:
+        """A plugin call of this version (`what`: "model call", "preprocessing", ...) has run past
+        `predict_timeout_s`: the version is unresponsive (health, fast refusals, its queue failed)
+        until every such call has returned. Returns when `call` has."""
+        self._hung += 1
+        if not self.unresponsive:
+            self.unresponsive = self.reason(what)
+            log.error(f"{what} hung; version marked unresponsive", extra={"plugin": self.plugin, "version": self.version,
+                                                                          "predict_timeout_s": self.predict_timeout_s})
+            metrics.UNRESPONSIVE.labels(self.plugin, self.version).inc()
+            error = self.unresponsive_error()
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(error)
+            if self._on_change:
+                await self._on_change()
         stalled_at = time.monotonic()
         await asyncio.gather(call, return_exceptions=True)
-        self.unresponsive = ""
-        log.warning("hung model call returned; version serves again", extra={
-            "plugin": self.plugin, "version": self.version, "seconds": round(time.monotonic() - stalled_at + self.predict_timeout_s, 1)})
-        if self._on_change:
-            await self._on_change()
+        self._hung -= 1
+        if self._hung == 0:
+            self.unresponsive = ""
+            log.warning(f"hung {what} returned; version serves again", extra={
+                "plugin": self.plugin, "version": self.version,
+                "seconds": round(time.monotonic() - stalled_at + self.predict_timeout_s, 1)})
+            if self._on_change:
+                await self._on_change()
 
     def _still_wanted(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()

@@ -477,14 +477,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_past_hung_threads(code: int) -> int:
-    """Return `code`; but a model call that never returned (the watchdog's unresponsive
-    version) would keep the interpreter from exiting, so then exit at once, having said so."""
+    """Return `code`; but a plugin call that never returned (the watchdog's unresponsive
+    version: a model call, preprocessing, an explanation) would keep the interpreter from
+    exiting, so then exit at once, having said so."""
     import os
     import threading
 
-    hung = [t.name for t in threading.enumerate() if t.name.startswith("model-") and t.is_alive()]
+    pools = [t for t in threading.enumerate() if t.name.startswith(("model-", "decode", "explain"))]
+    for thread in pools:  # the idle ones end as their pools shut down; a hung one does not
+        thread.join(0.5)
+    hung = [t.name for t in pools if t.is_alive()]
     if hung:
-        logging.getLogger("dxserve").error("exiting past model calls that never returned", extra={"threads": hung})
+        logging.getLogger("dxserve").error("exiting past plugin calls that never returned", extra={"threads": hung})
         logging.shutdown()
         sys.stdout.flush()
         os._exit(code)

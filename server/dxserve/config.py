@@ -64,8 +64,9 @@ class Settings(BaseModel):
                                                 "'plugin/version' patterns ('lymphoblast/1.*', '*'): for research use only")
     default_fallback: bool = Field(False, description="when a plugin's default version cannot be served (failed, "
                                    "ungated), requests without a version get its newest servable one; false: refused")
-    predict_timeout_s: float = Field(30.0, gt=0, description="a model call running longer marks its version "
-                                     "unresponsive (health NOT_SERVING, its queue failed fast) until it returns")
+    predict_timeout_s: float = Field(30.0, gt=0, description="a plugin call (model, preprocessing, finding objects, "
+                                     "explaining) running longer marks its version unresponsive (health NOT_SERVING, "
+                                     "its queue failed fast) until it returns; its thread is replaced")
     sites_dir: Path | None = Field(None, description="folder of site versions (`dxserve site onboard`): "
                                    "<plugin>/<version>+<site>.<n>/; none: no site versions are listed")
     site_acceptance: dict[str, SiteAcceptance] = Field(default_factory=lambda: {"*": SiteAcceptance()}, description=

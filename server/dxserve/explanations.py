@@ -18,12 +18,12 @@ import contextlib
 from collections import Counter
 
 from . import errors, metrics
-from .threads import named_pool
+from .guard import GuardedPool
 
 
 class ExplanationLimits:
-    def __init__(self, threads: int, max_queued: int, per_caller: int):
-        self.pool = named_pool(threads, "explain")
+    def __init__(self, threads: int, max_queued: int, per_caller: int, timeout_s: float | None = None):
+        self.pool = GuardedPool(threads, "explain", timeout_s)  # an explanation that hangs is abandoned, as in guard.py
         self.max_queued, self.per_caller = max_queued, per_caller
         self.admitted = 0
         self.by_caller: Counter[str] = Counter()
@@ -56,9 +56,9 @@ class ExplanationLimits:
             async with self._freed:
                 self._freed.notify_all()
 
-    async def run(self, function, *args):
-        """`function(*args)` in the explanation pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+    async def run(self, batcher, function, *args):
+        """`function(*args)` in the explanation pool, for `batcher`'s version, under the watchdog."""
+        return await self.pool.run(batcher, "explanation", function, *args)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()

@@ -72,7 +72,8 @@ def dxserve_model_runtimes() -> list[type]:
     versions differ says so per version. A version without both is listed as
     ``VERSION_STATE_NOT_SERVED`` and refused with ``FAILED_PRECONDITION``
     (``VERSION_UNGATED``) unless the operator names it in ``ungated_versions_allowed``.
-    ``predict`` should return within the server's ``predict_timeout_s``: one that does not
-    marks its version unresponsive (health NOT_SERVING, its queue failed fast) until it returns.
+    ``predict``, ``prepare``/``preprocess``, ``find_objects`` and ``explain`` should each return
+    within the server's ``predict_timeout_s``: one that does not marks its version unresponsive
+    (health NOT_SERVING, its queue failed fast) until it returns.
     """
 

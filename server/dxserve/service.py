@@ -22,7 +22,7 @@ from .runtime import INDETERMINATE, Decision, QualityIssue
 from .shadow import Shadow
 from .specimens import StreamSpecimens, Tally, check_specimen_id
 from .streams import requests_while_open
-from .threads import named_pool
+from .guard import GuardedPool
 from .v1 import diagnostics_pb2 as pb
 from .v1 import diagnostics_pb2_grpc as pb_grpc
 
@@ -45,10 +45,11 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self.audit = audit_trail
         self.draining = asyncio.Event()  # set on SIGTERM (`drain`): streams stop reading (see ClassifyStream)
         self._drain_deadline = float("inf")  # loop time after which a draining stream answers nothing more
-        # Decoding and preprocessing run here, in parallel across requests, off the event loop.
-        self._decode_pool = named_pool(settings.decode_threads, "decode")
+        # Decoding and preprocessing run here, in parallel across requests, off the event loop,
+        # each call under the watchdog (guard.py): a hung one costs its version, not the pool.
+        self._decode = GuardedPool(settings.decode_threads, "decode", settings.predict_timeout_s)
         self._explanations = ExplanationLimits(settings.explain_threads, settings.max_queued_explanations,
-                                               settings.max_explanations_per_caller)
+                                               settings.max_explanations_per_caller, settings.predict_timeout_s)
         # Candidate versions answering in shadow beside the served ones (shadow.py); never returned.
         self.shadow = Shadow(settings.shadow, lambda r, request_id: self._classify(r, request_id, SHADOW_TIMEOUT_S, "Shadow"),
                              self.audit.record if self.audit else None) if settings.shadow else None
@@ -61,7 +62,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self.draining.set()
 
     def close(self) -> None:
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode.shutdown()
         self._explanations.close()
 
     async def ListPlugins(self, request: pb.ListPluginsRequest, context) -> pb.ListPluginsResponse:
@@ -254,7 +255,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             async with batcher.admit(wait):
                 response, rgb = await self._run(request, request_id, entry, batcher, started, timeout)
             if request.explain:  # only now, after its place in the model's queue is given back
-                response.explanation.CopyFrom(await self._explanations.run(self._explain, rgb, batcher))
+                response.explanation.CopyFrom(await self._explanations.run(batcher, self._explain, rgb, batcher))
             return response
 
     async def _run(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher, started: float,
@@ -263,8 +264,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         runtime = batcher.runtime
         if request.explain and not runtime.explains():
             raise errors.unimplemented(entry.name, "EXPLANATION", f"plugin {entry.name!r} cannot explain its results")
-        loop = asyncio.get_running_loop()
-        rgb, model_input, issues = await loop.run_in_executor(self._decode_pool, self._prepare, request, batcher)
+        rgb, model_input, issues = await self._decode.run(batcher, "preprocessing", self._prepare, request, batcher)
         remaining = None if timeout is None else timeout - (time.monotonic() - started)
         if remaining is not None and remaining <= 0:
             raise errors.deadline_exceeded(entry.name)
@@ -284,8 +284,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         a request of its own to the objects plugin (request_id "<field's>/<index>"): its batcher,
         gate, decision, limits, explanation (when asked) and audit row. One object's error is that
         object's only."""
-        loop = asyncio.get_running_loop()
-        found, issues = await loop.run_in_executor(self._decode_pool, self._find, request, batcher)
+        found, issues = await self._decode.run(batcher, "search for objects", self._find, request, batcher)
         limit = self.settings.max_objects_per_field
         if len(found) > limit:
             raise errors.invalid_field("image", "TOO_MANY_OBJECTS", f"plugin {entry.name!r} found {len(found)} objects in "

@@ -1,5 +1,6 @@
-"""A plugin whose model call hangs on pure yellow (255, 255, 0) images for as long as the
-file named by $DXSERVE_HANG_FILE exists, and takes $DXSERVE_HANG_BATCH_S seconds over every
+"""A plugin whose model call hangs on pure yellow (255, 255, 0) images, and whose
+preprocessing hangs on pure magenta (255, 0, 255) ones, for as long as the file named by
+$DXSERVE_HANG_FILE exists, and takes $DXSERVE_HANG_BATCH_S seconds over every
 batch (default 0): a slow model; its explanations take $DXSERVE_HANG_EXPLAIN_S (default 1)
 (not an entry point: tests add it through settings.plugins)."""
 
@@ -16,6 +17,13 @@ from .brightness import BrightnessRuntime, PluginInfo
 
 class HangRuntime(BrightnessRuntime):
     info = PluginInfo(**{**vars(BrightnessRuntime.info), "name": "hang", "description": "hangs on yellow images"})
+
+    def preprocess(self, image):
+        if tuple(image[0, 0]) == (255, 0, 255):
+            hold = Path(os.environ["DXSERVE_HANG_FILE"])
+            while hold.exists():
+                time.sleep(0.05)
+        return super().preprocess(image)
 
     def predict(self, batch):
         time.sleep(float(os.environ.get("DXSERVE_HANG_BATCH_S", "0")))

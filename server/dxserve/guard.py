@@ -1,0 +1,86 @@
+"""Plugin calls outside the model under the model's watchdog (issue 32).
+
+Decoding and preprocessing (`ModelRuntime.prepare`), finding a field's objects (`find_objects`)
+and explaining (`explain`) run in small thread pools shared by every plugin and caller. A call
+that never returns would hold one of those threads for good: two hung preprocess calls on two
+cores stopped every plugin. `GuardedPool.run` therefore bounds each call by `timeout_s`
+(`predict_timeout_s`), counted from when the call starts, not while it waits for a thread:
+
+- past it, the request gets UNAVAILABLE (`VERSION_UNRESPONSIVE`), and the version is
+  unresponsive (health NOT_SERVING, its requests refused fast) until the call returns
+  (`Batcher.hung`), so no more of its calls go in to hang;
+- the pool is replaced by a fresh one of the same size (the old one finishes what it holds and
+  ends), so every other plugin and caller keeps its threads. At most `max_abandoned` calls are
+  abandoned at once; past that the pool is not replaced again (and says so) until some return.
+
+A Python thread cannot be stopped: an abandoned call runs on until it returns. At exit, the
+server does not wait for them (`cli._exit_past_hung_threads`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from .threads import named_pool
+
+log = logging.getLogger("dxserve.guard")
+
+
+class GuardedPool:
+    """A thread pool whose calls are bounded by a watchdog and whose hung threads are replaced."""
+
+    def __init__(self, workers: int, role: str, timeout_s: float | None, max_abandoned: int | None = None):
+        self.workers, self.role, self.timeout_s = workers, role, timeout_s
+        self.max_abandoned = 4 * workers if max_abandoned is None else max_abandoned
+        self.abandoned = 0  # calls past their time that have not returned
+        self._pool: ThreadPoolExecutor = named_pool(workers, role)
+
+    async def run(self, batcher, what: str, function: Callable, *args):
+        """`function(*args)` in the pool, for `batcher`'s version; its result, or its exception, or
+        (past `timeout_s` once started) the version's VERSION_UNRESPONSIVE error."""
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def call():
+            try:
+                loop.call_soon_threadsafe(_set, started)
+            except RuntimeError:  # the loop has closed (the server stopped): nobody waits for this
+                pass
+            return function(*args)
+
+        running = loop.run_in_executor(self._pool, call)
+        if self.timeout_s is None:
+            return await running
+        await asyncio.wait((started, running), return_when=asyncio.FIRST_COMPLETED)  # waiting for a thread is not hanging
+        done, _ = await asyncio.wait((running,), timeout=self.timeout_s)
+        if done:
+            return running.result()
+        self._abandon(running, batcher.plugin, what)
+        asyncio.ensure_future(batcher.hung(what, running))
+        raise batcher.unresponsive_error(what)
+
+    def _abandon(self, running: asyncio.Future, plugin: str, what: str) -> None:
+        self.abandoned += 1
+        running.add_done_callback(lambda _: self._returned())
+        if self.abandoned > self.max_abandoned:
+            log.error(f"{what} hung; {self.abandoned} calls abandoned, over {self.max_abandoned}: the {self.role} pool is "
+                      "not replaced again until some return", extra={"plugin": plugin})
+            return
+        old, self._pool = self._pool, named_pool(self.workers, self.role)
+        old.shutdown(wait=False)  # its other threads finish what they hold, then end
+        log.error(f"{what} hung; its thread is abandoned and the {self.role} pool replaced", extra={
+            "plugin": plugin, "abandoned": self.abandoned, "timeout_s": self.timeout_s})
+
+    def _returned(self) -> None:
+        self.abandoned -= 1
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _set(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -173,6 +173,61 @@ def test_a_writable_trail_starts_with_a_server_start_row(tmp_path):
     assert first == (1, "server_start")
 
 
+def test_a_stalled_audit_write_is_seen_bounded_and_never_holds_the_stop():
+    """Issue 32: a frozen disk held every result (and its image) and kept health SERVING; SIGTERM
+    waited for the disk. Now a write past `stall_s` marks the trail stalled (health reads
+    `problem`), new records are refused at once, waiting ones are bounded in count and bytes,
+    and `close` gives up on a blocked writer after its timeout."""
+    import threading
+
+    from dxserve.audit import AuditTrail, AuditUnavailable, Store
+    from dxserve.v1 import diagnostics_pb2 as pb
+
+    class Frozen(Store):
+        def __init__(self):
+            super().__init__()
+            self.thawed, self.rows_written = threading.Event(), []
+            self.thawed.set()
+
+        def connect(self):
+            return object()
+
+        def append(self, records):
+            self.thawed.wait()
+            self.rows_written.extend(records)
+
+    store, changes = Frozen(), []
+    trail = AuditTrail(store, on_change=lambda: changes.append(trail.problem), stall_s=0.3, max_pending=3,
+                       max_pending_bytes=1000)
+    image = pb.Image(encoded=b"x" * 400)
+
+    async def scenario():
+        await trail.record(event="classify", status="OK")  # writes while the disk works
+        store.thawed.clear()  # the disk freezes
+        waiting = [asyncio.ensure_future(trail.record(event="classify", status="OK", image=image)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(AuditUnavailable, match="audit_max_pending"):  # 800 + 400 bytes of images > 1000
+            await trail.record(event="classify", status="OK", image=image)
+        wait_for(lambda: trail.stalled, 5, "the watchdog")
+        assert "audit_stall_s" in trail.problem and changes and "stalled" in changes[-1]
+        with pytest.raises(AuditUnavailable, match="stalled"):  # refused at once, not queued behind the frozen write
+            await trail.record(event="classify", status="OK")
+        store.thawed.set()  # the disk returns
+        assert all(written is not None for written in await asyncio.gather(*waiting))  # written once the disk returns
+        assert len(store.rows_written) >= 3
+        wait_for(lambda: not trail.stalled, 5, "the stall to clear")
+        assert changes[-1] == "" and trail.pending == 0 and trail.pending_bytes == 0
+        store.thawed.clear()  # frozen again, for good
+        asyncio.ensure_future(trail.record(event="classify", status="OK"))
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    started = time.monotonic()
+    trail.close(timeout_s=0.5)  # the server's stop, with a frozen disk
+    assert time.monotonic() - started < 3
+    store.thawed.set()
+
+
 def test_the_audit_trail_recovers_by_itself_and_records_its_outage():
     """A store that fails, then works: `failing` says why, the writer probes until it can
     write again (no request needed), and the first row after says there was a gap."""

@@ -87,7 +87,9 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.audit = AuditTrail(open_store(settings.audit_db, settings.audit_min_free_mb * 2**20), settings.audit_required,
                                 self._on_audit_change, checkpointer=_checkpointer(settings),
-                                checkpoint_interval_s=settings.audit_checkpoint_interval_s) if settings.audit_db else None
+                                checkpoint_interval_s=settings.audit_checkpoint_interval_s, stall_s=settings.audit_stall_s,
+                                max_pending=settings.audit_max_pending,
+                                max_pending_bytes=settings.audit_max_pending_mb * 2**20) if settings.audit_db else None
         self.service = DiagnosticsService(self.plugins, settings, self.audit)
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -169,8 +171,9 @@ class Server:
         once, so this can come before `self.audit` is assigned; health reads `failing` at `start`."""
         if getattr(self, "audit", None) is None:
             return
-        if self.audit.failing:
-            log.error("audit trail cannot be written: health NOT_SERVING until it can", extra={"error": self.audit.failing})
+        metrics.AUDIT_STALLED.set(1 if self.audit.stalled else 0)
+        if self.audit.problem:
+            log.error("audit trail cannot be written: health NOT_SERVING until it can", extra={"error": self.audit.problem})
         else:
             log.warning("audit trail writable again: health follows the plugins")
         if self._loop is not None and not self._loop.is_closed():
@@ -179,7 +182,7 @@ class Server:
     def _answering(self) -> bool:
         """Whether a result can be given at all: not stopping, (when records are required) the trail is writable,
         and the key file read on its last reload."""
-        return not self._stopping and not (self.audit is not None and self.audit.required and self.audit.failing) \
+        return not self._stopping and not (self.audit is not None and self.audit.required and self.audit.problem) \
             and not self.key_file_error
 
     async def _set_plugin(self, entry: PluginEntry) -> None:
@@ -255,7 +258,7 @@ class Server:
                 await batcher.stop()
         self.service.close()
         if self.audit is not None:
-            self.audit.close()
+            self.audit.close(timeout_s=max(grace_s, 1.0))  # a stalled disk does not hold the stop past its grace
         if self.settings.tracing:
             from .tracing import shutdown
 

@@ -251,11 +251,22 @@ class AuditTrail:
     `failing` says why the last write failed ("" while writes succeed). While it fails, the
     writer tries again every `retry_s` with an `audit_gap` row that records the outage, so the
     trail becomes writable again, and says so, without waiting for a request; `on_change()` is
-    called (from the writer thread) whenever `failing` changes.
+    called (from the writer thread) whenever `failing` or `stalled` changes.
+
+    A write that has not returned after `stall_s` (a frozen disk, a hung database) marks the
+    trail `stalled` until it returns (issue 32): `problem` then says so, like `failing`, and
+    `record` refuses at once. Results waiting for their record are bounded: past `max_pending`
+    records or `max_pending_bytes` of images still to hash, `record` refuses at once
+    (AuditUnavailable: the caller answers UNAVAILABLE, retry later) instead of holding more.
     """
 
     def __init__(self, store: Store, required: bool = True, on_change: Callable[[], None] | None = None, retry_s: float = 1.0,
-                 checkpointer=None, checkpoint_interval_s: float = 60.0):
+                 checkpointer=None, checkpoint_interval_s: float = 60.0, stall_s: float = 10.0, max_pending: int = 4096,
+                 max_pending_bytes: int = 256 * 2**20):
+        self.stall_s, self.max_pending, self.max_pending_bytes = stall_s, max_pending, max_pending_bytes
+        self.stalled = ""  # why, while a write has run past stall_s
+        self._writing_since: float | None = None
+        self.pending, self.pending_bytes = 0, 0  # records queued or being written, and their images' bytes (event loop)
         self.store, self.required = store, required
         self.checkpointer, self.checkpoint_interval_s = checkpointer, checkpoint_interval_s
         self._checkpoint_due = time.monotonic() + checkpoint_interval_s
@@ -266,13 +277,49 @@ class AuditTrail:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
         self._thread.start()
+        if stall_s:
+            threading.Thread(target=self._watch, name="audit-watchdog", daemon=True).start()
+
+    @property
+    def problem(self) -> str:
+        """Why records cannot be written now: the last write failed, or one is stalled ("": none)."""
+        return self.failing or self.stalled
+
+    def _watch(self) -> None:
+        """The stall watchdog: a write running past `stall_s` marks the trail stalled."""
+        while self._thread.is_alive():
+            time.sleep(min(1.0, self.stall_s / 4))
+            since = self._writing_since
+            if since is not None and not self.stalled and time.monotonic() - since > self.stall_s:
+                self.stalled = (f"an audit write has not returned for {self.stall_s:g} s (audit_stall_s): the disk or "
+                                "database is stalled")
+                log.error("audit trail stalled: health NOT_SERVING and records refused until the write returns",
+                          extra={"stall_s": self.stall_s, "pending": self.pending})
+                self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # the callback's bug must never stop the writer: every result waits on it
+                log.exception("audit trail state change not reported")
 
     async def record(self, **record: Any) -> tuple[int, str] | None:
         """Commit one record: (its sequence number, the SHA-256 of its input image or ""), or
         None when it could not be written and records are not required (the failure is
         logged); raises AuditUnavailable when they are."""
+        if self.stalled:
+            raise AuditUnavailable(self.stalled)
+        image = record.get("image")
+        size = len(image.encoded) + len(image.raw.pixels) if image is not None and hasattr(image, "encoded") else 0
+        if self.pending >= self.max_pending or self.pending_bytes + size > self.max_pending_bytes:
+            raise AuditUnavailable(f"{self.pending} records ({self.pending_bytes / 2**20:.0f} MB of images) are waiting to be "
+                                   f"written, the most it holds (audit_max_pending); the trail is slower than the requests")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        self.pending += 1
+        self.pending_bytes += size
+        done.add_done_callback(lambda _: self._written(size))
         self._queue.put((record, done, loop))
         try:
             return await asyncio.shield(done)  # a cancelled caller still leaves its record
@@ -280,6 +327,10 @@ class AuditTrail:
             if self.required:
                 raise
             return None
+
+    def _written(self, size: int) -> None:
+        self.pending -= 1
+        self.pending_bytes -= size
 
     def _run(self) -> None:
         name_os_thread("dx-audit")
@@ -339,11 +390,7 @@ class AuditTrail:
             if reason:
                 self._failing_since = now()
             self.failing = reason
-            if self.on_change is not None:
-                try:
-                    self.on_change()
-                except Exception:  # the callback's bug must never stop the writer: every result waits on it
-                    log.exception("audit trail state change not reported")
+            self._changed()
         elif reason:
             self.failing = reason
 
@@ -355,13 +402,18 @@ class AuditTrail:
         written = list(records)  # batch order (an audit_gap row may go first)
         if self.failing and records[0]["event"] != "audit_gap":  # the first row after an outage says it was one
             records.insert(0, {"event": "audit_gap", "status": "OK", "detail": self._gap_detail()})
-        started = time.monotonic()
+        started = self._writing_since = time.monotonic()
         try:
             self.store.append(records)
             failure = None
         except Exception as error:  # the database is down, the disk full, ...
             log.error("audit records not written", extra={"records": len(records), "error": f"{type(error).__name__}: {error}"})
             failure = AuditUnavailable(f"{type(error).__name__}: {error}")
+        self._writing_since = None
+        if self.stalled:
+            self.stalled = ""
+            log.warning("stalled audit write returned", extra={"seconds": round(time.monotonic() - started, 1)})
+            self._changed()
         log.debug("audit batch", extra={"records": len(records), "ms": round((time.monotonic() - started) * 1000, 2)})
         self._health(failure)
         waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, tuple[int, str]]]] = {}
@@ -371,10 +423,15 @@ class AuditTrail:
         for loop, futures in waiting.items():  # one wake-up of each event loop per batch, not one per record
             loop.call_soon_threadsafe(_settle, futures, failure)
 
-    def close(self) -> None:
-        """Write what is queued, then stop."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Write what is queued, then stop; a writer still blocked after `timeout_s` (a stalled
+        disk) is left behind, said in the log, so that the server can stop."""
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("audit writer still blocked at stop: its queued records are not written", extra={
+                "pending": self.pending, "stalled": self.stalled})
+            return
         self.store.close()
 
 

@@ -92,6 +92,13 @@ class Settings(BaseModel):
     audit_checkpoints: Path | None = Field(None, description="append-only file of signed chain heads (one JSON line "
                                            "each), on other storage than the database; with audit_checkpoint_key")
     audit_checkpoint_interval_s: float = Field(60.0, gt=0, description="how often the chain head is signed while rows are added")
+    audit_stall_s: float = Field(10.0, ge=0, description="an audit write that has not returned for this long (a frozen "
+                                 "disk, a hung database) marks the trail stalled: health NOT_SERVING, records refused "
+                                 "(UNAVAILABLE, retry later) until it returns; 0 = never")
+    audit_max_pending: int = Field(4096, ge=1, description="results waiting for their audit record, at most; more are "
+                                   "refused (UNAVAILABLE, retry later) rather than held")
+    audit_max_pending_mb: int = Field(256, ge=1, description="MB of images (kept until hashed by the writer) those "
+                                      "waiting results may hold")
     audit_min_free_mb: int = Field(64, ge=0, description="SQLite audit trail: below this much free disk, records are "
                                    "refused cleanly (as if the disk were full) before it fills; 0 = no low-water mark")
     tracing: bool = Field(False, description="OpenTelemetry traces of every call; the exporter comes from the "

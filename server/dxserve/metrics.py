@@ -76,3 +76,5 @@ def version_states(entry) -> None:
         current, _ = entry.version_state(version.version)
         for state in VERSION_STATES:
             VERSION_STATE.labels(entry.name, version.version, state).set(1 if state == current else 0)
+AUDIT_STALLED = Gauge("dxserve_audit_stalled", "1 while an audit write has run past audit_stall_s (health NOT_SERVING, "
+                      "records refused until it returns)")

@@ -424,9 +424,36 @@ def test_failed_logins_are_counted_logged_and_recorded_but_a_flood_is_aggregated
         assert 'dxserve_auth_refused_total{reason="unknown_token"} 30.0' in body
         assert 'dxserve_auth_refused_total{reason="no_credentials"} 1.0' in body
     refused = [r for r in open_store(str(server.audit_path)).rows() if r["event"] == "refused"]
-    assert sorted(r["status"] for r in refused) == ["UNAUTHENTICATED", "UNAUTHENTICATED"]  # one row per cause and peer
+    assert sorted(r["status"] for r in refused) == ["UNAUTHENTICATED", "UNAUTHENTICATED"]  # one row per cause
     assert all(r["caller"].startswith("ipv4:127.0.0.1") for r in refused)
     assert server.logs().count('"calls refused"') == 2
+
+
+def test_a_refusal_flood_from_many_addresses_is_one_row_a_minute():
+    """Issue 32: garbage calls from many anonymous addresses wrote a trail row per address; now
+    one per reason and window, naming how many peers and the most frequent."""
+    from dxserve import errors
+    from dxserve.auth import Refusals
+
+    rows = []
+
+    class Trail:
+        async def record(self, **row):
+            rows.append(row)
+
+    async def flood():
+        refusals = Refusals(Trail(), window_s=0.3)
+        error = errors.unauthenticated("unknown or revoked token", "unknown_token")
+        for i in range(5000):
+            refusals.refused("unknown_token", f"ipv4:10.0.{i // 250}.{i % 250}", error)
+        refusals.refused("no_credentials", "ipv4:10.9.9.9", errors.unauthenticated("no token", "no_credentials"))
+        await asyncio.sleep(0.35)
+        refusals.refused("unknown_token", "ipv4:10.0.0.1", error)  # the window has passed: the next report
+        await asyncio.sleep(0)
+
+    asyncio.run(flood())
+    assert [r["caller"] for r in rows] == ["ipv4:10.0.0.0", "ipv4:10.9.9.9", "1001 peers"]  # 1000 named, then "others"
+    assert "5000 call(s) refused (unknown_token)" in rows[-1]["detail"] and "others (3999)" in rows[-1]["detail"]
 
 
 def test_a_failing_state_callback_never_stops_the_audit_writer(tmp_path):

@@ -16,9 +16,10 @@ One grpc.aio server interceptor (`CallerInterceptor`) does it for every method:
    refuses unary calls past it (RESOURCE_EXHAUSTED, RATE_LIMITED) and slows streams down.
 4. **Open streams are re-authorised** at their next item after the key file is reloaded: a
    revoked token's stream ends UNAUTHENTICATED, a changed one gets its new rights.
-5. **Every refusal is seen**: a metric by reason (`dxserve_auth_refused_total`), and a JSON log
-   line with the peer and an audit row, each at most once a minute per reason and peer, with
-   the count since the last one, so a flood of bad logins cannot fill the disk or the logs.
+5. **Every refusal is seen**: a metric by reason (`dxserve_auth_refused_total`), and a log line
+   and an audit row, each at most once a minute per reason whatever the number of peers, with
+   the count since the last one and the peers it came from, so a flood of bad logins from any
+   number of addresses cannot fill the disk or the logs.
 
 Tokens are 256 random bits, so their SHA-256 needs no salt or slow hash: it cannot be
 inverted or guessed. `dxserve tokens add NAME --plugins ...` makes one, prints it once, and
@@ -186,31 +187,40 @@ class RateLimit:
 
 
 class Refusals:
-    """Counts every refused call by reason; logs it (with the peer) and records it in the
-    audit trail at most once per `window_s` per reason and peer, with the count since then."""
+    """Counts every refused call by reason; logs it and records it in the audit trail at most
+    once per `window_s` per reason, however many peers it comes from (a flood from many
+    addresses is one row a minute, issue 32), with the count since then and its peers (how
+    many, and the most frequent five)."""
+
+    MAX_PEERS = 1000  # peers counted by name per report; the rest as "others"
 
     def __init__(self, audit=None, window_s: float = 60.0):
         self.audit, self.window_s = audit, window_s
-        self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # (reason, peer) -> (unreported count, last report)
+        self._seen: dict[str, tuple[int, float, Counter]] = {}  # reason -> (unreported count, last report, peers)
 
     def refused(self, reason: str, peer: str, error: errors.ServingError) -> None:
         from . import metrics
 
         metrics.AUTH_REFUSED.labels(reason).inc()
         now = time.monotonic()
-        key = (reason, errors.clip(peer))
-        count, reported = self._seen.get(key, (0, -self.window_s))
+        reason = errors.clip(reason)
+        count, reported, peers = self._seen.get(reason, (0, -self.window_s, Counter()))
+        peer = errors.clip(peer)
+        peers[peer if peer in peers or len(peers) < self.MAX_PEERS else "others"] += 1
         count += 1
         if now - reported < self.window_s:
-            self._seen[key] = (count, reported)
+            self._seen[reason] = (count, reported, peers)
             return
-        if len(self._seen) > 10_000:
+        if len(self._seen) > 1000:  # reasons can name a plugin a caller asked for: bounded
             self._seen = {k: v for k, v in self._seen.items() if now - v[1] < self.window_s}
-        self._seen[key] = (0, now)
-        detail = f"{count} call(s) refused ({reason}) from {key[1]} since the last report: {error.message}"
-        log.warning("calls refused", extra={"reason": reason, "peer": key[1], "count": count, "code": error.code.name})
+        self._seen[reason] = (0, now, Counter())
+        source = peer if len(peers) == 1 else f"{len(peers)} peers"
+        named = ", ".join(f"{p} ({n})" for p, n in peers.most_common(5))
+        detail = f"{count} call(s) refused ({reason}) from {source} since the last report ({named}): {error.message}"
+        log.warning("calls refused", extra={"reason": reason, "peer": source, "peers": named, "count": count,
+                                            "code": error.code.name})
         if self.audit is not None:
-            asyncio.ensure_future(self._record(reason, key[1], error, detail))
+            asyncio.ensure_future(self._record(reason, source, error, detail))
 
     async def _record(self, reason: str, peer: str, error: errors.ServingError, detail: str) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -265,3 +266,64 @@ def test_a_server_signs_its_chain_at_start_and_stop(tmp_path, capsys):
     assert json.loads(checkpoints.read_text().splitlines()[-1])["seq"] == open_store(str(server.audit_path)).head()[0] >= 1
     code, out = _verify(server.audit_path, checkpoints, public, capsys)
     assert code == 0 and "chain intact" in out
+
+
+def test_checkpoints_count_rows_so_an_insert_while_running_and_a_crash_are_seen(tmp_path, capsys):
+    """Issue 32: a row inserted (properly chained) while the server ran was signed by its next
+    checkpoint; rows forged after a crash were signed by the next start's; rows after the last
+    checkpoint read "chain intact". Now each checkpoint counts its writer's rows, a start names
+    the last signed row and never vouches for what lies past it, and verify says "unsigned"."""
+    from dxserve.audit import COLUMNS, AuditTrail, SQLiteStore, row_hash
+    from dxserve.checkpoints import Checkpointer, generate_key
+
+    key = tmp_path / "signing.pem"
+    public = generate_key(key)
+    db, checkpoints = tmp_path / "audit.sqlite3", tmp_path / "checkpoints.jsonl"
+
+    def forge(request_id: str) -> None:
+        connection = sqlite3.connect(db)
+        last = dict(zip(COLUMNS, connection.execute(f"SELECT {', '.join(COLUMNS)} FROM audit ORDER BY seq DESC LIMIT 1").fetchone()))
+        row = {**last, "seq": last["seq"] + 1, "request_id": request_id, "prev_hash": last["hash"]}
+        row["hash"] = row_hash(last["hash"], row)
+        connection.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                           [row[c] for c in COLUMNS])
+        connection.commit()
+        connection.close()
+
+    def session(writer: str, before_close=None, close: bool = True):
+        checkpointer = Checkpointer(key, checkpoints)
+        checkpointer.writer = writer  # another process
+        trail = AuditTrail(SQLiteStore(str(db)), checkpointer=checkpointer, checkpoint_interval_s=3600)
+
+        async def write(n: int):
+            for i in range(n):
+                await trail.record(event="classify", request_id=f"{writer}-{i}", status="OK")
+
+        asyncio.run(write(5))
+        if before_close:
+            before_close(trail)
+        if close:
+            trail.close()
+        return trail
+
+    def insert_between_checkpoints(trail):
+        trail._checkpoint("periodic")
+        forge("inserted-while-running")
+        asyncio.run(trail.record(event="classify", request_id="after", status="OK"))
+
+    session("host:1", insert_between_checkpoints)
+    code, out = _verify(db, checkpoints, public, capsys)
+    assert code == 1 and "inserted (or removed) by someone else" in out, out
+
+    db.unlink()
+    checkpoints.unlink()
+    session("host:2")  # a clean session, then one that crashes after a periodic checkpoint
+    session("host:3", lambda trail: (trail._checkpoint("periodic"), asyncio.run(trail.record(event="classify", status="OK"))),
+            close=False)
+    code, out = _verify(db, checkpoints, public, capsys)
+    assert code == 0 and "NOT PROVEN" in out and "unsigned" in out and "chain intact" not in out, out
+    forge("forged-while-down")
+    session("host:4")  # the next start: it does not sign what it found past the last checkpoint
+    code, out = _verify(db, checkpoints, public, capsys)
+    assert code == 0 and "were unsigned when a server started" in out and "stopped without its final checkpoint" in out, out
+    assert "NOT PROVEN" in out

@@ -377,6 +377,11 @@ class AuditTrail:
             head = self.store.head()
             if reason == "periodic" and head == self.checkpointer.last:
                 return
+            prior = self.checkpointer.prior
+            found = head[0] - self.checkpointer.rows  # the head before this server's own rows (its server_start row)
+            if reason == "start" and prior is not None and found != prior[0]:  # never signed as if this server wrote them
+                log.error("audit rows past the last signed checkpoint: this start does not vouch for them (verify reports "
+                          "them)", extra={"last_signed_row": prior[0], "found": found, "rows": found - prior[0]})
             self.checkpointer.write(*head, reason)
         except Exception as error:  # the trail's own health covers the database; this is the file or the key
             log.error("audit checkpoint not written", extra={"reason": reason, "error": f"{type(error).__name__}: {error}"})
@@ -410,6 +415,8 @@ class AuditTrail:
             log.error("audit records not written", extra={"records": len(records), "error": f"{type(error).__name__}: {error}"})
             failure = AuditUnavailable(f"{type(error).__name__}: {error}")
         self._writing_since = None
+        if failure is None and self.checkpointer is not None:
+            self.checkpointer.count(len(records))  # what this writer appended, for the next checkpoint to sign
         if self.stalled:
             self.stalled = ""
             log.warning("stalled audit write returned", extra={"seconds": round(time.monotonic() - started, 1)})

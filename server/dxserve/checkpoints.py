@@ -20,13 +20,25 @@ its signature, and that the row it names still has the hash it signed:
   were back-dated;
 - an edited, reordered or forged checkpoint: its signature or its order fails.
 
+Each checkpoint also counts the rows its writer appended since its previous one (`rows`), and
+a start checkpoint names the last row any checkpoint in the file had signed (`after`), so
+(issue 32):
+
+- a row inserted while the server runs: between two checkpoints of the only writer, more rows
+  than it wrote (a problem);
+- rows a start found past the file's last checkpoint (written after a crash's last checkpoint,
+  or forged while no server ran): reported as unsigned, never signed as if the server wrote
+  them; the server also logs them at start;
+- a writer that stopped without its final checkpoint (a crash, kill -9): the rows it wrote after
+  its last checkpoint could have been cut without trace; reported as such.
+
 Threat model. It holds against anyone who can change the database (and the file's past lines)
-but not the private key. It does not cover rows written after the last checkpoint (at most
-one interval's worth, or what a crash left uncovered: reported, not failed), an attacker who
-holds the private key, or one who deletes the checkpoint file's last lines (keep it where
-lines cannot be removed, or ship them off the machine). With several writers on one chain
-(workers, PostgreSQL replicas) each writes its own checkpoints; the last one to stop covers
-the head.
+but not the private key. It does not prove rows written after the last checkpoint (at most
+one interval's worth, or what a crash left uncovered: reported as unsigned, not as intact), an
+attacker who holds the private key, or one who deletes the checkpoint file's last lines (keep it
+where lines cannot be removed, or ship them off the machine). With several writers on one chain
+(workers, PostgreSQL replicas) each writes its own checkpoints; the last one to stop covers the
+head, and rows are counted per writer only where one writer ran alone.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGNED = ("seq", "hash", "time", "reason", "writer")  # the fields a signature covers, in order
+COUNTED = ("rows", "after")  # covered too when present (checkpoints written since issue 32)
 BACKDATING_TOLERANCE_S = 5.0  # a row committed just after a checkpoint read the head may carry an earlier time
 
 
@@ -68,7 +81,24 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 
 def _message(checkpoint: dict) -> bytes:
-    return json.dumps([checkpoint.get(f) for f in SIGNED], separators=(",", ":")).encode()
+    fields = SIGNED + (COUNTED if "rows" in checkpoint else ())
+    return json.dumps([checkpoint.get(f) for f in fields], separators=(",", ":")).encode()
+
+
+def last_signed(file: Path, public: Ed25519PublicKey) -> tuple[int, str] | None:
+    """(seq, hash) of the file's last checkpoint whose signature verifies; None without one."""
+    try:
+        lines = Path(file).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            checkpoint = json.loads(line)
+            public.verify(bytes.fromhex(checkpoint["signature"]), _message(checkpoint))
+            return int(checkpoint["seq"]), checkpoint["hash"]
+        except (ValueError, KeyError, InvalidSignature):
+            continue
+    return None
 
 
 class Checkpointer:
@@ -82,16 +112,22 @@ class Checkpointer:
         self.key_id = key_id(key.public_key())
         self.writer = f"{socket.gethostname()}:{os.getpid()}"
         self.last: tuple[int, str] | None = None
+        self.prior = last_signed(self.file, key.public_key())  # what the file had signed before this server started
+        self.rows = 0  # rows this writer appended since its last checkpoint (`count`)
+
+    def count(self, rows: int) -> None:
+        self.rows += rows
 
     def write(self, seq: int, head: str, reason: str) -> dict:
         checkpoint = {"seq": seq, "hash": head, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                      "reason": reason, "writer": self.writer}
+                      "reason": reason, "writer": self.writer, "rows": self.rows,
+                      "after": (self.prior[0] if self.prior else 0) if reason == "start" else None}
         checkpoint.update(key_id=self.key_id, signature=self.key.sign(_message(checkpoint)).hex())
         with self.file.open("a") as f:  # one line, one write, flushed to disk before it counts
             f.write(json.dumps(checkpoint, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.last = (seq, head)
+        self.last, self.rows = (seq, head), 0
         return checkpoint
 
 
@@ -132,9 +168,23 @@ def verify(rows: list[dict], file: Path, public: Ed25519PublicKey) -> tuple[int,
     if not checkpoints:
         return 0, problems + [f"{file} holds no valid checkpoint"], notes
     for stopped, started in zip(checkpoints, checkpoints[1:]):
-        if stopped["reason"] == "stop" and started["reason"] == "start" and started["seq"] > stopped["seq"]:
-            problems.append(f"rows {stopped['seq'] + 1} to {started['seq']} were added between the server's stop at "
+        found = started["seq"] - started.get("rows", 0)  # the head a start found, before its own rows (server_start)
+        if stopped["reason"] == "stop" and started["reason"] == "start" and found > stopped["seq"]:
+            problems.append(f"rows {stopped['seq'] + 1} to {found} were added between the server's stop at "
                             f"{stopped['time']} and the next start at {started['time']}, while no server ran (forged append)")
+        elif started["reason"] == "start" and started.get("after") is not None and found > started["after"]:
+            notes.append(f"rows {started['after'] + 1} to {found} were unsigned when a server started at "
+                         f"{started['time']}: written after the last checkpoint by a server that then stopped without "
+                         "its final one (a crash), or forged while none ran; not proven")
+    problems += _counted(checkpoints)
+    sessions = {}
+    for checkpoint in checkpoints:
+        sessions.setdefault(checkpoint["writer"], []).append(checkpoint)
+    ended = [c for c in checkpoints if c["reason"] == "start"]
+    for writer, own in sessions.items():
+        if own[-1]["reason"] != "stop" and any(s["time"] > own[-1]["time"] and s["writer"] != writer for s in ended):
+            notes.append(f"writer {writer} stopped without its final checkpoint after row {own[-1]['seq']} "
+                         f"({own[-1]['time']}): rows it wrote after that could have been cut without trace")
     final = max(checkpoints, key=lambda c: (c["seq"], c["time"]))
     after = [r for r in rows if int(r["seq"]) > final["seq"]]
     if after:
@@ -147,6 +197,30 @@ def verify(rows: list[dict], file: Path, public: Ed25519PublicKey) -> tuple[int,
             problems.append(f"{len(after)} rows after the server's final checkpoint (row {final['seq']}, stopped "
                             f"{final['time']}) are covered by no later checkpoint: not written by a running server (forged append)")
         else:
-            notes.append(f"{len(after)} rows after the last checkpoint (row {final['seq']}, {final['time']}) are not "
-                         "covered by a signature yet")
+            notes.append(f"{len(after)} rows after the last checkpoint (row {final['seq']}, {final['time']}) are "
+                         "unsigned: not covered by a signature yet")
     return len(checkpoints), problems, notes
+
+
+def _counted(checkpoints: list[dict]) -> list[str]:
+    """Between two checkpoints of a writer that ran alone, the chain grew by exactly the rows it
+    wrote: more means rows inserted by someone else while it ran."""
+    problems = []
+    windows = {}
+    for checkpoint in checkpoints:
+        first, last = windows.get(checkpoint["writer"], (checkpoint["time"], checkpoint["time"]))
+        windows[checkpoint["writer"]] = (min(first, checkpoint["time"]), max(last, checkpoint["time"]))
+    by_writer: dict[str, dict] = {}
+    for checkpoint in checkpoints:
+        before = by_writer.get(checkpoint["writer"])
+        by_writer[checkpoint["writer"]] = checkpoint
+        if before is None or "rows" not in checkpoint:
+            continue
+        alone = not any(w != checkpoint["writer"] and first <= checkpoint["time"] and last >= before["time"]
+                        for w, (first, last) in windows.items())
+        grown = checkpoint["seq"] - before["seq"]
+        if alone and grown != checkpoint["rows"]:
+            problems.append(f"rows {before['seq'] + 1} to {checkpoint['seq']}: the chain grew by {grown} rows between two "
+                            f"checkpoints of writer {checkpoint['writer']} ({before['time']}, {checkpoint['time']}), which "
+                            f"wrote {checkpoint['rows']} of them alone: rows were inserted (or removed) by someone else")
+    return problems

@@ -205,7 +205,7 @@ def audit_command(args: argparse.Namespace) -> int:
     try:
         if args.action == "verify":
             count, last, problems = verify(store)
-            signed = ""
+            signed, notes = "", []
             if args.checkpoints:
                 from .checkpoints import load_public_key
                 from .checkpoints import verify as verify_checkpoints
@@ -217,8 +217,10 @@ def audit_command(args: argparse.Namespace) -> int:
                 signed = f", {checked} signed checkpoints"
             for problem in problems:
                 print(problem)
-            print(f"{count} rows checked{signed}, {'TAMPERED: ' + str(len(problems)) + ' problems' if problems else 'chain intact'}; "
-                  f"last hash {last}", file=sys.stderr)
+            unsigned = [n for n in notes if "unsigned" in n or "without trace" in n]
+            status = (f"TAMPERED: {len(problems)} problems" if problems else
+                      "no tampering found, but NOT PROVEN: rows unsigned (see the notes)" if unsigned else "chain intact")
+            print(f"{count} rows checked{signed}, {status}; last hash {last}", file=sys.stderr)
             return 1 if problems else 0
         out = args.output.open("w", newline="") if args.output else sys.stdout
         if args.format == "csv":

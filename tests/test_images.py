@@ -90,3 +90,26 @@ def test_pillow_bomb_limit_follows_the_servers_pixel_limit(monkeypatch):
         decode(encoded(png_bytes(np.zeros((40, 40, 3), np.uint8))), max_pixels=10_000)  # the header check alone allows it
     assert "IMAGE_TOO_LARGE" in str(caught.value.to_status())
     assert caught.value.message.endswith("1600 px exceeds the limit of 1000 pixels (max_image_pixels)")  # the server's words, not Pillow's
+
+
+def test_a_plugin_refuses_what_it_cannot_use_from_the_header_before_decoding():
+    """Issue 32: a white 25 Mpx image cost lymphoblast's gate 1.1 GB before it was refused. A plugin
+    declares the largest image it takes (InputSpec.max_pixels); a larger one is refused from its
+    header, in the plugin's words, and ListPlugins says the limit."""
+    import io
+
+    from PIL import Image
+
+    from dxserve.testing import serving
+    from dxserve_client.client import DxServeError
+
+    white = io.BytesIO()
+    Image.new("RGB", (2500, 2000), "white").save(white, format="PNG")  # 5 Mpx: within the server's 25
+    with serving("lymphoblast") as client:
+        (info,) = [p for p in client.list_plugins() if p.name == "lymphoblast"]
+        assert info.input.max_pixels == 4_000_000
+        with pytest.raises(DxServeError) as caught:
+            client.classify(white.getvalue())
+        assert caught.value.reason == "IMAGE_TOO_LARGE"
+        assert "2500x2000 px exceeds the limit of 4000000 pixels (plugin 'lymphoblast''s max_pixels)" in str(caught.value)
+        assert client.classify(np.full((450, 450, 3), 0, np.uint8)).ok  # what it takes, it still takes

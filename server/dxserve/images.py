@@ -65,14 +65,15 @@ def limit_pixels(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode(image: pb.Image, max_pixels: int, min_side: int = 1) -> np.ndarray:
-    """The request's image as uint8 RGB, or ServingError(INVALID_ARGUMENT)."""
+def decode(image: pb.Image, max_pixels: int, min_side: int = 1, whose: str = "max_image_pixels") -> np.ndarray:
+    """The request's image as uint8 RGB, or ServingError(INVALID_ARGUMENT); `whose` names the
+    pixel limit in its message (the server's setting, or a plugin's own)."""
     kind = image.WhichOneof("data")
     if kind == "encoded":
-        rgb = _decode_encoded(image.encoded, max_pixels)
+        rgb = _decode_encoded(image.encoded, max_pixels, whose)
         field = "image.encoded"
     elif kind == "raw":
-        rgb = _decode_raw(image.raw, max_pixels)
+        rgb = _decode_raw(image.raw, max_pixels, whose)
         field = "image.raw"
     else:
         raise bad_image("IMAGE_MISSING", "the request carries no image (set image.encoded or image.raw)")
@@ -82,7 +83,7 @@ def decode(image: pb.Image, max_pixels: int, min_side: int = 1) -> np.ndarray:
     return rgb
 
 
-def _decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_encoded(data: bytes, max_pixels: int, whose: str = "max_image_pixels") -> np.ndarray:
     if not data:
         raise bad_image("IMAGE_EMPTY", "image.encoded is empty", "image.encoded")
     try:
@@ -93,7 +94,7 @@ def _decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
                     raise bad_image("IMAGE_FORMAT", f"format {image.format} is not accepted (accepted: {', '.join(FORMATS)})", "image.encoded")
                 width, height = image.size
                 # Checked from the header, before any pixel is decoded: a small file can hold a huge image.
-                _check_size(width, height, max_pixels, "image.encoded")
+                _check_size(width, height, max_pixels, "image.encoded", whose)
                 image.load()
                 return to_rgb(image)
     except ServingError:
@@ -112,12 +113,12 @@ def _decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
         raise bad_image("IMAGE_CORRUPT", f"the image file is damaged: {error}", "image.encoded") from None
 
 
-def _decode_raw(raw: pb.RawImage, max_pixels: int) -> np.ndarray:
+def _decode_raw(raw: pb.RawImage, max_pixels: int, whose: str = "max_image_pixels") -> np.ndarray:
     if raw.width == 0 or raw.height == 0:
         raise bad_image("IMAGE_EMPTY", f"raw image of {raw.width}x{raw.height} px has no pixels", "image.raw")
     if raw.channels not in (1, 3, 4):
         raise bad_image("IMAGE_CHANNELS", f"raw images have 1, 3 or 4 channels, not {raw.channels}", "image.raw.channels")
-    _check_size(raw.width, raw.height, max_pixels, "image.raw")
+    _check_size(raw.width, raw.height, max_pixels, "image.raw", whose)
     expected = raw.width * raw.height * raw.channels
     if len(raw.pixels) != expected:
         raise bad_image(
@@ -129,11 +130,11 @@ def _decode_raw(raw: pb.RawImage, max_pixels: int) -> np.ndarray:
     return to_rgb(Image.fromarray(pixels[..., 0] if raw.channels == 1 else pixels))
 
 
-def _check_size(width: int, height: int, max_pixels: int, field: str) -> None:
+def _check_size(width: int, height: int, max_pixels: int, field: str, whose: str = "max_image_pixels") -> None:
     if width <= 0 or height <= 0:
         raise bad_image("IMAGE_EMPTY", f"image of {width}x{height} px has no pixels", field)
     if width * height > max_pixels:
-        raise bad_image("IMAGE_TOO_LARGE", f"{width}x{height} px exceeds the limit of {max_pixels} pixels", field)
+        raise bad_image("IMAGE_TOO_LARGE", f"{width}x{height} px exceeds the limit of {max_pixels} pixels ({whose})", field)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -22,6 +22,10 @@ class InputSpec:
 
     description: str
     min_side: int = 1
+    #: Largest image (width x height) the plugin takes, below the server's `max_image_pixels`
+    #: (0: the server's). Checked from the file's header before a pixel is decoded, so an image
+    #: the plugin could only refuse never costs the memory of decoding and preparing it.
+    max_pixels: int = 0
 
 
 @dataclass(frozen=True)

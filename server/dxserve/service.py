@@ -350,11 +350,18 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         """`plugin_call(rgb)` on the request's decoded image (in a worker thread); what the plugin
         raises becomes plugin_crashed, a bad image the decoder's own error."""
         with images.memory_slot(request.image):  # large images one at a time: memory stays bounded
-            rgb = images.decode(request.image, self.settings.max_image_pixels, batcher.runtime.info.input.min_side)
+            spec = batcher.runtime.info.input
+            rgb = images.decode(request.image, self._max_pixels(spec), spec.min_side,
+                                f"plugin {batcher.plugin!r}'s max_pixels" if spec.max_pixels and
+                                spec.max_pixels < self.settings.max_image_pixels else "max_image_pixels")
             try:
                 return plugin_call(rgb)
             except Exception as error:
                 raise errors.plugin_crashed(batcher.plugin, error) from None
+
+    def _max_pixels(self, spec) -> int:
+        """The largest image a plugin is given: its own `InputSpec.max_pixels` within the server's."""
+        return min(self.settings.max_image_pixels, spec.max_pixels or self.settings.max_image_pixels)
 
     def _explain(self, rgb, batcher: Batcher) -> pb.Explanation:
         """The plugin's heatmap for one image, as PNGs (in a worker thread)."""
@@ -420,7 +427,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             message.objects_plugin = info.objects_plugin
             message.labels.extend(info.labels)
             message.input.CopyFrom(pb.InputSpec(
-                formats=images.FORMATS, max_pixels=self.settings.max_image_pixels,
+                formats=images.FORMATS, max_pixels=self._max_pixels(info.input),
                 max_message_bytes=self.settings.max_message_bytes, min_side=info.input.min_side,
                 description=info.input.description,
             ))

@@ -133,8 +133,11 @@ class LymphoblastRuntime(ModelRuntime):
         input=InputSpec(
             description="One segmented white blood cell on a black background, RGB, any canvas size, at the C-NMC "
             "magnification (cells roughly 100-300 px across; the cell's size is an input of the model); the plugin "
-            "crops, pads, resizes and colour-normalises it",
+            "crops, pads, resizes and colour-normalises it; a whole smear field goes to smear-field",
             min_side=16,
+            # One cell at the C-NMC scale fits 2000 x 2000 px many times over; a larger image is
+            # refused from its header (its gate alone took 1.1 GB on a white 25 Mpx one, issue 32).
+            max_pixels=4_000_000,
         ),
         intended_use=INTENDED_USE,
     )

@@ -96,8 +96,64 @@ class Cell:
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hue and saturation as float32 fractions (for measuring a site's fields, `adaptation.py`)."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue and saturation 0..255
     return hsv[..., 0].astype(np.float32) / 255, hsv[..., 1].astype(np.float32) / 255
+
+
+_LEVELS = np.arange(256, dtype=np.float32) / 255  # a channel's 0..255 as the fractions thresholds are given in
+BAND = 1024  # rows worked on at once where a whole-field float array would cost hundreds of MB (issue 32)
+
+
+class _HSV:
+    """A field's hue and saturation, kept as uint8 and compared with fractional thresholds through
+    256-entry tables: the same float32 comparisons as fractions of the whole field, without a
+    float copy of it (a 25 Mpx field: 200 MB less)."""
+
+    def __init__(self, rgb: np.ndarray):
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue and saturation 0..255
+        self.hue, self.saturation = hsv[..., 0], hsv[..., 1]
+
+    @staticmethod
+    def above(channel: np.ndarray, threshold: float) -> np.ndarray:
+        return (_LEVELS > threshold)[channel]
+
+    @staticmethod
+    def below(channel: np.ndarray, threshold: float) -> np.ndarray:
+        return (_LEVELS < threshold)[channel]
+
+
+def _peaks(distance: np.ndarray, window: int, floor: float) -> np.ndarray:
+    """The values of `distance` at its local maxima within a `window` px disk, above `floor`, in
+    row order: a grey dilation by bands of rows (exact: each band sees its kernel's reach)."""
+    kernel = _disk(window)
+    reach, height = kernel.shape[0] // 2, distance.shape[0]
+    found = []
+    for top in range(0, height, BAND):
+        low, high = max(0, top - reach), min(height, top + BAND + reach)
+        band = distance[top:top + BAND]
+        dilated = cv2.dilate(distance[low:high], kernel)[top - low:top - low + len(band)]
+        found.append(band[(band == dilated) & (band > floor)])
+    return np.concatenate(found)
+
+
+def _laplacian_variance(grey: np.ndarray) -> float:
+    """Variance of the Laplacian (focus); a field over BAND rows by bands (its 64-bit Laplacian
+    would be 8 bytes a pixel), the same to about 1e-12."""
+    if grey.shape[0] <= BAND:
+        return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    height, total, squares = grey.shape[0], 0.0, 0.0
+    bands = []
+    for top in range(0, height, BAND):
+        low, high = max(0, top - 1), min(height, top + BAND + 1)
+        bands.append((top, low, high))
+    for top, low, high in bands:
+        total += float(cv2.Laplacian(grey[low:high], cv2.CV_64F)[top - low:top - low + min(BAND, height - top)].sum())
+    mean = total / grey.size
+    for top, low, high in bands:
+        band = cv2.Laplacian(grey[low:high], cv2.CV_64F)[top - low:top - low + min(BAND, height - top)]
+        squares += float(((band - mean) ** 2).sum())
+    return squares / grey.size
 
 
 def _disk(diameter_px: float) -> np.ndarray:
@@ -110,15 +166,18 @@ def scale(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> flo
     when neither tells (too few red cells)."""
     if microns_per_pixel > 0:
         return 1 / microns_per_pixel
-    hue, saturation = _hsv(rgb)
+    hsv = _HSV(rgb)
     low, high = p.nucleus_hue
-    violet = (hue > low) & (hue < high) & (saturation > p.nucleus_min_saturation)
-    red = ((saturation > p.rbc_min_saturation) & ~violet).astype(np.uint8)  # red cells, and pale cytoplasm
+    violet = hsv.above(hsv.hue, low) & hsv.below(hsv.hue, high) & hsv.above(hsv.saturation, p.nucleus_min_saturation)
+    red = (hsv.above(hsv.saturation, p.rbc_min_saturation) & ~violet).astype(np.uint8)  # red cells, and pale cytoplasm
+    del hsv, violet
     red = cv2.morphologyEx(red, cv2.MORPH_OPEN, _disk(5))
     contours, _ = cv2.findContours(red, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     filled = cv2.drawContours(np.zeros_like(red), contours, -1, 1, thickness=cv2.FILLED)  # their pale centres too
+    del red, contours
     distance = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
-    peaks = distance[(distance == cv2.dilate(distance, _disk(p.rbc_peak_window_px))) & (distance > p.rbc_min_radius_px)]
+    del filled
+    peaks = _peaks(distance, p.rbc_peak_window_px, p.rbc_min_radius_px)
     if peaks.size < p.min_red_cells:
         return 0.0
     diameter_px = 2 * float(np.percentile(peaks, p.rbc_radius_quantile)) * p.rbc_estimate_factor
@@ -130,20 +189,21 @@ def scale(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> flo
 
 def field_issues(rgb: np.ndarray, p: Parameters) -> list[QualityIssue]:
     """Why this image is not a field to find cells in; empty when it is one."""
-    hue, saturation = _hsv(rgb)
-    stained = saturation > p.rbc_min_saturation
+    hsv = _HSV(rgb)
+    stained = hsv.above(hsv.saturation, p.rbc_min_saturation)
     fraction = float(stained.mean())
     if fraction < p.min_stained_fraction:
         return [QualityIssue("NO_CELLS", f"{fraction:.1%} of the field is stained: no cells to find (blank or empty field)",
                              fraction, p.min_stained_fraction, 1.0)]
     low, high = p.nucleus_hue
-    smear_hues = (hue < 0.1) | (hue > low)  # pink and red cells, violet nuclei
+    smear_hues = hsv.below(hsv.hue, 0.1) | hsv.above(hsv.hue, low)  # pink and red cells, violet nuclei
     share = float(smear_hues[stained].mean()) if stained.any() else 0.0
+    del hsv, stained, smear_hues
     if share < p.min_smear_hue_fraction:
         return [QualityIssue("NOT_A_SMEAR", f"only {share:.0%} of the stained pixels have a smear's pink, red or violet: "
                              "not a stained blood smear (noise, a photo, another stain)", share, p.min_smear_hue_fraction, 1.0)]
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    focus = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    focus = _laplacian_variance(grey)
     if focus < p.min_focus:
         return [QualityIssue("OUT_OF_FOCUS", f"focus {focus:.1f} (variance of the Laplacian) is below {p.min_focus:g}",
                              focus, p.min_focus, float("inf"))]
@@ -164,15 +224,16 @@ def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fa
     with the field's own saturation threshold (`Parameters.nucleus_min_saturation_floor`).
     Each is cut from its component's bounding box, so the work is linear in the cells (a
     full-field pass per cell made a 100-cell 4,000 px field cost minutes, issue 32)."""
-    hue, saturation = _hsv(rgb)
+    hsv = _HSV(rgb)
     low, high = p.nucleus_hue
     threshold = p.nucleus_min_saturation
-    hued = (hue > low) & (hue < high)
+    hued = hsv.above(hsv.hue, low) & hsv.below(hsv.hue, high)
     if adaptive and hued.sum() > 16:
-        values = np.clip(saturation[hued] * 255, 0, 255).astype(np.uint8).reshape(-1, 1)
+        values = np.clip(_LEVELS[hsv.saturation[hued]] * 255, 0, 255).astype(np.uint8).reshape(-1, 1)
         otsu = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
         threshold = float(np.clip(otsu, p.nucleus_min_saturation_floor, p.nucleus_min_saturation))
-    violet = (hued & (saturation > threshold)).astype(np.uint8)
+    violet = (hued & hsv.above(hsv.saturation, threshold)).astype(np.uint8)
+    del hsv, hued
     violet = cv2.morphologyEx(violet, cv2.MORPH_OPEN, _disk(p.nucleus_open_um * px_per_um))
     merged = cv2.dilate(violet, _disk(p.merge_um * px_per_um))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(merged)

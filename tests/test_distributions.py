@@ -29,11 +29,13 @@ def test_the_client_depends_on_no_server_and_no_framework():
 
 
 def test_the_server_depends_on_no_framework():
+    """Nor on SciPy (issue 30: 143 MB of a 590 MB serving install): serving uses none of it."""
     needs = requirements(ROOT / "pyproject.toml")
     assert "dxserve-client" in needs  # the generated code
-    assert not {"tensorflow", "keras", "torch"} & set(needs), needs
-    assert not {"tensorflow", "keras", "torch"} & set(requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml"))
-    assert not {"tensorflow", "keras", "torch"} & set(requirements(ROOT / "plugins" / "smear_field" / "pyproject.toml"))
+    framework = {"tensorflow", "keras", "torch", "scipy"}
+    assert not framework & set(needs), needs
+    assert not framework & set(requirements(ROOT / "plugins" / "lymphoblast" / "pyproject.toml"))
+    assert not framework & set(requirements(ROOT / "plugins" / "smear_field" / "pyproject.toml"))
 
 
 def test_lymphoblast_serves_on_litert_and_trains_with_tensorflow():
@@ -45,18 +47,23 @@ def test_lymphoblast_serves_on_litert_and_trains_with_tensorflow():
 
 
 def test_serving_lymphoblast_imports_no_tensorflow():
-    """Loading the default version and classifying a cell, as the server does, imports neither
-    TensorFlow nor Keras (each import is refused in the child process)."""
+    """Loading the default version and classifying a cell, as the server does (gate, model,
+    calibration), imports neither TensorFlow, Keras nor SciPy (each import is refused in the child
+    process)."""
     code = ("import sys, importlib.abc\n"
             "class NoFramework(importlib.abc.MetaPathFinder):\n"
             "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] in ('tensorflow', 'keras', 'sklearn', 'matplotlib'):\n"
+            "        if name.split('.')[0] in ('tensorflow', 'keras', 'sklearn', 'matplotlib', 'scipy'):\n"
             "            raise ImportError(f'{name}: serving must not need it')\n"
             "sys.meta_path.insert(0, NoFramework())\n"
             "import numpy as np\n"
             "from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version\n"
             "from dxserve_lymphoblast.preprocess import input_dtype\n"
             "runtime = LymphoblastRuntime(find_version()); runtime.load()\n"
+            "from PIL import Image\n"
+            f"cell = np.asarray(Image.open({str(sorted((ROOT / 'tests' / 'fixtures' / 'cells').glob('*.png'))[0])!r}).convert('RGB'))\n"
+            "model_input, issues = runtime.prepare(cell)\n"
+            "assert runtime.predict_with_issues(np.stack([model_input])).probabilities.shape == (1, 2)\n"
             "print(runtime.version.weights.name, runtime.predict(np.zeros(3, input_dtype(runtime.image_size))).shape)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in __import__("os").environ.items() if k != "DXSERVE_LYMPHOBLAST_RUNTIME"})

@@ -54,6 +54,6 @@ def size_alone_fit(log_diameters: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def size_alone_probability(fit: dict, log_diameters: np.ndarray) -> np.ndarray:
-    from scipy.special import expit
+    from .calibration import expit
 
     return expit(fit["coef"] * np.asarray(log_diameters, np.float64) + fit["intercept"])

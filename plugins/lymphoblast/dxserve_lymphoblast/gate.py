@@ -14,7 +14,6 @@ import functools
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from dxserve.runtime import QualityIssue
 
@@ -150,10 +149,12 @@ def deeper_than(mask: np.ndarray, depth: int) -> np.ndarray:
     the intersection of the erosions, so a few rectangular erosions (separable in OpenCV) give
     it: about 3x cheaper than the exact transform, 0.3 ms for a C-NMC cell. Outside the array
     counts as foreground, as in scipy, where only background inside the array counts; a mask
-    with no background at all takes scipy's path."""
+    with no background at all gets scipy's answer for it, the distance to a point just above
+    the top-left corner ((y + 1)^2 + x^2, compared as integers)."""
     cv2 = _cv2()
     if mask.all():
-        return ndimage.distance_transform_edt(mask) > depth
+        rows, cols = np.ogrid[1:mask.shape[0] + 1, 0:mask.shape[1]]
+        return rows * rows + cols * cols > depth * depth
     source, out = mask.view(np.uint8), None
     for height, width in _disk_rectangles(depth):
         kernel = np.ones((2 * height + 1, 2 * width + 1), np.uint8)

@@ -227,3 +227,34 @@ def test_background_model_work_waits_for_requests_on_their_way_and_for_batches()
         assert not done.wait(0.1)
     assert done.wait(5)
     arriving.join()
+
+
+def test_decode_turns_go_round_the_callers_not_first_come():
+    """Issue 32: one caller's queued images made every other caller wait behind them all. With
+    FairTurns a freed thread goes to the next caller in turn: B's one image runs second, not
+    after A's twenty; a cancelled wait gives its place up, and a turn granted as its waiter was
+    cancelled is passed on, never lost."""
+    from dxserve.guard import FairTurns
+
+    async def scenario():
+        turns, ran = FairTurns(1), []
+        gate = asyncio.Event()
+
+        async def work(caller: str, n: int):
+            async with turns.turn(caller):
+                ran.append(f"{caller}{n}")
+                await gate.wait()
+
+        first = asyncio.ensure_future(work("A", 0))
+        await asyncio.sleep(0)
+        flood = [asyncio.ensure_future(work("A", n)) for n in range(1, 21)]
+        await asyncio.sleep(0)
+        late = asyncio.ensure_future(work("B", 0))
+        gone = asyncio.ensure_future(work("C", 0))
+        await asyncio.sleep(0)
+        gone.cancel()  # C's caller left before its turn
+        gate.set()
+        await asyncio.gather(first, late, *flood)
+        assert ran[:3] == ["A0", "A1", "B0"] and "C0" not in ran and len(ran) == 22
+        assert turns.free == 1 and not turns._waiting  # every turn given back
+    asyncio.run(scenario())

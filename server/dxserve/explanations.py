@@ -56,9 +56,9 @@ class ExplanationLimits:
             async with self._freed:
                 self._freed.notify_all()
 
-    async def run(self, batcher, function, *args):
+    async def run(self, batcher, function, *args, caller: str = ""):
         """`function(*args)` in the explanation pool, for `batcher`'s version, under the watchdog."""
-        return await self.pool.run(batcher, "explanation", function, *args)
+        return await self.pool.run(batcher, "explanation", function, *args, caller=caller)
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -15,12 +15,18 @@ cores stopped every plugin. `GuardedPool.run` therefore bounds each call by `tim
 
 A Python thread cannot be stopped: an abandoned call runs on until it returns. At exit, the
 server does not wait for them (`cli._exit_past_hung_threads`).
+
+The pool's threads are shared fairly between callers (`FairTurns`): a call waits for a turn,
+and a freed thread goes to the next caller in turn, not to the oldest call, so one caller's
+hundreds of queued images cannot make another's one image wait behind them all (issue 32).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,18 +35,75 @@ from .threads import named_pool
 log = logging.getLogger("dxserve.guard")
 
 
+class FairTurns:
+    """`slots` turns shared round-robin between callers: each caller's waiting calls in order,
+    callers in turn. Event-loop only."""
+
+    def __init__(self, slots: int):
+        self.free = slots
+        self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, caller: str):
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(caller, deque()).append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():  # given a turn as it was cancelled: pass it on
+                    self._release()
+                else:
+                    self._forget(caller, granted)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _forget(self, caller: str, granted: asyncio.Future) -> None:
+        queue = self._waiting.get(caller)
+        if queue is not None and granted in queue:
+            queue.remove(granted)
+            if not queue:
+                del self._waiting[caller]
+
+    def _release(self) -> None:
+        """A turn ends: the next caller in turn gets it (then goes to the back), else it is free."""
+        while self._waiting:
+            caller, queue = next(iter(self._waiting.items()))
+            granted = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(caller)
+            else:
+                del self._waiting[caller]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self.free += 1
+
+
 class GuardedPool:
-    """A thread pool whose calls are bounded by a watchdog and whose hung threads are replaced."""
+    """A thread pool whose calls are bounded by a watchdog, whose hung threads are replaced, and
+    whose threads are shared fairly between callers."""
 
     def __init__(self, workers: int, role: str, timeout_s: float | None, max_abandoned: int | None = None):
         self.workers, self.role, self.timeout_s = workers, role, timeout_s
         self.max_abandoned = 4 * workers if max_abandoned is None else max_abandoned
         self.abandoned = 0  # calls past their time that have not returned
         self._pool: ThreadPoolExecutor = named_pool(workers, role)
+        self._turns = FairTurns(workers)
 
-    async def run(self, batcher, what: str, function: Callable, *args):
-        """`function(*args)` in the pool, for `batcher`'s version; its result, or its exception, or
-        (past `timeout_s` once started) the version's VERSION_UNRESPONSIVE error."""
+    async def run(self, batcher, what: str, function: Callable, *args, caller: str = ""):
+        """`function(*args)` in the pool, for `batcher`'s version, in `caller`'s turn; its result,
+        or its exception, or (past `timeout_s` once started) the version's VERSION_UNRESPONSIVE
+        error (the turn is then given back: the pool has a fresh thread for it)."""
+        async with self._turns.turn(caller):
+            return await self._run(batcher, what, function, *args)
+
+    async def _run(self, batcher, what: str, function: Callable, *args):
         loop = asyncio.get_running_loop()
         started = loop.create_future()
 

@@ -255,7 +255,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             async with batcher.admit(wait):
                 response, rgb = await self._run(request, request_id, entry, batcher, started, timeout)
             if request.explain:  # only now, after its place in the model's queue is given back
-                response.explanation.CopyFrom(await self._explanations.run(batcher, self._explain, rgb, batcher))
+                response.explanation.CopyFrom(await self._explanations.run(batcher, self._explain, rgb, batcher,
+                                                                           caller=auth.CALLER.get().name))
             return response
 
     async def _run(self, request: pb.ClassifyRequest, request_id: str, entry: PluginEntry, batcher: Batcher, started: float,
@@ -264,7 +265,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         runtime = batcher.runtime
         if request.explain and not runtime.explains():
             raise errors.unimplemented(entry.name, "EXPLANATION", f"plugin {entry.name!r} cannot explain its results")
-        rgb, model_input, issues = await self._decode.run(batcher, "preprocessing", self._prepare, request, batcher)
+        rgb, model_input, issues = await self._decode.run(batcher, "preprocessing", self._prepare, request, batcher,
+                                                          caller=auth.CALLER.get().name)
         remaining = None if timeout is None else timeout - (time.monotonic() - started)
         if remaining is not None and remaining <= 0:
             raise errors.deadline_exceeded(entry.name)
@@ -284,7 +286,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         a request of its own to the objects plugin (request_id "<field's>/<index>"): its batcher,
         gate, decision, limits, explanation (when asked) and audit row. One object's error is that
         object's only."""
-        found, issues = await self._decode.run(batcher, "search for objects", self._find, request, batcher)
+        found, issues = await self._decode.run(batcher, "search for objects", self._find, request, batcher,
+                                               caller=auth.CALLER.get().name)
         limit = self.settings.max_objects_per_field
         if len(found) > limit:
             raise errors.invalid_field("image", "TOO_MANY_OBJECTS", f"plugin {entry.name!r} found {len(found)} objects in "

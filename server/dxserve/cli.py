@@ -39,6 +39,15 @@ class TextFormatter(logging.Formatter):
 
 
 NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+NATIVE_WORDS = {"INFO:": logging.INFO, "WARNING:": logging.WARNING, "ERROR:": logging.ERROR}  # LiteRT's own lines
+
+
+def native_level(line: str) -> int:
+    """The level of a C++ library's stderr line: glog's "I0000 ..." / "W0000 ...", LiteRT's
+    "INFO: ...", else WARNING (an unknown line is worth seeing)."""
+    if line[1:5].isdigit():
+        return NATIVE_LEVELS.get(line[:1], logging.INFO)
+    return next((level for word, level in NATIVE_WORDS.items() if line.startswith(word)), logging.WARNING)
 
 
 def route_native_stderr() -> TextIO:
@@ -59,24 +68,26 @@ def route_native_stderr() -> TextIO:
         with os.fdopen(read_end, errors="replace") as lines:
             for line in lines:
                 if line.strip():  # "I0000 00:00:... file.cc:12] text": the first letter is the level
-                    native.log(NATIVE_LEVELS.get(line[:1], logging.INFO) if line[1:5].isdigit() else logging.WARNING, line.rstrip())
+                    native.log(native_level(line), line.rstrip())
 
     threading.Thread(target=forward, name="native-stderr", daemon=True).start()
     return real
 
 
 def configure_logging(settings: Settings) -> None:
+    """Text on a terminal, JSON otherwise (or as set); either way the C++ libraries' own stderr
+    lines are log records of the "native" logger, below WARNING silenced unless at DEBUG."""
     form = settings.log_format if settings.log_format != "auto" else ("text" if sys.stderr.isatty() else "json")
+    handler = logging.StreamHandler(route_native_stderr())
     if form == "json":
         from pythonjsonlogger.json import JsonFormatter
 
-        handler = logging.StreamHandler(route_native_stderr())
         handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False))
         logging.captureWarnings(True)  # Python warnings (Keras, ...) become log records too
     else:
-        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    logging.getLogger("native").setLevel(logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING)
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

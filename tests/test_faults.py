@@ -393,6 +393,58 @@ def test_an_idle_stream_ends_with_its_resume_point_and_the_client_resumes(tmp_pa
         assert [r.request_id for r in resumed] == [str(i) for i in range(5)] and all(r.ok for r in resumed)
 
 
+def test_idle_streams_give_their_places_up_when_the_server_is_full(tmp_path):
+    """Issue 32: streams that send nothing (or a byte now and then) filled every call place and
+    health said SERVING while a new caller got 21 of 21 refused. With the server full, a stream
+    idle for stream_idle_when_full_s ends STREAM_IDLE with its resume point until a place is
+    free again; the other streams, and any stream while the server is not full, keep theirs."""
+    import threading
+
+    from dxserve.v1 import diagnostics_pb2 as pb
+    from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
+
+    release, ended = threading.Event(), []
+
+    def silent():  # a stream that never sends
+        release.wait(30)
+        return
+        yield
+
+    def hold(stub):
+        try:
+            for _ in stub.ClassifyStream(silent(), timeout=30):
+                pass
+            ended.append("OK")
+        except grpc.RpcError as error:
+            ended.append((error.code(), error.details()))
+
+    with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "1",
+                      "--stream-idle-timeout-s", "300") as server, grpc.insecure_channel(server.address) as channel, \
+            Client(server.address) as client:
+        stub = pb_grpc.DiagnosticsServiceStub(channel)
+        holders = [threading.Thread(target=hold, args=(stub,)) for _ in range(4)]
+        for thread in holders:
+            thread.start()
+        wait_for(lambda: ended, 15, "an idle stream to give its place up")
+        assert all(code == grpc.StatusCode.UNAVAILABLE and "stream_idle_when_full_s" in details for code, details in ended)
+        assert client.classify(GREY, plugin="brightness").ok  # a place for a caller that sends
+        evicted = len(ended)  # only while the server is full: once a place is free, the others keep theirs
+        release.set()
+        for thread in holders:
+            thread.join(10)
+        assert evicted == 1 and ended[1:] == ["OK"] * 3  # one at a time: one place was all it took
+        # Below the crowd mark, an idle stream keeps its place (the ordinary 300 s idle limit).
+        ended.clear()
+        release.clear()
+        lone = threading.Thread(target=hold, args=(stub,))
+        lone.start()
+        time.sleep(2.5)
+        assert ended == []
+        release.set()
+        lone.join(10)
+        assert ended == ["OK"]
+
+
 def test_a_callers_request_rate_is_capped_unary_refused_streams_slowed(tmp_path):
     with light_server(tmp_path, "--max-requests-per-s-per-caller", "5") as server, Client(server.address) as client:
         outcomes = []

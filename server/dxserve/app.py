@@ -103,6 +103,7 @@ class Server:
             open_methods(settings.auth_open_health, settings.auth_open_reflection),
             settings.max_concurrent_calls, settings.max_calls_per_caller, settings.max_streams_per_caller,
             settings.max_requests_per_s_per_caller, Refusals(self.audit))
+        self.service.crowded = self.callers.crowded  # idle streams give their places up when the server is full
         interceptors = [self.callers]
         if settings.tracing:  # outermost: refused calls are traced too
             from .tracing import server_interceptor

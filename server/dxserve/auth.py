@@ -244,6 +244,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         self.keys, self.is_open = keys, open_methods
         self.max_calls, self.max_per_caller, self.max_streams = max_calls, max_calls_per_caller, max_streams_per_caller
         self.calls, self.streams = Counter(), Counter()  # per caller name; the event loop is the only writer
+        self._leaving = 0  # idle streams told to give their places up, not yet gone (`crowded`)
         self.rate = RateLimit(max_requests_per_s)
         self.refusals = refusals or Refusals()
 
@@ -288,6 +289,19 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             raise errors.unauthenticated(f"this server needs a bearer token (authorization: Bearer <token>) or a known client "
                                          f"certificate{presented}", "unknown_certificate" if subject else "no_credentials")
         return caller
+
+    def crowded(self) -> bool:
+        """Whether 90% of the server's call places are taken, not counting streams already told to
+        give theirs up; a True answer tells the asking idle stream to give its place up (streams.py),
+        and counts it as leaving for a second, so that idle streams leave one by one, not all at once."""
+        if sum(self.calls.values()) - self._leaving < 0.9 * self.max_calls:
+            return False
+        self._leaving += 1
+        asyncio.get_running_loop().call_later(1.0, self._left)  # by then its call has ended and left `calls`
+        return True
+
+    def _left(self) -> None:
+        self._leaving -= 1
 
     def admit(self, caller: Caller, streaming: bool, counted: bool = True) -> None:
         """Count a call in, or refuse it (RESOURCE_EXHAUSTED) past the caller's or the server's limits;

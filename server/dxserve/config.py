@@ -30,6 +30,9 @@ class Settings(BaseModel):
                                                  "(unary calls past it: RESOURCE_EXHAUSTED; stream items: slowed down); 0 = no limit")
     stream_idle_timeout_s: float = Field(300.0, ge=0, description="a stream that sends nothing for this long ends "
                                          "UNAVAILABLE (STREAM_IDLE) with its resume_index, freeing its place; 0 = never")
+    stream_idle_when_full_s: float = Field(10.0, ge=0, description="while 90% of max_concurrent_calls are taken, a "
+                                           "stream that sends nothing for this long ends UNAVAILABLE (STREAM_IDLE) with "
+                                           "its resume_index, so idle streams cannot hold the places others need; 0 = never")
     max_stream_age_s: float = Field(3600.0, ge=0, description="a stream open this long stops reading, answers what it "
                                     "read and ends UNAVAILABLE (STREAM_MAX_AGE) with its resume_index; 0 = never")
     max_connection_age_s: float = Field(3600.0, ge=0, description="connections are closed (GOAWAY) after this long, so "

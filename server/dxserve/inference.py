@@ -240,7 +240,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
-                                                         self.settings.max_stream_age_s, ended):
+                                                         self.settings.max_stream_age_s, ended, self.diagnostics.crowded,
+                                                         self.settings.stream_idle_when_full_s):
                     item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer"))
                     try:
                         await window.put((item, request))

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -45,6 +45,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         self.audit = audit_trail
         self.draining = asyncio.Event()  # set on SIGTERM (`drain`): streams stop reading (see ClassifyStream)
         self._drain_deadline = float("inf")  # loop time after which a draining stream answers nothing more
+        self.crowded: Callable[[], bool] = lambda: False  # whether calls are near their cap (set by the app: auth.py)
         # Decoding and preprocessing run here, in parallel across requests, off the event loop,
         # each call under the watchdog (guard.py): a hung one costs its version, not the pool.
         self._decode = GuardedPool(settings.decode_threads, "decode", settings.predict_timeout_s)
@@ -92,7 +93,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             try:
                 index = 0
                 async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
-                                                         self.settings.max_stream_age_s, ended):
+                                                         self.settings.max_stream_age_s, ended, self.crowded,
+                                                         self.settings.stream_idle_when_full_s):
                     recorded = asyncio.Event()
                     try:
                         tally = specimens.tally_for(request)

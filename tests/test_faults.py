@@ -458,6 +458,34 @@ def test_a_callers_request_rate_is_capped_unary_refused_streams_slowed(tmp_path)
         assert [r.request_id for r in streamed] == [str(i) for i in range(12)] and all(r.ok for r in streamed)
 
 
+def test_reduced_rights_reach_an_open_stream_at_its_next_item_under_the_default_limits(tmp_path):
+    """Issue 32: with the default idle and age limits, each stream item was read in a task of its
+    own, so the caller that reading re-identified after a reload never reached the items: a
+    caller whose plugins were reduced kept its old rights on its open stream."""
+    import signal
+
+    keys, tokens = _callers(tmp_path, "lab")
+    keys.callers[0]["plugins"] = ["brightness", "tiles"]
+    keys.save()
+
+    def images(n: int, reduce_after: int):
+        for i in range(n):
+            if i == reduce_after:
+                keys.callers[0]["plugins"] = ["tiles"]
+                keys.save()
+                server.process.send_signal(signal.SIGHUP)
+                time.sleep(1.0)  # the reload is done
+            yield (f"{i}", GREY)
+            time.sleep(0.05)
+
+    with light_server(tmp_path, "--auth-keys-file", str(tmp_path / "callers.json"), ready=[]) as server, \
+            Client(server.address, token=tokens["lab"]) as lab:
+        lab.wait_until_serving("brightness", 30)
+        results = list(lab.classify_stream(images(10, reduce_after=4), plugin="brightness"))
+    assert [r.ok for r in results[:4]] == [True] * 4
+    assert [r.error_code for r in results[4:]] == ["PERMISSION_DENIED"] * 6  # each item after, refused in-band
+
+
 def test_failed_logins_are_counted_logged_and_recorded_but_a_flood_is_aggregated(tmp_path):
     import urllib.request
 

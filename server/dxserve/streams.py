@@ -8,6 +8,7 @@ then) cannot hold the places other callers need (issue 32); the client resumes w
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -24,13 +25,17 @@ async def requests_while_open(requests: AsyncIterator, idle_s: float, age_s: flo
     idle, age = idle_s or math.inf, age_s or math.inf
     watch_crowd = crowded is not None and crowded_idle_s > 0
     closes = loop.time() + age
+    # Each item is read in a task of its own (to time it), all in this one context: what reading
+    # sets there (auth.py re-identifies the caller after a key-file reload) is adopted by the
+    # reader below, so the items after it run with the caller's new rights (issue 32).
+    reading = contextvars.copy_context()
     while True:
         since = loop.time()
         if min(idle, age) == math.inf and not watch_crowd:
             nxt = anext(iterator)
             why = None
         else:  # asyncio.wait, not wait_for: a drain's cancellation must never be swallowed
-            nxt = asyncio.ensure_future(anext(iterator))
+            nxt = loop.create_task(anext(iterator), context=reading)
             why = await _wait(nxt, loop, since, idle, closes, age, crowded if watch_crowd else None, crowded_idle_s)
         try:
             request = await nxt
@@ -41,6 +46,10 @@ async def requests_while_open(requests: AsyncIterator, idle_s: float, age_s: flo
                 raise  # the reader itself was cancelled (a drain)
             ended.append(why)
             return
+        if why is None and isinstance(nxt, asyncio.Task):
+            for variable, value in reading.items():
+                if variable.get(None) is not value:
+                    variable.set(value)
         yield request
 
 

@@ -40,31 +40,58 @@ def descriptors(out: Path) -> None:
     out.write_text(json.dumps({"messages": found, "enums": enums, "service": service.full_name, "methods": methods}))
 
 
+def _encoded(triton, *datas: bytes):
+    tensor = triton.InferInput("IMAGE", [len(datas), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[d] for d in datas], dtype=np.object_))
+    return [tensor]
+
+
+def _pixels(triton, path: Path):
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB"))[None]
+    tensor = triton.InferInput("PIXELS", list(rgb.shape), "UINT8")
+    tensor.set_data_from_numpy(rgb)
+    return [tensor]
+
+
+def _error(call) -> list[str]:
+    """[status, message] of the refusal `call()` raised, or ["OK", ""]."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call()
+    except InferenceServerException as refusal:
+        return [refusal.status(), refusal.message()]
+    return ["OK", ""]
+
+
+def _metadata(client, headers: dict, **as_json) -> dict:
+    """What a client sees before inferring: liveness, readiness, server and model metadata, config."""
+    return {"live": client.is_server_live(headers=headers), "ready": client.is_server_ready(headers=headers),
+            "model_ready": client.is_model_ready("lymphoblast", headers=headers),
+            "server": client.get_server_metadata(headers=headers, **as_json),
+            "metadata": client.get_model_metadata("lymphoblast", headers=headers, **as_json),
+            "config": client.get_model_config("lymphoblast", headers=headers, **as_json)}
+
+
+def _infer_all(client, triton, headers: dict, files: list[Path], outputs) -> dict:
+    """Each cell encoded and as pixels, and all in one batch."""
+    encoded = lambda *datas: _encoded(triton, *datas)  # noqa: E731
+    return {"encoded": {p.name: outputs(client.infer("lymphoblast", encoded(p.read_bytes()), request_id=p.stem,
+                                                     headers=headers)) for p in files},
+            "pixels": {p.name: outputs(client.infer("lymphoblast", _pixels(triton, p), headers=headers)) for p in files},
+            "batch": outputs(client.infer("lymphoblast", encoded(*(p.read_bytes() for p in files)), headers=headers))}
+
+
 def drive(address: str, token: str, other_token: str, cells: Path, out: Path) -> None:
     import tritonclient.grpc as triton
-    from tritonclient.utils import InferenceServerException
 
     headers = {"authorization": f"Bearer {token}"}
     client = triton.InferenceServerClient(address)
     files = sorted(cells.glob("*.png"))
-    seen: dict = {"live": client.is_server_live(headers=headers), "ready": client.is_server_ready(headers=headers),
-                  "model_ready": client.is_model_ready("lymphoblast", headers=headers),
-                  "server": client.get_server_metadata(headers=headers, as_json=True),
-                  "metadata": client.get_model_metadata("lymphoblast", headers=headers, as_json=True),
-                  "config": client.get_model_config("lymphoblast", headers=headers, as_json=True)}
-
-    def encoded(*datas: bytes):
-        tensor = triton.InferInput("IMAGE", [len(datas), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[d] for d in datas], dtype=np.object_))
-        return [tensor]
-
-    def pixels(path: Path):
-        from PIL import Image
-
-        rgb = np.asarray(Image.open(path).convert("RGB"))[None]
-        tensor = triton.InferInput("PIXELS", list(rgb.shape), "UINT8")
-        tensor.set_data_from_numpy(rgb)
-        return [tensor]
+    seen: dict = _metadata(client, headers, as_json=True)
+    encoded, error = (lambda *datas: _encoded(triton, *datas)), _error
 
     def outputs(result) -> dict:
         text = lambda name: [v.decode() for v in result.as_numpy(name).reshape(-1)]  # noqa: E731
@@ -73,17 +100,7 @@ def drive(address: str, token: str, other_token: str, cells: Path, out: Path) ->
                 "probabilities": result.as_numpy("PROBABILITIES").tolist(), "label": text("LABEL"),
                 "decision": text("DECISION"), "reason": text("REASON")}
 
-    def error(call) -> list[str]:
-        try:
-            call()
-        except InferenceServerException as refusal:
-            return [refusal.status(), refusal.message()]
-        return ["OK", ""]
-
-    seen["encoded"] = {p.name: outputs(client.infer("lymphoblast", encoded(p.read_bytes()), request_id=p.stem, headers=headers))
-                       for p in files}
-    seen["pixels"] = {p.name: outputs(client.infer("lymphoblast", pixels(p), headers=headers)) for p in files}
-    seen["batch"] = outputs(client.infer("lymphoblast", encoded(*(p.read_bytes() for p in files)), headers=headers))
+    seen.update(_infer_all(client, triton, headers, files, outputs))
     only_label = client.infer("lymphoblast", encoded(files[0].read_bytes()), headers=headers,
                               outputs=[triton.InferRequestedOutput("LABEL")])
     seen["only_label"] = [o.name for o in only_label.get_response().outputs]
@@ -118,29 +135,12 @@ def drive(address: str, token: str, other_token: str, cells: Path, out: Path) ->
 def drive_http(url: str, token: str, other_token: str, cells: Path, out: Path) -> None:
     """The REST binding, as tritonclient.http speaks it (binary tensors by default)."""
     import tritonclient.http as triton
-    from tritonclient.utils import InferenceServerException
 
     headers = {"Authorization": f"Bearer {token}"}
     client = triton.InferenceServerClient(url)
     files = sorted(cells.glob("*.png"))
-    seen: dict = {"live": client.is_server_live(headers=headers), "ready": client.is_server_ready(headers=headers),
-                  "model_ready": client.is_model_ready("lymphoblast", headers=headers),
-                  "server": client.get_server_metadata(headers=headers),
-                  "metadata": client.get_model_metadata("lymphoblast", headers=headers),
-                  "config": client.get_model_config("lymphoblast", headers=headers)}
-
-    def encoded(*datas: bytes, binary: bool = True):
-        tensor = triton.InferInput("IMAGE", [len(datas), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[d] for d in datas], dtype=np.object_), binary_data=binary)
-        return [tensor]
-
-    def pixels(path: Path):
-        from PIL import Image
-
-        rgb = np.asarray(Image.open(path).convert("RGB"))[None]
-        tensor = triton.InferInput("PIXELS", list(rgb.shape), "UINT8")
-        tensor.set_data_from_numpy(rgb)
-        return [tensor]
+    seen: dict = _metadata(client, headers)
+    encoded, error = (lambda *datas: _encoded(triton, *datas)), _error
 
     def outputs(result) -> dict:
         text = lambda name: [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy(name).reshape(-1)]  # noqa: E731
@@ -150,17 +150,7 @@ def drive_http(url: str, token: str, other_token: str, cells: Path, out: Path) -
                 "probabilities": result.as_numpy("PROBABILITIES").tolist(), "label": text("LABEL"),
                 "decision": text("DECISION"), "reason": text("REASON")}
 
-    def error(call) -> list[str]:
-        try:
-            call()
-        except InferenceServerException as refusal:
-            return [refusal.status(), refusal.message()]
-        return ["OK", ""]
-
-    seen["encoded"] = {p.name: outputs(client.infer("lymphoblast", encoded(p.read_bytes()), request_id=p.stem, headers=headers))
-                       for p in files}
-    seen["pixels"] = {p.name: outputs(client.infer("lymphoblast", pixels(p), headers=headers)) for p in files}
-    seen["batch"] = outputs(client.infer("lymphoblast", encoded(*(p.read_bytes() for p in files)), headers=headers))
+    seen.update(_infer_all(client, triton, headers, files, outputs))
     as_json = client.infer("lymphoblast", encoded(files[0].read_bytes()), headers=headers, outputs=[
         triton.InferRequestedOutput(name, binary_data=False) for name in ("PROBABILITIES", "LABEL", "DECISION", "REASON")])
     seen["json_outputs"] = outputs(as_json)

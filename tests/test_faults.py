@@ -76,6 +76,18 @@ def test_a_hung_plugin_is_marked_unresponsive_fails_fast_and_recovers(tmp_path):
     assert '"hung model call returned; version serves again"' in server.logs()
 
 
+def stops_past_hung_calls(server) -> str:
+    """SIGTERM: exit 0 within the grace (3 s here), not waiting for plugin calls that never return,
+    having said so; the server's logs."""
+    stopped = time.monotonic()
+    server.process.send_signal(15)
+    assert server.process.wait(20) == 0
+    assert time.monotonic() - stopped < 8, "it waited for the hung call"
+    logs = server.logs()
+    assert "exiting past plugin calls that never returned" in logs
+    return logs
+
+
 def test_hung_preprocessing_costs_its_version_not_the_decode_pool(tmp_path):
     """Issue 32: preprocessing that never returns held a decode thread for good; with two hung
     (decode_threads 2) every plugin stopped. Now each is abandoned past predict_timeout_s: its
@@ -109,13 +121,8 @@ def test_hung_preprocessing_costs_its_version_not_the_decode_pool(tmp_path):
             hold.touch()  # and once more, never to return: the server still stops
             with pytest.raises(DxServeError):
                 client.classify(MAGENTA, plugin="hang")
-        stopped = time.monotonic()
-        server.process.send_signal(15)
-        assert server.process.wait(20) == 0
-        assert time.monotonic() - stopped < 8, "it waited for the hung call"
-        logs = server.logs()
+        logs = stops_past_hung_calls(server)
         assert '"preprocessing hung; version marked unresponsive"' in logs and "pool replaced" in logs
-        assert "exiting past plugin calls that never returned" in logs
     finally:
         server.stop()
 
@@ -130,11 +137,7 @@ def test_sigterm_finishes_within_the_grace_period_with_a_hung_plugin(tmp_path):
             client.wait_until_serving("hang", 60)
             with pytest.raises(DxServeError):
                 client.classify(YELLOW, plugin="hang")
-        stopped = time.monotonic()
-        server.process.send_signal(15)
-        assert server.process.wait(20) == 0
-        assert time.monotonic() - stopped < 8, "it waited for the hung call"
-        assert "exiting past plugin calls that never returned" in server.logs()
+        stops_past_hung_calls(server)
     finally:
         server.stop()
 

@@ -93,6 +93,15 @@ def audit_rows(path, method: str, expected: int, timeout_s: float = 20) -> list[
         time.sleep(0.2)
 
 
+def _same(result: dict, expected, row: int = 0) -> None:
+    """What tritonclient saw for one image (row of a batch) is dxserve.v1's result for it."""
+    assert result["model_version"] == expected.model_version and result["weights_sha256"] == expected.weights_sha256
+    assert result["probabilities"][row] == pytest.approx([expected.probabilities[l] for l in ("lymphoblast", "normal")],
+                                                         abs=1e-6)
+    assert result["label"][row] == expected.top_label and result["decision"][row] == expected.decision
+    assert result["reason"][row] == expected.reason
+
+
 def test_tritonclient_drives_the_facade(triton_python, secured, tmp_path):
     server, tokens = secured
     run_script(triton_python, "drive", server.address, tokens["lab"], tokens["other"], str(CELLS), str(tmp_path / "seen.json"))
@@ -116,26 +125,19 @@ def test_tritonclient_drives_the_facade(triton_python, secured, tmp_path):
     assert [(i["name"], i["data_type"]) for i in config["input"]] == [("IMAGE", "TYPE_STRING"), ("PIXELS", "TYPE_UINT8")]
     assert config["output"][0] == {"name": "PROBABILITIES", "data_type": "TYPE_FP32", "dims": ["2"]}
 
-    def same(result: dict, expected, row: int = 0) -> None:
-        assert result["model_version"] == expected.model_version and result["weights_sha256"] == expected.weights_sha256
-        assert result["probabilities"][row] == pytest.approx([expected.probabilities[l] for l in ("lymphoblast", "normal")],
-                                                             abs=1e-6)
-        assert result["label"][row] == expected.top_label and result["decision"][row] == expected.decision
-        assert result["reason"][row] == expected.reason
-
     for name, expected in v1.items():
-        same(seen["encoded"][name], expected)
-        same(seen["pixels"][name], expected)  # raw pixels: the same cell, the same answer
+        _same(seen["encoded"][name], expected)
+        _same(seen["pixels"][name], expected)  # raw pixels: the same cell, the same answer
         assert seen["encoded"][name]["id"] == name.removesuffix(".png")
     for row, name in enumerate(p.name for p in files):  # one request, four images
-        same(seen["batch"], v1[name], row)
+        _same(seen["batch"], v1[name], row)
     assert seen["only_label"] == ["LABEL"]
 
     stream = seen["stream"]
     assert len(stream) == 20 and "not a readable image" in stream[7]["error"]
     for i, (answer, name) in enumerate(zip(stream, seen["stream_files"], strict=True)):
         if i != 7:
-            same(answer, v1[name])
+            _same(answer, v1[name])
             assert answer["id"] == f"cell-{i}"  # in order
 
     # A caller limited to some plugins learns nothing of others: as in dxserve.v1, PERMISSION_DENIED.
@@ -175,20 +177,13 @@ def test_tritonclient_http_drives_the_rest_door(triton_python, secured, tmp_path
         ("IMAGE", "BYTES", [-1, 1]), ("PIXELS", "UINT8", [-1, -1, -1, 3])]
     assert seen["config"]["max_batch_size"] == 12 and seen["config"]["output"][0]["dims"] == [2]
 
-    def same(result: dict, expected, row: int = 0) -> None:
-        assert result["model_version"] == expected.model_version and result["weights_sha256"] == expected.weights_sha256
-        assert result["probabilities"][row] == pytest.approx([expected.probabilities[l] for l in ("lymphoblast", "normal")],
-                                                             abs=1e-6)
-        assert result["label"][row] == expected.top_label and result["decision"][row] == expected.decision
-        assert result["reason"][row] == expected.reason
-
     for name, expected in v1.items():
-        same(seen["encoded"][name], expected)
-        same(seen["pixels"][name], expected)
+        _same(seen["encoded"][name], expected)
+        _same(seen["pixels"][name], expected)
         assert seen["encoded"][name]["id"] == name.removesuffix(".png")
     for row, name in enumerate(p.name for p in files):
-        same(seen["batch"], v1[name], row)
-    same(seen["json_outputs"], v1[files[0].name])
+        _same(seen["batch"], v1[name], row)
+    _same(seen["json_outputs"], v1[files[0].name])
     assert all("data" in o for o in seen["json_response"]["outputs"])  # asked for JSON, got JSON
 
     assert seen["unknown_model"][0] == seen["not_allowed"][0] == "403"  # a limited caller learns nothing of others

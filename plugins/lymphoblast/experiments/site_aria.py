@@ -218,6 +218,14 @@ def learning_curve(data: dict, y: np.ndarray, block: np.ndarray, variant: str, l
         "cell colour alone": data[f"{variant}/mean_rgb"],
         "background alone": data["background"],
     }
+    return curve(candidates, y, block, variant, log_fn)
+
+
+def curve(candidates: dict[str, np.ndarray], y: np.ndarray, block: np.ndarray, label: str = "", log_fn=log,
+          wide: int = 10) -> dict:
+    """{"<n>|<name>": AUROC per split}: a logistic head on each candidate's features, fitted on n
+    labelled cells of block b (half per class, DRAWS draws) and scored on the other blocks;
+    C = 0.05 for more than `wide` features, else 1."""
     out = {}
     for n in SIZES:
         for name, x in candidates.items():
@@ -229,11 +237,11 @@ def learning_curve(data: dict, y: np.ndarray, block: np.ndarray, variant: str, l
                     rng = np.random.default_rng(draw)
                     picked = np.concatenate([rng.choice(train[y[train] == k], min(n // 2, (y[train] == k).sum()), replace=False)
                                              for k in (0, 1)])
-                    c = 0.05 if x.shape[1] > 10 else 1.0
+                    c = 0.05 if x.shape[1] > wide else 1.0
                     scores.append(auroc(y[test], logistic(x[picked], y[picked], x[test], c)))
                 per_split.append(float(np.mean(scores)))
             out[f"{n}|{name}"] = per_split
-            log_fn(f"{variant:>6} n={n:3d} {name:24s} AUROC per split {' '.join(f'{a:.3f}' for a in per_split)} "
+            log_fn(f"{label:>6} n={n:3d} {name:34s} AUROC per split {' '.join(f'{a:.3f}' for a in per_split)} "
                    f"mean {np.mean(per_split):.3f}")
     return out
 

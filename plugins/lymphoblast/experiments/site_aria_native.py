@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from site_aria import (  # noqa: E402
-    ARIA_UM_PER_PX, BLOCKS, DRAWS, SHARED, SITE_DETECTOR, SIZES, auroc, blocks, detector, log, logistic, mask_scale_bar,
-)
+from site_aria import ARIA_UM_PER_PX, SHARED, SITE_DETECTOR, blocks, curve, detector, log, mask_scale_bar  # noqa: E402
 
 
 def field_cells(root: Path):
@@ -114,26 +112,6 @@ def imagenet_features(images: list[np.ndarray], weights: Path) -> np.ndarray:
     return base.predict(x, batch_size=64, verbose=0)
 
 
-def curve(x_sets: dict[str, np.ndarray], y, block) -> dict:
-    out = {}
-    for n in SIZES:
-        for name, x in x_sets.items():
-            per_split = []
-            for b in range(BLOCKS):
-                train, test = np.flatnonzero(block == b), np.flatnonzero(block != b)
-                scores = []
-                for draw in range(DRAWS):
-                    rng = np.random.default_rng(draw)
-                    picked = np.concatenate([rng.choice(train[y[train] == k], min(n // 2, (y[train] == k).sum()), replace=False)
-                                             for k in (0, 1)])
-                    c = 0.05 if x.shape[1] > 20 else 1.0
-                    scores.append(auroc(y[test], logistic(x[picked], y[picked], x[test], c)))
-                per_split.append(float(np.mean(scores)))
-            out[f"{n}|{name}"] = per_split
-            log(f"n={n:3d} {name:34s} per split {' '.join(f'{a:.3f}' for a in per_split)} mean {np.mean(per_split):.3f}")
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=SHARED)
@@ -174,7 +152,7 @@ def main() -> None:
         "background alone": data["background"],
         "cell colour alone": data["raw/mean_rgb"],
     }
-    report = {"cells": len(rows), "curve": curve(sets, y, block)}
+    report = {"cells": len(rows), "curve": curve(sets, y, block, wide=20)}
     args.out.write_text(json.dumps(report, indent=1))
     log(f"wrote {args.out}")
 

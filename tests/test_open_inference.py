@@ -289,6 +289,22 @@ def test_a_flood_of_empty_elements_is_counted_not_copied(stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs 12 values; got 500000" in message
 
 
+def test_a_request_over_the_limit_is_refused_before_it_is_parsed(server):
+    """Issue 32: an OIP request is parsed only once its size is within max_message_bytes (4 MiB on
+    this server; the transport takes 4x), since a tensor of millions of elements costs its parse;
+    bytes that are no ModelInferRequest are INVALID_ARGUMENT. Both are answered and recorded."""
+    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 * 2**20)]) as channel:
+        send = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes as they are
+        big = oip.ModelInferRequest(model_name="lymphoblast", inputs=[Tensor(
+            name="PIXELS", datatype="UINT8", shape=[1, 1000, 1000, 3],
+            contents=oip.InferTensorContents(uint_contents=[200] * 3_000_000))]).SerializeToString()
+        assert 4 * 2**20 < len(big) < 16 * 2**20
+        code, message = refusal(lambda: send(big, timeout=60))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_message_bytes" in message
+        code, message = refusal(lambda: send(b"\xff\xff\xff\xff", timeout=60))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a ModelInferRequest" in message
+
+
 def test_typed_contents_answer_as_raw_ones(stub):
     """The protocol's other encoding: BYTES in bytes_contents, UINT8 in uint_contents."""
     cell = sorted(CELLS.glob("*.png"))[0]

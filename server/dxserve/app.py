@@ -15,10 +15,10 @@ from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, Refusals, open_methods
 from .config import Settings
 from .inference import InferenceService
+from .inference import add_to_server as add_inference_to_server
 from .oip import grpc_service_pb2 as oip
-from .oip import grpc_service_pb2_grpc as oip_grpc
-from .rest import RestDoor, tls_context
 from .registry import LOADING, READY, PluginEntry, discover, load_all
+from .rest import RestDoor, tls_context
 from .service import DiagnosticsService
 from .v1 import admin_pb2, admin_pb2_grpc
 from .v1 import diagnostics_pb2 as pb
@@ -126,7 +126,7 @@ class Server:
         pb_grpc.add_DiagnosticsServiceServicer_to_server(self.service, self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.operations), self._server)
         self.inference = InferenceService(self.service, self.ready)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
+        add_inference_to_server(self.inference, self._server)  # requests' bytes: size checked before parsing
         # The same protocol over HTTP/REST, behind the same identity and limits (rest.py).
         self.rest = RestDoor(self.inference, self.callers, settings) if settings.http_port else None
         self.http_port = 0

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from . import __version__, auth, errors, registry
 from .oip import grpc_service_pb2 as oip
@@ -222,8 +223,22 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         except errors.ServingError as error:
             await error.abort(context)
 
-    async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
-        outcome = await self.infer(request, context.time_remaining(), "ModelInfer")
+    async def parsed(self, raw: bytes | oip.ModelInferRequest) -> tuple[oip.ModelInferRequest, errors.ServingError | None]:
+        """A request as it came (`add_to_server` registers ModelInfer and ModelStreamInfer for their
+        bytes): one over max_message_bytes is refused before it is parsed (a tensor of millions of
+        elements costs its parse, issue 32), the others parsed off the event loop; (request, refusal)."""
+        if isinstance(raw, oip.ModelInferRequest):
+            return raw, None
+        if len(raw) > self.settings.max_message_bytes:
+            return oip.ModelInferRequest(), errors.message_too_large(len(raw), self.settings.max_message_bytes)
+        try:
+            return await asyncio.to_thread(oip.ModelInferRequest.FromString, raw), None
+        except DecodeError:
+            return oip.ModelInferRequest(), invalid("the request is not a ModelInferRequest message")
+
+    async def ModelInfer(self, raw: bytes, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        request, refused = await self.parsed(raw)
+        outcome = await self.infer(request, context.time_remaining(), "ModelInfer", refused)
         if isinstance(outcome, errors.ServingError):
             await outcome.abort(context)
         return outcome
@@ -239,10 +254,11 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
-                                                         self.settings.max_stream_age_s, ended, self.diagnostics.crowded,
-                                                         self.settings.stream_idle_when_full_s):
-                    item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer"))
+                async for raw in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
+                                                     self.settings.max_stream_age_s, ended, self.diagnostics.crowded,
+                                                     self.settings.stream_idle_when_full_s):
+                    request, refused = await self.parsed(raw)
+                    item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer", refused))
                     try:
                         await window.put((item, request))
                     except asyncio.CancelledError:
@@ -287,11 +303,14 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             raise errors.unknown_version(entry.name, version, [v.version for v in entry.versions])
         return entry, version
 
-    async def infer(self, request: oip.ModelInferRequest, timeout: float | None,
-                     method: str) -> oip.ModelInferResponse | errors.ServingError:
-        """The response, or the error to answer (the first image's that failed, naming it)."""
+    async def infer(self, request: oip.ModelInferRequest, timeout: float | None, method: str,
+                    refused: errors.ServingError | None = None) -> oip.ModelInferResponse | errors.ServingError:
+        """The response, or the error to answer (the first image's that failed, naming it);
+        `refused`: why the request cannot be read at all (answered and recorded the same way)."""
         request_id = request.id or str(uuid.uuid4())
         try:
+            if refused is not None:
+                raise refused
             given = parameters(request)
             # Off the event loop: a batch of pixels sent as integers takes a while to convert.
             pictures = await asyncio.to_thread(images, request, self.settings.max_batch_size)
@@ -313,3 +332,25 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 error = errors.ServingError(error.code, f"image {index} of {len(outcomes)}: {error.message}", *error.details)
             return error
         return response(request, outcomes, wanted)
+
+
+def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
+    """The generated registration, except that ModelInfer and ModelStreamInfer are handed their
+    requests' bytes, for `InferenceService.parsed` to check their size before parsing them."""
+    handlers: dict = {}
+
+    class Capture:  # what the generated function registers, kept
+        def add_generic_rpc_handlers(self, generic) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, methods: dict) -> None:
+            handlers.update(methods)
+
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(service, Capture())
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        service.ModelInfer, response_serializer=handlers["ModelInfer"].response_serializer)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        service.ModelStreamInfer, response_serializer=handlers["ModelStreamInfer"].response_serializer)
+    name = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

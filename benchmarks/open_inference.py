@@ -3,16 +3,20 @@
     python benchmarks/open_inference.py [--seconds 8] [--callers 1 16] [--rounds 2]
 
 For each number of callers, unary calls back to back for `--seconds`: dxserve.v1 Classify
-(dxserve_client) and OIP ModelInfer (an encoded PNG as a BYTES tensor, through the generated
-inference stubs: the same wire as tritonclient, without its Python-side work). The two
-alternate for `--rounds` rounds, so drift on a shared machine falls on both. Printed: each
-one's images/s and p50, and the ratios OIP / v1 (throughput: 1 means the facade costs
-nothing; p50: 1 means the same latency). The issue's bar: the facade costs < 5 %.
+(dxserve_client), OIP ModelInfer (an encoded PNG as a BYTES tensor, through the generated
+inference stubs: the same wire as tritonclient, without its Python-side work), and the same
+request over HTTP/REST (`rest.py`; Triton's binary tensor extension, as tritonclient.http sends
+it, on one kept-alive connection per caller). The three alternate for `--rounds` rounds, so
+drift on a shared machine falls on all. Printed: each one's images/s and p50, and the ratios
+OIP / v1 and REST / v1 (throughput: 1 means the door costs nothing; p50: 1 means the same
+latency). The issue's bar for the gRPC facade: it costs < 5 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import statistics
 import sys
 import time
@@ -48,6 +52,25 @@ def oip_caller(address: str):
     return infer, channel.close
 
 
+def rest_caller(address: str):
+    """POST /v2/models/lymphoblast/infer with the image as binary data after a JSON header."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def infer(image: bytes):
+        header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1],
+                                         "parameters": {"binary_data_size": len(image) + 4}}],
+                             "outputs": [{"name": "PROBABILITIES"}]}).encode()
+        connection.request("POST", "/v2/models/lymphoblast/infer", body=header + serialize_bytes([image]),
+                           headers={"Inference-Header-Content-Length": str(len(header))})
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+        assert answer.status == 200, body
+        return np.array(body["outputs"][0]["data"], "<f4")
+
+    return infer, connection.close
+
+
 def load(make, address: str, images: list[bytes], callers: int, seconds: float) -> tuple[float, float]:
     """(images/s, p50 ms) with `callers` threads calling back to back."""
     latencies: list[list[float]] = [[] for _ in range(callers)]
@@ -77,25 +100,30 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50097)
     args = parser.parse_args()
     images = sample_images(64)
-    server = start_server(args.port)
-    address = f"127.0.0.1:{args.port}"
+    server = start_server(args.port, "--http-port", str(args.port + 1))
+    address, http_address = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     try:
         with Client(address) as client:  # the same answer both ways, or the comparison means nothing
             expected = [client.classify(image).probabilities["lymphoblast"] for image in images[:4]]
         call, close = oip_caller(address)
         assert np.allclose([call(image)[0] for image in images[:4]], expected, atol=1e-6)
         close()
+        call, close = rest_caller(http_address)
+        assert np.allclose([call(image)[0] for image in images[:4]], expected, atol=1e-6)
+        close()
         for callers in args.callers:
-            figures: dict[str, list[tuple[float, float]]] = {"v1": [], "oip": []}
+            figures: dict[str, list[tuple[float, float]]] = {"v1": [], "oip": [], "rest": []}
             for _ in range(args.rounds):
                 figures["v1"].append(load(v1_caller, address, images, callers, args.seconds))
                 figures["oip"].append(load(oip_caller, address, images, callers, args.seconds))
+                figures["rest"].append(load(rest_caller, http_address, images, callers, args.seconds))
             for name, runs in figures.items():
                 print(f"{callers:3d} callers, {name:3s}: " + "; ".join(f"{rate:6.1f} images/s p50 {p50:6.1f} ms"
                                                                       for rate, p50 in runs))
-            ratios = [(o[0] / v[0], o[1] / v[1]) for o, v in zip(figures["oip"], figures["v1"], strict=True)]
-            print(f"{callers:3d} callers, OIP / v1: throughput " + ", ".join(f"{r:.3f}" for r, _ in ratios)
-                  + "; p50 " + ", ".join(f"{p:.3f}" for _, p in ratios), flush=True)
+            for door in ("oip", "rest"):
+                ratios = [(o[0] / v[0], o[1] / v[1]) for o, v in zip(figures[door], figures["v1"], strict=True)]
+                print(f"{callers:3d} callers, {door.upper()} / v1: throughput " + ", ".join(f"{r:.3f}" for r, _ in ratios)
+                      + "; p50 " + ", ".join(f"{p:.3f}" for _, p in ratios), flush=True)
     finally:
         server.terminate()
         server.wait(60)

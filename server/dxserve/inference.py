@@ -31,6 +31,8 @@ from .v1 import diagnostics_pb2 as pb
 PLATFORM = "dxserve"
 IMAGE, PIXELS = "IMAGE", "PIXELS"  # the two inputs: encoded image files, or raw RGB pixels
 PROBABILITIES, LABEL, DECISION, REASON = "PROBABILITIES", "LABEL", "DECISION", "REASON"
+OFF_LOOP_BYTES = 1 << 20  # requests at least this large are parsed in a worker thread
+OFF_LOOP_ELEMENTS = 1 << 16  # typed tensor elements past which the conversion runs in a worker thread
 #: Request parameters dxserve reads; those of the protocol's clients it accepts and ignores.
 PARAMETERS = {"specimen_id", "weights_sha256"}
 IGNORED_PARAMETERS = {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output",
@@ -232,6 +234,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         if len(raw) > self.settings.max_message_bytes:
             return oip.ModelInferRequest(), errors.message_too_large(len(raw), self.settings.max_message_bytes)
         try:
+            if len(raw) < OFF_LOOP_BYTES:  # a thread hop costs more than a small parse
+                return oip.ModelInferRequest.FromString(raw), None
             return await asyncio.to_thread(oip.ModelInferRequest.FromString, raw), None
         except DecodeError:
             return oip.ModelInferRequest(), invalid("the request is not a ModelInferRequest message")
@@ -312,8 +316,11 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             if refused is not None:
                 raise refused
             given = parameters(request)
-            # Off the event loop: a batch of pixels sent as integers takes a while to convert.
-            pictures = await asyncio.to_thread(images, request, self.settings.max_batch_size)
+            # Off the event loop when the tensor's elements are many (pixels sent as integers take a
+            # while to convert); a thread hop costs more than converting a few.
+            typed = sum(len(t.contents.uint_contents) + len(t.contents.bytes_contents) for t in request.inputs)
+            pictures = (await asyncio.to_thread(images, request, self.settings.max_batch_size) if typed > OFF_LOOP_ELEMENTS
+                        else images(request, self.settings.max_batch_size))
             entry = self.plugins.get(request.model_name)
             wanted = outputs_wanted(request, list(entry.info.labels)) if entry is not None and entry.info else []
             refused = None

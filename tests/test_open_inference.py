@@ -380,3 +380,22 @@ def test_model_ready_follows_the_plugin_state(stub):
     assert code == grpc.StatusCode.UNAVAILABLE and "dxserve_no_such_dependency" in message
     code, _ = refusal(lambda: stub.ModelReady(oip.ModelReadyRequest(name="lymphoblast", version="0.0.0")))
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_rest_body_over_the_limit_is_cut_off_and_answered_413():
+    """The REST door reads no more than 4x max_message_bytes of a body (as gRPC's transport), then
+    answers 413 in the server's words (MESSAGE_TOO_LARGE), and serves on."""
+    import urllib.error
+    import urllib.request
+
+    from dxserve.testing import serving
+
+    port = free_port()
+    with serving("lymphoblast", http_port=port, max_message_bytes=2**20):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/lymphoblast/infer", data=b"x" * (5 * 2**20),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        error = json.loads(caught.value.read())
+        assert caught.value.code == 413 and error["reason"] == "MESSAGE_TOO_LARGE" and "max_message_bytes" in error["error"]
+        assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30).read()) == {"ready": True}

@@ -193,7 +193,8 @@ class RestDoor:
         self.inference, self.callers, self.settings = inference, callers, settings
         # The transport takes 4x the per-request limit (as gRPC's): base64 and JSON cost a third more
         # than the image, and the image itself is checked against max_message_bytes by the service.
-        self.app = web.Application(client_max_size=4 * settings.max_message_bytes)
+        self.max_body = 4 * settings.max_message_bytes
+        self.app = web.Application(client_max_size=self.max_body)
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
         self.app.add_routes([
@@ -216,7 +217,7 @@ class RestDoor:
         except OSError as error:
             await self._runner.cleanup()
             raise OSError(f"cannot listen for HTTP on {host}:{port}: {error.strerror or error}") from None
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         return self.port
 
     async def stop(self, grace_s: float) -> None:
@@ -295,7 +296,7 @@ class RestDoor:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # read no further than the limit, then say so in our words
-            raise errors.message_too_large(request.content_length or 0, self.app._client_max_size) from None
+            raise errors.message_too_large(request.content_length or 0, self.max_body) from None
         if (length := request.headers.get(HEADER_LENGTH)) is not None:
             if not length.isdigit() or int(length) > len(body):
                 raise invalid(f"{HEADER_LENGTH} {errors.clip(length)!r} is not a length within the body's {len(body)} bytes")

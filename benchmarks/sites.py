@@ -14,7 +14,6 @@ the target is a ratio of about 1 (the site version adds a head on the same featu
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import statistics
 import sys
@@ -30,26 +29,14 @@ from serving import CELLS, concurrently, start_server  # noqa: E402
 from dxserve_client import Client  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_sites import as_another_lab  # noqa: E402
+from test_sites import as_another_lab, write_another_lab  # noqa: E402
 
 
 def onboard(root: Path) -> tuple[Path, Path, str]:
     """(sites_dir, the operator's TOML, the site version): the fixture cells as another lab's."""
     from dxserve.cli import main as dxserve
 
-    (root / "labelled").mkdir()
-    (root / "unlabelled").mkdir()
-    with (root / "labels.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["path", "label", "group"])
-        for path in sorted(CELLS.glob("*.png")):
-            rgb = np.asarray(Image.open(path).convert("RGB"))
-            for k in range(8):
-                name = f"labelled/{path.stem}-{k}.png"
-                Image.fromarray(as_another_lab(rgb, k)).save(root / name)
-                out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", path.stem])
-            for k in (1, 6):
-                Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.png")
+    write_another_lab(root)
     config = root / "dxserve.toml"
     config.write_text("[site_acceptance.lab]\nmin_labelled = 40\nmin_auroc = 0.0\nmin_sensitivity_at_screen = 0.0\n"
                       "max_ece = 1.0\nmax_confidently_wrong = 1.0\nmin_margin_over_colour_alone = -1.0\n")

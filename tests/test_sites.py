@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,11 +31,9 @@ def as_another_lab(rgb: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(cast.astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def onboarded(tmp_path_factory):
-    """A site version of the default, onboarded on the six fixture cells as another lab's: 48
-    labelled images (8 orientations each, grouped by cell) and 12 unlabelled ones."""
-    root = tmp_path_factory.mktemp("site")
+def write_another_lab(root: Path) -> None:
+    """root/labels.csv and root/labelled/: the six fixture cells as another lab's, 8 orientations
+    each, grouped by cell (48); root/unlabelled/: 2 orientations each (12)."""
     (root / "labelled").mkdir()
     (root / "unlabelled").mkdir()
     with (root / "labels.csv").open("w", newline="") as f:
@@ -48,6 +47,14 @@ def onboarded(tmp_path_factory):
                 out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", path.stem])
             for k in (1, 6):
                 Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.png")
+
+
+@pytest.fixture(scope="module")
+def onboarded(tmp_path_factory):
+    """A site version of the default, onboarded on the six fixture cells as another lab's: 48
+    labelled images (8 orientations each, grouped by cell) and 12 unlabelled ones."""
+    root = tmp_path_factory.mktemp("site")
+    write_another_lab(root)
     sites_dir = root / "sites"
     code = dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(root / "labels.csv"),
                     "--unlabelled", str(root / "unlabelled"), "--sites-dir", str(sites_dir)])

@@ -279,18 +279,14 @@ def test_imagenet_weights_with_a_wrong_hash_are_refused(tmp_path):
         imagenet_weights(tmp_path / "missing.h5")
 
 
-@pytest.fixture(scope="module")
-def tiny_version(tmp_path_factory, cell_paths):
-    """`dxserve-lymphoblast train` end to end on the fixture cells at 32 px."""
+def _train_tiny_version(root: Path, models: Path, cell_paths) -> None:
+    """`dxserve-lymphoblast train` end to end on the fixture cells at 32 px, into `models`/0.0.1."""
     from dxserve_lymphoblast.cli import main
-    from dxserve_lymphoblast.data import load_cells
 
-    root = tmp_path_factory.mktemp("cells")
     # Four rotated copies of each cell, each under its own subject id: 24 subjects.
     for path in cell_paths:
         for k in range(4):
             Image.fromarray(np.rot90(cell(path), k)).save(root / path.name.replace("UID_", f"UID_{k}"))
-    models = tmp_path_factory.mktemp("models")
     notes = models / "notes.md"
     notes.write_text("- **A recipe tried beside this one**: AUROC 0.5, not shipped.\n")
     # The real ImageNet file where the developers' layout has it (hash-checked); random weights elsewhere.
@@ -298,9 +294,34 @@ def tiny_version(tmp_path_factory, cell_paths):
     assert main(["train", "--data", str(root), "--version", "0.0.1", "--out", str(models), "--cache", str(models / "cache"),
                  "--image-size", "32", "--scales", "32", "--epochs", "2", "--folds", "2", "--imagenet-weights", weights,
                  "--window", "300", "--heads", "2", "--notes", str(notes)]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_version(tmp_path_factory, cell_paths):
+    """A version trained end to end on the fixture cells at 32 px: trained once per test run (the
+    first xdist worker to need it trains it under a lock, the others wait), then copied, so each
+    module works on its own copy."""
+    import fcntl
+    import os
+    import shutil
+
+    from dxserve_lymphoblast.data import load_cells
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-version"
+    shared.mkdir(exist_ok=True)
+    with (shared / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "trained").exists():
+            (shared / "cells").mkdir(exist_ok=True)
+            (shared / "models").mkdir(exist_ok=True)
+            _train_tiny_version(shared / "cells", shared / "models", cell_paths)
+            (shared / "trained").touch()
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(shared / "models", models, dirs_exist_ok=True)
     version_dir = models / "0.0.1"
     report = json.loads((version_dir / "model_card.json").read_text())["evaluation"]
-    return version_dir, report, load_cells(root, 32, cache_dir=None, workers=1, window=300)
+    return version_dir, report, load_cells(shared / "cells", 32, cache_dir=None, workers=1, window=300)
 
 
 def test_training_never_overwrites_a_version_unless_told(tiny_version, capsys):

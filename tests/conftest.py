@@ -134,13 +134,30 @@ def png_bytes(array: np.ndarray, **save_args) -> bytes:
 TRITONCLIENT = "tritonclient[grpc,http]==2.73.0"  # pins protobuf < 7: it lives in its own virtual environment
 
 
+def once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once per test run: the first xdist worker to ask makes it under
+    a lock while the others wait, then all of them share it (read it, or copy it to change it)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    shared.mkdir(exist_ok=True)
+    with (shared.parent / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared.parent / f"{name}.made").exists():
+            make(shared)
+            (shared.parent / f"{name}.made").touch()
+    return shared
+
+
 @pytest.fixture(scope="session")
 def triton_python(tmp_path_factory) -> str:
-    """The Python of a fresh virtual environment holding tritonclient (from the package index)."""
-    venv = tmp_path_factory.mktemp("tritonclient") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", TRITONCLIENT,
-                                "pillow==13.0.0"], capture_output=True, text=True)
-    assert installed.returncode == 0, f"could not install {TRITONCLIENT}:\n{installed.stderr[-3000:]}"
-    return python
+    """The Python of a fresh virtual environment holding tritonclient (from the package index),
+    made once per test run."""
+    def make(folder: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True)
+        installed = subprocess.run([str(folder / "venv" / "bin" / "python"), "-m", "pip", "install", "-q",
+                                    "--disable-pip-version-check", TRITONCLIENT, "pillow==13.0.0"], capture_output=True, text=True)
+        assert installed.returncode == 0, f"could not install {TRITONCLIENT}:\n{installed.stderr[-3000:]}"
+
+    return str(once_per_run(tmp_path_factory, "tritonclient", make) / "venv" / "bin" / "python")

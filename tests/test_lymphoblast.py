@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from conftest import DEFAULT_VERSION, FIXTURES, PREVIOUS_VERSION, ROOT
+from conftest import DEFAULT_VERSION, FIXTURES, PREVIOUS_VERSION, ROOT, once_per_run
 
 IMAGENET = ROOT.parent / "shared" / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
 from dxserve_lymphoblast.calibration import Thresholds, calibrated, choose_thresholds, expected_calibration_error, fit_temperature
@@ -301,22 +301,16 @@ def tiny_version(tmp_path_factory, cell_paths):
     """A version trained end to end on the fixture cells at 32 px: trained once per test run (the
     first xdist worker to need it trains it under a lock, the others wait), then copied, so each
     module works on its own copy."""
-    import fcntl
-    import os
     import shutil
 
     from dxserve_lymphoblast.data import load_cells
 
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-version"
-    shared.mkdir(exist_ok=True)
-    with (shared / "lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "trained").exists():
-            (shared / "cells").mkdir(exist_ok=True)
-            (shared / "models").mkdir(exist_ok=True)
-            _train_tiny_version(shared / "cells", shared / "models", cell_paths)
-            (shared / "trained").touch()
+    def make(folder: Path) -> None:
+        (folder / "cells").mkdir()
+        (folder / "models").mkdir()
+        _train_tiny_version(folder / "cells", folder / "models", cell_paths)
+
+    shared = once_per_run(tmp_path_factory, "tiny-version", make)
     models = tmp_path_factory.mktemp("models")
     shutil.copytree(shared / "models", models, dirs_exist_ok=True)
     version_dir = models / "0.0.1"

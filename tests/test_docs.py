@@ -244,3 +244,14 @@ def test_the_documented_python_snippets_run_as_written(documented_server, worksp
             ran += 1
     assert ran >= 3
     assert (workspace / "bundle.json").is_file() and (workspace / "oru.hl7").is_file()  # hospital-integration.md's
+
+
+def test_every_python_block_in_the_docs_is_python():
+    """The blocks that are not calls against a server (a plugin's code, a pyproject's entry point
+    in Python files) at least parse, so a typo in one fails here."""
+    import ast
+
+    blocks = [(page, body) for page in PAGES for language, body in code_blocks(page.read_text()) if language == "python"]
+    assert len(blocks) >= 6
+    for page, body in blocks:
+        ast.parse(body, filename=str(page.relative_to(ROOT)))

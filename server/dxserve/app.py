@@ -90,6 +90,8 @@ class Server:
                                 checkpoint_interval_s=settings.audit_checkpoint_interval_s, stall_s=settings.audit_stall_s,
                                 max_pending=settings.audit_max_pending,
                                 max_pending_bytes=settings.audit_max_pending_mb * 2**20) if settings.audit_db else None
+        if self.audit is not None and self.audit.problem:  # its start row failed before this server held it: say so
+            self._on_audit_change()
         self.service = DiagnosticsService(self.plugins, settings, self.audit)
         self.health = health.aio.HealthServicer()
         self.port = 0

@@ -428,7 +428,10 @@ class AuditTrail:
             if done is not None:
                 waiting.setdefault(loop, []).append((done, (record.get("seq", 0), record.get("input_sha256") or "")))
         for loop, futures in waiting.items():  # one wake-up of each event loop per batch, not one per record
-            loop.call_soon_threadsafe(_settle, futures, failure)
+            try:
+                loop.call_soon_threadsafe(_settle, futures, failure)
+            except RuntimeError:  # that loop has closed: nobody waits for these records any more
+                pass
 
     def close(self, timeout_s: float | None = None) -> None:
         """Write what is queued, then stop; a writer still blocked after `timeout_s` (a stalled

@@ -256,6 +256,9 @@ def test_curl_speaks_json_to_the_rest_door(secured, tmp_path):
     assert status == 403 and error["code"] == "PERMISSION_DENIED"
     status, error = curl(*auth, f"{base}/models/lymphoblast/versions/9.9.9")
     assert status == 404 and error["reason"] == "MODEL_VERSION_NOT_FOUND" and DEFAULT_VERSION in error["error"]
+    # A body that could not be read is answered and recorded like any refused image, as over gRPC.
+    refused = [r for r in audit_rows(server.audit_path, "HTTP ModelInfer", 4) if r["status"] == "INVALID_ARGUMENT"]
+    assert any("not JSON" in r["detail"] for r in refused) and any("base64" in r["detail"] for r in refused)
 
 
 @pytest.fixture

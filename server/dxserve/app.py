@@ -13,7 +13,7 @@ from . import images, metrics, reflection
 from .admin import AdminService, Operations
 from .audit import AuditTrail, open_store
 from .auth import CallerInterceptor, KeyFile, Refusals, open_methods
-from .config import Settings
+from .config import TRANSPORT_FACTOR, Settings
 from .inference import InferenceService
 from .inference import add_to_server as add_inference_to_server
 from .oip import grpc_service_pb2 as oip
@@ -53,7 +53,6 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-TRANSPORT_FACTOR = 4
 
 
 def _checkpointer(settings: Settings):

@@ -59,10 +59,15 @@ def row_hash(prev_hash: str, content: dict[str, Any]) -> str:
     return hashlib.sha256(f"{prev_hash}\n{canonical}".encode()).hexdigest()
 
 
-def input_sha256(image) -> str:
-    """SHA-256 of a request's image as sent: the encoded file, or the raw pixels; "" without one."""
+def image_bytes(image) -> bytes | None:
+    """A request's image as sent: the encoded file, or the raw pixels; None without one."""
     kind = image.WhichOneof("data") if image is not None else None
-    data = image.encoded if kind == "encoded" else image.raw.pixels if kind == "raw" else None
+    return image.encoded if kind == "encoded" else image.raw.pixels if kind == "raw" else None
+
+
+def input_sha256(image) -> str:
+    """SHA-256 of a request's image as sent; "" without one."""
+    data = image_bytes(image)
     return hashlib.sha256(data).hexdigest() if data is not None else ""
 
 
@@ -310,8 +315,7 @@ class AuditTrail:
         logged); raises AuditUnavailable when they are."""
         if self.stalled:
             raise AuditUnavailable(self.stalled)
-        image = record.get("image")
-        size = len(image.encoded) + len(image.raw.pixels) if image is not None and hasattr(image, "encoded") else 0
+        size = len(image_bytes(record.get("image")) or b"")
         if self.pending >= self.max_pending or self.pending_bytes + size > self.max_pending_bytes:
             raise AuditUnavailable(f"{self.pending} records ({self.pending_bytes / 2**20:.0f} MB of images) are waiting to be "
                                    f"written, the most it holds (audit_max_pending); the trail is slower than the requests")

@@ -15,6 +15,11 @@ from .sites import SiteAcceptance
 ENV_PREFIX = "DXSERVE_"
 
 
+#: The gRPC transport and the HTTP door take this many times `max_message_bytes`; the service
+#: checks each request against the limit itself, so an oversized stream item costs only itself.
+TRANSPORT_FACTOR = 4
+
+
 class Settings(BaseModel):
     """Every setting of `dxserve serve`, with its default."""
 

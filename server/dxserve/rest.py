@@ -43,8 +43,8 @@ from google.protobuf import json_format
 
 from . import __version__, errors
 from .auth import CALLER, CallerInterceptor, refusal_reason
-from .config import Settings
-from .inference import PLATFORM, InferenceService, deserialize_bytes, serialize_bytes
+from .config import TRANSPORT_FACTOR, Settings
+from .inference import OFF_LOOP_BYTES, PLATFORM, InferenceService, deserialize_bytes, serialize_bytes
 from .oip import grpc_service_pb2 as oip
 
 log = logging.getLogger("dxserve.rest")
@@ -161,6 +161,22 @@ def infer_request(name: str, version: str, header: dict, binary: bytes) -> oip.M
     return request
 
 
+def parse_body(name: str, version: str, body: bytes, header_length: str | None) -> tuple[dict, oip.ModelInferRequest]:
+    """(the JSON header, the ModelInferRequest) of a REST inference body: all JSON, or (Triton's
+    binary extension) `header_length` bytes of JSON, then the inputs' bytes; or ServingError."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise invalid(f"{HEADER_LENGTH} {errors.clip(header_length)!r} is not a length within the body's {len(body)} bytes")
+        text, binary = body[:int(header_length)], body[int(header_length):]
+    else:
+        text, binary = body, b""
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise invalid(f"the request is not JSON: {error}") from None
+    return header, infer_request(name, version, header, binary)
+
+
 def infer_response(response: oip.ModelInferResponse, header: dict) -> web.Response:
     """The REST answer of a ModelInferResponse: JSON data, or binary after the header where asked."""
     everything_binary = bool((header.get("parameters") or {}).get("binary_data_output"))
@@ -191,9 +207,9 @@ class RestDoor:
 
     def __init__(self, inference: InferenceService, callers: CallerInterceptor, settings: Settings):
         self.inference, self.callers, self.settings = inference, callers, settings
-        # The transport takes 4x the per-request limit (as gRPC's): base64 and JSON cost a third more
-        # than the image, and the image itself is checked against max_message_bytes by the service.
-        self.max_body = 4 * settings.max_message_bytes
+        # The transport takes TRANSPORT_FACTOR times the per-request limit (as gRPC's): base64 and JSON
+        # cost a third more than the image, which the service checks against max_message_bytes.
+        self.max_body = TRANSPORT_FACTOR * settings.max_message_bytes
         self.app = web.Application(client_max_size=self.max_body)
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
@@ -292,23 +308,24 @@ class RestDoor:
         return web.json_response(config)
 
     async def infer(self, request: web.Request) -> web.Response:
+        """A request that cannot be read (too large, not JSON, malformed tensors) is answered and
+        recorded like any refused image, as over gRPC (`InferenceService.infer`'s `refused`)."""
         name, version = self._model(request)
+        header: dict = {}
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # read no further than the limit, then say so in our words
-            raise errors.message_too_large(request.content_length or 0, self.max_body) from None
-        if (length := request.headers.get(HEADER_LENGTH)) is not None:
-            if not length.isdigit() or int(length) > len(body):
-                raise invalid(f"{HEADER_LENGTH} {errors.clip(length)!r} is not a length within the body's {len(body)} bytes")
-            text, binary = body[:int(length)], body[int(length):]
-        else:
-            text, binary = body, b""
-        try:  # off the event loop: a large JSON body takes a while to parse (issue 32)
-            header = await asyncio.to_thread(json.loads, text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise invalid(f"the request is not JSON: {error}") from None
-        message = await asyncio.to_thread(infer_request, name, version, header, binary)
-        outcome = await self.inference.infer(message, None, METHOD)
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:  # read no further than the limit, then say so in our words
+                raise errors.message_too_large(request.content_length or 0, self.max_body) from None
+            length = request.headers.get(HEADER_LENGTH)
+            if len(body) < OFF_LOOP_BYTES:  # as over gRPC: a thread hop costs more than a small parse
+                header, message = parse_body(name, version, body, length)
+            else:  # off the event loop: a large JSON body takes a while to parse (issue 32)
+                header, message = await asyncio.to_thread(parse_body, name, version, body, length)
+            refused = None
+        except errors.ServingError as error:
+            message, refused = oip.ModelInferRequest(model_name=name, model_version=version), error
+        outcome = await self.inference.infer(message, None, METHOD, refused)
         if isinstance(outcome, errors.ServingError):
             raise outcome
         return infer_response(outcome, header)

@@ -356,9 +356,9 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         raises becomes plugin_crashed, a bad image the decoder's own error."""
         with images.memory_slot(request.image):  # large images one at a time: memory stays bounded
             spec = batcher.runtime.info.input
-            rgb = images.decode(request.image, self._max_pixels(spec), spec.min_side,
-                                f"plugin {batcher.plugin!r}'s max_pixels" if spec.max_pixels and
-                                spec.max_pixels < self.settings.max_image_pixels else "max_image_pixels")
+            limit = self._max_pixels(spec)
+            whose = "max_image_pixels" if limit == self.settings.max_image_pixels else f"plugin {batcher.plugin!r}'s max_pixels"
+            rgb = images.decode(request.image, limit, spec.min_side, whose)
             try:
                 return plugin_call(rgb)
             except Exception as error:

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from dxserve.runtime import Adaptation, LabelledImage
@@ -71,8 +72,6 @@ def burnt_in_boxes(fields: Sequence[np.ndarray]) -> list[list[float]]:
         grey = field.mean(axis=2)
         dark += grey < np.percentile(grey, 90) * 0.6  # well below the plasma: stain, or a mark
     mark = (dark / count >= OVERLAY_SHARE).astype(np.uint8)
-    import cv2
-
     mark = cv2.dilate(mark, np.ones((5, 5), np.uint8))
     boxes = []
     number, labels, stats, _ = cv2.connectedComponentsWithStats(mark)
@@ -106,13 +105,6 @@ def nucleus_hue_floor(fields: Sequence[np.ndarray], p: detect.Parameters, bins: 
     return float(low + (best[1] + 0.5) * (high - low) / bins)  # the upper mode, the more violet, is the nuclei
 
 
-def smear_hue_share(rgb: np.ndarray, p: detect.Parameters) -> float:
-    hue, saturation = detect._hsv(rgb)
-    stained = saturation > p.rbc_min_saturation
-    low, _ = p.nucleus_hue
-    return float(((hue < 0.1) | (hue > low))[stained].mean()) if stained.any() else 0.0
-
-
 def fit(parent: detect.Parameters, fields: Sequence[np.ndarray]) -> tuple[detect.Parameters, dict]:
     """The site's parameters from its fields, and what was measured to set them."""
     boxes = burnt_in_boxes(fields)
@@ -124,7 +116,7 @@ def fit(parent: detect.Parameters, fields: Sequence[np.ndarray]) -> tuple[detect
     microns_per_pixel = parent.rbc_diameter_um / float(np.median(measured))
     hue = (round(nucleus_hue_floor(masked, parent), 4), parent.nucleus_hue[1])
     # The gate's share of smear hues counts violet from the site's nucleus hue on: fitted with it.
-    shares = np.array([smear_hue_share(f, parent.with_overrides({"nucleus_hue": hue})) for f in masked])
+    shares = np.array([detect.smear_hue_share(f, parent.with_overrides({"nucleus_hue": hue})) for f in masked])
     min_share = min(parent.min_smear_hue_fraction, float(np.percentile(shares, 2)))
     site = parent.with_overrides({**PROFILE, "mask_boxes": boxes, "nucleus_hue": hue,
                                   "site_microns_per_pixel": round(microns_per_pixel, 4),

@@ -187,6 +187,18 @@ def scale(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> flo
     return diameter_px / p.rbc_diameter_um
 
 
+def _smear_hue_share(hsv: _HSV, stained: np.ndarray, p: Parameters) -> float:
+    """Share of the `stained` pixels in a smear's hues: pink and red cells, violet nuclei."""
+    smear_hues = hsv.below(hsv.hue, 0.1) | hsv.above(hsv.hue, p.nucleus_hue[0])
+    return float(smear_hues[stained].mean()) if stained.any() else 0.0
+
+
+def smear_hue_share(rgb: np.ndarray, p: Parameters) -> float:
+    """What the field gate's NOT_A_SMEAR check measures (`min_smear_hue_fraction`), for a field."""
+    hsv = _HSV(rgb)
+    return _smear_hue_share(hsv, hsv.above(hsv.saturation, p.rbc_min_saturation), p)
+
+
 def field_issues(rgb: np.ndarray, p: Parameters) -> list[QualityIssue]:
     """Why this image is not a field to find cells in; empty when it is one."""
     hsv = _HSV(rgb)
@@ -195,10 +207,8 @@ def field_issues(rgb: np.ndarray, p: Parameters) -> list[QualityIssue]:
     if fraction < p.min_stained_fraction:
         return [QualityIssue("NO_CELLS", f"{fraction:.1%} of the field is stained: no cells to find (blank or empty field)",
                              fraction, p.min_stained_fraction, 1.0)]
-    low, high = p.nucleus_hue
-    smear_hues = hsv.below(hsv.hue, 0.1) | hsv.above(hsv.hue, low)  # pink and red cells, violet nuclei
-    share = float(smear_hues[stained].mean()) if stained.any() else 0.0
-    del hsv, stained, smear_hues
+    share = _smear_hue_share(hsv, stained, p)
+    del hsv, stained
     if share < p.min_smear_hue_fraction:
         return [QualityIssue("NOT_A_SMEAR", f"only {share:.0%} of the stained pixels have a smear's pink, red or violet: "
                              "not a stained blood smear (noise, a photo, another stain)", share, p.min_smear_hue_fraction, 1.0)]

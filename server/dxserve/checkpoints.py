@@ -176,13 +176,13 @@ def verify(rows: list[dict], file: Path, public: Ed25519PublicKey) -> tuple[int,
             notes.append(f"rows {started['after'] + 1} to {found} were unsigned when a server started at "
                          f"{started['time']}: written after the last checkpoint by a server that then stopped without "
                          "its final one (a crash), or forged while none ran; not proven")
-    problems += _counted(checkpoints)
-    sessions = {}
+    sessions: dict[str, list[dict]] = {}  # each writer's checkpoints, in the order it wrote them
     for checkpoint in checkpoints:
         sessions.setdefault(checkpoint["writer"], []).append(checkpoint)
-    ended = [c for c in checkpoints if c["reason"] == "start"]
+    problems += _counted(sessions)
+    starts = [c for c in checkpoints if c["reason"] == "start"]
     for writer, own in sessions.items():
-        if own[-1]["reason"] != "stop" and any(s["time"] > own[-1]["time"] and s["writer"] != writer for s in ended):
+        if own[-1]["reason"] != "stop" and any(s["time"] > own[-1]["time"] and s["writer"] != writer for s in starts):
             notes.append(f"writer {writer} stopped without its final checkpoint after row {own[-1]['seq']} "
                          f"({own[-1]['time']}): rows it wrote after that could have been cut without trace")
     final = max(checkpoints, key=lambda c: (c["seq"], c["time"]))
@@ -202,25 +202,20 @@ def verify(rows: list[dict], file: Path, public: Ed25519PublicKey) -> tuple[int,
     return len(checkpoints), problems, notes
 
 
-def _counted(checkpoints: list[dict]) -> list[str]:
+def _counted(sessions: dict[str, list[dict]]) -> list[str]:
     """Between two checkpoints of a writer that ran alone, the chain grew by exactly the rows it
     wrote: more means rows inserted by someone else while it ran."""
     problems = []
-    windows = {}
-    for checkpoint in checkpoints:
-        first, last = windows.get(checkpoint["writer"], (checkpoint["time"], checkpoint["time"]))
-        windows[checkpoint["writer"]] = (min(first, checkpoint["time"]), max(last, checkpoint["time"]))
-    by_writer: dict[str, dict] = {}
-    for checkpoint in checkpoints:
-        before = by_writer.get(checkpoint["writer"])
-        by_writer[checkpoint["writer"]] = checkpoint
-        if before is None or "rows" not in checkpoint:
-            continue
-        alone = not any(w != checkpoint["writer"] and first <= checkpoint["time"] and last >= before["time"]
-                        for w, (first, last) in windows.items())
-        grown = checkpoint["seq"] - before["seq"]
-        if alone and grown != checkpoint["rows"]:
-            problems.append(f"rows {before['seq'] + 1} to {checkpoint['seq']}: the chain grew by {grown} rows between two "
-                            f"checkpoints of writer {checkpoint['writer']} ({before['time']}, {checkpoint['time']}), which "
-                            f"wrote {checkpoint['rows']} of them alone: rows were inserted (or removed) by someone else")
+    spans = {writer: (own[0]["time"], own[-1]["time"]) for writer, own in sessions.items()}
+    for writer, own in sessions.items():
+        for before, checkpoint in zip(own, own[1:]):
+            if "rows" not in checkpoint:
+                continue
+            alone = not any(w != writer and first <= checkpoint["time"] and last >= before["time"]
+                            for w, (first, last) in spans.items())
+            grown = checkpoint["seq"] - before["seq"]
+            if alone and grown != checkpoint["rows"]:
+                problems.append(f"rows {before['seq'] + 1} to {checkpoint['seq']}: the chain grew by {grown} rows between two "
+                                f"checkpoints of writer {writer} ({before['time']}, {checkpoint['time']}), which wrote "
+                                f"{checkpoint['rows']} of them alone: rows were inserted (or removed) by someone else")
     return problems

@@ -5,6 +5,7 @@ its parent is unchanged and its weights match their hash."""
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ def as_another_lab(rgb: np.ndarray, k: int) -> np.ndarray:
 
 def write_another_lab(root: Path) -> None:
     """root/labels.csv and root/labelled/: the six fixture cells as another lab's, 8 orientations
-    each, grouped by cell (48); root/unlabelled/: 2 orientations each (12)."""
+    each, grouped by cell (48); root/unlabelled/: 2 orientations each as JPEG (12), and one copy
+    of a labelled file (the same bytes: onboarding leaves it out)."""
     (root / "labelled").mkdir()
     (root / "unlabelled").mkdir()
     with (root / "labels.csv").open("w", newline="") as f:
@@ -46,7 +48,8 @@ def write_another_lab(root: Path) -> None:
                 Image.fromarray(as_another_lab(rgb, k)).save(root / name)
                 out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", path.stem])
             for k in (1, 6):
-                Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.png")
+                Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.jpg", quality=95)
+    shutil.copy(root / "labelled" / f"{CELLS[0].stem}-0.png", root / "unlabelled" / "copy-of-a-labelled-cell.png")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,8 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
 
     assert site["parent"]["weights_sha256"] == find_version(DEFAULT_VERSION).weights_sha256
     assert site["weights"]["sha256"] == sha256_of(folder / site["weights"]["file"])
-    assert len(site["labelled"]) == 48 and len(site["unlabelled"]) == 12
+    assert len(site["labelled"]) == 48 and len(site["unlabelled"]) == 12  # the copy of a labelled cell left out
+    assert site["report"]["unlabelled_images"] == 12
     assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
     report = site["report"]
     assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24}
@@ -145,8 +149,6 @@ def test_a_server_serves_a_site_version_only_while_it_meets_its_criteria(onboard
 def test_an_altered_site_version_is_refused(onboarded, tmp_path):
     """Its weights changed after onboarding: FAILED on first use (hash), the default serves on;
     its parent named with other weights: NOT_SERVED, asking for onboarding again."""
-    import shutil
-
     _, sites_dir, _ = onboarded
     copy = tmp_path / "sites"
     shutil.copytree(sites_dir, copy)
@@ -295,7 +297,8 @@ def test_a_field_site_version_finds_cells_at_the_labs_scale_behind_its_marks(tmp
     (x0, y0, x1, y1), = measured["burnt_in_boxes"]
     assert x0 <= 120 / 160 and x1 >= 150 / 160 and y0 <= 110 / 120 and y1 >= 113 / 120 and (x1 - x0) * (y1 - y0) < 0.05
     assert site["report"]["parent"]["labelled_fields_with_a_cell"] == 0  # 1.0.0: SCALE_UNKNOWN everywhere
-    assert site["report"]["parent"]["refusals"] == {"SCALE_UNKNOWN": 24}  # the 12 labelled, and again in the folder
+    assert site["report"]["parent"]["refusals"] == {"SCALE_UNKNOWN": 12}  # the 12 labelled, not again from the folder
+    assert site["unlabelled"] == {}  # the folder held only the labelled fields
     assert site["report"]["acceptance"] == {"labelled": 12, "fields_with_objects": 1.0}
     assert unmet(site["report"], SiteAcceptance(min_labelled=10), "field") == []
     assert unmet(site["report"], SiteAcceptance(min_labelled=10, min_fields_with_objects=1.0), "field") == []

@@ -6,7 +6,8 @@
 `labels.csv` has a header and the columns `path` (relative to the CSV's folder), `label` (one of
 the plugin's labels) and `group` (the patient, or the block of images one came from: every
 split of the validation keeps a group whole). Unlabelled images are every PNG, JPEG, BMP or
-TIFF under the folder. Nothing is written unless the plugin's adaptation completes; the folder
+TIFF under the folder, less any file identical to a labelled one (the same bytes: a folder may
+hold both), so no image is learnt from or counted twice. Nothing is written unless the plugin's adaptation completes; the folder
 of a failed one is removed.
 """
 
@@ -53,11 +54,14 @@ def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[Labelle
     return images, sites.hashed(files, csv_path.parent)
 
 
-def read_unlabelled(folder: Path) -> tuple[list, dict[str, str]]:
+def read_unlabelled(folder: Path, labelled: set[str] = frozenset()) -> tuple[list, dict[str, str]]:
+    """The images under `folder` and {path: SHA-256} of their files, less those whose SHA-256 is in `labelled`."""
     files = image_files([folder])  # the client's own rule for a folder of images
     if not files:
         raise OnboardingError(f"{folder}: no images (PNG, JPEG, BMP, TIFF) to learn the site's images from")
-    return [decoded(p) for p in files], sites.hashed(files, folder)
+    hashes = {p: sites.sha256_of(p) for p in files}
+    files = [p for p in files if hashes[p] not in labelled]
+    return [decoded(p) for p in files], {str(p.relative_to(folder)): hashes[p] for p in files}
 
 
 def decoded(path: Path):
@@ -85,9 +89,9 @@ def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv:
         raise OnboardingError(f"plugin {plugin!r} has no version {base!r} (has: {', '.join(versions)})")
     labels = entry.runtime_class.info.labels
     labelled, labelled_files = read_labelled(labelled_csv, labels)
-    unlabelled, unlabelled_files = read_unlabelled(unlabelled_dir)
-    log(f"{len(labelled)} labelled images in {len({x.group for x in labelled})} groups, {len(unlabelled)} unlabelled; "
-        f"loading {plugin} {parent.version}")
+    unlabelled, unlabelled_files = read_unlabelled(unlabelled_dir, set(labelled_files.values()))
+    log(f"{len(labelled)} labelled images in {len({x.group for x in labelled})} groups, {len(unlabelled)} unlabelled "
+        f"(not counting those also labelled); loading {plugin} {parent.version}")
     runtime = registry.load_runtime(entry.runtime_class, parent)
     version = sites.next_version(settings.sites_dir, plugin, parent.version, site)
     folder = settings.sites_dir / plugin / version

@@ -448,6 +448,47 @@ def test_idle_streams_give_their_places_up_when_the_server_is_full(tmp_path):
         assert ended == ["OK"]
 
 
+def test_trickling_streams_give_their_places_up_when_the_server_is_full(tmp_path):
+    """Issue 32: a minimum useful rate. An image now and then held a place as well as silence
+    did; with the server full, a stream that sent fewer than stream_min_items_when_full items in
+    stream_idle_when_full_s ends STREAM_TOO_SLOW with its resume point, and its answered items
+    stay answered. Below the crowd mark the same trickle keeps its place."""
+    import threading
+
+    release, ended, answered = threading.Event(), [], []
+
+    def trickle():  # one image a second: 2 in a 2 s window, under the floor of 3
+        i = 0
+        while not release.is_set():
+            yield (str(i), GREY)
+            i += 1
+            release.wait(1.0)
+
+    def hold(client):
+        try:
+            answered.append(sum(r.ok for r in client.classify_stream(trickle(), plugin="brightness")))
+            ended.append("OK")
+        except DxServeError as error:
+            ended.append((error.code, error.reason, error.resume_index, str(error)))
+
+    with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "2",
+                      "--stream-min-items-when-full", "3", "--stream-idle-timeout-s", "300") as server, \
+            Client(server.address) as client:
+        holders = [threading.Thread(target=hold, args=(client,)) for _ in range(4)]
+        for thread in holders:
+            thread.start()
+        wait_for(lambda: ended, 15, "a trickling stream to give its place up")
+        code, reason, resume, message = ended[0]
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_TOO_SLOW") and resume >= 2
+        assert "stream_min_items_when_full" in message
+        assert client.classify(GREY, plugin="brightness").ok  # a place for a caller that sends
+        time.sleep(3)  # no longer full: the other three trickle on
+        release.set()
+        for thread in holders:
+            thread.join(10)
+        assert len(ended) == 4 and ended[1:] == ["OK"] * 3 and all(n >= 5 for n in answered)
+
+
 def test_a_callers_request_rate_is_capped_unary_refused_streams_slowed(tmp_path):
     with light_server(tmp_path, "--max-requests-per-s-per-caller", "5") as server, Client(server.address) as client:
         outcomes = []

@@ -38,6 +38,10 @@ class Settings(BaseModel):
     stream_idle_when_full_s: float = Field(10.0, ge=0, description="while 90% of max_concurrent_calls are taken, a "
                                            "stream that sends nothing for this long ends UNAVAILABLE (STREAM_IDLE) with "
                                            "its resume_index, so idle streams cannot hold the places others need; 0 = never")
+    stream_min_items_when_full: int = Field(2, ge=1, description="while 90% of max_concurrent_calls are taken, a stream "
+                                            "that sent fewer items than this in the last stream_idle_when_full_s ends "
+                                            "UNAVAILABLE (STREAM_TOO_SLOW) with its resume_index: a trickle of images "
+                                            "holds a place no better than silence (1: only silent streams)")
     max_stream_age_s: float = Field(3600.0, ge=0, description="a stream open this long stops reading, answers what it "
                                     "read and ends UNAVAILABLE (STREAM_MAX_AGE) with its resume_index; 0 = never")
     max_connection_age_s: float = Field(3600.0, ge=0, description="connections are closed (GOAWAY) after this long, so "

@@ -258,9 +258,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for raw in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
-                                                     self.settings.max_stream_age_s, ended, self.diagnostics.crowded,
-                                                     self.settings.stream_idle_when_full_s):
+                async for raw in requests_while_open(request_iterator, self.settings, ended, self.diagnostics.crowded):
                     request, refused = await self.parsed(raw)
                     item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer", refused))
                     try:

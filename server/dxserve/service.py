@@ -92,9 +92,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         async def read() -> None:
             try:
                 index = 0
-                async for request in requests_while_open(request_iterator, self.settings.stream_idle_timeout_s,
-                                                         self.settings.max_stream_age_s, ended, self.crowded,
-                                                         self.settings.stream_idle_when_full_s):
+                async for request in requests_while_open(request_iterator, self.settings, ended, self.crowded):
                     recorded = asyncio.Event()
                     try:
                         tally = specimens.tally_for(request)

@@ -1,29 +1,34 @@
 """How a ClassifyStream reads its requests: until the client half-closes, or the stream has
 been idle or open too long (then it ends with a resume point; see errors.stream_ended).
 
-While the server is crowded (nearly all of `max_concurrent_calls` taken), a stream idle for
-`stream_idle_when_full_s` ends the same way, so streams that send nothing (or a byte now and
-then) cannot hold the places other callers need (issue 32); the client resumes where it stopped."""
+While the server is crowded (nearly all of `max_concurrent_calls` taken), a stream that sent
+fewer than `stream_min_items_when_full` items in the last `stream_idle_when_full_s` ends the
+same way, so streams that send nothing, a byte now and then, or an image now and then cannot
+hold the places other callers need (issue 32); the client resumes where it stopped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+
+from .config import Settings
 
 CROWDED_CHECK_S = 0.5  # how often a waiting stream looks again whether the server is crowded
 
 
-async def requests_while_open(requests: AsyncIterator, idle_s: float, age_s: float, ended: list,
-                              crowded: Callable[[], bool] | None = None, crowded_idle_s: float = 0.0):
-    """A stream's requests, until the client half-closes, sends nothing for `idle_s`
-    (stream_idle_timeout_s), or for `crowded_idle_s` while `crowded()` (stream_idle_when_full_s),
-    or the stream is `age_s` old (max_stream_age_s); 0 = no limit. When a limit ends it, `ended`
-    gets (ErrorInfo reason, why) for errors.stream_ended."""
+async def requests_while_open(requests: AsyncIterator, settings: Settings, ended: list,
+                              crowded: Callable[[], bool] | None = None):
+    """A stream's requests, until the client half-closes, sends nothing for stream_idle_timeout_s,
+    sends fewer than stream_min_items_when_full items in stream_idle_when_full_s while `crowded()`,
+    or is max_stream_age_s old; 0 = no limit. When a limit ends it, `ended` gets (ErrorInfo
+    reason, why) for errors.stream_ended."""
     loop, iterator = asyncio.get_running_loop(), aiter(requests)
-    idle, age = idle_s or math.inf, age_s or math.inf
-    watch_crowd = crowded is not None and crowded_idle_s > 0
+    idle, age = settings.stream_idle_timeout_s or math.inf, settings.max_stream_age_s or math.inf
+    floor = (_RateFloor(loop.time(), settings.stream_idle_when_full_s, settings.stream_min_items_when_full, crowded)
+             if crowded is not None and settings.stream_idle_when_full_s > 0 else None)
     closes = loop.time() + age
     # Each item is read in a task of its own (to time it), all in this one context: what reading
     # sets there (auth.py re-identifies the caller after a key-file reload) is adopted by the
@@ -31,12 +36,12 @@ async def requests_while_open(requests: AsyncIterator, idle_s: float, age_s: flo
     reading = contextvars.copy_context()
     while True:
         since = loop.time()
-        if min(idle, age) == math.inf and not watch_crowd:
+        if min(idle, age) == math.inf and floor is None:
             nxt = anext(iterator)
             why = None
         else:  # asyncio.wait, not wait_for: a drain's cancellation must never be swallowed
             nxt = loop.create_task(anext(iterator), context=reading)
-            why = await _wait(nxt, loop, since, idle, closes, age, crowded if watch_crowd else None, crowded_idle_s)
+            why = await _wait(nxt, loop, since, idle, closes, age, floor)
         try:
             request = await nxt
         except StopAsyncIteration:
@@ -46,6 +51,8 @@ async def requests_while_open(requests: AsyncIterator, idle_s: float, age_s: flo
                 raise  # the reader itself was cancelled (a drain)
             ended.append(why)
             return
+        if floor is not None:
+            floor.sent(loop.time())
         if why is None and isinstance(nxt, asyncio.Task):
             for variable, value in reading.items():
                 if variable.get(None) is not value:
@@ -53,8 +60,41 @@ async def requests_while_open(requests: AsyncIterator, idle_s: float, age_s: flo
         yield request
 
 
-async def _wait(nxt: asyncio.Future, loop, since: float, idle: float, closes: float, age: float, crowded,
-                crowded_idle_s: float) -> tuple[str, str] | None:
+class _RateFloor:
+    """The items a stream sent within the last `window_s`, judged only while the server is crowded:
+    fewer than `min_items` (and the stream at least that old) gives its place up."""
+
+    def __init__(self, opened: float, window_s: float, min_items: int, crowded: Callable[[], bool]):
+        self.opened, self.window_s, self.min_items, self.crowded = opened, window_s, min_items, crowded
+        self.times: deque[float] = deque(maxlen=min_items)
+
+    def sent(self, now: float) -> None:
+        self.times.append(now)
+
+    def too_slow(self, now: float) -> bool:
+        """Whether the stream falls short, asking `crowded()` (which counts a True answer as a
+        stream leaving) only then."""
+        if now - self.opened < self.window_s:
+            return False
+        recent = sum(t > now - self.window_s for t in self.times)
+        return recent < self.min_items and self.crowded()
+
+    def next_check(self, now: float) -> float:
+        """When to look again: when the oldest counted item leaves the window, or in CROWDED_CHECK_S."""
+        due = (self.times[0] if len(self.times) == self.min_items else self.opened) + self.window_s
+        return max(due - now, CROWDED_CHECK_S)
+
+    def why(self, now: float) -> tuple[str, str]:
+        if not self.times or self.times[-1] <= now - self.window_s:
+            return "STREAM_IDLE", (f"the stream sent nothing for {self.window_s:g} s while the server was full "
+                                   "(stream_idle_when_full_s): its place goes to a caller that sends")
+        return "STREAM_TOO_SLOW", (f"the stream sent fewer than {self.min_items} items in {self.window_s:g} s while the "
+                                   "server was full (stream_min_items_when_full, stream_idle_when_full_s): its place "
+                                   "goes to a caller that sends")
+
+
+async def _wait(nxt: asyncio.Future, loop, since: float, idle: float, closes: float, age: float,
+                floor: _RateFloor | None) -> tuple[str, str] | None:
     """Wait for `nxt` until a limit is reached; then cancel it and say which (None: it came)."""
     try:
         while not nxt.done():
@@ -63,12 +103,11 @@ async def _wait(nxt: asyncio.Future, loop, since: float, idle: float, closes: fl
                 return "STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)"
             if now - since >= idle:
                 return "STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)"
-            if crowded is not None and now - since >= crowded_idle_s and crowded():
-                return "STREAM_IDLE", (f"the stream sent nothing for {crowded_idle_s:g} s while the server was full "
-                                       "(stream_idle_when_full_s): its place goes to a caller that sends")
+            if floor is not None and floor.too_slow(now):
+                return floor.why(now)
             step = min(closes, since + idle) - now
-            if crowded is not None:
-                step = min(step, max(since + crowded_idle_s - now, CROWDED_CHECK_S))
+            if floor is not None:
+                step = min(step, floor.next_check(now))
             await asyncio.wait((nxt,), timeout=max(step, 0))
         return None
     finally:

@@ -167,7 +167,7 @@ class DxServeError(Exception):
     @property
     def resume_index(self) -> int | None:
         """For a stream the server ended with a resume point (a stopping server, SERVER_DRAINING;
-        an idle or too old stream, STREAM_IDLE / STREAM_MAX_AGE): the first item it did not answer."""
+        an idle, too slow or too old stream, STREAM_IDLE / STREAM_TOO_SLOW / STREAM_MAX_AGE): the first item it did not answer."""
         for detail in self.details:
             if detail.DESCRIPTOR.name == "ErrorInfo" and "resume_index" in detail.metadata:
                 return int(detail.metadata["resume_index"])

@@ -5,8 +5,8 @@ its parent is unchanged and its weights match their hash."""
 from __future__ import annotations
 
 import csv
-import shutil
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -91,6 +91,22 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     from dxserve import sites
 
     assert sites.next_version(sites_dir, "lymphoblast", DEFAULT_VERSION, "lab") == f"{DEFAULT_VERSION}+lab.2"
+
+
+def test_a_site_calibration_never_flips_the_head():
+    """Onboarded on 24 of Aria's cells in 9 groups, the out-of-fold logits ranked the labels
+    backwards (AUROC 0.42); the Platt map fitted to them had a negative slope and turned a head
+    that ranked held-out cells at 0.68 into one at 0.32, with no criterion able to see it on the
+    held-out cells. A slope that is not positive is 0: every cell gets the labelled share."""
+    from dxserve_lymphoblast.adaptation import fit_platt
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 30)
+    backwards = (1 - 2 * y) * 2.0 + rng.normal(0, 1, len(y))
+    assert fit_platt(backwards, y) == (0.0, pytest.approx(0.0))  # half of each: P = 0.5, indeterminate
+    assert fit_platt(backwards, np.r_[y[:40], np.ones(20, int)])[1] == pytest.approx(np.log(40 / 20))
+    a, _ = fit_platt(-backwards, y)
+    assert a > 0.5  # a head that ranks the right way keeps its slope
 
 
 def test_onboarding_refuses_what_it_cannot_use(onboarded, tmp_path, capsys):

@@ -81,10 +81,17 @@ def head_logit(head: dict, x: np.ndarray) -> np.ndarray:
 
 
 def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """P = expit(a * logit + b). A slope that comes out negative (out-of-fold logits ranking the
+    labels backwards: the head learnt nothing that holds across groups) is 0, never a flipped head:
+    every cell then gets the labelled cells' share of lymphoblasts, and is indeterminate."""
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, None], y)
-    return float(model.coef_[0, 0]), float(model.intercept_[0])
+    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+    if a <= 0:
+        share = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
+        return 0.0, float(np.log(share / (1 - share)))
+    return a, b
 
 
 def folds_by_group(groups: np.ndarray, y: np.ndarray, k: int = 5) -> np.ndarray:

@@ -651,3 +651,39 @@ def test_an_idle_open_inference_stream_ends_too(tmp_path):
                 answers.append(answer)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "sent nothing for 1 s" in caught.value.details()
         assert [a.infer_response.id for a in answers] == ["r0", "r1"] and not any(a.error_message for a in answers)
+
+
+def test_an_answered_error_does_not_keep_the_images_of_the_frames_it_was_raised_in():
+    """A 25 Mpx field refused TOO_MANY_OBJECTS kept its 91 crops alive through the error's
+    traceback (a reference cycle the garbage collector freed late, if ever): the server's RSS grew
+    about 40 MB a request (benchmarks/memory.py: +431 MB after 8 smears). An error kept as a call's
+    answer holds no frames."""
+    import asyncio
+    import gc
+    import weakref
+
+    from dxserve import errors
+    from dxserve.config import Settings
+    from dxserve.service import DiagnosticsService
+    from dxserve.v1 import diagnostics_pb2 as pb
+
+    class Crops:  # what a field's search holds in its frame when it refuses
+        pass
+
+    kept = []
+
+    async def refuse(request, request_id, timeout, method):
+        crops = Crops()
+        kept.append(weakref.ref(crops))
+        raise errors.invalid_field("image", "TOO_MANY_OBJECTS", f"found {len([crops])} objects")
+
+    service = DiagnosticsService({}, Settings(audit_db=""))
+    service._classify = refuse
+    gc.disable()
+    try:
+        outcome = asyncio.run(service.answer(pb.ClassifyRequest(plugin="smear-field"), "r", None, "Classify"))
+        assert isinstance(outcome, errors.ServingError) and outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert kept[0]() is None  # freed when the search's frame ended, though its error is still held
+    finally:
+        gc.enable()
+        service.close()

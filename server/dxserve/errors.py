@@ -36,6 +36,14 @@ class ServingError(Exception):
             packed.append(any_detail)
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
 
+    def detached(self) -> ServingError:
+        """This error without its traceback or the exceptions it was raised from, to be kept as a
+        value (a call's answer, a stream item's): otherwise it holds the frames it was raised in,
+        and the images in them, in a reference cycle only the garbage collector frees, late.
+        A 25 Mpx field refused TOO_MANY_OBJECTS kept its 91 crops, about 40 MB a request."""
+        self.__traceback__ = self.__context__ = self.__cause__ = None
+        return self
+
     async def abort(self, context) -> None:
         """End a grpc.aio call with this error and its details (raises, as abort_with_status does)."""
         from grpc_status import rpc_status

@@ -192,7 +192,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 raise refused
             outcome = await self._classify(request, request_id, timeout, method)
         except errors.ServingError as error:
-            outcome = error
+            outcome = error.detached()
         except asyncio.CancelledError:  # gRPC ended the call: its deadline passed, or the client left
             timed_out = timeout is not None and time.monotonic() - started >= timeout
             outcome = errors.deadline_exceeded(request.plugin) if timed_out else errors.cancelled()

@@ -9,8 +9,9 @@ Research: nothing here is shipped; RESULTS.md says what it measured.
    from the onboarding block's fields (the whole chain through the platform), split by contiguous
    number blocks within each class (5 blocks); block `--block` is the onboarding block.
 2. For each size in --labelled: that many cells of the block (half of each class, at random) are
-   written as PNG with labels.csv (group: the field's sub-block of about 5 numbers in its class:
-   neighbouring fields share a patient), the block's other cells as the unlabelled folder, and
+   written as PNG with labels.csv (group: the field's sub-block of --group-size numbers in its
+   class, 20 by default: neighbouring fields share a patient, and groups of 5 let a patient's
+   cells sit on both sides of the report's folds), the block's other cells as the unlabelled folder, and
    `dxserve site onboard` makes a site version of 2.1.0 into a scratch sites_dir.
 3. The site version, loaded as the server loads it, classifies every cell of the other blocks:
    AUROC per cell with its spread over blocks, beside the colour-only and background-only
@@ -39,7 +40,8 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def write_onboarding(folder: Path, crops, rows, picked: np.ndarray, unlabelled: np.ndarray) -> tuple[Path, Path]:
+def write_onboarding(folder: Path, crops, rows, picked: np.ndarray, unlabelled: np.ndarray,
+                     group_size: int) -> tuple[Path, Path]:
     (folder / "labelled").mkdir(parents=True)
     (folder / "unlabelled").mkdir()
     with (folder / "labels.csv").open("w", newline="") as f:
@@ -49,7 +51,7 @@ def write_onboarding(folder: Path, crops, rows, picked: np.ndarray, unlabelled: 
             name = f"labelled/{i:05d}.png"
             Image.fromarray(crops[i]).save(folder / name)
             out.writerow([name, "lymphoblast" if rows[i]["label"] == "blast" else "normal",
-                          f"{rows[i]['klass']}-{rows[i]['number'] // 5}"])
+                          f"{rows[i]['klass']}-{rows[i]['number'] // group_size}"])
     for i in unlabelled:
         Image.fromarray(crops[i]).save(folder / "unlabelled" / f"{i:05d}.png")
     return folder / "labels.csv", folder / "unlabelled"
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--labelled", type=int, nargs="+", default=[100, 25])
     parser.add_argument("--block", type=int, default=0)
     parser.add_argument("--detector", choices=("profile", "site"), default="profile")
+    parser.add_argument("--group-size", type=int, default=20,
+                        help="field numbers a labels.csv group spans (neighbouring fields share a patient)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.out = args.out or HERE.parent / ("onboard_aria.json" if args.detector == "profile" else "onboard_aria_site_detector.json")
@@ -96,7 +100,7 @@ def main() -> None:
     parent.load()
     p_parent, issues_parent = served(parent, [crops[i] for i in held])
     p_pbc_parent, pbc_issues_parent = served(parent, pbc_crops)
-    report = {"detector": args.detector, "detector_site_version": detector_report,
+    report = {"detector": args.detector, "group_size": args.group_size, "detector_site_version": detector_report,
               "fields_with_a_cell": len({r["path"] for r in found}) / len({r["path"] for r in rows}),
               "cells": len(found), "held_out_cells": int(len(held)), "onboarding_block": args.block,
               "parent 2.1.0": {"auroc": aria.auroc(y[held], p_parent),
@@ -109,7 +113,7 @@ def main() -> None:
         unlabelled = np.setdiff1d(in_block, picked)
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
-            labels, folder = write_onboarding(scratch / "data", crops, found, picked, unlabelled)
+            labels, folder = write_onboarding(scratch / "data", crops, found, picked, unlabelled, args.group_size)
             settings = Settings(sites_dir=scratch / "sites", audit_db="")
             started = time.time()
             done = onboard(settings, "lymphoblast", "2.1.0", "taleqani", labels, folder, log=log)

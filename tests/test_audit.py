@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 
@@ -327,3 +328,15 @@ def test_checkpoints_count_rows_so_an_insert_while_running_and_a_crash_are_seen(
     code, out = _verify(db, checkpoints, public, capsys)
     assert code == 0 and "were unsigned when a server started" in out and "stopped without its final checkpoint" in out, out
     assert "NOT PROVEN" in out
+
+
+def test_a_postgresql_trail_without_its_driver_says_what_to_install(monkeypatch):
+    """psycopg is the postgres extra (a serving install on SQLite does not carry it): a
+    postgresql:// trail on an install without it names the extra to install."""
+    import sys
+
+    from dxserve import audit
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(RuntimeError, match=re.escape("pip install 'dxserve[postgres]'")):
+        audit.PostgresStore("postgresql://dxserve@127.0.0.1:1/audit").connect()

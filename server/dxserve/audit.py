@@ -188,8 +188,11 @@ class PostgresStore(Store):
         self.url = url
 
     def connect(self):
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            raise RuntimeError("a postgresql:// audit_db needs psycopg, which this install lacks: "
+                               "pip install 'dxserve[postgres]'") from None
         connection = psycopg.connect(self.url, autocommit=False)
         with connection.transaction():
             connection.execute(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK})")  # replicas creating it at once

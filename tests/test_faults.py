@@ -657,7 +657,9 @@ def test_an_answered_error_does_not_keep_the_images_of_the_frames_it_was_raised_
     """A 25 Mpx field refused TOO_MANY_OBJECTS kept its 91 crops alive through the error's
     traceback (a reference cycle the garbage collector freed late, if ever): the server's RSS grew
     about 40 MB a request (benchmarks/memory.py: +431 MB after 8 smears). An error kept as a call's
-    answer holds no frames."""
+    answer holds no frames, and a call ends with its status set, not aborted: grpc.aio keeps an
+    abort's exception in the call's state, and with it the handler's frame and request (+150 MB
+    over 40 refused 5 MB images)."""
     import asyncio
     import gc
     import weakref
@@ -677,6 +679,25 @@ def test_an_answered_error_does_not_keep_the_images_of_the_frames_it_was_raised_
         kept.append(weakref.ref(crops))
         raise errors.invalid_field("image", "TOO_MANY_OBJECTS", f"found {len([crops])} objects")
 
+    class Context:  # a grpc.aio context: the call's status is set, never aborted (abort keeps its exception)
+        def __init__(self):
+            self.code = self.details = self.trailing = None
+
+        def time_remaining(self):
+            return None
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+        def set_trailing_metadata(self, metadata):
+            self.trailing = dict(metadata)
+
+        async def abort_with_status(self, status):
+            raise AssertionError("aborted: grpc.aio's call state keeps the AbortError, whose traceback holds the request")
+
     service = DiagnosticsService({}, Settings(audit_db=""))
     service._classify = refuse
     gc.disable()
@@ -684,6 +705,11 @@ def test_an_answered_error_does_not_keep_the_images_of_the_frames_it_was_raised_
         outcome = asyncio.run(service.answer(pb.ClassifyRequest(plugin="smear-field"), "r", None, "Classify"))
         assert isinstance(outcome, errors.ServingError) and outcome.code == grpc.StatusCode.INVALID_ARGUMENT
         assert kept[0]() is None  # freed when the search's frame ended, though its error is still held
+        context = Context()
+        assert asyncio.run(service.Classify(pb.ClassifyRequest(plugin="smear-field"), context)) is None
+        assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "found 1 objects" in context.details
+        assert "grpc-status-details-bin" in context.trailing  # the typed details, as abort_with_status sends them
+        assert kept[1]() is None
     finally:
         gc.enable()
         service.close()

@@ -75,7 +75,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             auth.require_admin()
             reports = await self.operations.reload(list(request.plugins), auth.CALLER.get().name)
         except errors.ServingError as error:
-            await error.abort(context)
+            return error.end(context)
         return pb.ReloadPluginsResponse(plugins=[pb.PluginReload(
             plugin=r.plugin, ok=r.ok, error=r.error, loaded=r.loaded, removed=r.removed, kept=r.kept,
             previous_default=r.previous_default, default_model_version=r.default_version) for r in reports])
@@ -85,5 +85,5 @@ class AdminService(pb_grpc.AdminServiceServicer):
             auth.require_admin()
             previous, current = await self.operations.set_default(request.plugin, request.model_version, auth.CALLER.get().name)
         except errors.ServingError as error:
-            await error.abort(context)
+            return error.end(context)
         return pb.SetDefaultVersionResponse(previous_default=previous, default_model_version=current)

@@ -336,14 +336,15 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         counted = not details.method.startswith((HEALTH_PREFIX, *PROBES))  # health is never limited, even when closed
         interceptor = self
 
-        async def enter(context) -> Caller:
+        def enter(context) -> Caller | None:
+            """The call's caller, admitted; None when refused (the call's status is then set: end it)."""
             try:
                 caller = interceptor.identify(context)
                 interceptor.admit(caller, streaming, counted)
             except errors.ServingError as refusal:
                 interceptor.refusals.refused(refusal_reason(refusal), _peer_host(context), refusal)
-                await refusal.abort(context)
-                raise  # not reached: abort raises
+                refusal.end(context)
+                return None
             CALLER.set(caller)  # each call runs in its own task, whose context ends with it
             return caller
 
@@ -354,7 +355,8 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             behavior = handler.stream_stream or handler.unary_stream
 
             async def wrapped(request, context):
-                caller = await enter(context)
+                if (caller := enter(context)) is None:
+                    return
                 if handler.request_streaming:
                     request = interceptor.checked_requests(request, context, caller)
                 try:
@@ -366,7 +368,8 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             behavior = handler.stream_unary or handler.unary_unary
 
             async def wrapped(request, context):
-                caller = await enter(context)
+                if (caller := enter(context)) is None:
+                    return None
                 try:
                     return await behavior(request, context)
                 finally:

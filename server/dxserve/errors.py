@@ -44,11 +44,18 @@ class ServingError(Exception):
         self.__traceback__ = self.__context__ = self.__cause__ = None
         return self
 
-    async def abort(self, context) -> None:
-        """End a grpc.aio call with this error and its details (raises, as abort_with_status does)."""
+    def end(self, context) -> None:
+        """Set this error, with its details, as the status a grpc.aio call ends with: the handler
+        then returns (a unary one `None`), and the client gets exactly what abort_with_status
+        would send. Not abort, which raises an exception that the call's state keeps: its
+        traceback holds the handler's frames, their request (up to max_message_bytes) with them,
+        in a cycle only the garbage collector frees, late (+150 MB over 40 refused 5 MB images)."""
         from grpc_status import rpc_status
 
-        await context.abort_with_status(rpc_status.to_status(self.to_status()))
+        status = rpc_status.to_status(self.to_status())
+        context.set_code(status.code)
+        context.set_details(status.details)
+        context.set_trailing_metadata(status.trailing_metadata)
 
 
 def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:

@@ -223,7 +223,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         try:
             return method(request.name, request.version)
         except errors.ServingError as error:
-            await error.abort(context)
+            return error.end(context)
 
     async def parsed(self, raw: bytes | oip.ModelInferRequest) -> tuple[oip.ModelInferRequest, errors.ServingError | None]:
         """A request as it came (`add_to_server` registers ModelInfer and ModelStreamInfer for their
@@ -244,7 +244,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         request, refused = await self.parsed(raw)
         outcome = await self.infer(request, context.time_remaining(), "ModelInfer", refused)
         if isinstance(outcome, errors.ServingError):
-            await outcome.abort(context)
+            return outcome.end(context)
         return outcome
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[oip.ModelInferRequest],
@@ -281,11 +281,13 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                     yield oip.ModelStreamInferResponse(infer_response=outcome)
                 answered += 1
             if ended:
-                await errors.stream_ended(ended[0][0], answered, ended[0][1]).abort(context)
+                errors.stream_ended(ended[0][0], answered, ended[0][1]).end(context)
+                return
             try:
                 await reader
             except errors.ServingError as refusal:  # e.g. the caller's token was revoked mid-stream
-                await refusal.abort(context)
+                refusal.end(context)
+                return
         finally:
             reader.cancel()
             while not window.empty():

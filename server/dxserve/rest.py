@@ -326,8 +326,8 @@ class RestDoor:
         except errors.ServingError as error:
             message, refused = oip.ModelInferRequest(model_name=name, model_version=version), error
         outcome = await self.inference.infer(message, None, METHOD, refused)
-        if isinstance(outcome, errors.ServingError):
-            raise outcome
+        if isinstance(outcome, errors.ServingError):  # answered, not raised: raised, it would hold this frame and its body
+            return error_response(outcome)
         return infer_response(outcome, header)
 
     def _model(self, request: web.Request) -> tuple[str, str]:

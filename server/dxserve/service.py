@@ -74,7 +74,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         request_id = request.request_id or str(uuid.uuid4())
         outcome = await self.answer(request, request_id, context.time_remaining(), "Classify")
         if isinstance(outcome, errors.ServingError):
-            await outcome.abort(context)
+            return outcome.end(context)
         return outcome
 
     async def ClassifyStream(
@@ -126,13 +126,16 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 answered += 1
                 yield response
             if self.draining.is_set() and (reader.cancelled() or entry is not None):
-                await errors.draining(answered).abort(context)
+                errors.draining(answered).end(context)
+                return
             if ended:
-                await errors.stream_ended(ended[0][0], answered, ended[0][1]).abort(context)
+                errors.stream_ended(ended[0][0], answered, ended[0][1]).end(context)
+                return
             try:
                 await reader
             except errors.ServingError as refusal:  # e.g. the caller's token was revoked mid-stream (auth)
-                await refusal.abort(context)
+                refusal.end(context)
+                return
             for summary in specimens.finals():  # the client half-closed: each specimen's final summary
                 yield pb.ClassifyStreamResponse(index=answered, final_summary=summary)
         finally:  # the client left or the call ended: drop what it will never read

@@ -15,8 +15,12 @@ the limits.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
+import json
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +58,7 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=50096)
+    parser.add_argument("--repeat", type=int, default=40, help="bad requests of each kind, one after another")
     args = parser.parse_args()
     cells = sample_images(args.concurrent)
     cases = {"ordinary cells (baseline)": ("lymphoblast", cells),
@@ -63,7 +68,7 @@ def main() -> int:
     Image.new("RGB", (5000, 5000), "white").save(white, format="PNG")
     cases["smear-field: white 5000 x 5000 PNG"] = ("smear-field", [white.getvalue()] * args.concurrent)
     cases["smear-field: 5000 x 5000 smear JPEG"] = ("smear-field", [smear(5000, 5000)] * args.concurrent)
-    server = start_server(args.port)
+    server = start_server(args.port, "--http-port", str(args.port + 1))
     try:
         with Client(f"127.0.0.1:{args.port}", timeout_s=300) as client:
             idle = rss_mb(server.pid)
@@ -84,10 +89,45 @@ def main() -> int:
                 said = f", refused {len(refused)} ({', '.join(sorted(set(refused)))})" if refused else ""
                 print(f"  {name:36s}: peak {peak - idle:+6.0f} MB over idle, {seconds / args.rounds:.2f} s a round, "
                       f"RSS after {rss_mb(server.pid) - idle:+.0f} MB{said}")
+            left_behind(client, server, args.repeat, cells[0], f"http://127.0.0.1:{args.port + 1}")
     finally:
         server.send_signal(15)
         server.wait(60)
     return 0
+
+
+def left_behind(client: Client, server, repeat: int, cell: bytes, http: str) -> None:
+    """RSS after every 10 of `repeat` requests of each kind, one caller, one after another."""
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1800, 1800, 3), np.uint8)).save(noise, format="PNG")
+    truncated = noise.getvalue()[: len(noise.getvalue()) // 2]  # a malformed 5 MB image: INVALID_ARGUMENT mid-decode
+
+    def rest(body: bytes) -> None:
+        request = urllib.request.Request(f"{http}/v2/models/lymphoblast/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=120).read()
+        except urllib.error.HTTPError as error:
+            error.read()
+
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(truncated).decode()]}
+    kinds = {"ordinary cells (baseline)": lambda: client.classify(cell),
+             "truncated 5 MB PNG": lambda: client.classify(truncated),
+             "unknown version, 10 MB PNG": lambda: client.classify(noise.getvalue(), model_version="9.9.9"),
+             "truncated 5 MB PNG x4, one stream": lambda: list(client.classify_stream([truncated] * 4)),
+             "REST: truncated 5 MB PNG": lambda: rest(json.dumps({"inputs": [tensor]}).encode()),
+             "REST: 8 MB that is not JSON": lambda: rest(b"{" + b"x" * 8_000_000)}
+    print(f"what {repeat} requests of each kind leave behind, one after another (RSS over the kind's start, every 10):")
+    for name, send in kinds.items():
+        start, trace = rss_mb(server.pid), []
+        for k in range(repeat):
+            try:
+                send()
+            except DxServeError:
+                pass
+            if k % 10 == 9:
+                trace.append(f"{rss_mb(server.pid) - start:+.0f}")
+        print(f"  {name:36s}: {' '.join(trace)} MB (from {start:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,11 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
 
     root, sites_dir, code = onboarded
     folder = sites_dir / "lymphoblast" / SITE_VERSION
-    site = json.loads((folder / "site.json").read_text())
+
+    def strict(constant):
+        raise AssertionError(f"site.json holds {constant}, which is not JSON")
+
+    site = json.loads((folder / "site.json").read_text(), parse_constant=strict)  # NaN (a fold of one class) is null
     assert code == 1  # 48 labelled images: below the default criteria's 50, so made but not served
     assert site["version"] == SITE_VERSION and site["site"] == "lab" and site["parent"]["version"] == DEFAULT_VERSION
     from dxserve_lymphoblast.plugin import find_version
@@ -107,6 +111,20 @@ def test_a_site_calibration_never_flips_the_head():
     assert fit_platt(backwards, np.r_[y[:40], np.ones(20, int)])[1] == pytest.approx(np.log(40 / 20))
     a, _ = fit_platt(-backwards, y)
     assert a > 0.5  # a head that ranks the right way keeps its slope
+
+
+def test_an_undefined_figure_never_meets_a_criterion():
+    """NaN compares False with every bar, so an AUROC a report could not compute passed
+    `auroc >= 0.8`; it is now a miss, and written as null."""
+    from dxserve.sites import SiteAcceptance, json_safe, unmet
+
+    figures = {"labelled": 100, "sensitivity_at_screen": 0.95, "ece": 0.02, "confidently_wrong": 0.0, "auroc": 0.9,
+               "margin_over_colour_alone": 0.2}
+    assert unmet({"acceptance": figures}, SiteAcceptance()) == []
+    undefined = {**figures, "auroc": float("nan"), "ece": float("nan")}
+    assert unmet({"acceptance": undefined}, SiteAcceptance()) == ["ece undefined (needs <= 0.1)",
+                                                                 "auroc undefined (needs >= 0.8)"]
+    assert json_safe({"per_fold": [0.9, float("nan")], "x": (float("inf"), 1)}) == {"per_fold": [0.9, None], "x": [None, 1]}
 
 
 def test_onboarding_refuses_what_it_cannot_use(onboarded, tmp_path, capsys):

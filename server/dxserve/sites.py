@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 import shlex
 import sys
@@ -74,9 +75,23 @@ def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier") -> l
     missed = []
     for name, op, bar in checks:
         value = figures.get(name)
-        if value is None or (value < bar if op == ">=" else value > bar):
-            missed.append(f"{name} {'missing' if value is None else f'{value:.3g}'} (needs {op} {bar:g})")
+        if value is None or value != value:  # missing, or undefined (NaN compares False with any bar: never a pass)
+            missed.append(f"{name} {'missing' if value is None else 'undefined'} (needs {op} {bar:g})")
+        elif value < bar if op == ">=" else value > bar:
+            missed.append(f"{name} {value:.3g} (needs {op} {bar:g})")
     return missed
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float as None (JSON's null): a figure a report could not
+    compute (an AUROC over one class) is written as valid JSON any reader takes."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def site_folders(sites_dir: Path | None, plugin: str) -> list[Path]:
@@ -137,7 +152,7 @@ def describe(site: dict, criteria: SiteAcceptance) -> str:
              "(their SHA-256 in site.json)",
              f"- **Acceptance ({'met' if not missed else 'NOT met: ' + '; '.join(missed)}):** "
              + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.get("acceptance", {}).items()),
-             "", "## Validation report", "", "```json", json.dumps(report, indent=1), "```", ""]
+             "", "## Validation report", "", "```json", json.dumps(json_safe(report), indent=1, allow_nan=False), "```", ""]
     return "\n".join(lines)
 
 
@@ -155,6 +170,7 @@ def record(folder: Path, *, plugin: str, site: str, version: str, parent: ModelV
             "made_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "dxserve " + shlex.join(sys.argv[1:]),
             "labelled": labelled, "unlabelled": unlabelled, "report": report, **card}
-    (folder / SITE_FILE).write_text(json.dumps(site, indent=1) + "\n")
+    site = json_safe(site)
+    (folder / SITE_FILE).write_text(json.dumps(site, indent=1, allow_nan=False) + "\n")
     (folder / CARD_FILE).write_text(describe(site, criteria))
     return site

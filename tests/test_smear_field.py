@@ -139,3 +139,24 @@ def test_a_site_with_paler_nuclei_has_them_found_by_the_fields_own_threshold():
     assert detect.find(field, p, 0.2) == ([], [])
     found, issues = detect.find(field, p.with_overrides({"nucleus_min_saturation_floor": 0.2}), 0.2)
     assert issues == [] and len(found) == 1 and abs(found[0].box[0] + found[0].box[2] / 2 - 150) < 3
+
+
+@pytest.mark.parametrize("candidates", [detect.PEAK_CANDIDATES, 0])  # checked against the disk, or dilated by it
+def test_red_cell_peaks_are_the_disks_local_maxima_exactly(monkeypatch, candidates):
+    """The red-cell scale's peaks: the pixels equal to their grey dilation by the window's disk
+    (scipy's, beyond the field nothing), found through the inscribed square's dilation and a check
+    of each candidate against its disk (issue 32: 1.35 to 0.22 s on a 25 Mpx smear, the same peaks
+    on 121 fields), or, past PEAK_CANDIDATES, by dilating with the disk as before."""
+    from scipy import ndimage
+
+    monkeypatch.setattr(detect, "PEAK_CANDIDATES", candidates)
+    rng = np.random.default_rng(0)
+    red = np.zeros((detect.BAND + 300, 900), np.uint8)  # two bands of rows
+    for y, x, r in zip(rng.integers(0, red.shape[0], 200), rng.integers(0, 900, 200), rng.integers(8, 30, 200), strict=True):
+        cv2.circle(red, (int(x), int(y)), int(r), 1, -1)  # red cells, some cut by the edges, some touching
+    distance = cv2.distanceTransform(red, cv2.DIST_L2, 5)
+    for window, floor in ((51, 15.0), (21, 3.0), (9, 0.0)):
+        kernel = detect._disk(window).astype(bool)
+        dilated = ndimage.grey_dilation(distance, footprint=kernel, mode="constant", cval=-np.inf)
+        expected = distance[(distance == dilated) & (distance > floor)]
+        assert expected.size > 10 and np.array_equal(detect._peaks(distance, window, floor), expected)

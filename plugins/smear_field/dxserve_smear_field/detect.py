@@ -108,33 +108,72 @@ BAND = 1024  # rows worked on at once where a whole-field float array would cost
 class _HSV:
     """A field's hue and saturation, kept as uint8 and compared with fractional thresholds through
     256-entry tables: the same float32 comparisons as fractions of the whole field, without a
-    float copy of it (a 25 Mpx field: 200 MB less)."""
+    float copy of it (a 25 Mpx field: 200 MB less). The tables are applied by OpenCV's LUT, about
+    8x faster than indexing with the channel in numpy (the same masks)."""
 
     def __init__(self, rgb: np.ndarray):
-        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue and saturation 0..255
-        self.hue, self.saturation = hsv[..., 0], hsv[..., 1]
+        self.hue, self.saturation, _ = cv2.split(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL))  # each 0..255, contiguous
 
     @staticmethod
     def above(channel: np.ndarray, threshold: float) -> np.ndarray:
-        return (_LEVELS > threshold)[channel]
+        return cv2.LUT(channel, (_LEVELS > threshold).astype(np.uint8)).view(bool)
 
     @staticmethod
     def below(channel: np.ndarray, threshold: float) -> np.ndarray:
-        return (_LEVELS < threshold)[channel]
+        return cv2.LUT(channel, (_LEVELS < threshold).astype(np.uint8)).view(bool)
 
 
 def _peaks(distance: np.ndarray, window: int, floor: float) -> np.ndarray:
     """The values of `distance` at its local maxima within a `window` px disk, above `floor`, in
-    row order: a grey dilation by bands of rows (exact: each band sees its kernel's reach)."""
+    row order: the pixels equal to their grey dilation by the disk, exactly, without dilating the
+    field by the disk (0.75 of a 15 Mpx field's 1.6 s of detection, issue 32). A peak of the disk
+    is a peak of the square inscribed in it, so the square's dilation (separable, a few times
+    cheaper) finds the candidates, and each is checked against its own disk; a field with more
+    candidates than PEAK_CANDIDATES (long ridges of equal distance) is dilated by the disk as before."""
     kernel = _disk(window)
-    reach, height = kernel.shape[0] // 2, distance.shape[0]
-    found = []
+    reach = kernel.shape[0] // 2
+    half = _inscribed_half_side(kernel)
+    square = np.ones((2 * half + 1, 2 * half + 1), np.uint8)
+    rows, cols = [], []
+    for top, band, dilated in _dilated_bands(distance, square, half):
+        y, x = np.nonzero((band == dilated) & (band > floor))
+        rows.append(y + top)
+        cols.append(x)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    if len(rows) > PEAK_CANDIDATES:
+        return np.concatenate([band[(band == dilated) & (band > floor)]
+                               for _, band, dilated in _dilated_bands(distance, kernel, reach)])
+    dy, dx = np.nonzero(kernel)
+    dy, dx = dy - reach, dx - reach
+    height, width = distance.shape
+    keep = np.zeros(len(rows), bool)
+    for start in range(0, len(rows), 512):
+        y, x = rows[start:start + 512, None] + dy, cols[start:start + 512, None] + dx
+        inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)  # beyond the field: nothing, as in a dilation
+        around = np.where(inside, distance[y.clip(0, height - 1), x.clip(0, width - 1)], -1.0)  # below any distance
+        keep[start:start + 512] = distance[rows[start:start + 512], cols[start:start + 512]] >= around.max(axis=1)
+    return distance[rows[keep], cols[keep]]
+
+
+PEAK_CANDIDATES = 200_000  # about 0.4 s of checking against the disk: beyond, dilating the field by it is cheaper
+
+
+def _dilated_bands(distance: np.ndarray, kernel: np.ndarray, reach: int):
+    """(first row, band, its grey dilation by `kernel`) for bands of BAND rows: exact, as each band's
+    dilation sees `reach` rows beyond it."""
+    height = distance.shape[0]
     for top in range(0, height, BAND):
         low, high = max(0, top - reach), min(height, top + BAND + reach)
         band = distance[top:top + BAND]
-        dilated = cv2.dilate(distance[low:high], kernel)[top - low:top - low + len(band)]
-        found.append(band[(band == dilated) & (band > floor)])
-    return np.concatenate(found)
+        yield top, band, cv2.dilate(distance[low:high], kernel)[top - low:top - low + len(band)]
+
+
+def _inscribed_half_side(kernel: np.ndarray) -> int:
+    """The half side of the largest square, centred, whose pixels are all in `kernel`."""
+    centre, half = kernel.shape[0] // 2, 0
+    while half < centre and kernel[centre - half - 1:centre + half + 2, centre - half - 1:centre + half + 2].all():
+        half += 1
+    return half
 
 
 def _laplacian_variance(grey: np.ndarray) -> float:

@@ -713,3 +713,22 @@ def test_an_answered_error_does_not_keep_the_images_of_the_frames_it_was_raised_
     finally:
         gc.enable()
         service.close()
+
+
+def test_the_stream_rate_floor_counts_only_the_clients_own_silence():
+    """A stream the server held back (its window full) for longer than the floor's window, then
+    waiting a moment for its client, is not 'too slow': the silence counts from when the server
+    asked for the next item. A client silent for the floor's gap (window / items) while it sent
+    too few in the window is."""
+    from dxserve.streams import _RateFloor
+
+    crowded = []
+    floor = _RateFloor(opened=0.0, window_s=10.0, min_items=2, crowded=lambda: crowded.append(1) or True)
+    for t in (0.0, 0.1, 0.2, 0.3):  # a fast client, then the server's window is full until t = 30
+        floor.sent(t)
+    assert not floor.too_slow(30.5, waiting_since=30.0) and not crowded  # held back, not slow; crowded() not asked
+    assert floor.next_check(30.5, 30.0) == pytest.approx(4.5)  # its own silence of 5 s is the earliest
+    assert floor.too_slow(35.0, waiting_since=30.0) and crowded == [1]  # 5 s silent, nothing in the last 10 s
+    floor.sent(35.1)
+    assert floor.why(36.0)[0] == "STREAM_TOO_SLOW" and floor.why(46.0)[0] == "STREAM_IDLE"
+    assert not floor.too_slow(39.0, waiting_since=35.1)  # one item 4 s ago: silent less than the gap

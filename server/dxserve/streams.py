@@ -61,8 +61,11 @@ async def requests_while_open(requests: AsyncIterator, settings: Settings, ended
 
 
 class _RateFloor:
-    """The items a stream sent within the last `window_s`, judged only while the server is crowded:
-    fewer than `min_items` (and the stream at least that old) gives its place up."""
+    """The items a stream sent within the last `window_s`, judged only while the server is crowded
+    and the stream is waiting on its client: fewer than `min_items`, with the stream at least
+    `window_s` old and its client silent for at least the gap the floor allows (window_s /
+    min_items), gives its place up. The silence counts from when the server asked for the next
+    item, so time a stream spent held back by the server (its window full) is never its own."""
 
     def __init__(self, opened: float, window_s: float, min_items: int, crowded: Callable[[], bool]):
         self.opened, self.window_s, self.min_items, self.crowded = opened, window_s, min_items, crowded
@@ -71,17 +74,19 @@ class _RateFloor:
     def sent(self, now: float) -> None:
         self.times.append(now)
 
-    def too_slow(self, now: float) -> bool:
-        """Whether the stream falls short, asking `crowded()` (which counts a True answer as a
-        stream leaving) only then."""
-        if now - self.opened < self.window_s:
+    def too_slow(self, now: float, waiting_since: float) -> bool:
+        """Whether the stream, waiting on its client since `waiting_since`, falls short, asking
+        `crowded()` (which counts a True answer as a stream leaving) only then."""
+        if now - self.opened < self.window_s or now - waiting_since < self.window_s / self.min_items:
             return False
         recent = sum(t > now - self.window_s for t in self.times)
         return recent < self.min_items and self.crowded()
 
-    def next_check(self, now: float) -> float:
-        """When to look again: when the oldest counted item leaves the window, or in CROWDED_CHECK_S."""
-        due = (self.times[0] if len(self.times) == self.min_items else self.opened) + self.window_s
+    def next_check(self, now: float, waiting_since: float) -> float:
+        """When to look again: once the oldest counted item has left the window and the silence is
+        long enough, or in CROWDED_CHECK_S."""
+        due = max((self.times[0] if len(self.times) == self.min_items else self.opened) + self.window_s,
+                  waiting_since + self.window_s / self.min_items)
         return max(due - now, CROWDED_CHECK_S)
 
     def why(self, now: float) -> tuple[str, str]:
@@ -103,11 +108,11 @@ async def _wait(nxt: asyncio.Future, loop, since: float, idle: float, closes: fl
                 return "STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)"
             if now - since >= idle:
                 return "STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)"
-            if floor is not None and floor.too_slow(now):
+            if floor is not None and floor.too_slow(now, since):
                 return floor.why(now)
             step = min(closes, since + idle) - now
             if floor is not None:
-                step = min(step, floor.next_check(now))
+                step = min(step, floor.next_check(now, since))
             await asyncio.wait((nxt,), timeout=max(step, 0))
         return None
     finally:

@@ -85,8 +85,11 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
     report = site["report"]
     assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24}
-    for baseline in ("parent unadapted", "size alone", "colour alone"):
+    for baseline in ("parent unadapted", "size alone", "colour alone", "background alone"):
         assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2
+    groups = {g["group"]: g for g in report["per_group"]}  # each cell's 8 orientations, one group
+    assert len(groups) == 6 and all(g["images"] == 8 and g["lymphoblast"] in (0, 8) and 0 <= g["right"] <= 1
+                                    for g in groups.values())
     assert set(report["learning_curve_auroc"]) == {"10", "25", "50", "100"}
     assert set(report["acceptance"]) == {"labelled", "auroc", "sensitivity_at_screen", "ece", "confidently_wrong",
                                          "margin_over_colour_alone"}
@@ -125,6 +128,21 @@ def test_an_undefined_figure_never_meets_a_criterion():
     assert unmet({"acceptance": undefined}, SiteAcceptance()) == ["ece undefined (needs <= 0.1)",
                                                                  "auroc undefined (needs >= 0.8)"]
     assert json_safe({"per_fold": [0.9, float("nan")], "x": (float("inf"), 1)}) == {"per_fold": [0.9, None], "x": [None, 1]}
+
+
+def test_the_background_baseline_reads_the_images_outer_ring():
+    """'background alone' is a logistic on the colour of each labelled image's outer ring: black
+    for a segmented cell (nothing to learn), the slide for a crop taken with it, where two
+    classes stained in different batches differ before any cell is looked at."""
+    from dxserve_lymphoblast.adaptation import border_colour
+
+    segmented = np.zeros((100, 120, 3), np.uint8)
+    segmented[30:70, 40:80] = (150, 90, 200)  # a cell on black
+    assert border_colour(segmented).tolist() == [0.0, 0.0, 0.0]
+    on_slide = np.full((100, 120, 3), (230, 200, 210), np.uint8)  # the same cell on a pink slide
+    on_slide[30:70, 40:80] = (150, 90, 200)
+    assert border_colour(on_slide).tolist() == [230.0, 200.0, 210.0]
+    assert border_colour(np.full((3, 3, 3), 7, np.uint8)).tolist() == [7.0, 7.0, 7.0]  # smaller than the ring
 
 
 def test_onboarding_refuses_what_it_cannot_use(onboarded, tmp_path, capsys):

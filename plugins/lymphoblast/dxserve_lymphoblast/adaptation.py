@@ -14,9 +14,11 @@ bit for bit (its `model.tflite`, verified by hash when the site version loads):
    cross-fitted out-of-fold predictions.
 
 The validation report is grouped cross-validation on the labelled cells (every group, a patient
-or a block of images, on one side only), each figure beside the parent unadapted, size alone and
-colour alone (the mean colour of the cell as the model sees it) in the same splits, with 95 %
-bootstrap intervals over groups, per-fold spread, and a learning curve at 10 / 25 / 50 / 100 cells.
+or a block of images, on one side only), each figure beside the parent unadapted, size alone,
+colour alone (the mean colour of the cell as the model sees it) and background alone (the colour of
+the image's outer ring: the slide, for crops taken with it) in the same splits, with 95 %
+bootstrap intervals over groups, per-fold and per-group spread, and a learning curve at 10 / 25 /
+50 / 100 cells.
 Every fitted step sees only the training folds' labelled cells (unlabelled cells are no labels).
 """
 
@@ -38,12 +40,13 @@ HEAD_FILE = "site_head.npz"
 C = 0.05  # L2 strength of the head: stable from 0.005 to 0.2 on Aria's cells (experiments/site_aria.py)
 CURVE = (10, 25, 50, 100)
 CONFIDENT = 0.9
+BORDER_PX = 8  # the outer ring whose colour is the "background alone" baseline
 
 
 def served_inputs(runtime, images: list[np.ndarray]) -> dict[str, np.ndarray]:
     """What the parent sees of each image: logit, CNN features, log diameter, mean colour of the
     model's input cell, and the gate's statistics (for refitting its colour model)."""
-    records, stats, colours, mean_rgb = [], [], [], []
+    records, stats, colours, mean_rgb, border_rgb = [], [], [], [], []
     for image in images:
         record, _ = runtime.prepare(image)
         records.append(record)
@@ -53,6 +56,7 @@ def served_inputs(runtime, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         cell = record["cell"]
         inside = cell.max(axis=2) > 12
         mean_rgb.append(cell[inside].mean(axis=0) if inside.any() else np.zeros(3))
+        border_rgb.append(border_colour(image))
     batch = np.stack(records) if records else np.zeros(0, input_dtype(runtime.image_size))
     logits, features = [], []
     for start in range(0, len(batch), 24):
@@ -61,7 +65,17 @@ def served_inputs(runtime, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         features.append(f)
     return {"logit": np.concatenate(logits), "features": np.concatenate(features).astype(np.float64),
             "log_diameter": batch["log_diameter"].astype(np.float64), "mean_rgb": np.array(mean_rgb),
-            "stats": stats, "colours": np.array(colours)}
+            "border_rgb": np.array(border_rgb), "stats": stats, "colours": np.array(colours)}
+
+
+def border_colour(image: np.ndarray, width: int = BORDER_PX) -> np.ndarray:
+    """Mean RGB of the image's outer `width` pixels: black for a segmented cell, the slide's
+    background for a crop taken with it (where a slide shortcut would show)."""
+    rows, cols = image.shape[:2]
+    width = max(1, min(width, rows // 2, cols // 2))
+    ring = np.concatenate([image[:width].reshape(-1, 3), image[-width:].reshape(-1, 3),
+                           image[width:-width, :width].reshape(-1, 3), image[width:-width, -width:].reshape(-1, 3)])
+    return ring.astype(np.float64).mean(axis=0)
 
 
 def design(features: np.ndarray, log_diameter: np.ndarray) -> np.ndarray:
@@ -123,6 +137,20 @@ def interval(y, score, groups, draws: int = 200, seed: int = 0) -> list[float]:
     return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])] if values else [float("nan")] * 2
 
 
+def per_group(groups: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[dict]:
+    """Each group's images, labels, mean out-of-fold P(lymphoblast) and share called right (P on the
+    right side of 0.5): a patient or slide the version gets wrong as a whole shows here, where a
+    pooled figure averages it away."""
+    from .plugin import LABELS
+
+    out = []
+    for group in sorted(set(groups.tolist())):
+        index = groups == group
+        out.append({"group": group, "images": int(index.sum()), LABELS[0]: int(y[index].sum()),
+                    "mean_p": round(float(p[index].mean()), 4), "right": round(float(((p[index] >= 0.5) == y[index]).mean()), 4)})
+    return out
+
+
 def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], folder: Path) -> Adaptation:
     from . import ood as ood_model
     from .baselines import _logistic
@@ -156,13 +184,15 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     standardise = (x_all.mean(axis=0), np.maximum(x_all.std(axis=0), 1e-6))
     folds = folds_by_group(groups, y)
     oof = np.zeros(len(y))
-    baselines = {"parent unadapted": seen["logit"], "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y))}
+    baselines = {"parent unadapted": seen["logit"], "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)),
+                 "background alone": np.zeros(len(y))}
     curve = {n: [] for n in CURVE}
     for k in np.unique(folds):
         train, test = folds != k, folds == k
         oof[test] = head_logit(fit_head(x[train], y[train], standardise), x[test])
         baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
         baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
+        baselines["background alone"][test] = _logistic(seen["border_rgb"][train], y[train], seen["border_rgb"][test])
         rng = np.random.default_rng(int(k))
         for n in CURVE:
             idx = np.flatnonzero(train)
@@ -198,6 +228,8 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                   **{name: round(auroc(y, s), 4) for name, s in baselines.items()},
                   **{f"{name} interval": interval(y, s, groups) for name, s in baselines.items()}},
         "margin_over_colour_alone": round(auroc(y, oof) - auroc(y, baselines["colour alone"]), 4),
+        "margin_over_background_alone": round(auroc(y, oof) - auroc(y, baselines["background alone"]), 4),
+        "per_group": per_group(groups, y, p_oof),
         "learning_curve_auroc": {str(n): round(float(np.mean(v)), 4) if v else None for n, v in curve.items()},
         "ece": round(expected_calibration_error(p_oof, y), 4),
         "sensitivity_at_screen": round(float(screened[y == 1].mean()), 4),

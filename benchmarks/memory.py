@@ -59,6 +59,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=50096)
     parser.add_argument("--repeat", type=int, default=40, help="bad requests of each kind, one after another")
+    parser.add_argument("--flood", type=int, default=25, help="10 MB images each of 4 streams sends")
     args = parser.parse_args()
     cells = sample_images(args.concurrent)
     cases = {"ordinary cells (baseline)": ("lymphoblast", cells),
@@ -90,6 +91,7 @@ def main() -> int:
                 print(f"  {name:36s}: peak {peak - idle:+6.0f} MB over idle, {seconds / args.rounds:.2f} s a round, "
                       f"RSS after {rss_mb(server.pid) - idle:+.0f} MB{said}")
             left_behind(client, server, args.repeat, cells[0], f"http://127.0.0.1:{args.port + 1}")
+            flood(client, server, args.flood)
     finally:
         server.send_signal(15)
         server.wait(60)
@@ -128,6 +130,17 @@ def left_behind(client: Client, server, repeat: int, cell: bytes, http: str) -> 
             if k % 10 == 9:
                 trace.append(f"{rss_mb(server.pid) - start:+.0f}")
         print(f"  {name:36s}: {' '.join(trace)} MB (from {start:.0f} MB)")
+
+
+def flood(client: Client, server, count: int) -> None:
+    """Peak RSS while 4 streams each send `count` 10 MB images at once (read ahead, held until answered)."""
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (1900, 1900, 3), np.uint8)).save(noise, format="PNG",
+                                                                                                compress_level=0)
+    image, start = noise.getvalue(), rss_mb(server.pid)
+    peak, seconds = peak_while(server.pid, lambda: concurrently(4, lambda k: list(client.classify_stream([image] * count))))
+    print(f"4 streams x {count} images of {len(image) / 2**20:.1f} MB at once: peak {peak - start:+.0f} MB over "
+          f"{start:.0f} MB, {seconds:.1f} s")
 
 
 if __name__ == "__main__":

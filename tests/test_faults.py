@@ -732,3 +732,71 @@ def test_the_stream_rate_floor_counts_only_the_clients_own_silence():
     floor.sent(35.1)
     assert floor.why(36.0)[0] == "STREAM_TOO_SLOW" and floor.why(46.0)[0] == "STREAM_IDLE"
     assert not floor.too_slow(39.0, waiting_since=35.1)  # one item 4 s ago: silent less than the gap
+
+
+def test_requests_held_are_bounded_streams_wait_unary_calls_are_refused(tmp_path):
+    """Four streams of 10 MB images held 3.7 GB: a stream reads ahead and every request is kept
+    until answered. With max_inflight_mb reached, a stream reads no further (its items all come
+    back, in order, once some are answered) and a unary call is refused INFLIGHT_FULL with when
+    to retry; nothing else changes."""
+    import threading
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    big = lambda colour: np.zeros((450, 450, 3), np.uint8) + np.array(colour, np.uint8)  # noqa: E731  607 KB raw
+    with light_server(tmp_path, "--plugins", "dxserve_testplugins.hang", "--predict-timeout-s", "60",
+                      "--max-inflight-mb", "1", ready=("brightness", "hang"), env={"DXSERVE_HANG_FILE": str(hold)}) as server, \
+            Client(server.address, timeout_s=60) as client:
+        streamed = []
+        items = [("0", big((255, 0, 255)))] + [(str(i), big((128, 128, 128))) for i in range(1, 6)]  # the first hangs
+        stream = threading.Thread(target=lambda: streamed.extend(client.classify_stream(items, plugin="hang")))
+        stream.start()
+        time.sleep(1.5)  # the first item held (0.6 MB) and hanging; the second waits for room, the rest unread
+        with pytest.raises(DxServeError) as caught:
+            client.classify(big((100, 100, 100)), plugin="brightness")
+        assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "INFLIGHT_FULL")
+        assert any(d.DESCRIPTOR.name == "RetryInfo" for d in caught.value.details) and "max_inflight_mb" in str(caught.value)
+        with pytest.raises(DxServeError) as caught:  # in turn: not even a small call goes ahead of the waiting stream
+            client.classify(GREY, plugin="brightness")
+        assert caught.value.reason == "INFLIGHT_FULL"
+        hold.unlink()
+        stream.join(30)
+        assert [r.request_id for r in streamed] == [str(i) for i in range(6)] and all(r.ok for r in streamed)
+        assert client.classify(big((100, 100, 100)), plugin="brightness").ok  # room again
+
+
+def test_the_inflight_budget_grants_in_turn_lets_an_oversized_request_go_alone_and_survives_cancellation():
+    import asyncio
+
+    from dxserve.inflight import InflightBytes
+
+    async def scenario():
+        budget = InflightBytes(100)
+        assert budget.try_take(60) and not budget.try_take(50)  # 110 > 100
+        first, second = asyncio.ensure_future(budget.take(50)), asyncio.ensure_future(budget.take(10))
+        await asyncio.sleep(0)
+        assert not first.done() and not second.done()  # the second fits, but waits its turn
+        assert not budget.try_take(1)  # a unary call does not go ahead of waiting streams
+        budget.release(60)
+        await asyncio.sleep(0)
+        assert first.done() and second.done() and budget.used == 60
+        huge = asyncio.ensure_future(budget.take(500))  # larger than the whole budget: alone, once nothing is held
+        await asyncio.sleep(0)
+        cancelled = asyncio.ensure_future(budget.take(1))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # gone from the queue, nothing held
+        await asyncio.gather(cancelled, return_exceptions=True)
+        budget.release(50)
+        budget.release(10)
+        await asyncio.sleep(0)
+        assert huge.done() and budget.used == 500
+        budget.release(500)
+        assert budget.used == 0 and budget.try_take(100)
+        granted = asyncio.ensure_future(budget.take(30))
+        await asyncio.sleep(0)
+        budget.release(100)  # granted now, but its waiter is cancelled before it runs: the bytes come back
+        granted.cancel()
+        await asyncio.gather(granted, return_exceptions=True)
+        assert budget.used == 0
+
+    asyncio.run(scenario())

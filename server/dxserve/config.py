@@ -56,6 +56,9 @@ class Settings(BaseModel):
                                      "it runs at once; batches still form from what queues while a batch runs)")
     max_queue_size: int = Field(1024, ge=1, description="images queued per model version before RESOURCE_EXHAUSTED")
     stream_window: int = Field(64, ge=1, description="items of one stream in flight before it stops reading")
+    max_inflight_mb: int = Field(256, ge=1, description="requests read and not yet answered, in MB summed over every "
+                                 "call: past it streams stop reading and unary calls get RESOURCE_EXHAUSTED "
+                                 "(INFLIGHT_FULL); four streams of 10 MB images held 3.7 GB without it")
     explain_threads: int = Field(1, ge=1, le=16, description="threads that make explanations (apart from decoding, "
                                  "so explanations never hold up classification)")
     max_queued_explanations: int = Field(4, ge=1, description="explanations admitted at once (running or waiting); "

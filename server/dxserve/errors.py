@@ -126,6 +126,12 @@ def queue_full(plugin: str, size: int) -> ServingError:
                   f"queue limit {size}", duration_pb2.Duration(nanos=100_000_000), "QUEUE_FULL", {"plugin": plugin})
 
 
+def inflight_full(size: int, limit_mb: int) -> ServingError:
+    return _quota(f"the server holds {limit_mb} MB of requests not yet answered, its limit (max_inflight_mb); this "
+                  f"{size}-byte request would pass it: retry shortly", "the server", f"max_inflight_mb {limit_mb}",
+                  duration_pb2.Duration(nanos=200_000_000), "INFLIGHT_FULL", {"bytes": str(size)})
+
+
 def message_too_large(size: int, limit: int) -> ServingError:
     """RESOURCE_EXHAUSTED (as gRPC's own limit says it) for a request over max_message_bytes, with
     the field and the limit; in a stream it costs that item only."""

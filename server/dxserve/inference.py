@@ -50,6 +50,11 @@ def tensors(labels: list[str]) -> tuple[list[tuple[str, str, list[int]]], list[t
 CONFIG_TYPES = {"BYTES": oip.TYPE_STRING, "UINT8": oip.TYPE_UINT8, "FP32": oip.TYPE_FP32}
 
 
+def size_of(raw: bytes | oip.ModelInferRequest) -> int:
+    """A request's bytes, as it came (`add_to_server`) or parsed."""
+    return len(raw) if isinstance(raw, bytes) else raw.ByteSize()
+
+
 def invalid(message: str) -> errors.ServingError:
     return errors.invalid_field("inputs", "TENSOR_INVALID", message)
 
@@ -241,8 +246,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             return oip.ModelInferRequest(), invalid("the request is not a ModelInferRequest message")
 
     async def ModelInfer(self, raw: bytes, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
-        request, refused = await self.parsed(raw)
-        outcome = await self.infer(request, context.time_remaining(), "ModelInfer", refused)
+        with self.diagnostics.inflight.holding(size_of(raw)) as full:  # past max_inflight_mb: refused unparsed
+            request, refused = (oip.ModelInferRequest(), full) if full else await self.parsed(raw)
+            outcome = await self.infer(request, context.time_remaining(), "ModelInfer", refused)
         if isinstance(outcome, errors.ServingError):
             return outcome.end(context)
         return outcome
@@ -255,12 +261,20 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         window: asyncio.Queue[tuple[asyncio.Future, oip.ModelInferRequest] | None] = asyncio.Queue(self.settings.stream_window)
         ended: list[tuple[str, str]] = []  # the idle or age limit that ended it (issue 32: they hold here too)
         answered = 0
+        inflight = self.diagnostics.inflight
 
         async def read() -> None:
             try:
                 async for raw in requests_while_open(request_iterator, self.settings, ended, self.diagnostics.crowded):
-                    request, refused = await self.parsed(raw)
+                    size = size_of(raw)
+                    await inflight.take(size)  # past max_inflight_mb, read no further until some is answered
+                    try:
+                        request, refused = await self.parsed(raw)
+                    except BaseException:
+                        inflight.release(size)
+                        raise
                     item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer", refused))
+                    item.add_done_callback(lambda _, size=size: inflight.release(size))
                     try:
                         await window.put((item, request))
                     except asyncio.CancelledError:

@@ -38,6 +38,8 @@ KEY_FILE_READABLE = Gauge("dxserve_key_file_readable", "0 while the key file (au
                           "reload: every caller is refused until it reads again; 1 otherwise")
 QUEUE_DEPTH = Gauge("dxserve_queue_depth", "Images waiting for the model", ["plugin", "version"])
 IN_FLIGHT = Gauge("dxserve_in_flight", "Requests admitted to a model version and not yet answered", ["plugin", "version"])
+INFLIGHT_BYTES = Gauge("dxserve_inflight_bytes", "Bytes of requests read and not yet answered, every call together "
+                       "(bounded by max_inflight_mb)")
 
 
 _watched: dict[tuple[str, str], object] = {}  # (plugin, version) -> the batcher whose gauges are exported

@@ -312,20 +312,24 @@ class RestDoor:
         recorded like any refused image, as over gRPC (`InferenceService.infer`'s `refused`)."""
         name, version = self._model(request)
         header: dict = {}
-        try:
+        # Held from its declared length, before a byte is read: past max_inflight_mb, refused unread.
+        with self.inference.diagnostics.inflight.holding(request.content_length or 0) as full:
             try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:  # read no further than the limit, then say so in our words
-                raise errors.message_too_large(request.content_length or 0, self.max_body) from None
-            length = request.headers.get(HEADER_LENGTH)
-            if len(body) < OFF_LOOP_BYTES:  # as over gRPC: a thread hop costs more than a small parse
-                header, message = parse_body(name, version, body, length)
-            else:  # off the event loop: a large JSON body takes a while to parse (issue 32)
-                header, message = await asyncio.to_thread(parse_body, name, version, body, length)
-            refused = None
-        except errors.ServingError as error:
-            message, refused = oip.ModelInferRequest(model_name=name, model_version=version), error
-        outcome = await self.inference.infer(message, None, METHOD, refused)
+                if full:
+                    raise full
+                try:
+                    body = await request.read()
+                except web.HTTPRequestEntityTooLarge:  # read no further than the limit, then say so in our words
+                    raise errors.message_too_large(request.content_length or 0, self.max_body) from None
+                length = request.headers.get(HEADER_LENGTH)
+                if len(body) < OFF_LOOP_BYTES:  # as over gRPC: a thread hop costs more than a small parse
+                    header, message = parse_body(name, version, body, length)
+                else:  # off the event loop: a large JSON body takes a while to parse (issue 32)
+                    header, message = await asyncio.to_thread(parse_body, name, version, body, length)
+                refused = None
+            except errors.ServingError as error:
+                message, refused = oip.ModelInferRequest(model_name=name, model_version=version), error
+            outcome = await self.inference.infer(message, None, METHOD, refused)
         if isinstance(outcome, errors.ServingError):  # answered, not raised: raised, it would hold this frame and its body
             return error_response(outcome)
         return infer_response(outcome, header)

@@ -21,6 +21,7 @@ from .registry import FAILED, LOADING, PluginEntry, ensure_loaded
 from .runtime import INDETERMINATE, Decision, QualityIssue
 from .shadow import Shadow
 from .specimens import StreamSpecimens, Tally, check_specimen_id
+from .inflight import InflightBytes
 from .streams import requests_while_open
 from .guard import GuardedPool
 from .v1 import diagnostics_pb2 as pb
@@ -49,6 +50,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
         # Decoding and preprocessing run here, in parallel across requests, off the event loop,
         # each call under the watchdog (guard.py): a hung one costs its version, not the pool.
         self._decode = GuardedPool(settings.decode_threads, "decode", settings.predict_timeout_s)
+        self.inflight = InflightBytes(settings.max_inflight_mb * 2**20)  # requests held, every door together
         self._explanations = ExplanationLimits(settings.explain_threads, settings.max_queued_explanations,
                                                settings.max_explanations_per_caller, settings.predict_timeout_s)
         # Candidate versions answering in shadow beside the served ones (shadow.py); never returned.
@@ -72,7 +74,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         request_id = request.request_id or str(uuid.uuid4())
-        outcome = await self.answer(request, request_id, context.time_remaining(), "Classify")
+        with self.inflight.holding(request.ByteSize()) as full:  # past max_inflight_mb: refused, and recorded so
+            outcome = await self.answer(request, request_id, context.time_remaining(), "Classify", refused=full)
         if isinstance(outcome, errors.ServingError):
             return outcome.end(context)
         return outcome
@@ -93,6 +96,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             try:
                 index = 0
                 async for request in requests_while_open(request_iterator, self.settings, ended, self.crowded):
+                    size = request.ByteSize()
+                    await self.inflight.take(size)  # past max_inflight_mb, read no further until some is answered
                     recorded = asyncio.Event()
                     try:
                         tally = specimens.tally_for(request)
@@ -101,6 +106,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                         tally, item = None, asyncio.get_running_loop().create_future()
                         item.set_result(pb.ClassifyStreamResponse(request_id=errors.clip(request.request_id), index=index,
                                                                   error=refusal.to_status()))
+                    item.add_done_callback(lambda _, size=size: self.inflight.release(size))
                     try:
                         await window.put((item, tally, recorded))
                     except asyncio.CancelledError:  # read, but never to be answered: the client resends it

@@ -112,7 +112,8 @@ class _HSV:
     8x faster than indexing with the channel in numpy (the same masks)."""
 
     def __init__(self, rgb: np.ndarray):
-        self.hue, self.saturation, _ = cv2.split(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL))  # each 0..255, contiguous
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # each 0..255; the two planes used, contiguous, not the value
+        self.hue, self.saturation = cv2.extractChannel(hsv, 0), cv2.extractChannel(hsv, 1)
 
     @staticmethod
     def above(channel: np.ndarray, threshold: float) -> np.ndarray:

@@ -469,7 +469,7 @@ def test_trickling_streams_give_their_places_up_when_the_server_is_full(tmp_path
             answered.append(sum(r.ok for r in client.classify_stream(trickle(), plugin="brightness")))
             ended.append("OK")
         except DxServeError as error:
-            ended.append((error.code, error.reason, error.resume_index, str(error)))
+            ended.append((error.code, error.reason, error.resume_index, str(error), error.retry_after_s))
 
     with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "2",
                       "--stream-min-items-when-full", "3", "--stream-idle-timeout-s", "300") as server, \
@@ -478,9 +478,10 @@ def test_trickling_streams_give_their_places_up_when_the_server_is_full(tmp_path
         for thread in holders:
             thread.start()
         wait_for(lambda: ended, 15, "a trickling stream to give its place up")
-        code, reason, resume, message = ended[0]
+        code, reason, resume, message, retry = ended[0]
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_TOO_SLOW") and resume >= 2
         assert "stream_min_items_when_full" in message
+        assert retry == 2.0  # longer than a refused newcomer's 1 s: a client that honours it gives the place up
         assert client.classify(GREY, plugin="brightness").ok  # a place for a caller that sends
         time.sleep(3)  # no longer full: the other three trickle on
         release.set()

@@ -235,13 +235,15 @@ def draining(resume_index: int) -> ServingError:
         error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
 
 
-def stream_ended(reason: str, resume_index: int, why: str) -> ServingError:
-    """UNAVAILABLE ending a stream the server will not keep open (idle, too old): every item before
-    `resume_index` was answered, none from it on was read; open a new stream and resend from there."""
+def stream_ended(reason: str, resume_index: int, why: str, retry_after_s: float = 0.0) -> ServingError:
+    """UNAVAILABLE ending a stream the server will not keep open (idle, too slow or too old): every
+    item before `resume_index` was answered, none from it on was read; open a new stream, after
+    `retry_after_s` (RetryInfo), and resend from there."""
     return ServingError(
         grpc.StatusCode.UNAVAILABLE, f"{why}: items 0 to {resume_index - 1} were answered; resend from item {resume_index} "
         "on a new stream", _error_info(reason, resume_index=str(resume_index)),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=0)))
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(retry_after_s),
+                                                                      nanos=int(retry_after_s % 1 * 1e9))))
 
 
 def unimplemented(plugin: str, feature: str, description: str) -> ServingError:

@@ -259,7 +259,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         # stops reading from a caller that sends faster than the model answers, and the
         # responses go back in request order, each error in its own response.
         window: asyncio.Queue[tuple[asyncio.Future, oip.ModelInferRequest] | None] = asyncio.Queue(self.settings.stream_window)
-        ended: list[tuple[str, str]] = []  # the idle or age limit that ended it (issue 32: they hold here too)
+        ended: list[tuple[str, str, float]] = []  # the idle, rate or age limit that ended it (issue 32: they hold here too)
         answered = 0
         inflight = self.diagnostics.inflight
 
@@ -295,7 +295,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                     yield oip.ModelStreamInferResponse(infer_response=outcome)
                 answered += 1
             if ended:
-                errors.stream_ended(ended[0][0], answered, ended[0][1]).end(context)
+                errors.stream_ended(ended[0][0], answered, *ended[0][1:]).end(context)
                 return
             try:
                 await reader

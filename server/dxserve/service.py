@@ -135,7 +135,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                 errors.draining(answered).end(context)
                 return
             if ended:
-                errors.stream_ended(ended[0][0], answered, ended[0][1]).end(context)
+                errors.stream_ended(ended[0][0], answered, *ended[0][1:]).end(context)
                 return
             try:
                 await reader

@@ -17,6 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from .config import Settings
 
 CROWDED_CHECK_S = 0.5  # how often a waiting stream looks again whether the server is crowded
+#: RetryInfo of a stream ended to free its place: longer than the second a refused newcomer is told
+#: to wait (errors.too_many_calls), so a client that honours it does not take the place straight back.
+CROWD_RETRY_S = 2.0
 
 
 async def requests_while_open(requests: AsyncIterator, settings: Settings, ended: list,
@@ -24,7 +27,7 @@ async def requests_while_open(requests: AsyncIterator, settings: Settings, ended
     """A stream's requests, until the client half-closes, sends nothing for stream_idle_timeout_s,
     sends fewer than stream_min_items_when_full items in stream_idle_when_full_s while `crowded()`,
     or is max_stream_age_s old; 0 = no limit. When a limit ends it, `ended` gets (ErrorInfo
-    reason, why) for errors.stream_ended."""
+    reason, why, seconds to wait before resuming) for errors.stream_ended."""
     loop, iterator = asyncio.get_running_loop(), aiter(requests)
     idle, age = settings.stream_idle_timeout_s or math.inf, settings.max_stream_age_s or math.inf
     floor = (_RateFloor(loop.time(), settings.stream_idle_when_full_s, settings.stream_min_items_when_full, crowded)
@@ -89,25 +92,25 @@ class _RateFloor:
                   waiting_since + self.window_s / self.min_items)
         return max(due - now, CROWDED_CHECK_S)
 
-    def why(self, now: float) -> tuple[str, str]:
+    def why(self, now: float) -> tuple[str, str, float]:
         if not self.times or self.times[-1] <= now - self.window_s:
             return "STREAM_IDLE", (f"the stream sent nothing for {self.window_s:g} s while the server was full "
-                                   "(stream_idle_when_full_s): its place goes to a caller that sends")
+                                   "(stream_idle_when_full_s): its place goes to a caller that sends"), CROWD_RETRY_S
         return "STREAM_TOO_SLOW", (f"the stream sent fewer than {self.min_items} items in {self.window_s:g} s while the "
                                    "server was full (stream_min_items_when_full, stream_idle_when_full_s): its place "
-                                   "goes to a caller that sends")
+                                   "goes to a caller that sends"), CROWD_RETRY_S
 
 
 async def _wait(nxt: asyncio.Future, loop, since: float, idle: float, closes: float, age: float,
-                floor: _RateFloor | None) -> tuple[str, str] | None:
+                floor: _RateFloor | None) -> tuple[str, str, float] | None:
     """Wait for `nxt` until a limit is reached; then cancel it and say which (None: it came)."""
     try:
         while not nxt.done():
             now = loop.time()
             if now >= closes:
-                return "STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)"
+                return "STREAM_MAX_AGE", f"the stream is {age:g} s old (max_stream_age_s)", 0.0
             if now - since >= idle:
-                return "STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)"
+                return "STREAM_IDLE", f"the stream sent nothing for {idle:g} s (stream_idle_timeout_s)", 0.0
             if floor is not None and floor.too_slow(now, since):
                 return floor.why(now)
             step = min(closes, since + idle) - now

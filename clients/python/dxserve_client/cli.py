@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen, image_files
+from .client import DEFAULT_SERVER, Client, DxServeError, Result, Specimen, image_files, retry_delay_s
 
 FIELDS = ["path", "specimen_id", "request_id", "label", "indeterminate", "screen_positive", "confidence", "top_label", "model_version",
           "weights_sha256", "rule", "quality_issues", "error_code", "error_message", "object", "box"]
@@ -182,10 +182,7 @@ def retry_after(result: Result) -> float | None:
     RESOURCE_EXHAUSTED: a plugin still loading, a full queue); None when it is not worth a retry."""
     if result.error_code not in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
         return None
-    for detail in result.error_details:
-        if detail.DESCRIPTOR.name == "RetryInfo":
-            return detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
-    return None
+    return retry_delay_s(result.error_details)
 
 
 def unreadable(path: Path, error: OSError) -> Result:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,11 +168,23 @@ class DxServeError(Exception):
     @property
     def resume_index(self) -> int | None:
         """For a stream the server ended with a resume point (a stopping server, SERVER_DRAINING;
-        an idle, too slow or too old stream, STREAM_IDLE / STREAM_TOO_SLOW / STREAM_MAX_AGE): the first item it did not answer."""
+        an idle, too slow or too old stream, STREAM_IDLE / STREAM_TOO_SLOW / STREAM_MAX_AGE): the first
+        item it did not answer."""
         for detail in self.details:
             if detail.DESCRIPTOR.name == "ErrorInfo" and "resume_index" in detail.metadata:
                 return int(detail.metadata["resume_index"])
         return None
+
+    @property
+    def retry_after_s(self) -> float:
+        """The google.rpc.RetryInfo delay: how long the server asks to wait before trying again (0 without one)."""
+        return retry_delay_s(self.details) or 0.0
+
+
+def retry_delay_s(details) -> float | None:
+    """The google.rpc.RetryInfo delay among `details`, in seconds; None without one."""
+    info = next((d for d in details if d.DESCRIPTOR.name == "RetryInfo"), None)
+    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9 if info is not None else None
 
 
 def unpack_details(status) -> list:
@@ -369,6 +382,7 @@ class Client:
                 failure = _error(error)
                 if failure.resume_index is None or not resume_within_s:
                     raise failure from None
+            time.sleep(min(failure.retry_after_s, resume_within_s))  # a stream ended to free its place: not at once
             self.wait_until_serving(plugin, resume_within_s)
 
     def _call(self, method, request, timeout_s: float | None = None):

@@ -801,3 +801,38 @@ def test_the_inflight_budget_grants_in_turn_lets_an_oversized_request_go_alone_a
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+def test_an_evicted_stream_resumes_after_its_retry_delay_and_loses_nothing(tmp_path):
+    """The Python client resumes a stream the full server ended (STREAM_TOO_SLOW) after the 2 s
+    it is asked to wait: a newcomer gets the place meanwhile (before any stream could have ended
+    by itself), and every item of every stream is answered once, in order."""
+    import threading
+
+    def trickle():
+        for i in range(14):
+            yield (str(i), GREY)
+            time.sleep(0.7)  # about 10 s a stream: fewer than 3 items in 2 s
+
+    results, newcomer = {}, []
+
+    def hold(k, client):
+        results[k] = [r.request_id for r in client.classify_stream(trickle(), plugin="brightness", resume_within_s=30)]
+
+    with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "2",
+                      "--stream-min-items-when-full", "3") as server, Client(server.address) as client:
+        holders = [threading.Thread(target=hold, args=(k, client)) for k in range(4)]
+        started = time.monotonic()
+        for thread in holders:
+            thread.start()
+        time.sleep(1.0)  # the four streams hold every place
+        while not newcomer and time.monotonic() - started < 8:  # no stream ends by itself before about 10 s
+            try:
+                newcomer.append(client.classify(GREY, plugin="brightness").ok)
+            except DxServeError as error:
+                assert error.reason == "TOO_MANY_CALLS"
+                time.sleep(error.retry_after_s)
+        for thread in holders:
+            thread.join(40)
+        assert newcomer == [True]  # a place was given up for it
+        assert results == {k: [str(i) for i in range(14)] for k in range(4)}  # and the evicted stream resumed, losing nothing

@@ -153,6 +153,10 @@ class Result:
                    error_message=status.message, error_details=tuple(unpack_details(status)))
 
 
+#: Codes with which a new stream, opened to resume one, is refused for now and tried again within resume_within_s.
+RETRIED_WHILE_RESUMING = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+
 class DxServeError(Exception):
     """A failed unary call, with its status code and google.rpc details."""
 
@@ -363,6 +367,7 @@ class Client:
                                          specimen_id=specimen, explain=explain, microns_per_pixel=microns_per_pixel)
 
         feed = _Resendable(requests(images))
+        resume_by = None  # after a stream ended with a resume point: until when to try for a new one
         while True:
             try:
                 for response in self.stub.ClassifyStream(feed.attempt(), timeout=timeout_s, metadata=self.metadata):
@@ -380,10 +385,13 @@ class Client:
                 return
             except grpc.RpcError as error:
                 failure = _error(error)
-                if failure.resume_index is None or not resume_within_s:
-                    raise failure from None
-            time.sleep(min(failure.retry_after_s, resume_within_s))  # a stream ended to free its place: not at once
-            self.wait_until_serving(plugin, resume_within_s)
+                if failure.resume_index is not None and resume_within_s:
+                    resume_by = time.monotonic() + resume_within_s
+                elif not (resume_by and time.monotonic() < resume_by and failure.code in RETRIED_WHILE_RESUMING):
+                    raise failure from None  # resuming, a new stream refused for now (the server full) is tried again
+            # Not at once: a stream ended to free its place, or refused one, is asked to wait (RetryInfo).
+            time.sleep(min(failure.retry_after_s or 0.2, max(resume_by - time.monotonic(), 0.0)))
+            self.wait_until_serving(plugin, max(resume_by - time.monotonic(), 0.1))
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:

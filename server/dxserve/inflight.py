@@ -30,7 +30,7 @@ class InflightBytes:
         """For a unary call: hold `size` bytes while the block runs if they fit; it gets None, or
         the INFLIGHT_FULL refusal to answer with."""
         if not self.try_take(size):
-            yield errors.inflight_full(size, self.limit // 2**20)
+            yield errors.inflight_full(size, self.used, self.limit // 2**20, bool(self._waiting))
             return
         try:
             yield None

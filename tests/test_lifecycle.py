@@ -148,17 +148,20 @@ def test_operator_metrics_per_plugin_and_version(tmp_path):
             client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness", model_version="no-such-version")
         cyan = np.zeros((8, 8, 3), np.uint8)
         cyan[..., 1:] = 255
-        with pytest.raises(DxServeError) as caught:  # the flaky plugin takes a second over cyan: past the deadline
-            client.classify(cyan, plugin="flaky", timeout_s=0.8)  # reaches the server in time even on a busy machine
-        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         missed = 'dxserve_requests_total{code="DEADLINE_EXCEEDED",plugin="flaky",version="2.0"}'
-        deadline = time.monotonic() + 15  # the server counts the miss when its second is up (later on a busy machine)
-        while missed not in (m := _metrics(metrics_port)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        for _ in range(3):  # a call whose deadline passes before its handler runs (a loaded machine) is never seen: again
+            with pytest.raises(DxServeError) as caught:  # the flaky plugin takes a second over cyan: past the deadline
+                client.classify(cyan, plugin="flaky", timeout_s=0.8)
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 10  # the server counts the miss when its second is up (later on a busy machine)
+            while missed not in (m := _metrics(metrics_port)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if missed in m:
+                break
     labels = 'plugin="brightness",version="2.0"'
     assert m[f'dxserve_requests_total{{code="OK",{labels}}}'] == 3
     assert m[f'dxserve_requests_total{{code="INVALID_ARGUMENT",{labels}}}'] == 1
-    assert m['dxserve_requests_total{code="DEADLINE_EXCEEDED",plugin="flaky",version="2.0"}'] == 1  # missed deadlines count
+    assert m['dxserve_requests_total{code="DEADLINE_EXCEEDED",plugin="flaky",version="2.0"}'] >= 1  # missed deadlines count
     assert m['dxserve_requests_total{code="NOT_FOUND",plugin="brightness",version="unknown"}'] == 1
     assert m[f'dxserve_decisions_total{{decision="dark",{labels}}}'] == 2 and m[f'dxserve_decisions_total{{decision="bright",{labels}}}'] == 1
     assert f'dxserve_request_seconds_bucket{{le="160.0",{labels}}}' in m

@@ -7,8 +7,8 @@
 the plugin's labels) and `group` (the patient, or the block of images one came from: every
 split of the validation keeps a group whole). Unlabelled images are every PNG, JPEG, BMP or
 TIFF under the folder, less any file identical to a labelled one (the same bytes: a folder may
-hold both), so no image is learnt from or counted twice. Nothing is written unless the plugin's adaptation completes; the folder
-of a failed one is removed.
+hold both), so no image is learnt from or counted twice. Nothing is written unless the plugin's
+adaptation completes; the folder of a failed one is removed.
 """
 
 from __future__ import annotations
@@ -59,9 +59,8 @@ def read_unlabelled(folder: Path, labelled: set[str] = frozenset()) -> tuple[lis
     files = image_files([folder])  # the client's own rule for a folder of images
     if not files:
         raise OnboardingError(f"{folder}: no images (PNG, JPEG, BMP, TIFF) to learn the site's images from")
-    hashes = {p: sites.sha256_of(p) for p in files}
-    files = [p for p in files if hashes[p] not in labelled]
-    return [decoded(p) for p in files], {str(p.relative_to(folder)): hashes[p] for p in files}
+    kept = {path: digest for path, digest in sites.hashed(files, folder).items() if digest not in labelled}
+    return [decoded(folder / path) for path in kept], kept
 
 
 def decoded(path: Path):

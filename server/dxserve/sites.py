@@ -141,7 +141,8 @@ def next_version(sites_dir: Path, plugin: str, parent: str, site: str) -> str:
 
 
 def describe(site: dict, criteria: SiteAcceptance) -> str:
-    """The site version's Markdown card: what it is, what it was fitted on, its figures."""
+    """The site version's Markdown card: what it is, what it was fitted on, its figures (`site`
+    as `record` writes it: `json_safe` already)."""
     report, missed = site["report"], unmet(site["report"], criteria, site.get("kind", "classifier"))
     lines = [f"# Site version {site['version']} ({site['plugin']})", "",
              f"- **Site:** {site['site']}",
@@ -152,7 +153,7 @@ def describe(site: dict, criteria: SiteAcceptance) -> str:
              "(their SHA-256 in site.json)",
              f"- **Acceptance ({'met' if not missed else 'NOT met: ' + '; '.join(missed)}):** "
              + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.get("acceptance", {}).items()),
-             "", "## Validation report", "", "```json", json.dumps(json_safe(report), indent=1, allow_nan=False), "```", ""]
+             "", "## Validation report", "", "```json", json.dumps(report, indent=1, allow_nan=False), "```", ""]
     return "\n".join(lines)
 
 

@@ -53,8 +53,6 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-
-
 def _checkpointer(settings: Settings):
     if settings.audit_checkpoint_key is None:
         return None

@@ -819,6 +819,16 @@ def test_the_inflight_budget_grants_in_turn_lets_an_oversized_request_go_alone_a
         granted.cancel()
         await asyncio.gather(granted, return_exceptions=True)
         assert budget.used == 0
+        await budget.take(40)
+        budget.until_done(None, 40)  # an item that could not be made gives its bytes back at once
+        assert budget.used == 0
+        await budget.take(40)
+        item = asyncio.get_running_loop().create_future()
+        budget.until_done(item, 40)  # a stream's item holds them until it is answered
+        assert budget.used == 40
+        item.set_result(None)
+        await asyncio.sleep(0)
+        assert budget.used == 0
 
     asyncio.run(scenario())
 

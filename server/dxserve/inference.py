@@ -266,15 +266,13 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for raw in requests_while_open(request_iterator, self.settings, ended, self.diagnostics.crowded):
-                    size = size_of(raw)
+                    size, item = size_of(raw), None
                     await inflight.take(size)  # past max_inflight_mb, read no further until some is answered
                     try:
                         request, refused = await self.parsed(raw)
-                    except BaseException:
-                        inflight.release(size)
-                        raise
-                    item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer", refused))
-                    item.add_done_callback(lambda _, size=size: inflight.release(size))
+                        item = asyncio.ensure_future(self.infer(request, context.time_remaining(), "ModelStreamInfer", refused))
+                    finally:
+                        inflight.until_done(item, size)
                     try:
                         await window.put((item, request))
                     except asyncio.CancelledError:

@@ -60,6 +60,14 @@ class InflightBytes:
                 self._grant()  # those behind it may fit now
             raise
 
+    def until_done(self, item: asyncio.Future | None, size: int) -> None:
+        """For a stream's item: the `size` bytes taken for it are given back when `item` is done,
+        or at once when no item was made (reading it failed)."""
+        if item is None:
+            self.release(size)
+        else:
+            item.add_done_callback(lambda _: self.release(size))
+
     def release(self, size: int) -> None:
         self.used -= size
         self._grant()

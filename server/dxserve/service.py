@@ -96,7 +96,7 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
             try:
                 index = 0
                 async for request in requests_while_open(request_iterator, self.settings, ended, self.crowded):
-                    size = request.ByteSize()
+                    size, item = request.ByteSize(), None
                     await self.inflight.take(size)  # past max_inflight_mb, read no further until some is answered
                     recorded = asyncio.Event()
                     try:
@@ -106,7 +106,8 @@ class DiagnosticsService(pb_grpc.DiagnosticsServiceServicer):
                         tally, item = None, asyncio.get_running_loop().create_future()
                         item.set_result(pb.ClassifyStreamResponse(request_id=errors.clip(request.request_id), index=index,
                                                                   error=refusal.to_status()))
-                    item.add_done_callback(lambda _, size=size: self.inflight.release(size))
+                    finally:
+                        self.inflight.until_done(item, size)
                     try:
                         await window.put((item, tally, recorded))
                     except asyncio.CancelledError:  # read, but never to be answered: the client resends it

@@ -177,23 +177,47 @@ def _inscribed_half_side(kernel: np.ndarray) -> int:
     return half
 
 
+def _sparse_dilate(mask: np.ndarray, kernel: np.ndarray, cell: int = 16) -> np.ndarray:
+    """`cv2.dilate(mask, kernel)` of a uint8 mask whose pixels are few (a field's nuclei: 2 % of it),
+    made only where they are. Each component's box widened by the kernel's reach holds its
+    dilation; those boxes are marked on a grid of `cell` px squares, and each connected group of
+    squares is dilated from the mask around it (widened by the reach again, so exactly as the
+    whole field's dilation there). A 15 Mpx field's lobe merging: 0.25 s to 0.09 s (a fifth of the
+    field). A mask whose groups would cover half the field is dilated whole."""
+    reach = kernel.shape[0] // 2
+    height, width = mask.shape
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    grid = np.zeros((height // cell + 1, width // cell + 1), np.uint8)
+    for x, y, w, h in (cv2.boundingRect(c) for c in contours):
+        grid[max(0, y - reach) // cell:(y + h + reach) // cell + 1, max(0, x - reach) // cell:(x + w + reach) // cell + 1] = 1
+    count, _, stats, _ = cv2.connectedComponentsWithStats(grid, connectivity=8)
+    regions = []
+    for x, y, w, h in (stats[i, :4] * cell for i in range(1, count)):
+        ox0, oy0, ox1, oy1 = int(x), int(y), min(width, int(x + w)), min(height, int(y + h))
+        regions.append(((ox0, oy0, ox1, oy1), (max(0, ox0 - reach), max(0, oy0 - reach), min(width, ox1 + reach), min(height, oy1 + reach))))
+    if sum((sx1 - sx0) * (sy1 - sy0) for _, (sx0, sy0, sx1, sy1) in regions) > mask.size // 2:
+        return cv2.dilate(mask, kernel)
+    out = np.zeros_like(mask)
+    for (ox0, oy0, ox1, oy1), (sx0, sy0, sx1, sy1) in regions:
+        dilated = cv2.dilate(mask[sy0:sy1, sx0:sx1], kernel)
+        out[oy0:oy1, ox0:ox1] |= dilated[oy0 - sy0:oy1 - sy0, ox0 - sx0:ox1 - sx0]
+    return out
+
+
 def _laplacian_variance(grey: np.ndarray) -> float:
-    """Variance of the Laplacian (focus); a field over BAND rows by bands (its 64-bit Laplacian
-    would be 8 bytes a pixel), the same to about 1e-12."""
-    if grey.shape[0] <= BAND:
-        return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    """Variance of the Laplacian (focus). A uint8 field's Laplacian is a small integer (|v| <= 1020), so
+    it is taken as int16 (2 bytes a pixel, not the 8 of a 64-bit one) by bands of BAND rows, and each
+    band's mean and spread (OpenCV, accumulated in double) are pooled: one pass, the same figure to
+    about 1e-12 (a 15 Mpx field: 0.1 s to 0.03 s)."""
     height, total, squares = grey.shape[0], 0.0, 0.0
-    bands = []
     for top in range(0, height, BAND):
         low, high = max(0, top - 1), min(height, top + BAND + 1)
-        bands.append((top, low, high))
-    for top, low, high in bands:
-        total += float(cv2.Laplacian(grey[low:high], cv2.CV_64F)[top - low:top - low + min(BAND, height - top)].sum())
+        band = cv2.Laplacian(grey[low:high], cv2.CV_16S)[top - low:top - low + min(BAND, height - top)]
+        mean, spread = (float(v[0, 0]) for v in cv2.meanStdDev(band))
+        total += mean * band.size
+        squares += (spread ** 2 + mean ** 2) * band.size
     mean = total / grey.size
-    for top, low, high in bands:
-        band = cv2.Laplacian(grey[low:high], cv2.CV_64F)[top - low:top - low + min(BAND, height - top)]
-        squares += float(((band - mean) ** 2).sum())
-    return squares / grey.size
+    return squares / grey.size - mean ** 2
 
 
 def _disk(diameter_px: float) -> np.ndarray:
@@ -285,7 +309,7 @@ def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fa
     violet = (hued & hsv.above(hsv.saturation, threshold)).astype(np.uint8)
     del hsv, hued
     violet = cv2.morphologyEx(violet, cv2.MORPH_OPEN, _disk(p.nucleus_open_um * px_per_um))
-    merged = cv2.dilate(violet, _disk(p.merge_um * px_per_um))
+    merged = _sparse_dilate(violet, _disk(p.merge_um * px_per_um))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(merged)
     found = []
     for label in range(1, count):
@@ -316,10 +340,43 @@ def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fal
             continue  # the nucleus itself reaches the edge: part of the cell is outside the field
         # The hull and its rim drawn in the cell's own box (which holds the whole nucleus), not the field.
         hull = cv2.convexHull(np.stack([xs - x0, ys - y0], axis=1).astype(np.int32))
-        body = cv2.fillConvexPoly(np.zeros((y1 - y0, x1 - x0), np.uint8), hull, 1)
-        body = cv2.dilate(body, _disk(2 * p.cytoplasm_um * px_per_um)) > 0
+        body = _dilated_rows(cv2.fillConvexPoly(np.zeros((y1 - y0, x1 - x0), np.uint8), hull, 1),
+                             _disk(2 * p.cytoplasm_um * px_per_um))
         found.append(((y0 // 32, x0), Cell((x0, y0, x1 - x0, y1 - y0), body, _on_canvas(rgb[y0:y1, x0:x1], body, p, px_per_um))))
     return [cell for _, cell in sorted(found, key=lambda item: item[0])], []
+
+
+def _dilated_rows(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """`cv2.dilate(mask, kernel) > 0` for a mask whose every row is one run of pixels or none (a
+    filled convex polygon) and a kernel whose every row is one centred run (an ellipse): row y
+    of the result is the union, over the kernel's rows dy, of mask row y + dy's run widened by
+    that kernel row's half width, drawn as +1/-1 at its ends and summed along the row. Exactly
+    OpenCV's dilation, a few times cheaper for a cell's 81 px disk (4.5 ms a cell); any other
+    mask is dilated by OpenCV."""
+    height, width = mask.shape
+    filled = np.flatnonzero(mask.any(axis=1))
+    first = mask[filled].argmax(axis=1)
+    last = width - 1 - mask[filled, ::-1].argmax(axis=1)
+    if not len(filled) or np.any(mask[filled].sum(axis=1, dtype=np.int64) != last - first + 1) or not _centred_runs(kernel):
+        return cv2.dilate(mask, kernel) > 0
+    reach = kernel.shape[0] // 2
+    half = kernel.sum(axis=1, dtype=np.int64) // 2
+    rows = filled[:, None] - (np.arange(kernel.shape[0]) - reach)[None, :]  # the output row each (mask row, kernel row) reaches
+    low = np.clip(first[:, None] - half[None, :], 0, width)
+    high = np.clip(last[:, None] + half[None, :] + 1, 0, width)
+    inside = (rows >= 0) & (rows < height)
+    rows, size = rows[inside] * (width + 1), height * (width + 1)
+    ends = np.bincount(rows + low[inside], minlength=size) - np.bincount(rows + high[inside], minlength=size)
+    return np.cumsum(ends.reshape(height, width + 1), axis=1)[:, :width] > 0
+
+
+def _centred_runs(kernel: np.ndarray) -> bool:
+    """Whether every row of an odd square kernel is one run of odd length centred on its middle column."""
+    size = kernel.shape[0]
+    half = kernel.sum(axis=1, dtype=np.int64) // 2
+    columns = np.abs(np.arange(size) - size // 2)
+    return size % 2 == 1 and kernel.shape[1] == size and bool(np.all(kernel.sum(axis=1) % 2 == 1)) \
+        and bool(np.array_equal(kernel > 0, columns[None, :] <= half[:, None]))
 
 
 def _on_canvas(box: np.ndarray, mask: np.ndarray, p: Parameters, px_per_um: float) -> np.ndarray:

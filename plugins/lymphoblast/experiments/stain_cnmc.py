@@ -6,7 +6,7 @@ command's subject-grouped folds, with 2.1.0's recipe (3 MLP heads, 2 views, size
 - **raw**: the cells as 2.1.0 sees them;
 - **reinhard**: each cell's pixels (not the black background) moved in CIELAB to the mean and
   spread of the C-NMC developer cells' pixels (Reinhard et al. 2001; the reference is label-free,
-  fitted on every developer cell: one lab, one reference);
+  pooled over 400 developer cells drawn at random: one lab, one reference);
 - **reinhard-mean**: only the mean moved (the spread kept: texture contrast untouched).
 
 Each recipe's pooled out-of-fold AUROC, per fold, ECE, and how many folds beat raw. Research:

@@ -385,7 +385,7 @@ def _centred_runs(kernel: np.ndarray) -> bool:
 
 def _on_canvas(box: np.ndarray, mask: np.ndarray, p: Parameters, px_per_um: float) -> np.ndarray:
     """The cell on black, rescaled to the classifier's scale, centred on its canvas (cut to it if larger)."""
-    cell = np.where(mask[..., None], box, 0).astype(np.uint8)
+    cell = cv2.bitwise_and(box, box, mask=np.ascontiguousarray(mask).view(np.uint8))  # np.where: 0.5 ms a cell
     factor = p.classifier_px_per_um / px_per_um
     size = (max(1, round(cell.shape[1] * factor)), max(1, round(cell.shape[0] * factor)))
     cell = cv2.resize(cell, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)

@@ -347,25 +347,27 @@ def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fal
 
 
 def _dilated_rows(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """`cv2.dilate(mask, kernel) > 0` for a mask whose every row is one run of pixels or none (a
-    filled convex polygon) and a kernel whose every row is one centred run (an ellipse): row y
-    of the result is the union, over the kernel's rows dy, of mask row y + dy's run widened by
-    that kernel row's half width, drawn as +1/-1 at its ends and summed along the row. Exactly
-    OpenCV's dilation, a few times cheaper for a cell's 81 px disk (4.5 ms a cell); any other
-    mask is dilated by OpenCV."""
+    """`cv2.dilate(mask, kernel) > 0` for a filled convex polygon (each row one run, the rows
+    consecutive and each run touching the next) and a kernel whose every row is one centred run
+    (an ellipse). Row y of the result is the union over the kernel's rows of mask row y + dy's
+    run widened by that kernel row's half width; runs of neighbouring rows touch, so that union
+    is one run, from the least start to the greatest end. Exactly OpenCV's dilation, without its
+    cost for a cell's 81 px disk (4.5 ms a cell); any other mask is dilated by OpenCV."""
     height, width = mask.shape
-    filled, first, last = _row_ends(mask)
-    if not len(filled) or np.any(mask[filled].sum(axis=1, dtype=np.int64) != last - first + 1) or not _centred_runs(kernel):
+    rows, first, last = _row_ends(mask)
+    if not len(rows) or rows[-1] - rows[0] + 1 != len(rows) or not _centred_runs(kernel) \
+            or np.any(mask[rows].sum(axis=1, dtype=np.int64) != last - first + 1) \
+            or np.any(first[1:] > last[:-1] + 1) or np.any(last[1:] < first[:-1] - 1):
         return cv2.dilate(mask, kernel) > 0
     reach = kernel.shape[0] // 2
-    half = kernel.sum(axis=1, dtype=np.int64) // 2
-    rows = filled[:, None] - (np.arange(kernel.shape[0]) - reach)[None, :]  # the output row each (mask row, kernel row) reaches
-    low = np.clip(first[:, None] - half[None, :], 0, width)
-    high = np.clip(last[:, None] + half[None, :] + 1, 0, width)
-    inside = (rows >= 0) & (rows < height)
-    rows, size = rows[inside] * (width + 1), height * (width + 1)
-    ends = np.bincount(rows + low[inside], minlength=size) - np.bincount(rows + high[inside], minlength=size)
-    return np.cumsum(ends.reshape(height, width + 1), axis=1)[:, :width] > 0
+    half = (kernel.sum(axis=1, dtype=np.int64) // 2)[:, None]
+    source = np.arange(height)[None, :] + np.arange(-reach, reach + 1)[:, None] - rows[0]  # (kernel row, output row)
+    valid = (source >= 0) & (source < len(rows))
+    source = source.clip(0, len(rows) - 1)
+    start = np.where(valid, first[source] - half, width).min(axis=0)
+    end = np.where(valid, last[source] + half, -1).max(axis=0)
+    columns = np.arange(width)[None, :]
+    return (columns >= start[:, None]) & (columns <= end[:, None])
 
 
 def _row_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

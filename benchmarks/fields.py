@@ -29,6 +29,7 @@ import argparse
 import io
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,7 +148,8 @@ def main() -> int:
     args = parser.parse_args()
     images = fields(args.data, args.fields)
     baseline_s, baseline_cells = in_process(images)
-    server = start_server(args.port, warm_up=True)
+    folder = tempfile.TemporaryDirectory()  # the audit trail on, as by default: every field and cell a row
+    server = start_server(args.port, audit_db=str(Path(folder.name) / "audit.sqlite3"), warm_up=True)
     try:
         served_s, cells, summary = through_server(f"127.0.0.1:{args.port}", images)
         bar = large_field(f"127.0.0.1:{args.port}", dense(args.data, args.dense)) if args.dense else None
@@ -155,6 +157,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(60)
+        folder.cleanup()
     print(f"machine: {os.cpu_count()} CPU cores; {len(images)} fields")
     print(f"in process (baseline): {baseline_s:.1f} s, {baseline_cells} cells, {len(images) / baseline_s:.1f} fields/s")
     print(f"through the server: {served_s:.1f} s, {cells} cells, {len(images) / served_s:.1f} fields/s, "

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import png_bytes
 from dxserve.errors import ServingError
-from dxserve.images import decode
+from dxserve.images import decode, mask_png
 from dxserve.v1 import diagnostics_pb2 as pb
 
 
@@ -113,3 +113,11 @@ def test_a_plugin_refuses_what_it_cannot_use_from_the_header_before_decoding():
         assert caught.value.reason == "IMAGE_TOO_LARGE"
         assert "2500x2000 px exceeds the limit of 4000000 pixels (plugin 'lymphoblast''s max_pixels)" in str(caught.value)
         assert client.classify(np.full((450, 450, 3), 0, np.uint8)).ok  # what it takes, it still takes
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8])
+def test_a_found_objects_mask_is_an_8_bit_grey_png_of_0_and_255(dtype):
+    mask = np.zeros((37, 29), dtype)
+    mask[5:30, 3:20] = 1
+    decoded = Image.open(io.BytesIO(mask_png(mask)))
+    assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), np.where(mask != 0, 255, 0))

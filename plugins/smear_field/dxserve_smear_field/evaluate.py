@@ -81,7 +81,7 @@ def not_fields(data: Path) -> dict[str, np.ndarray]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared" / "data" / "bccd")  # beside the project root
     parser.add_argument("--version", default="1.0.0")
     args = parser.parse_args()
     cv2.setNumThreads(1)

@@ -413,17 +413,21 @@ def test_idle_streams_give_their_places_up_when_the_server_is_full(tmp_path):
         return
         yield
 
+    _, tokens = _callers(tmp_path, "holder", "newcomer")
+    holder = (("authorization", f"Bearer {tokens['holder']}"),)
+
     def hold(stub):
         try:
-            for _ in stub.ClassifyStream(silent(), timeout=30):
+            for _ in stub.ClassifyStream(silent(), timeout=30, metadata=holder):
                 pass
             ended.append("OK")
         except grpc.RpcError as error:
             ended.append((error.code(), error.details()))
 
-    with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "1",
-                      "--stream-idle-timeout-s", "300") as server, grpc.insecure_channel(server.address) as channel, \
-            Client(server.address) as client:
+    with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "1", "--stream-idle-timeout-s",
+                      "300", "--auth-keys-file", str(tmp_path / "callers.json"), ready=[]) as server, \
+            grpc.insecure_channel(server.address) as channel, Client(server.address, token=tokens["newcomer"]) as client:
+        client.wait_until_serving("brightness", 30)
         stub = pb_grpc.DiagnosticsServiceStub(channel)
         holders = [threading.Thread(target=hold, args=(stub,)) for _ in range(4)]
         for thread in holders:
@@ -446,6 +450,53 @@ def test_idle_streams_give_their_places_up_when_the_server_is_full(tmp_path):
         release.set()
         lone.join(10)
         assert ended == ["OK"]
+
+
+def test_a_caller_that_gave_its_place_up_cannot_take_it_straight_back(tmp_path):
+    """A stream ended to free its place (the server full) is told to wait 2 s (RetryInfo); a client
+    that ignores that and calls again at once is refused RESOURCE_EXHAUSTED (GAVE_WAY) with the
+    seconds left, while another caller gets the place; once they are up it is served again."""
+    import threading
+
+    from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
+
+    release, ended = threading.Event(), []
+    _, tokens = _callers(tmp_path, "holder", "newcomer")
+    holder = (("authorization", f"Bearer {tokens['holder']}"),)
+
+    def silent():
+        release.wait(30)
+        return
+        yield
+
+    def hold(stub):
+        try:
+            for _ in stub.ClassifyStream(silent(), timeout=30, metadata=holder):
+                pass
+        except grpc.RpcError as error:
+            ended.append(error.code())
+
+    with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "1", "--stream-idle-timeout-s",
+                      "300", "--auth-keys-file", str(tmp_path / "callers.json"), ready=[]) as server, \
+            grpc.insecure_channel(server.address) as channel, Client(server.address, token=tokens["holder"]) as again, \
+            Client(server.address, token=tokens["newcomer"]) as newcomer:
+        newcomer.wait_until_serving("brightness", 30)
+        stub = pb_grpc.DiagnosticsServiceStub(channel)
+        holders = [threading.Thread(target=hold, args=(stub,)) for _ in range(4)]
+        for thread in holders:
+            thread.start()
+        wait_for(lambda: ended, 15, "an idle stream to give its place up")
+        given_up = time.monotonic()
+        with pytest.raises(DxServeError) as caught:  # the holder, at once, ignoring its RetryInfo
+            again.classify(GREY, plugin="brightness")
+        assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "GAVE_WAY")
+        assert 0 < caught.value.retry_after_s <= 2.0
+        assert newcomer.classify(GREY, plugin="brightness").ok  # the freed place is the newcomer's
+        time.sleep(max(0.0, 2.2 - (time.monotonic() - given_up)))
+        assert again.classify(GREY, plugin="brightness").ok  # its wait is over
+        release.set()
+        for thread in holders:
+            thread.join(10)
 
 
 def test_trickling_streams_give_their_places_up_when_the_server_is_full(tmp_path):
@@ -471,10 +522,13 @@ def test_trickling_streams_give_their_places_up_when_the_server_is_full(tmp_path
         except DxServeError as error:
             ended.append((error.code, error.reason, error.resume_index, str(error), error.retry_after_s))
 
+    _, tokens = _callers(tmp_path, "holder", "newcomer")
     with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "2",
-                      "--stream-min-items-when-full", "3", "--stream-idle-timeout-s", "300") as server, \
-            Client(server.address) as client:
-        holders = [threading.Thread(target=hold, args=(client,)) for _ in range(4)]
+                      "--stream-min-items-when-full", "3", "--stream-idle-timeout-s", "300",
+                      "--auth-keys-file", str(tmp_path / "callers.json"), ready=[]) as server, \
+            Client(server.address, token=tokens["holder"]) as holding, Client(server.address, token=tokens["newcomer"]) as client:
+        client.wait_until_serving("brightness", 30)
+        holders = [threading.Thread(target=hold, args=(holding,)) for _ in range(4)]
         for thread in holders:
             thread.start()
         wait_for(lambda: ended, 15, "a trickling stream to give its place up")
@@ -849,9 +903,12 @@ def test_an_evicted_stream_resumes_after_its_retry_delay_and_loses_nothing(tmp_p
     def hold(k, client):
         results[k] = [r.request_id for r in client.classify_stream(trickle(), plugin="brightness", resume_within_s=30)]
 
+    _, tokens = _callers(tmp_path, "holder", "newcomer")
     with light_server(tmp_path, "--max-concurrent-calls", "4", "--stream-idle-when-full-s", "2",
-                      "--stream-min-items-when-full", "3") as server, Client(server.address) as client:
-        holders = [threading.Thread(target=hold, args=(k, client)) for k in range(4)]
+                      "--stream-min-items-when-full", "3", "--auth-keys-file", str(tmp_path / "callers.json"), ready=[]) as server, \
+            Client(server.address, token=tokens["holder"]) as holding, Client(server.address, token=tokens["newcomer"]) as client:
+        client.wait_until_serving("brightness", 30)
+        holders = [threading.Thread(target=hold, args=(k, holding)) for k in range(4)]
         started = time.monotonic()
         for thread in holders:
             thread.start()

@@ -12,6 +12,8 @@ One grpc.aio server interceptor (`CallerInterceptor`) does it for every method:
    and `require_admin()` guards the admin methods.
 3. **Limits.** Calls (unary) and streams in flight per caller, and in total, are capped:
    one caller cannot starve the others, and health checks, never counted, are always answered.
+   A caller whose stream was ended to free its place for others (streams.py) is told when to
+   retry, and is held to it: for those seconds it may not take the last places back.
    A per-caller rate (`max_requests_per_s_per_caller`, images a second, stream items included)
    refuses unary calls past it (RESOURCE_EXHAUSTED, RATE_LIMITED) and slows streams down.
 4. **Open streams are re-authorised** at their next item after the key file is reloaded: a
@@ -45,6 +47,7 @@ from pathlib import Path
 import grpc
 
 from . import errors
+from .streams import CROWD_RETRY_S
 
 log = logging.getLogger("dxserve.auth")
 
@@ -245,6 +248,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         self.max_calls, self.max_per_caller, self.max_streams = max_calls, max_calls_per_caller, max_streams_per_caller
         self.calls, self.streams = Counter(), Counter()  # per caller name; the event loop is the only writer
         self._leaving = 0  # idle streams told to give their places up, not yet gone (`crowded`)
+        self._gave_way: dict[str, float] = {}  # caller -> loop time before which it may not take a freed place back
         self.rate = RateLimit(max_requests_per_s)
         self.refusals = refusals or Refusals()
 
@@ -297,7 +301,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if sum(self.calls.values()) - self._leaving < 0.9 * self.max_calls:
             return False
         self._leaving += 1
-        asyncio.get_running_loop().call_later(1.0, self._left)  # by then its call has ended and left `calls`
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, self._left)  # by then its call has ended and left `calls`
+        now = loop.time()  # the asking stream's caller gives way for as long as it is told to wait (RetryInfo)
+        self._gave_way = {name: until for name, until in self._gave_way.items() if until > now}
+        self._gave_way[CALLER.get().name] = now + CROWD_RETRY_S
         return True
 
     def _left(self) -> None:
@@ -323,6 +331,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             raise errors.rate_limited(f"caller {caller.name!r}", self.rate.rate, wait)
         if sum(self.calls.values()) >= self.max_calls:
             raise errors.too_many_calls("the server", self.max_calls, "calls")
+        # A caller that gave its place up may not take it straight back while others need it (a
+        # client that ignores its RetryInfo would otherwise win the place it was asked to free).
+        wait = self._gave_way.get(caller.name, 0.0) - asyncio.get_running_loop().time()
+        if wait > 0 and sum(self.calls.values()) + 1 >= 0.9 * self.max_calls:
+            raise errors.gave_way(f"caller {caller.name!r}", wait)
         if streaming and self.streams[caller.name] >= self.max_streams:
             raise errors.too_many_calls(f"caller {caller.name!r}", self.max_streams, "streams")
         if not streaming and self.calls[caller.name] - self.streams[caller.name] >= self.max_per_caller:

@@ -166,6 +166,15 @@ def unauthenticated(message: str, cause: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNAUTHENTICATED, message, _error_info("UNAUTHENTICATED", cause=cause))
 
 
+def gave_way(subject: str, retry_after_s: float) -> ServingError:
+    """RESOURCE_EXHAUSTED: the caller's stream was ended to free its place while the server was full,
+    and it may not take a place back before its RetryInfo says."""
+    return _quota(f"{subject} gave its place up to callers waiting while the server is full; retry in "
+                  f"{retry_after_s:.1f} s", subject, "a freed place goes to another caller first",
+                  duration_pb2.Duration(seconds=int(retry_after_s), nanos=int(retry_after_s % 1 * 1e9)), "GAVE_WAY",
+                  {"subject": subject})
+
+
 def rate_limited(subject: str, rate: float, retry_after_s: float) -> ServingError:
     """RESOURCE_EXHAUSTED: the caller sends more requests a second than it may."""
     return _quota(f"{subject} sends more than {rate:g} requests a second, its limit; retry in {retry_after_s:.2f} s",

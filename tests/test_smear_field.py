@@ -208,3 +208,31 @@ def test_focus_is_the_variance_of_the_laplacian():
         grey[rng.random(grey.shape) < 0.01] = 255  # sharp specks: large Laplacians of both signs
         expected = cv2.Laplacian(grey, cv2.CV_64F).var()
         assert detect._laplacian_variance(grey) == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_large_field_with_its_scale_given_is_searched_coarsely_and_finds_the_same_cells(monkeypatch):
+    """Detector 1.1.0 searches a field over 2 Mpx whose scale is given on every k-th pixel, then
+    takes each nucleus again from the field itself: the fixtures tiled 3 x 3 (1920 x 1440 px) with
+    BCCD's scale are searched at step 2 and give 1.0.0's cells (every box within IoU 0.9, the same
+    count); without a scale (measured from the red cells), 1.1.0 is 1.0.0 to the bit."""
+    from dxserve_smear_field.plugin import version_folder
+
+    old, new = (detect.Parameters.load(version_folder(v) / "parameters.json") for v in ("1.0.0", "1.1.0"))
+    assert SmearFieldRuntime.versions()[0].version == "1.1.0"  # the default
+    tiles = [rgb_of(path) for path in FIELDS]
+    field = np.vstack([np.hstack([tiles[(r + c) % len(tiles)] for c in range(3)]) for r in range(3)])
+    scale = evaluate.BCCD_MICRONS_PER_PIXEL
+    assert (detect.coarse_step(field, new, scale), detect.coarse_step(field, new, 0.0), detect.coarse_step(field, old, scale)) == (2, 1, 1)
+    searched, original = [], detect._nuclei
+    monkeypatch.setattr(detect, "_nuclei", lambda rgb, *rest: searched.append(rgb.shape[:2]) or original(rgb, *rest))
+    before, _ = detect.find(field, old, scale)
+    after, _ = detect.find(field, new, scale)
+    assert searched == [(1440, 1920), (720, 960)]
+    assert len(after) == len(before) >= 9
+    for cell in before:
+        box = (cell.box[0], cell.box[1], cell.box[0] + cell.box[2], cell.box[1] + cell.box[3])
+        assert max(evaluate.iou(box, (c.box[0], c.box[1], c.box[0] + c.box[2], c.box[1] + c.box[3])) for c in after) >= 0.9
+    measured_old, _ = detect.find(field, old)
+    measured_new, _ = detect.find(field, new)
+    assert [c.box for c in measured_new] == [c.box for c in measured_old]
+    assert all(np.array_equal(a.crop, b.crop) for a, b in zip(measured_new, measured_old, strict=True))

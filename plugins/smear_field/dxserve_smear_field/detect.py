@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,14 @@ class Parameters:
     #: Boxes (x0, y0, x1, y1 as fractions of the field) of marks burnt into every field of a site
     #: (a scale bar, a label), painted over with the field's plasma before anything is measured.
     mask_boxes: tuple = ()
+    #: A field of more pixels than this whose scale is given (the request's `microns_per_pixel`, or
+    #: the site's) is searched at a coarser scale (0: never, as 1.0.0): the field gate's colour
+    #: shares and the nuclei on every k-th pixel of every k-th row, k the least step that brings
+    #: the field under this many pixels but keeps `work_min_px_per_um`; focus, and each cell's
+    #: mask and crop, on the field itself. Not on a scale measured from the field's red cells:
+    #: measured on fewer of them it moved by up to a fifth (benchmarks/RESULTS.md).
+    work_max_pixels: int = 0
+    work_min_px_per_um: float = 4.0
 
     def with_overrides(self, overrides: dict) -> "Parameters":
         """These parameters with some replaced (a site's profile); an unknown name is a ValueError."""
@@ -263,9 +272,10 @@ def smear_hue_share(rgb: np.ndarray, p: Parameters) -> float:
     return _smear_hue_share(hsv, hsv.above(hsv.saturation, p.rbc_min_saturation), p)
 
 
-def field_issues(rgb: np.ndarray, p: Parameters) -> list[QualityIssue]:
-    """Why this image is not a field to find cells in; empty when it is one."""
-    hsv = _HSV(rgb)
+def field_issues(rgb: np.ndarray, p: Parameters, step: int = 1) -> list[QualityIssue]:
+    """Why this image is not a field to find cells in; empty when it is one. `step`: the colour
+    shares from every step-th pixel of every step-th row (focus always from the whole field)."""
+    hsv = _HSV(_every(rgb, step))
     stained = hsv.above(hsv.saturation, p.rbc_min_saturation)
     fraction = float(stained.mean())
     if fraction < p.min_stained_fraction:
@@ -298,16 +308,12 @@ def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fa
     with the field's own saturation threshold (`Parameters.nucleus_min_saturation_floor`).
     Each is cut from its component's bounding box, so the work is linear in the cells (a
     full-field pass per cell made a 100-cell 4,000 px field cost minutes, issue 32)."""
-    hsv = _HSV(rgb)
-    low, high = p.nucleus_hue
-    threshold = p.nucleus_min_saturation
-    hued = hsv.above(hsv.hue, low) & hsv.below(hsv.hue, high)
-    if adaptive and hued.sum() > 16:
-        values = np.clip(_LEVELS[hsv.saturation[hued]] * 255, 0, 255).astype(np.uint8).reshape(-1, 1)
-        otsu = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
-        threshold = float(np.clip(otsu, p.nucleus_min_saturation_floor, p.nucleus_min_saturation))
-    violet = (hued & hsv.above(hsv.saturation, threshold)).astype(np.uint8)
-    del hsv, hued
+    return _nuclei(rgb, p, px_per_um, adaptive)[0]
+
+
+def _nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool) -> tuple[list[Nucleus], float]:
+    """`nuclei`, and the saturation threshold they were found at."""
+    violet, threshold = _violet(_HSV(rgb), p, adaptive)
     violet = cv2.morphologyEx(violet, cv2.MORPH_OPEN, _disk(p.nucleus_open_um * px_per_um))
     merged = _sparse_dilate(violet, _disk(p.merge_um * px_per_um))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(merged)
@@ -317,14 +323,32 @@ def nuclei(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fa
         nucleus = (labels[y:y + h, x:x + w] == label) & (violet[y:y + h, x:x + w] > 0)
         if nucleus.sum() >= p.min_nucleus_area_um2 * px_per_um ** 2:
             found.append(Nucleus(x, y, nucleus))
-    return found
+    return found, threshold
 
 
-def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = False) -> tuple[list[Cell], list[QualityIssue]]:
-    """The field's white cells (reading order), or the clump that makes the field unusable."""
+def _violet(hsv: _HSV, p: Parameters, adaptive: bool = False, threshold: float | None = None) -> tuple[np.ndarray, float]:
+    """The saturated violet pixels (uint8 0/1) and the saturation threshold: `threshold`, else the
+    fixed one, else (`adaptive`) Otsu's split of the violet-hued pixels' saturation, kept between
+    the floor and the fixed threshold."""
+    low, high = p.nucleus_hue
+    hued = hsv.above(hsv.hue, low) & hsv.below(hsv.hue, high)
+    if threshold is None:
+        threshold = p.nucleus_min_saturation
+        if adaptive and hued.sum() > 16:
+            values = np.clip(_LEVELS[hsv.saturation[hued]] * 255, 0, 255).astype(np.uint8).reshape(-1, 1)
+            otsu = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
+            threshold = float(np.clip(otsu, p.nucleus_min_saturation_floor, p.nucleus_min_saturation))
+    return (hued & hsv.above(hsv.saturation, threshold)).astype(np.uint8), threshold
+
+
+def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = False,
+          step: int = 1) -> tuple[list[Cell], list[QualityIssue]]:
+    """The field's white cells (reading order), or the clump that makes the field unusable.
+    `step`: the nuclei are found on every step-th pixel of every step-th row, then each cell is
+    measured, masked and cut from the field itself."""
     height, width = rgb.shape[:2]
     found = []
-    for nucleus in nuclei(rgb, p, px_per_um, adaptive):
+    for nucleus in _nuclei_every(rgb, p, px_per_um, adaptive, step):
         rows, first, last = _row_ends(nucleus.mask)  # a row's ends: every extreme point of the nucleus is one
         xs, ys = np.concatenate([first, last]) + nucleus.x, np.concatenate([rows, rows]) + nucleus.y
         side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 2 * p.pad_um * px_per_um
@@ -344,6 +368,33 @@ def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fal
                              _disk(2 * p.cytoplasm_um * px_per_um))
         found.append(((y0 // 32, x0), Cell((x0, y0, x1 - x0, y1 - y0), body, _on_canvas(rgb[y0:y1, x0:x1], body, p, px_per_um))))
     return [cell for _, cell in sorted(found, key=lambda item: item[0])], []
+
+
+def _nuclei_every(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool, step: int) -> list[Nucleus]:
+    """`nuclei` found on every step-th pixel of every step-th row, each then taken again from the
+    field itself: its violet pixels (the same threshold, opened at full resolution) within a
+    step of the coarse nucleus, in the coarse nucleus's box widened by a step. So lobes are
+    grouped as the coarse search grouped them, and a nucleus's extent is the field's own."""
+    if step == 1:
+        return nuclei(rgb, p, px_per_um, adaptive)
+    height, width = rgb.shape[:2]
+    coarse, threshold = _nuclei(_every(rgb, step), p, px_per_um / step, adaptive)
+    opening, near = _disk(p.nucleus_open_um * px_per_um), np.ones((2 * step + 1, 2 * step + 1), np.uint8)
+    out = []
+    for n in coarse:
+        x0, y0 = max(0, (n.x - 1) * step), max(0, (n.y - 1) * step)
+        x1, y1 = min(width, (n.x + n.mask.shape[1] + 1) * step), min(height, (n.y + n.mask.shape[0] + 1) * step)
+        around = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        upscaled = np.repeat(np.repeat(n.mask, step, axis=0), step, axis=1).view(np.uint8)
+        top, left = n.y * step - y0, n.x * step - x0
+        around[top:top + upscaled.shape[0], left:left + upscaled.shape[1]] = upscaled[:y1 - y0 - top, :x1 - x0 - left]
+        violet, _ = _violet(_HSV(np.ascontiguousarray(rgb[y0:y1, x0:x1])), p, threshold=threshold)
+        mask = (cv2.morphologyEx(violet, cv2.MORPH_OPEN, opening) > 0) & (cv2.dilate(around, near) > 0)
+        if not mask.any():  # nothing left at full resolution: the coarse nucleus as it was found
+            mask = around > 0
+        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        out.append(Nucleus(x0 + int(columns[0]), y0 + int(rows[0]), mask[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]))
+    return out
 
 
 def _dilated_rows(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -416,14 +467,29 @@ def find(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> tupl
     scale: the request's `microns_per_pixel`, else the site's, else the field's red cells."""
     rgb = mask_boxes(rgb, p.mask_boxes)
     microns_per_pixel = microns_per_pixel or p.site_microns_per_pixel
-    issues = field_issues(rgb, p)
+    step = coarse_step(rgb, p, microns_per_pixel)
+    issues = field_issues(rgb, p, step)
     if issues:
         return [], issues
     px_per_um = scale(rgb, p, microns_per_pixel)
     if px_per_um <= 0:
         return [], [QualityIssue("SCALE_UNKNOWN", "too few red cells to measure the field's scale; send microns_per_pixel",
                                  0.0, float(p.min_red_cells), float("inf"))]
-    found, issues = cells(rgb, p, px_per_um)
+    found, issues = cells(rgb, p, px_per_um, step=step)
     if not found and not issues and p.nucleus_min_saturation_floor > 0:  # paler nuclei than the fixed threshold takes
-        found, issues = cells(rgb, p, px_per_um, adaptive=True)
+        found, issues = cells(rgb, p, px_per_um, adaptive=True, step=step)
     return found, issues
+
+
+def coarse_step(rgb: np.ndarray, p: Parameters, microns_per_pixel: float) -> int:
+    """How coarsely a field is searched (`Parameters.work_max_pixels`): the least k for which every
+    k-th pixel of every k-th row is at most that many, no coarser than `work_min_px_per_um`; 1 (the
+    whole field) without a given scale, for a field within the limit, or when the limit is 0."""
+    pixels = rgb.shape[0] * rgb.shape[1]
+    if not p.work_max_pixels or pixels <= p.work_max_pixels or microns_per_pixel <= 0:
+        return 1
+    return max(1, min(math.ceil(math.sqrt(pixels / p.work_max_pixels)), int(1 / microns_per_pixel / p.work_min_px_per_um)))
+
+
+def _every(rgb: np.ndarray, step: int) -> np.ndarray:
+    return rgb if step == 1 else np.ascontiguousarray(rgb[::step, ::step])

@@ -15,8 +15,10 @@ from . import detect
 PLUGIN_VERSION = "0.1.0"
 DETECTORS = Path(__file__).parent / "detector"
 EXAMPLES = Path(__file__).parent / "examples"
-#: Each detector version's parameters and their SHA-256 (checked before loading, like weights).
-SHIPPED = {"1.0.0": "6d506e89009c689a0d59c6afb35f0dcf8c0edf4c0f663efb776d1d35a591d49a"}
+#: Each detector version's parameters and their SHA-256 (checked before loading, like weights); the
+#: first is the default. 1.1.0: 1.0.0, with large fields whose scale is given searched coarsely.
+SHIPPED = {"1.1.0": "a98c0dc48a7e65b3414ab65ffa0119b1a422907f4ca1b27969a3e0b1e2a64ccd",
+           "1.0.0": "6d506e89009c689a0d59c6afb35f0dcf8c0edf4c0f663efb776d1d35a591d49a"}
 
 
 def version_folder(version: str) -> Path:

@@ -482,9 +482,9 @@ def find(rgb: np.ndarray, p: Parameters, microns_per_pixel: float = 0.0) -> tupl
 
 
 def coarse_step(rgb: np.ndarray, p: Parameters, microns_per_pixel: float) -> int:
-    """How coarsely a field is searched (`Parameters.work_max_pixels`): the least k for which every
-    k-th pixel of every k-th row is at most that many, no coarser than `work_min_px_per_um`; 1 (the
-    whole field) without a given scale, for a field within the limit, or when the limit is 0."""
+    """How coarsely a field is searched (`Parameters.work_max_pixels`): the least k for which the
+    field's pixels over k squared are at most that many, no coarser than `work_min_px_per_um`; 1
+    (the whole field) without a given scale, for a field within the limit, or when the limit is 0."""
     pixels = rgb.shape[0] * rgb.shape[1]
     if not p.work_max_pixels or pixels <= p.work_max_pixels or microns_per_pixel <= 0:
         return 1

@@ -229,9 +229,8 @@ def test_a_large_field_with_its_scale_given_is_searched_coarsely_and_finds_the_s
     after, _ = detect.find(field, new, scale)
     assert searched == [(1440, 1920), (720, 960)]
     assert len(after) == len(before) >= 9
-    for cell in before:
-        box = (cell.box[0], cell.box[1], cell.box[0] + cell.box[2], cell.box[1] + cell.box[3])
-        assert max(evaluate.iou(box, (c.box[0], c.box[1], c.box[0] + c.box[2], c.box[1] + c.box[3])) for c in after) >= 0.9
+    for box in evaluate.corners(before):
+        assert max(evaluate.iou(box, other) for other in evaluate.corners(after)) >= 0.9
     measured_old, _ = detect.find(field, old)
     measured_new, _ = detect.find(field, new)
     assert [c.box for c in measured_new] == [c.box for c in measured_old]

@@ -60,12 +60,20 @@ def split(data: Path, name: str, p: detect.Parameters) -> dict:
         started = time.perf_counter()
         cells, _ = detect.find(rgb, p)
         seconds += time.perf_counter() - started
-        found = [(c.box[0], c.box[1], c.box[0] + c.box[2], c.box[1] + c.box[3]) for c in cells]
-        a, b, c, matched = match(found, white_cells(data / "Annotations" / f"{stem}.xml"))
+        a, b, c, matched = match(corners(cells), white_cells(data / "Annotations" / f"{stem}.xml"))
         tp, fp, fn, ious = tp + a, fp + b, fn + c, ious + matched
-    return {"split": name, "fields": len(stems), "recall": tp / max(1, tp + fn), "precision": tp / max(1, tp + fp),
+    return scores(name, len(stems), tp, fp, fn, ious, seconds)
+
+
+def corners(cells) -> list[tuple[int, int, int, int]]:
+    """The found cells' boxes as (x0, y0, x1, y1), as the annotations give theirs."""
+    return [(c.box[0], c.box[1], c.box[0] + c.box[2], c.box[1] + c.box[3]) for c in cells]
+
+
+def scores(name: str, fields: int, tp: int, fp: int, fn: int, ious: list[float], seconds: float) -> dict:
+    return {"split": name, "fields": fields, "recall": tp / max(1, tp + fn), "precision": tp / max(1, tp + fp),
             "tp": tp, "fp": fp, "fn": fn, "mean_iou": float(np.mean(ious)) if ious else 0.0,
-            "ms_per_field": 1000 * seconds / len(stems)}
+            "ms_per_field": 1000 * seconds / max(1, fields)}
 
 
 #: BCCD's scale as the acquisition software would send it: the median of the red-cell estimate
@@ -93,12 +101,9 @@ def large_fields(data: Path, name: str, p: detect.Parameters, side: int) -> dict
         started = time.perf_counter()
         cells, _ = detect.find(field, p, BCCD_MICRONS_PER_PIXEL)
         seconds += time.perf_counter() - started
-        found = [(c.box[0], c.box[1], c.box[0] + c.box[2], c.box[1] + c.box[3]) for c in cells]
-        a, b, c, matched = match(found, truth)
+        a, b, c, matched = match(corners(cells), truth)
         tp, fp, fn, ious, count = tp + a, fp + b, fn + c, ious + matched, count + 1
-    return {"split": name, "fields": count, "recall": tp / max(1, tp + fn), "precision": tp / max(1, tp + fp),
-            "tp": tp, "fp": fp, "fn": fn, "mean_iou": float(np.mean(ious)) if ious else 0.0,
-            "ms_per_field": 1000 * seconds / max(1, count)}
+    return scores(name, count, tp, fp, fn, ious, seconds)
 
 
 def not_fields(data: Path) -> dict[str, np.ndarray]:
@@ -134,11 +139,10 @@ def main() -> int:
     stats = {"stained": [], "smear_hues": [], "focus": [], "scale": []}
     for path in sorted((args.data / "JPEGImages").glob("*.jpg")):
         rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        hue, saturation = detect._hsv(rgb)
-        stained = saturation > p.rbc_min_saturation
-        stats["stained"].append(stained.mean())
-        stats["smear_hues"].append(((hue < 0.1) | (hue > p.nucleus_hue[0]))[stained].mean())
-        stats["focus"].append(cv2.Laplacian(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
+        _, saturation = detect._hsv(rgb)
+        stats["stained"].append((saturation > p.rbc_min_saturation).mean())
+        stats["smear_hues"].append(detect.smear_hue_share(rgb, p))  # what the field gate measures
+        stats["focus"].append(detect._laplacian_variance(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)))
         stats["scale"].append(detect.scale(rgb, p))
     for name, values in stats.items():
         print(f"BCCD fields' {name}: min {np.min(values):.3f}, p1 {np.percentile(values, 1):.3f}, "

@@ -110,6 +110,11 @@ def unavailable(plugin: str, description: str, reason: str, retry_after_s: float
     return ServingError(grpc.StatusCode.UNAVAILABLE, description, *details)
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    """A RetryInfo delay of `seconds`, fractions included."""
+    return duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+
+
 def _quota(message: str, subject: str, description: str, retry_after: duration_pb2.Duration, reason: str,
            metadata: dict[str, str]) -> ServingError:
     """RESOURCE_EXHAUSTED for a full queue or too many calls: which limit, and when to retry."""
@@ -171,7 +176,7 @@ def gave_way(subject: str, retry_after_s: float) -> ServingError:
     and it may not take a place back before its RetryInfo says."""
     return _quota(f"{subject} gave its place up to callers waiting while the server is full; retry in "
                   f"{retry_after_s:.1f} s", subject, "a freed place goes to another caller first",
-                  duration_pb2.Duration(seconds=int(retry_after_s), nanos=int(retry_after_s % 1 * 1e9)), "GAVE_WAY",
+                  _duration(retry_after_s), "GAVE_WAY",
                   {"subject": subject})
 
 
@@ -253,8 +258,7 @@ def stream_ended(reason: str, resume_index: int, why: str, retry_after_s: float 
     return ServingError(
         grpc.StatusCode.UNAVAILABLE, f"{why}: items 0 to {resume_index - 1} were answered; resend from item {resume_index} "
         "on a new stream", _error_info(reason, resume_index=str(resume_index)),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(retry_after_s),
-                                                                      nanos=int(retry_after_s % 1 * 1e9))))
+        error_details_pb2.RetryInfo(retry_delay=_duration(retry_after_s)))
 
 
 def unimplemented(plugin: str, feature: str, description: str) -> ServingError:

@@ -50,6 +50,9 @@ from . import errors
 from .streams import CROWD_RETRY_S
 
 log = logging.getLogger("dxserve.auth")
+#: The share of max_concurrent_calls taken at which the server is crowded: idle and slow streams
+#: then give their places up (streams.py), and a caller that gave way may not take one back.
+CROWDED = 0.9
 
 TOKEN_PREFIX = "dxs_"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -298,7 +301,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         """Whether 90% of the server's call places are taken, not counting streams already told to
         give theirs up; a True answer tells the asking idle stream to give its place up (streams.py),
         and counts it as leaving for a second, so that idle streams leave one by one, not all at once."""
-        if sum(self.calls.values()) - self._leaving < 0.9 * self.max_calls:
+        if sum(self.calls.values()) - self._leaving < CROWDED * self.max_calls:
             return False
         self._leaving += 1
         loop = asyncio.get_running_loop()
@@ -334,7 +337,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         # A caller that gave its place up may not take it straight back while others need it (a
         # client that ignores its RetryInfo would otherwise win the place it was asked to free).
         wait = self._gave_way.get(caller.name, 0.0) - asyncio.get_running_loop().time()
-        if wait > 0 and sum(self.calls.values()) + 1 >= 0.9 * self.max_calls:
+        if wait > 0 and sum(self.calls.values()) + 1 >= CROWDED * self.max_calls:
             raise errors.gave_way(f"caller {caller.name!r}", wait)
         if streaming and self.streams[caller.name] >= self.max_streams:
             raise errors.too_many_calls(f"caller {caller.name!r}", self.max_streams, "streams")

@@ -347,7 +347,7 @@ def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fal
     `step`: the nuclei are found on every step-th pixel of every step-th row, then each cell is
     measured, masked and cut from the field itself."""
     height, width = rgb.shape[:2]
-    found = []
+    found, rim = [], _disk(2 * p.cytoplasm_um * px_per_um)
     for nucleus in _nuclei_every(rgb, p, px_per_um, adaptive, step):
         rows, first, last = _row_ends(nucleus.mask)  # a row's ends: every extreme point of the nucleus is one
         xs, ys = np.concatenate([first, last]) + nucleus.x, np.concatenate([rows, rows]) + nucleus.y
@@ -364,8 +364,7 @@ def cells(rgb: np.ndarray, p: Parameters, px_per_um: float, adaptive: bool = Fal
             continue  # the nucleus itself reaches the edge: part of the cell is outside the field
         # The hull and its rim drawn in the cell's own box (which holds the whole nucleus), not the field.
         hull = cv2.convexHull(np.stack([xs - x0, ys - y0], axis=1).astype(np.int32))
-        body = _dilated_rows(cv2.fillConvexPoly(np.zeros((y1 - y0, x1 - x0), np.uint8), hull, 1),
-                             _disk(2 * p.cytoplasm_um * px_per_um))
+        body = _dilated_rows(cv2.fillConvexPoly(np.zeros((y1 - y0, x1 - x0), np.uint8), hull, 1), rim)
         found.append(((y0 // 32, x0), Cell((x0, y0, x1 - x0, y1 - y0), body, _on_canvas(rgb[y0:y1, x0:x1], body, p, px_per_um))))
     return [cell for _, cell in sorted(found, key=lambda item: item[0])], []
 

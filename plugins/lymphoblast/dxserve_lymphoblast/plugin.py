@@ -21,7 +21,7 @@ from .preprocess import foreground_mask, input_dtype, model_input, to_image_coor
 from .specimen import SpecimenRule
 
 MODELS_DIR = Path(__file__).parent / "models"
-PLUGIN_VERSION = "1.0.0"
+PLUGIN_VERSION = "1.1.0"
 # The model's single logit is for "lymphoblast"; "normal" is its complement.
 LABELS = ("lymphoblast", "normal")
 #: Which runtime serves a version whose card has a LiteRT export (`litert` in the card):

@@ -582,8 +582,8 @@ def developer_cells(every: int = 24, count: int = 200) -> list[np.ndarray]:
 
 
 def test_litert_serves_what_tensorflow_serves(shipped_runtime, tensorflow_runtime):
-    """Issue 30: the default version on LiteRT (its `model.tflite`, the area resize as matrix
-    products) gives the TensorFlow path's probabilities to 1e-5, the same out-of-distribution
+    """Issue 30: the default version on LiteRT (its `model.tflite`, the area resize as a convolution,
+    the [-1, 1] scaling folded into conv1) gives the TensorFlow path's probabilities to 1e-5, the same out-of-distribution
     issues and the same decisions, on 200 developer cells in batches of 1, 5 and 12 (padded to
     the planned interpreters' sizes), and names its own file and hash."""
     assert shipped_runtime.version.weights.name == "model.tflite" and tensorflow_runtime.version.weights.name == "model.keras"
@@ -599,17 +599,47 @@ def test_litert_serves_what_tensorflow_serves(shipped_runtime, tensorflow_runtim
                 [tensorflow_runtime.decide(p).label for p in tf_.probabilities]
 
 
-def test_the_area_resize_as_matrix_products_is_resize_area():
+def test_litert_views_are_the_training_views():
+    """litert.views_of (OpenCV's turns and flips, straight into place) gives exactly the views
+    training made (`features.view`), in its order, for every count of views up to 8."""
+    from dxserve_lymphoblast.features import view
+    from dxserve_lymphoblast.litert import views_of
+
+    cells = np.random.default_rng(1).integers(0, 256, (3, 9, 9, 3), dtype=np.uint8)
+    for views in range(1, 9):
+        np.testing.assert_array_equal(views_of(cells, views), np.concatenate([view(cells, k) for k in range(views)]))
+
+
+def test_the_exported_area_resize_is_resize_area():
     """export.area_resize (what LiteRT runs) equals TensorFlow's ResizeArea at 224 -> 128 (the served
-    scale) to 1e-6, and at an odd ratio to 5e-5 (ResizeArea computes its pixel spans in float32)."""
+    scale: a 7 px -> 4 px convolution) and 224 -> 112 to 1e-6, and at an odd ratio (224 -> 97, whose
+    weights never repeat: the matrix products) to 5e-5 (ResizeArea computes its spans in float32)."""
     import tensorflow as tf
 
     from dxserve_lymphoblast.export import area_resize
 
     images = np.random.default_rng(0).random((2, 224, 224, 3), np.float32)
-    for size, tolerance in ((128, 1e-6), (97, 5e-5)):
+    for size, tolerance in ((128, 1e-6), (112, 1e-6), (97, 5e-5)):
         np.testing.assert_allclose(area_resize(tf.constant(images), size).numpy(),
                                    tf.image.resize(images, (size, size), method="area").numpy(), atol=tolerance, rtol=0)
+
+
+def test_the_exported_backbone_on_centred_pixels_is_the_backbone(shipped_runtime):
+    """export.centred_backbone (conv1's kernel divided by 127.5, on x - 127.5) gives the shipped
+    backbone's features of x / 127.5 - 1 at both served scales, to float rounding."""
+    import keras
+    import tensorflow as tf
+
+    from dxserve_lymphoblast.export import centred_backbone
+
+    model = keras.models.load_model(shipped_runtime.version.extra["folder"] / "model.keras", compile=False)
+    backbone = model.get_layer("backbone")
+    centred = centred_backbone(backbone, np.asarray(backbone.get_layer("conv1").kernel))
+    for size in (224, 128):
+        pixels = np.random.default_rng(size).integers(0, 256, (2, size, size, 3)).astype(np.float32)
+        expected = backbone(tf.constant(pixels / 127.5 - 1), training=False)
+        for got, want in zip(centred(tf.constant(pixels - 127.5)), expected, strict=True):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * float(np.abs(want).max()), rtol=0)
 
 
 def test_the_runtime_setting_is_checked(monkeypatch):

@@ -79,13 +79,17 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     # few pixels of it the edge's own Laplacian made a 1 px blur look *sharper*.
     core = deeper_than(mask, CORE_DEPTH)
     laplacian = focus(grey, core if core.any() else inner)
+    bright = cv2.min(cv2.min(r, g), b) >= 250
     stats.update(
-        saturated_fraction=float((np.minimum(np.minimum(r, g), b)[mask] >= 250).mean()),
+        saturated_fraction=np.count_nonzero(bright & mask) / area,
         other_objects_fraction=float(1.0 - largest_object(mask) / area),
         noise=float(np.median(step)) if step.size else 0.0,
         sharpness=float(laplacian.mean()),
     )
-    return stats, np.array([r[mask].mean(), g[mask].mean(), b[mask].mean()], np.float64)
+    # The cell's mean colour: exact integer sums over its pixels (OpenCV adds them in float64, which
+    # holds them exactly), divided as numpy's mean divides; cv2.mean's own division differed by an ulp.
+    sums = cv2.sumElems(cv2.bitwise_and(rgb[box], rgb[box], mask=mask.view(np.uint8)))
+    return stats, np.array(sums[:3], np.float64) / area
 
 
 def _cv2():

@@ -4,8 +4,9 @@ Needs TensorFlow (`pip install dxserve-lymphoblast[train]`); serving does not.
 
 The exported graph is one view of the cell: uint8 (n, s, s, 3) and its log diameter -> the logit
 and the CNN features (`litert.py` averages the views). It is the Keras model's own weights and
-layers, with three changes that leave the function the same (to float rounding) and let
-XNNPACK run it faster (0.85 against 1.09 ms a view on 2 cores, `benchmarks/litert.py`):
+layers, the uint8 cell cast in the graph, with two changes that leave the function the same (to
+float rounding) and let XNNPACK run a view in 0.85-0.96 ms on 2 cores, against 1.09-1.15 ms for
+the first export, which had neither (`benchmarks/RESULTS.md`, issue 30's second round):
 
 - the smaller scales' area resize (`layers.Resizing(interpolation="area")`, TensorFlow's
   ResizeArea, which has no LiteRT kernel) is done as what it is, a linear map whose weights
@@ -14,8 +15,7 @@ XNNPACK run it faster (0.85 against 1.09 ms a view on 2 cores, `benchmarks/liter
 - the scaling to MobileNet's [-1, 1] (`to_symmetric`) is folded into the first convolution:
   the pixels are only centred (x - 127.5) and conv1's kernel is divided by 127.5. conv1 has no
   bias and pads with zeros, which are the centred mid-grey either way, so nothing else changes
-  (`centred_backbone`); three passes over every pixel are saved;
-- the uint8 cell is cast in the graph, so the call moves a quarter of the bytes.
+  (`centred_backbone`); three passes over every pixel are saved.
 
 The export is checked against the Keras model on sample cells before it is written, and the
 card records the largest logit difference.
@@ -96,7 +96,8 @@ def centred_backbone(backbone, conv1_kernel: np.ndarray):
     from .model import FEATURE_LAYERS
 
     conv1 = backbone.get_layer("conv1")
-    assert not conv1.use_bias and conv1.padding == "same" and backbone.layers[1] is conv1, "not MobileNet v1's conv1"
+    if conv1.use_bias or conv1.padding != "same" or backbone.layers[1] is not conv1:
+        raise ValueError("the backbone does not start with MobileNet v1's conv1 (no bias, 'same' zero padding)")
     kernel, strides = tf.constant(conv1_kernel / 127.5), conv1.strides
 
     def forward(centred):
@@ -118,7 +119,8 @@ def single_view_function(model, scales: list[int]):
     from .model import FEATURE_LAYERS
 
     to_symmetric = model.get_layer("to_symmetric")
-    assert (to_symmetric.scale, to_symmetric.offset) == (2.0, -1.0), "not MobileNet's [-1, 1] scaling of [0, 1]"
+    if (to_symmetric.scale, to_symmetric.offset) != (2.0, -1.0):
+        raise ValueError("to_symmetric is not MobileNet's [-1, 1] scaling of [0, 1] pixels")
     size = int(to_symmetric.input.shape[1])
     features, head = model.get_layer("features"), model.get_layer("head")
     backbone = model.get_layer("backbone")

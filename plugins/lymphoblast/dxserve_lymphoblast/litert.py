@@ -39,6 +39,10 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# OpenCV's rotation for np.rot90's k quarter turns (axes 1, 2 of a batch: anticlockwise on screen).
+_TURNS = (None, cv2.ROTATE_90_COUNTERCLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_CLOCKWISE)
+
+
 def views_of(cells: np.ndarray, views: int) -> np.ndarray:
     """The first `views` of the 8 orientations of each cell (n, s, s, 3), view-major: (views x n, s, s, 3),
     equal to `features.view`'s (what training and the TensorFlow path use), each cell turned by
@@ -57,10 +61,6 @@ def views_of(cells: np.ndarray, views: int) -> np.ndarray:
             else:
                 place[...] = cell
     return out
-
-
-# OpenCV's rotation for np.rot90's k quarter turns (axes 1, 2 of a batch: anticlockwise on screen).
-_TURNS = (None, cv2.ROTATE_90_COUNTERCLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_CLOCKWISE)
 
 
 class LiteRTModel:

@@ -601,13 +601,16 @@ def test_litert_serves_what_tensorflow_serves(shipped_runtime, tensorflow_runtim
 
 def test_litert_views_are_the_training_views():
     """litert.views_of (OpenCV's turns and flips, straight into place) gives exactly the views
-    training made (`features.view`), in its order, for every count of views up to 8."""
+    training made (`features.view`), in its order, for every count of views up to 8; a
+    non-square cell is refused, not turned into garbage."""
     from dxserve_lymphoblast.features import view
     from dxserve_lymphoblast.litert import views_of
 
     cells = np.random.default_rng(1).integers(0, 256, (3, 9, 9, 3), dtype=np.uint8)
     for views in range(1, 9):
         np.testing.assert_array_equal(views_of(cells, views), np.concatenate([view(cells, k) for k in range(views)]))
+    with pytest.raises(ValueError, match="square cells only"):
+        views_of(cells[:, :8], 2)
 
 
 def test_the_exported_area_resize_is_resize_area():

@@ -66,7 +66,8 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     box = (slice(max(rows[0] - 4, 0), rows[-1] + 5), slice(max(cols[0] - 4, 0), cols[-1] + 5))
     mask = mask[box]
     cv2 = _cv2()
-    r, g, b = cv2.split(np.ascontiguousarray(rgb[box]))  # uint8 channel planes
+    pixels = np.ascontiguousarray(rgb[box])
+    r, g, b = cv2.split(pixels)  # uint8 channel planes
     total = r.astype(np.uint16)
     total += g
     total += b
@@ -88,7 +89,7 @@ def _measure(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str,
     )
     # The cell's mean colour: exact integer sums over its pixels (OpenCV adds them in float64, which
     # holds them exactly), divided as numpy's mean divides; cv2.mean's own division differed by an ulp.
-    sums = cv2.sumElems(cv2.bitwise_and(rgb[box], rgb[box], mask=mask.view(np.uint8)))
+    sums = cv2.sumElems(cv2.bitwise_and(pixels, pixels, mask=mask.view(np.uint8)))
     return stats, np.array(sums[:3], np.float64) / area
 
 

@@ -668,6 +668,17 @@ def test_an_idle_open_inference_stream_ends_too(tmp_path):
         assert [a.infer_response.id for a in answers] == ["r0", "r1"] and not any(a.error_message for a in answers)
 
 
+def test_an_unavailable_error_tells_a_fractional_retry_delay():
+    """UNAVAILABLE's RetryInfo carries the delay it was given, fractions included: it was cut to
+    whole seconds (0.25 s became "retry at once")."""
+    from dxserve import errors
+
+    error = errors.unavailable("lymphoblast", "loading", "PLUGIN_LOADING", retry_after_s=1.25)
+    (retry,) = [d for d in error.details if d.DESCRIPTOR.name == "RetryInfo"]
+    assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (1, 250_000_000)
+    assert not [d for d in errors.unavailable("p", "d", "R").details if d.DESCRIPTOR.name == "RetryInfo"]
+
+
 def test_an_answered_error_does_not_keep_the_images_of_the_frames_it_was_raised_in():
     """A 25 Mpx field refused TOO_MANY_OBJECTS kept its 91 crops alive through the error's
     traceback (a reference cycle the garbage collector freed late, if ever): the server's RSS grew

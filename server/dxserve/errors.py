@@ -106,7 +106,7 @@ def unavailable(plugin: str, description: str, reason: str, retry_after_s: float
     """UNAVAILABLE while a plugin loads, after it failed, or while the server stops."""
     details: list[Message] = [_error_info(reason, plugin=plugin)]
     if retry_after_s is not None:
-        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(retry_after_s))))
+        details.append(error_details_pb2.RetryInfo(retry_delay=_duration(retry_after_s)))
     return ServingError(grpc.StatusCode.UNAVAILABLE, description, *details)
 
 

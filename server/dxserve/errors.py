@@ -115,20 +115,20 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
 
 
-def _quota(message: str, subject: str, description: str, retry_after: duration_pb2.Duration, reason: str,
+def _quota(message: str, subject: str, description: str, retry_after_s: float, reason: str,
            metadata: dict[str, str]) -> ServingError:
-    """RESOURCE_EXHAUSTED for a full queue or too many calls: which limit, and when to retry."""
+    """RESOURCE_EXHAUSTED for a full queue or too many calls: which limit, and when to retry (seconds)."""
     return ServingError(
         grpc.StatusCode.RESOURCE_EXHAUSTED, message,
         error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]),
-        error_details_pb2.RetryInfo(retry_delay=retry_after),
+        error_details_pb2.RetryInfo(retry_delay=_duration(retry_after_s)),
         _error_info(reason, **metadata),
     )
 
 
 def queue_full(plugin: str, size: int) -> ServingError:
     return _quota(f"plugin {plugin!r} has {size} images queued, its limit; retry shortly", f"plugin:{plugin}",
-                  f"queue limit {size}", duration_pb2.Duration(nanos=100_000_000), "QUEUE_FULL", {"plugin": plugin})
+                  f"queue limit {size}", 0.1, "QUEUE_FULL", {"plugin": plugin})
 
 
 def inflight_full(size: int, held: int, limit_mb: int, waiting: bool) -> ServingError:
@@ -136,7 +136,7 @@ def inflight_full(size: int, held: int, limit_mb: int, waiting: bool) -> Serving
     why = "streams are waiting for room before it" if waiting else f"this {size}-byte request would pass the limit"
     return _quota(f"the server holds {held / 2**20:.1f} MB of requests not yet answered, of {limit_mb} MB "
                   f"(max_inflight_mb), and {why}: retry shortly", "the server", f"max_inflight_mb {limit_mb}",
-                  duration_pb2.Duration(nanos=200_000_000), "INFLIGHT_FULL", {"bytes": str(size)})
+                  0.2, "INFLIGHT_FULL", {"bytes": str(size)})
 
 
 def message_too_large(size: int, limit: int) -> ServingError:
@@ -152,14 +152,14 @@ def message_too_large(size: int, limit: int) -> ServingError:
 def explanations_full(subject: str, limit: int, plugin: str) -> ServingError:
     """RESOURCE_EXHAUSTED: the server's (or this caller's) explanation places are all taken."""
     return _quota(f"{subject} has {limit} explanations in progress, its limit; retry in a few seconds, or ask without "
-                  f"explain", subject, f"explanation limit {limit}", duration_pb2.Duration(seconds=2), "EXPLANATIONS_FULL",
+                  f"explain", subject, f"explanation limit {limit}", 2.0, "EXPLANATIONS_FULL",
                   {"subject": subject, "plugin": plugin})
 
 
 def too_many_calls(subject: str, limit: int, what: str) -> ServingError:
     """RESOURCE_EXHAUSTED: a caller (or the server) holds its limit of calls or streams."""
     return _quota(f"{subject} has {limit} {what} open, its limit; retry when one ends", subject, f"{what} limit {limit}",
-                  duration_pb2.Duration(seconds=1), "TOO_MANY_CALLS", {"subject": subject})
+                  1.0, "TOO_MANY_CALLS", {"subject": subject})
 
 
 def permission_denied(message: str, resource: str) -> ServingError:
@@ -176,14 +176,13 @@ def gave_way(subject: str, retry_after_s: float) -> ServingError:
     and it may not take a place back before its RetryInfo says."""
     return _quota(f"{subject} gave its place up to callers waiting while the server is full; retry in "
                   f"{retry_after_s:.1f} s", subject, "a freed place goes to another caller first",
-                  _duration(retry_after_s), "GAVE_WAY",
-                  {"subject": subject})
+                  retry_after_s, "GAVE_WAY", {"subject": subject})
 
 
 def rate_limited(subject: str, rate: float, retry_after_s: float) -> ServingError:
     """RESOURCE_EXHAUSTED: the caller sends more requests a second than it may."""
     return _quota(f"{subject} sends more than {rate:g} requests a second, its limit; retry in {retry_after_s:.2f} s",
-                  subject, f"rate limit {rate:g}/s", duration_pb2.Duration(nanos=int(min(retry_after_s, 0.999) * 1e9)),
+                  subject, f"rate limit {rate:g}/s", min(retry_after_s, 0.999),
                   "RATE_LIMITED", {"subject": subject})
 
 
@@ -248,7 +247,7 @@ def draining(resume_index: int) -> ServingError:
         grpc.StatusCode.UNAVAILABLE,
         f"the server is stopping: items 0 to {resume_index - 1} were answered; resend from item {resume_index}",
         _error_info("SERVER_DRAINING", resume_index=str(resume_index)),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+        error_details_pb2.RetryInfo(retry_delay=_duration(1.0)))
 
 
 def stream_ended(reason: str, resume_index: int, why: str, retry_after_s: float = 0.0) -> ServingError:

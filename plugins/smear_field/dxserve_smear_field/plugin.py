@@ -12,7 +12,7 @@ from dxserve.runtime import sha256_of
 
 from . import detect
 
-PLUGIN_VERSION = "0.1.0"
+PLUGIN_VERSION = "0.2.0"
 DETECTORS = Path(__file__).parent / "detector"
 EXAMPLES = Path(__file__).parent / "examples"
 #: Each detector version's parameters and their SHA-256 (checked before loading, like weights); the

@@ -110,10 +110,11 @@ def centred_backbone(backbone, conv1_kernel: np.ndarray):
     return forward
 
 
-def single_view_function(model, scales: list[int]):
+def single_view_function(model, scales: list[int], backbones: dict | None = None):
     """A tf.function (uint8 cell, log diameter) -> (logit, features) built from `model`'s own
     layers (`model.build_classifier`'s structure): centred pixels, the area resize as
-    `area_resize`, the backbone as `centred_backbone`."""
+    `area_resize`, the backbone as `centred_backbone`. `backbones`: a backbone per scale in place
+    of the model's shared one (a site version's, with its own batch-norm statistics: `adabn.py`)."""
     import tensorflow as tf
 
     from .model import FEATURE_LAYERS
@@ -123,15 +124,15 @@ def single_view_function(model, scales: list[int]):
         raise ValueError("to_symmetric is not MobileNet's [-1, 1] scaling of [0, 1] pixels")
     size = int(to_symmetric.input.shape[1])
     features, head = model.get_layer("features"), model.get_layer("head")
-    backbone = model.get_layer("backbone")
-    centred_mobilenet = centred_backbone(backbone, np.asarray(backbone.get_layer("conv1").kernel))
+    chosen = {scale: (backbones or {}).get(scale, model.get_layer("backbone")) for scale in scales}
+    centred = {scale: centred_backbone(b, np.asarray(b.get_layer("conv1").kernel)) for scale, b in chosen.items()}
 
     def forward(cell, log_diameter):
         x = tf.cast(cell, tf.float32) - 127.5
         pooled = []
         for scale in sorted(scales, key=lambda s: s != size):  # the full size first, as feature_extractor orders them
             scaled = x if scale == size else area_resize(x, scale)  # the resize's weights sum to 1: centring commutes
-            pooled += [model.get_layer(f"pool_{scale}_{name}")(out) for name, out in zip(FEATURE_LAYERS, centred_mobilenet(scaled), strict=True)]
+            pooled += [model.get_layer(f"pool_{scale}_{name}")(out) for name, out in zip(FEATURE_LAYERS, centred[scale](scaled), strict=True)]
         joined = features(pooled)
         return head({"features": joined, "log_diameter": log_diameter}, training=False), joined
 
@@ -139,24 +140,29 @@ def single_view_function(model, scales: list[int]):
     return tf.function(forward, input_signature=signature, autograph=False)
 
 
+def converted(function) -> bytes:
+    """A `single_view_function` as LiteRT flatbuffer bytes. Frozen first (as plugin.frozen does):
+    left to the converter, a two-head model kept one variable as READ_VARIABLE, which LiteRT read
+    uninitialised (NaN logits)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(function.get_concrete_function())
+    return tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert()
+
+
 def export(version_dir: Path, card: dict, sample: np.ndarray | None = None, seed: int = 0) -> dict:
     """Write `model.tflite` for the version in `version_dir` and return the card's `litert` entry.
     `sample`: uint8 cells (n, s, s, 3) to check the export on (default: 24 random images)."""
     import keras
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     from . import model as _registers_custom_layers  # noqa: F401
     from .litert import LiteRTModel
 
     keras_model = keras.models.load_model(version_dir / card["weights"]["file"], compile=False)
-    function = single_view_function(keras_model, card["training"]["scales"])
-    # Frozen first (as plugin.frozen does): left to the converter, a two-head model kept one
-    # variable as READ_VARIABLE, which LiteRT read uninitialised (NaN logits).
-    frozen = convert_variables_to_constants_v2(function.get_concrete_function())
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
     path = version_dir / LITERT_FILE
-    path.write_bytes(converter.convert())
+    path.write_bytes(converted(single_view_function(keras_model, card["training"]["scales"])))
 
     size = int(card["input"]["image_size"])
     if sample is None:

@@ -67,15 +67,16 @@ def views_of(cells: np.ndarray, views: int) -> np.ndarray:
 
 
 class LiteRTModel:
-    """`model.tflite` with one planned interpreter per batch size; thread-safe (one call at a
-    time per interpreter: an explanation's passes and the server's batches of other sizes overlap)."""
+    """`model.tflite` (a path, or the file's bytes: a site version keeps its graph inside its
+    weights file) with one planned interpreter per batch size; thread-safe (one call at a time per
+    interpreter: an explanation's passes and the server's batches of other sizes overlap)."""
 
-    def __init__(self, path: Path, views: int = 1, threads: int | None = None, batch_sizes: tuple[int, ...] = BATCH_SIZES):
+    def __init__(self, model: Path | bytes, views: int = 1, threads: int | None = None, batch_sizes: tuple[int, ...] = BATCH_SIZES):
         from ai_edge_litert.interpreter import Interpreter
 
         self.views = views
         self.threads = threads or default_threads()
-        content = Path(path).read_bytes()
+        content = model if isinstance(model, bytes) else Path(model).read_bytes()
         self._planned: dict[int, tuple] = {}
         for size in batch_sizes:
             interpreter = Interpreter(model_content=content, num_threads=self.threads)

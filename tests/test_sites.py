@@ -90,7 +90,9 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     groups = {g["group"]: g for g in report["per_group"]}  # each cell's 8 orientations, one group
     assert len(groups) == 6 and all(g["images"] == 8 and g["lymphoblast"] in (0, 8) and 0 <= g["right"] <= 1
                                     for g in groups.values())
+    # Every group is one cell, so one class: pooled over folds, each point of the curve is still a figure.
     assert set(report["learning_curve_auroc"]) == {"10", "25", "50", "100"}
+    assert all(0.0 <= a <= 1.0 for a in report["learning_curve_auroc"].values())
     assert set(report["acceptance"]) == {"labelled", "auroc", "sensitivity_at_screen", "ece", "confidently_wrong",
                                          "margin_over_colour_alone"}
     assert "NOT met" in (folder / "MODEL_CARD.md").read_text() and "min_labelled" not in (folder / "MODEL_CARD.md").read_text()

@@ -17,8 +17,10 @@ The validation report is grouped cross-validation on the labelled cells (every g
 or a block of images, on one side only), each figure beside the parent unadapted, size alone,
 colour alone (the mean colour of the cell as the model sees it) and background alone (the colour of
 the image's outer ring: the slide, for crops taken with it) in the same splits, with 95 %
-bootstrap intervals over groups, per-fold and per-group spread, and a learning curve at 10 / 25 /
-50 / 100 cells.
+bootstrap intervals over groups, per-fold and per-group spread, and a learning curve: the pooled
+out-of-fold AUROC of heads fitted on 10 / 25 / 50 / 100 of each training fold's cells (pooled, as
+the site version's own figure is: a fold of one class, as when every patient has one, has no
+AUROC of its own).
 Every fitted step sees only the training folds' labelled cells (unlabelled cells are no labels).
 """
 
@@ -186,7 +188,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     oof = np.zeros(len(y))
     baselines = {"parent unadapted": seen["logit"], "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)),
                  "background alone": np.zeros(len(y))}
-    curve = {n: [] for n in CURVE}
+    curve = {n: np.full(len(y), np.nan) for n in CURVE}  # out-of-fold logits of heads fitted on n cells
     for k in np.unique(folds):
         train, test = folds != k, folds == k
         oof[test] = head_logit(fit_head(x[train], y[train], standardise), x[test])
@@ -199,7 +201,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
             per_class = [rng.permutation(idx[y[idx] == c])[: max(1, n // 2)] for c in (0, 1)]
             picked = np.concatenate(per_class)
             if len(picked) >= min(n, train.sum()) * 0.9 and len(set(y[picked].tolist())) == 2:
-                curve[n].append(auroc(y[test], head_logit(fit_head(x[picked], y[picked], standardise), x[test])))
+                curve[n][test] = head_logit(fit_head(x[picked], y[picked], standardise), x[test])
     # Cross-fitted calibration and screening threshold: fold k's with a map and threshold fitted on the other folds.
     p_oof, screened = np.zeros(len(y)), np.zeros(len(y), bool)
     for k in np.unique(folds):
@@ -230,7 +232,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
         "margin_over_colour_alone": round(auroc(y, oof) - auroc(y, baselines["colour alone"]), 4),
         "margin_over_background_alone": round(auroc(y, oof) - auroc(y, baselines["background alone"]), 4),
         "per_group": per_group(groups, y, p_oof),
-        "learning_curve_auroc": {str(n): round(float(np.mean(v)), 4) if v else None for n, v in curve.items()},
+        "learning_curve_auroc": {str(n): round(auroc(y[~np.isnan(v)], v[~np.isnan(v)]), 4) for n, v in curve.items()},
         "ece": round(expected_calibration_error(p_oof, y), 4),
         "sensitivity_at_screen": round(float(screened[y == 1].mean()), 4),
         "specificity_at_screen": round(float((~screened[y == 0]).mean()), 4),

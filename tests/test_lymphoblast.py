@@ -645,6 +645,43 @@ def test_the_exported_backbone_on_centred_pixels_is_the_backbone(shipped_runtime
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * float(np.abs(want).max()), rtol=0)
 
 
+def test_site_statistics_normalise_the_sites_cells_at_every_scale(shipped_runtime, cell_paths):
+    """adabn.adapted_backbones: on the cells it was given, each scale's first batch norm now sees
+    inputs of mean 0 and spread 1 (in its own units), where the parent's, fitted on ImageNet, does
+    not; the parent's model is left as it was."""
+    import keras
+
+    from dxserve_lymphoblast.adabn import adapted_backbones, batch_norm_layers
+    from dxserve_lymphoblast.litert import views_of
+
+    model = keras.models.load_model(shipped_runtime.version.extra["folder"] / "model.keras", compile=False)
+    parent = model.get_layer("backbone")
+    before = np.asarray(batch_norm_layers(parent)[0].moving_mean).copy()
+    cast = np.array([0.8, 0.9, 1.15])  # another lab's stain
+    cells = np.stack([shipped_runtime.prepare(np.clip(np.asarray(Image.open(p).convert("RGB")) * cast, 0, 255).astype(np.uint8))[0]["cell"]
+                      for p in cell_paths for _ in range(4)])
+    scales = shipped_runtime.version.extra["card"]["training"]["scales"]
+    adapted = adapted_backbones(model, cells, scales, shipped_runtime.views, batch=8)
+    assert sorted(adapted) == sorted(scales)
+
+    def normalised(backbone, scale):  # conv1's output in its batch norm's units: (x - mean) / sqrt(var + eps)
+        x = model.get_layer("to_symmetric")(views_of(cells, shipped_runtime.views).astype(np.float32) / 255.0)
+        x = x if scale == cells.shape[1] else model.get_layer(f"resize_{scale}")(x)
+        out = np.asarray(keras.Model(backbone.input, backbone.get_layer("conv1").output)(x)).reshape(-1, 8)
+        bn = batch_norm_layers(backbone)[0]
+        return ((out - np.asarray(bn.moving_mean)) / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon))[:, live]
+
+    # Channels the cells make vary (some of conv1's are all but constant: their spread is epsilon's).
+    live = np.asarray(batch_norm_layers(adapted[scales[0]])[0].moving_variance) > 0.01
+    assert live.sum() >= 4
+    for scale in scales:
+        z = normalised(adapted[scale], scale)
+        assert np.abs(z.mean(axis=0)).max() < 0.05 and np.abs(z.std(axis=0) - 1).max() < 0.1, scale
+        z_parent = normalised(parent, scale)
+        assert np.abs(z_parent.mean(axis=0)).max() > 0.3 or np.abs(z_parent.std(axis=0) - 1).max() > 0.3
+    np.testing.assert_array_equal(np.asarray(batch_norm_layers(parent)[0].moving_mean), before)
+
+
 def test_the_runtime_setting_is_checked(monkeypatch):
     from dxserve_lymphoblast import plugin
 

@@ -85,7 +85,7 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
     report = site["report"]
     assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24}
-    for baseline in ("parent unadapted", "size alone", "colour alone", "background alone"):
+    for baseline in ("parent unadapted", "site head on the parent's statistics", "size alone", "colour alone", "background alone"):
         assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2
     groups = {g["group"]: g for g in report["per_group"]}  # each cell's 8 orientations, one group
     assert len(groups) == 6 and all(g["images"] == 8 and g["lymphoblast"] in (0, 8) and 0 <= g["right"] <= 1
@@ -100,6 +100,35 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     from dxserve import sites
 
     assert sites.next_version(sites_dir, "lymphoblast", DEFAULT_VERSION, "lab") == f"{DEFAULT_VERSION}+lab.2"
+
+
+def test_a_site_version_computes_with_its_own_batch_norm_statistics(onboarded):
+    """The site's graph lives in its hashed weights file; loaded as the server loads it, the site
+    version's CNN features are that graph's, not its parent's, and its head reads them."""
+    from dxserve import sites
+    from dxserve_lymphoblast.litert import LiteRTModel
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
+
+    _, sites_dir, _ = onboarded
+    site = json.loads((sites_dir / "lymphoblast" / SITE_VERSION / "site.json").read_text())
+    backbone = site["backbone"]
+    assert "re-estimated on 60 of the site's 60 cells" in backbone["batch_norm"]
+    assert backbone["max_feature_difference_from_tensorflow (relative)"] <= 1e-3
+    versions, _ = sites.site_versions(sites_dir, "lymphoblast", shipped_versions(), {})
+    version = next(v for v in versions if v.version == SITE_VERSION)
+    with np.load(version.weights) as stored:
+        graph = stored["graph"].tobytes()
+    assert len(graph) == backbone["bytes"]
+    runtime, parent = LymphoblastRuntime(version), LymphoblastRuntime(find_version(DEFAULT_VERSION))
+    runtime.load()
+    parent.load()
+    cells = np.stack([runtime.prepare(np.asarray(Image.open(path).convert("RGB")))[0] for path in CELLS])
+    _, own = runtime._run_with_features(cells)
+    _, parents = parent._run_with_features(cells)
+    _, expected = LiteRTModel(graph, runtime.views)(cells["cell"], cells["log_diameter"])
+    assert np.array_equal(own, expected)
+    assert np.abs(own - parents).max() > 0.1 * np.abs(parents).max()  # another CNN's statistics, not float noise
+    assert runtime.predict(cells).shape == (len(CELLS), 2)
 
 
 def test_a_site_calibration_never_flips_the_head():

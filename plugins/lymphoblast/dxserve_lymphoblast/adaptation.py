@@ -1,22 +1,25 @@
 """A site version of a lymphoblast version (`LymphoblastRuntime.adapt`, `dxserve site onboard`).
 
-What depends on the laboratory is fitted again on its own images; the CNN stays the parent's,
-bit for bit (its `model.tflite`, verified by hash when the site version loads):
+What depends on the laboratory is fitted again on its own images; the CNN's weights stay the
+parent's (a site version is served only while its parent is unchanged, checked by hash):
 
+0. the CNN's batch-norm statistics, re-estimated on every site cell, labelled or not, one set per
+   scale (`adabn.py`); the result is the site's own LiteRT graph, kept inside the site's weights
+   file so that its one SHA-256 covers everything the site version computes with;
 1. the quality gate's colour model (mean colour and its spread) on every site cell, labelled or
    not, so the site's stain is in range and a different one is still refused;
 2. the out-of-distribution reference on the site cells' CNN features (mean, Ledoit-Wolf
    precision, threshold at the 99.5th percentile of out-of-fold distances);
-3. the classifier's last stage: a logistic regression (L2, C = 0.05) on the parent's 768 CNN
-   features and the log cell diameter, standardised on the site's cells (the site's own
-   statistics take the place of C-NMC's, as re-estimating batch-norm statistics would);
+3. the classifier's last stage: a logistic regression (L2, C = 0.05) on the site graph's 768 CNN
+   features and the log cell diameter, standardised on the site's cells;
 4. calibration (Platt) and the thresholds (screening at sensitivity 0.95, the calling band) on
    cross-fitted out-of-fold predictions.
 
 The validation report is grouped cross-validation on the labelled cells (every group, a patient
 or a block of images, on one side only), each figure beside the parent unadapted, size alone,
 colour alone (the mean colour of the cell as the model sees it) and background alone (the colour of
-the image's outer ring: the slide, for crops taken with it) in the same splits, with 95 %
+the image's outer ring: the slide, for crops taken with it) and the same head on the parent's
+statistics (what re-estimating them adds) in the same splits, with 95 %
 bootstrap intervals over groups, per-fold and per-group spread, and a learning curve: the pooled
 out-of-fold AUROC of heads fitted on 10 / 25 / 50 / 100 of each training fold's cells (pooled, as
 the site version's own figure is: a fold of one class, as when every patient has one, has no
@@ -46,8 +49,9 @@ BORDER_PX = 8  # the outer ring whose colour is the "background alone" baseline
 
 
 def served_inputs(runtime, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """What the parent sees of each image: logit, CNN features, log diameter, mean colour of the
-    model's input cell, and the gate's statistics (for refitting its colour model)."""
+    """What the parent sees of each image: its model input record, logit, CNN features, log
+    diameter, mean colour of the model's input cell, and the gate's statistics (for refitting its
+    colour model)."""
     records, stats, colours, mean_rgb, border_rgb = [], [], [], [], []
     for image in images:
         record, _ = runtime.prepare(image)
@@ -60,14 +64,41 @@ def served_inputs(runtime, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         mean_rgb.append(cell[inside].mean(axis=0) if inside.any() else np.zeros(3))
         border_rgb.append(border_colour(image))
     batch = np.stack(records) if records else np.zeros(0, input_dtype(runtime.image_size))
+    logits, features = in_chunks(runtime._run_with_features, batch)
+    return {"records": batch, "logit": logits, "features": features, "log_diameter": batch["log_diameter"].astype(np.float64),
+            "mean_rgb": np.array(mean_rgb), "border_rgb": np.array(border_rgb), "stats": stats, "colours": np.array(colours)}
+
+
+def in_chunks(model, batch: np.ndarray, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and float64 CNN features of stacked model input records, `size` at a time;
+    `model`: records -> (logits, features)."""
     logits, features = [], []
-    for start in range(0, len(batch), 24):
-        lo, f = runtime._run_with_features(batch[start:start + 24])
+    for start in range(0, len(batch), size):
+        lo, f = model(batch[start:start + size])
         logits.append(lo)
         features.append(f)
-    return {"logit": np.concatenate(logits), "features": np.concatenate(features).astype(np.float64),
-            "log_diameter": batch["log_diameter"].astype(np.float64), "mean_rgb": np.array(mean_rgb),
-            "border_rgb": np.array(border_rgb), "stats": stats, "colours": np.array(colours)}
+    return np.concatenate(logits), np.concatenate(features).astype(np.float64)
+
+
+def site_graph(runtime, records: np.ndarray) -> tuple[bytes, dict]:
+    """The parent's CNN with batch-norm statistics re-estimated on the site's cells (`adabn.py`), as
+    LiteRT graph bytes, and its card entry."""
+    import keras
+
+    from . import model as _registers_custom_layers  # noqa: F401
+    from .adabn import SAMPLE, adapted_backbones
+    from .adabn import site_graph as graph_of
+
+    card = runtime.version.extra["card"]
+    scales = card["training"]["scales"]
+    parent = keras.models.load_model(runtime.version.extra["folder"] / card["weights"]["file"], compile=False)
+    cells = records["cell"]
+    content, difference = graph_of(parent, scales, adapted_backbones(parent, cells, scales, runtime.views), cells[:8])
+    return content, {
+        "batch_norm": f"re-estimated on {min(SAMPLE, len(cells))} of the site's {len(cells)} cells (AdaBN: labels unused), "
+                      f"in {runtime.views} views, one set per scale ({', '.join(map(str, scales))} px)",
+        "weights": "the parent's, unchanged", "bytes": len(content),
+        "max_feature_difference_from_tensorflow (relative)": difference}
 
 
 def border_colour(image: np.ndarray, width: int = BORDER_PX) -> np.ndarray:
@@ -164,9 +195,18 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     groups = np.array([item.group for item in labelled])
     seen = served_inputs(runtime, [item.image for item in labelled])
     site = served_inputs(runtime, list(unlabelled)) if len(unlabelled) else None
-    every = {k: np.concatenate([seen[k], site[k]]) if site is not None and k != "stats" else seen[k]
-             for k in ("features", "log_diameter", "colours")}
-    stats = seen["stats"] + (site["stats"] if site is not None else [])
+    parts = [seen] + ([site] if site is not None else [])
+
+    # 0: the site's batch-norm statistics; every CNN feature below is the site graph's.
+    graph, graph_entry = site_graph(runtime, np.concatenate([part["records"] for part in parts]))
+    from .litert import LiteRTModel
+
+    site_model = LiteRTModel(graph, runtime.views)
+    for part in parts:
+        part["parent_features"] = part["features"]
+        part["features"] = in_chunks(lambda r: site_model(r["cell"], r["log_diameter"]), part["records"])[1]
+    every = {k: np.concatenate([part[k] for part in parts]) for k in ("features", "parent_features", "log_diameter", "colours")}
+    stats = [measured for part in parts for measured in part["stats"]]
 
     # 1-2: the gate's colour model and the out-of-distribution reference, on every site cell.
     parent_gate = runtime.version.extra["card"]["quality_gate"]
@@ -184,14 +224,18 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     x = design(seen["features"], seen["log_diameter"])
     x_all = design(every["features"], every["log_diameter"])
     standardise = (x_all.mean(axis=0), np.maximum(x_all.std(axis=0), 1e-6))
+    x_parent, x_parent_all = design(seen["parent_features"], seen["log_diameter"]), design(every["parent_features"], every["log_diameter"])
+    standardise_parent = (x_parent_all.mean(axis=0), np.maximum(x_parent_all.std(axis=0), 1e-6))
     folds = folds_by_group(groups, y)
     oof = np.zeros(len(y))
-    baselines = {"parent unadapted": seen["logit"], "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)),
-                 "background alone": np.zeros(len(y))}
+    baselines = {"parent unadapted": seen["logit"], "site head on the parent's statistics": np.zeros(len(y)),
+                 "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)), "background alone": np.zeros(len(y))}
     curve = {n: np.full(len(y), np.nan) for n in CURVE}  # out-of-fold logits of heads fitted on n cells
     for k in np.unique(folds):
         train, test = folds != k, folds == k
         oof[test] = head_logit(fit_head(x[train], y[train], standardise), x[test])
+        baselines["site head on the parent's statistics"][test] = head_logit(
+            fit_head(x_parent[train], y[train], standardise_parent), x_parent[test])
         baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
         baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
         baselines["background alone"][test] = _logistic(seen["border_rgb"][train], y[train], seen["border_rgb"][test])
@@ -217,7 +261,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     per_fold = [round(auroc(y[folds == k], oof[folds == k]), 4) for k in np.unique(folds)]
 
     head = fit_head(x, y, standardise)
-    np.savez(folder / HEAD_FILE, **head, platt=np.array([a, b]))
+    np.savez(folder / HEAD_FILE, **head, platt=np.array([a, b]), graph=np.frombuffer(graph, np.uint8))
     report = {
         "protocol": (f"grouped {len(np.unique(folds))}-fold cross-validation on the labelled images (StratifiedGroupKFold "
                      "by `group`: no group on both sides); the head, Platt calibration and screening threshold of each "
@@ -242,7 +286,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                                                          [item.image for item in labelled] + list(unlabelled)])), 4),
         "gate_passed_site_images_parent": round(float(np.mean([not check(image, parent_gate) for image in
                                                                 [item.image for item in labelled] + list(unlabelled)])), 4),
-        "ood_flagged_site_images_parent": round(float(np.mean(ood_model.distance(every["features"], runtime.ood)
+        "ood_flagged_site_images_parent": round(float(np.mean(ood_model.distance(every["parent_features"], runtime.ood)
                                                               > float(runtime.ood["threshold"]))), 4),
     }
     report["acceptance"] = {"labelled": report["labelled"]["images"], "auroc": report["auroc"]["site version"],
@@ -252,6 +296,8 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     card = {"quality_gate": gate, "ood": ood_entry, "thresholds": thresholds.to_dict(),
             "calibration": {"method": "Platt scaling of the site head's logit", "a": a, "b": b,
                             "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation"},
-            "head": {"file": HEAD_FILE, "method": f"logistic regression, L2 C={C}, on the parent's CNN features and the "
-                                                  "log cell diameter, standardised on the site's cells"}}
+            "backbone": graph_entry,
+            "head": {"file": HEAD_FILE, "method": f"logistic regression, L2 C={C}, on the site graph's CNN features (the "
+                                                  "parent's backbone with the site's batch-norm statistics) and the log "
+                                                  "cell diameter, standardised on the site's cells"}}
     return Adaptation(HEAD_FILE, report, card)

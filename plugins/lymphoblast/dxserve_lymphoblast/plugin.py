@@ -183,7 +183,9 @@ class LymphoblastRuntime(ModelRuntime):
 
     def _load_site(self, site: dict, parent: ModelVersion) -> None:
         """A site version: its parent loaded as itself (its weights verified by hash first), then
-        the site's head, calibration, thresholds, gate and out-of-distribution reference."""
+        the site's CNN graph (the parent's weights, the site's batch-norm statistics; a site made
+        before it had one uses the parent's), head, calibration, thresholds, gate and
+        out-of-distribution reference."""
         from dxserve.runtime import sha256_of
 
         if sha256_of(parent.weights) != parent.weights_sha256:
@@ -193,14 +195,20 @@ class LymphoblastRuntime(ModelRuntime):
         self.__dict__.update({k: v for k, v in base.__dict__.items() if k not in ("version", "turns")})
         folder = self.version.extra["site_folder"]
         with np.load(self.version.weights) as stored:
-            self.site_head = {key: stored[key].astype(np.float64) for key in stored.files}
+            self.site_head = {key: stored[key].astype(np.float64) for key in stored.files if key != "graph"}
+            graph = stored["graph"].tobytes() if "graph" in stored.files else None
+        if graph is not None:  # the site's own batch-norm statistics (adaptation.py): its graph, whichever runtime serves the parent
+            from .litert import LiteRTModel
+
+            self._litert = LiteRTModel(graph, self.views)
         self.gate = site["quality_gate"]
         self.ood = load_ood(folder, site["ood"])
         self.thresholds = Thresholds(**site["thresholds"])
 
     def adapt(self, labelled, unlabelled, folder: Path) -> Adaptation:
-        """A site version (`adaptation.py`): the gate's colour model, the OOD reference, a head on the
-        frozen CNN features, Platt calibration and thresholds, refitted on the site's cells."""
+        """A site version (`adaptation.py`): the CNN's batch-norm statistics, the gate's colour model,
+        the OOD reference, a head on the CNN features, Platt calibration and thresholds, refitted
+        on the site's cells."""
         from .adaptation import adapt
 
         return adapt(self, list(labelled), list(unlabelled), folder)

@@ -225,12 +225,14 @@ def curve(candidates: dict[str, np.ndarray], y: np.ndarray, block: np.ndarray, l
           wide: int = 10) -> dict:
     """{"<n>|<name>": AUROC per split}: a logistic head on each candidate's features, fitted on n
     labelled cells of block b (half per class, DRAWS draws) and scored on the other blocks;
-    C = 0.05 for more than `wide` features, else 1."""
+    C = 0.05 for more than `wide` features, else 1. A candidate may be {b: features} when each
+    split's features differ (adapted on block b's cells)."""
     out = {}
     for n in SIZES:
-        for name, x in candidates.items():
+        for name, each in candidates.items():
             per_split = []
             for b in range(BLOCKS):
+                x = each[b] if isinstance(each, dict) else each
                 train, test = np.flatnonzero(block == b), np.flatnonzero(block != b)
                 scores = []
                 for draw in range(DRAWS):

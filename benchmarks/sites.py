@@ -8,7 +8,8 @@ uses: 48 labelled, 12 unlabelled), into a scratch `sites_dir` with acceptance cr
 site meets. One server then serves both; `--streams` concurrent ClassifyStreams of the same
 images name the base version, then the site version, the order reversed each turn. Printed:
 images/s of each per turn, and the ratio site / base (median of the turns, with its range);
-the target is a ratio of about 1 (the site version adds a head on the same features).
+the target is a ratio of about 1 (the site version runs the same graph with its own batch-norm
+statistics, and a logistic head on its features).
 """
 
 from __future__ import annotations

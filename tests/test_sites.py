@@ -131,6 +131,19 @@ def test_a_site_version_computes_with_its_own_batch_norm_statistics(onboarded):
     assert runtime.predict(cells).shape == (len(CELLS), 2)
 
 
+def test_onboarding_without_the_training_stack_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """A serving install has no TensorFlow: onboarding exits 2 naming the extra, and leaves no folder."""
+    import sys
+
+    write_another_lab(tmp_path)
+    monkeypatch.setitem(sys.modules, "keras", None)  # import keras now raises ImportError
+    code = dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
+                    "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(tmp_path / "sites")])
+    assert code == 2
+    assert "pip install 'dxserve-lymphoblast[train]'" in capsys.readouterr().err
+    assert not list((tmp_path / "sites").glob("lymphoblast/*"))
+
+
 def test_a_site_calibration_never_flips_the_head():
     """Onboarded on 24 of Aria's cells in 9 groups, the out-of-fold logits ranked the labels
     backwards (AUROC 0.42); the Platt map fitted to them had a negative slope and turned a head

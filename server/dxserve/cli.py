@@ -306,7 +306,7 @@ def site_command(args: argparse.Namespace) -> int:
         return 2
     try:
         done = onboard(settings, args.plugin, args.base, args.site, args.labelled, args.unlabelled)
-    except (OnboardingError, OSError) as error:
+    except (OnboardingError, OSError, ImportError) as error:  # ImportError: a plugin's training stack is not installed
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
     print(f"wrote {done.folder}: site version {done.version}")

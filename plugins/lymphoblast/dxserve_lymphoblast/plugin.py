@@ -209,8 +209,14 @@ class LymphoblastRuntime(ModelRuntime):
         """A site version (`adaptation.py`): the CNN's batch-norm statistics, the gate's colour model,
         the OOD reference, a head on the CNN features, Platt calibration and thresholds, refitted
         on the site's cells."""
-        from .adaptation import adapt
+        try:  # the training stack: scikit-learn for the head, TensorFlow to convert the site's graph
+            import keras  # noqa: F401
+            import sklearn  # noqa: F401
 
+            from .adaptation import adapt
+        except ImportError as error:
+            raise ImportError(f"onboarding a lymphoblast site needs the plugin's training extra "
+                              f"(pip install 'dxserve-lymphoblast[train]'): {error}") from error
         return adapt(self, list(labelled), list(unlabelled), folder)
 
     def _load_tensorflow(self) -> None:

@@ -85,7 +85,8 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
     report = site["report"]
     assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24}
-    for baseline in ("parent unadapted", "site head on the parent's statistics", "size alone", "colour alone", "background alone"):
+    for baseline in ("parent unadapted", "site head, the parent's batch-norm statistics", "site head, the site's batch-norm statistics",
+                     "size alone", "colour alone", "background alone"):
         assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2
     groups = {g["group"]: g for g in report["per_group"]}  # each cell's 8 orientations, one group
     assert len(groups) == 6 and all(g["images"] == 8 and g["lymphoblast"] in (0, 8) and 0 <= g["right"] <= 1
@@ -102,33 +103,71 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert sites.next_version(sites_dir, "lymphoblast", DEFAULT_VERSION, "lab") == f"{DEFAULT_VERSION}+lab.2"
 
 
-def test_a_site_version_computes_with_its_own_batch_norm_statistics(onboarded):
-    """The site's graph lives in its hashed weights file; loaded as the server loads it, the site
-    version's CNN features are that graph's, not its parent's, and its head reads them."""
+def test_the_site_version_is_the_classifier_that_ranked_best_out_of_fold(onboarded):
+    """The report's three candidates in the same folds; the site version is the best of them, and its
+    weights file holds what that one needs: a head only for a site head, a graph only for the site's
+    statistics."""
+    from dxserve_lymphoblast.adaptation import PARENT, PARENT_STATISTICS, SITE_STATISTICS, choose
+
+    _, sites_dir, _ = onboarded
+    folder = sites_dir / "lymphoblast" / SITE_VERSION
+    site = json.loads((folder / "site.json").read_text())
+    chosen, scores = site["head"]["classifier"], site["head"]["chosen_from"]
+    assert set(scores) == {PARENT, PARENT_STATISTICS, SITE_STATISTICS} and site["report"]["classifier"] == chosen
+    assert site["report"]["auroc"]["site version"] == max(scores.values()) == scores[chosen]
+    with np.load(folder / site["weights"]["file"]) as stored:
+        assert ("coef" in stored.files) == (chosen != PARENT) and ("graph" in stored.files) == (chosen == SITE_STATISTICS)
+    y = np.array([0, 0, 1, 1])
+    ranks_right, backwards = np.array([0.1, 0.2, 0.8, 0.9]), np.array([0.9, 0.8, 0.2, 0.1])
+    assert choose({"parent": ranks_right, "head": backwards}, y)[0] == "parent"
+    assert choose({"parent": backwards, "head": ranks_right}, y)[0] == "head"
+    assert choose({"parent": ranks_right, "head": ranks_right}, y)[0] == "parent"  # a tie goes to the simpler
+    assert choose({"parent": ranks_right, "head": ranks_right}, np.ones(4, int))[0] == "parent"  # no AUROC: still one
+
+
+def test_a_site_version_with_the_sites_statistics_computes_with_its_own_graph(onboarded, tmp_path):
+    """A site version whose weights file holds a graph (the site's batch-norm statistics): loaded as
+    the server loads it, its CNN features are that graph's, not its parent's, and its head reads
+    them; one without a head answers with its parent's own logit, calibrated."""
     from dxserve import sites
+    from dxserve.runtime import sha256_of
+    from dxserve_lymphoblast.adaptation import HEAD_FILE, design, fit_head, head_logit, site_graph
     from dxserve_lymphoblast.litert import LiteRTModel
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
 
-    _, sites_dir, _ = onboarded
-    site = json.loads((sites_dir / "lymphoblast" / SITE_VERSION / "site.json").read_text())
-    backbone = site["backbone"]
-    assert "re-estimated on 60 of the site's 60 cells" in backbone["batch_norm"]
-    assert backbone["max_feature_difference_from_tensorflow (relative)"] <= 1e-3
-    versions, _ = sites.site_versions(sites_dir, "lymphoblast", shipped_versions(), {})
-    version = next(v for v in versions if v.version == SITE_VERSION)
-    with np.load(version.weights) as stored:
-        graph = stored["graph"].tobytes()
-    assert len(graph) == backbone["bytes"]
-    runtime, parent = LymphoblastRuntime(version), LymphoblastRuntime(find_version(DEFAULT_VERSION))
-    runtime.load()
+    copy = tmp_path / "sites"
+    shutil.copytree(onboarded[1], copy)
+    folder = copy / "lymphoblast" / SITE_VERSION
+    parent = LymphoblastRuntime(find_version(DEFAULT_VERSION))
     parent.load()
-    cells = np.stack([runtime.prepare(np.asarray(Image.open(path).convert("RGB")))[0] for path in CELLS])
+    images = [as_another_lab(np.asarray(Image.open(path).convert("RGB")), k) for path in CELLS for k in range(8)]
+    y = np.array([path.stem.endswith("_all") for path in CELLS for _ in range(8)], int)
+    cells = np.stack([parent.prepare(image)[0] for image in images])
+    graph, entry = site_graph(parent, cells)
+    assert "re-estimated on 48 of the site's 48 cells" in entry["batch_norm"]
+    assert entry["max_feature_difference_from_tensorflow (relative)"] <= 1e-3
+    _, features = LiteRTModel(graph, parent.views)(cells["cell"], cells["log_diameter"])
+    x = design(features.astype(np.float64), cells["log_diameter"].astype(np.float64))
+    head = fit_head(x, y, (x.mean(axis=0), x.std(axis=0) + 1e-6))
+
+    def served(stored: dict) -> LymphoblastRuntime:
+        np.savez(folder / HEAD_FILE, **stored)
+        site = json.loads((folder / "site.json").read_text())
+        site["weights"]["sha256"] = sha256_of(folder / HEAD_FILE)
+        (folder / "site.json").write_text(json.dumps(site))
+        versions, _ = sites.site_versions(copy, "lymphoblast", shipped_versions(), {})
+        runtime = LymphoblastRuntime(next(v for v in versions if v.version == SITE_VERSION))
+        runtime.load()
+        return runtime
+
+    runtime = served({**head, "platt": np.array([1.0, 0.0]), "graph": np.frombuffer(graph, np.uint8)})
+    logits_parent, parents = parent._run_with_features(cells)
     _, own = runtime._run_with_features(cells)
-    _, parents = parent._run_with_features(cells)
-    _, expected = LiteRTModel(graph, runtime.views)(cells["cell"], cells["log_diameter"])
-    assert np.array_equal(own, expected)
+    assert np.array_equal(own, features)
     assert np.abs(own - parents).max() > 0.1 * np.abs(parents).max()  # another CNN's statistics, not float noise
-    assert runtime.predict(cells).shape == (len(CELLS), 2)
+    np.testing.assert_allclose(runtime.predict(cells)[:, 0], 1 / (1 + np.exp(-head_logit(head, x))), atol=1e-6)
+    runtime = served({"platt": np.array([2.0, -1.0])})  # the parent, calibrated
+    np.testing.assert_allclose(runtime.predict(cells)[:, 0], 1 / (1 + np.exp(-(2.0 * logits_parent - 1.0))), atol=1e-6)
 
 
 def test_onboarding_without_the_training_stack_says_what_to_install(tmp_path, monkeypatch, capsys):

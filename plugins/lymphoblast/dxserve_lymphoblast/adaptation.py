@@ -4,24 +4,32 @@ What depends on the laboratory is fitted again on its own images; the CNN's weig
 parent's (a site version is served only while its parent is unchanged, checked by hash):
 
 0. the CNN's batch-norm statistics, re-estimated on every site cell, labelled or not, one set per
-   scale (`adabn.py`); the result is the site's own LiteRT graph, kept inside the site's weights
-   file so that its one SHA-256 covers everything the site version computes with;
+   scale (`adabn.py`); the result is the site's own LiteRT graph, kept (when step 3 chooses it)
+   inside the site's weights file so that its one SHA-256 covers everything the site version
+   computes with;
 1. the quality gate's colour model (mean colour and its spread) on every site cell, labelled or
    not, so the site's stain is in range and a different one is still refused;
-2. the out-of-distribution reference on the site cells' CNN features (mean, Ledoit-Wolf
-   precision, threshold at the 99.5th percentile of out-of-fold distances);
-3. the classifier's last stage: a logistic regression (L2, C = 0.05) on the site graph's 768 CNN
-   features and the log cell diameter, standardised on the site's cells;
+2. the out-of-distribution reference on the site cells' CNN features, from the graph step 3
+   chose (mean, Ledoit-Wolf precision, threshold at the 99.5th percentile of out-of-fold
+   distances);
+3. the classifier, chosen by the report's grouped cross-validation (the best pooled out-of-fold
+   AUROC) from three: the parent's own head, only calibrated (a lab close to the training lab
+   keeps a model trained on far more patients than it labels), or a logistic regression (L2,
+   C = 0.05) on the 768 CNN features and the log cell diameter, standardised on the site's
+   cells, with the parent's or with the site's batch-norm statistics (the site's graph is kept
+   only when it is chosen);
 4. calibration (Platt) and the thresholds (screening at sensitivity 0.95, the calling band) on
    cross-fitted out-of-fold predictions.
 
 The validation report is grouped cross-validation on the labelled cells (every group, a patient
 or a block of images, on one side only), each figure beside the parent unadapted, size alone,
 colour alone (the mean colour of the cell as the model sees it) and background alone (the colour of
-the image's outer ring: the slide, for crops taken with it) and the same head on the parent's
-statistics (what re-estimating them adds) in the same splits, with 95 %
+the image's outer ring: the slide, for crops taken with it) and the three classifiers it chose
+from, in the same splits (the site version's figure is the best of three, so slightly flattered:
+shadow it on other patients before promoting it), with 95 %
 bootstrap intervals over groups, per-fold and per-group spread, and a learning curve: the pooled
-out-of-fold AUROC of heads fitted on 10 / 25 / 50 / 100 of each training fold's cells (pooled, as
+out-of-fold AUROC of site heads (site statistics) fitted on 10 / 25 / 50 / 100 of each training
+fold's cells (pooled, as
 the site version's own figure is: a fold of one class, as when every patient has one, has no
 AUROC of its own).
 Every fitted step sees only the training folds' labelled cells (unlabelled cells are no labels).
@@ -42,6 +50,10 @@ from .gate import fit as fit_gate
 from .preprocess import input_dtype
 
 HEAD_FILE = "site_head.npz"
+#: The classifiers a site version chooses from (the report's grouped cross-validation decides).
+PARENT = "the parent, calibrated"
+PARENT_STATISTICS = "the parent's batch-norm statistics"
+SITE_STATISTICS = "the site's batch-norm statistics"
 C = 0.05  # L2 strength of the head: stable from 0.005 to 0.2 on Aria's cells (experiments/site_aria.py)
 CURVE = (10, 25, 50, 100)
 CONFIDENT = 0.9
@@ -184,6 +196,14 @@ def per_group(groups: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[dict]:
     return out
 
 
+def choose(candidates: dict[str, np.ndarray], y: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The candidate whose out-of-fold scores rank `y` best (pooled AUROC), and every candidate's
+    AUROC; on a tie the one listed first (the simpler), and an undefined AUROC never wins."""
+    scores = {name: auroc(y, score) for name, score in candidates.items()}
+    order = list(candidates)
+    return max(order, key=lambda name: (np.nan_to_num(scores[name], nan=-1.0), -order.index(name))), scores
+
+
 def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], folder: Path) -> Adaptation:
     from . import ood as ood_model
     from .baselines import _logistic
@@ -215,27 +235,23 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     gate = {**parent_gate, "colour": refitted["colour"],
             "ranges": {**parent_gate["ranges"], "colour_distance": refitted["ranges"]["colour_distance"]},
             "fitted_on": f"the parent's ranges; colour model and colour distance refitted on {len(colours)} site cells"}
-    folds_ood = np.arange(len(every["features"])) % 5
-    ood = ood_model.fit(every["features"], folds=folds_ood)
-    ood_entry = ood_model.save(ood, folder, threshold_from="out-of-fold distances of the site's cells (5 folds)",
-                               fitted_on=f"{len(every['features'])} site cells")
 
-    # 3-4: the head, its calibration and thresholds; grouped cross-validation on the labelled cells.
-    x = design(seen["features"], seen["log_diameter"])
-    x_all = design(every["features"], every["log_diameter"])
-    standardise = (x_all.mean(axis=0), np.maximum(x_all.std(axis=0), 1e-6))
-    x_parent, x_parent_all = design(seen["parent_features"], seen["log_diameter"]), design(every["parent_features"], every["log_diameter"])
-    standardise_parent = (x_parent_all.mean(axis=0), np.maximum(x_parent_all.std(axis=0), 1e-6))
+    # 3: three classifiers in the same grouped folds; the site version is the one that ranks the
+    # labelled cells best out of fold: the parent as it is (only calibrated), or a site head on
+    # the parent's or on the site's statistics.
+    designs = {PARENT_STATISTICS: (design(seen["parent_features"], seen["log_diameter"]),
+                                   design(every["parent_features"], every["log_diameter"])),
+               SITE_STATISTICS: (design(seen["features"], seen["log_diameter"]), design(every["features"], every["log_diameter"]))}
+    standardised = {name: (all_x.mean(axis=0), np.maximum(all_x.std(axis=0), 1e-6)) for name, (_, all_x) in designs.items()}
+    x, standardise = designs[SITE_STATISTICS][0], standardised[SITE_STATISTICS]
     folds = folds_by_group(groups, y)
-    oof = np.zeros(len(y))
-    baselines = {"parent unadapted": seen["logit"], "site head on the parent's statistics": np.zeros(len(y)),
-                 "size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)), "background alone": np.zeros(len(y))}
+    candidates = {PARENT: seen["logit"], PARENT_STATISTICS: np.zeros(len(y)), SITE_STATISTICS: np.zeros(len(y))}
+    baselines = {"size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)), "background alone": np.zeros(len(y))}
     curve = {n: np.full(len(y), np.nan) for n in CURVE}  # out-of-fold logits of heads fitted on n cells
     for k in np.unique(folds):
         train, test = folds != k, folds == k
-        oof[test] = head_logit(fit_head(x[train], y[train], standardise), x[test])
-        baselines["site head on the parent's statistics"][test] = head_logit(
-            fit_head(x_parent[train], y[train], standardise_parent), x_parent[test])
+        for name, (x_name, _) in designs.items():
+            candidates[name][test] = head_logit(fit_head(x_name[train], y[train], standardised[name]), x_name[test])
         baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
         baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
         baselines["background alone"][test] = _logistic(seen["border_rgb"][train], y[train], seen["border_rgb"][test])
@@ -246,7 +262,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
             picked = np.concatenate(per_class)
             if len(picked) >= min(n, train.sum()) * 0.9 and len(set(y[picked].tolist())) == 2:
                 curve[n][test] = head_logit(fit_head(x[picked], y[picked], standardise), x[test])
-    # Cross-fitted calibration and screening threshold: fold k's with a map and threshold fitted on the other folds.
+    chosen, scores = choose(candidates, y)
+    oof = candidates[chosen]
+    # 4: cross-fitted calibration and screening threshold: fold k's with a map and threshold fitted on the other folds.
     p_oof, screened = np.zeros(len(y)), np.zeros(len(y), bool)
     for k in np.unique(folds):
         other, test = folds != k, folds == k
@@ -260,8 +278,19 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     confident_wrong = ((p_oof >= CONFIDENT) & (y == 0)) | ((p_oof <= 1 - CONFIDENT) & (y == 1))
     per_fold = [round(auroc(y[folds == k], oof[folds == k]), 4) for k in np.unique(folds)]
 
-    head = fit_head(x, y, standardise)
-    np.savez(folder / HEAD_FILE, **head, platt=np.array([a, b]), graph=np.frombuffer(graph, np.uint8))
+    # 2: the out-of-distribution reference, on the chosen graph's features of every site cell.
+    features = every["features"] if chosen == SITE_STATISTICS else every["parent_features"]
+    ood = ood_model.fit(features, folds=np.arange(len(features)) % 5)
+    ood_entry = ood_model.save(ood, folder, threshold_from="out-of-fold distances of the site's cells (5 folds)",
+                               fitted_on=f"{len(features)} site cells")
+    stored = {"platt": np.array([a, b])}
+    if chosen != PARENT:
+        stored.update(fit_head(designs[chosen][0], y, standardised[chosen]))
+    if chosen == SITE_STATISTICS:
+        stored["graph"] = np.frombuffer(graph, np.uint8)
+    np.savez(folder / HEAD_FILE, **stored)
+    baselines = {"parent unadapted": candidates[PARENT], **{f"site head, {name}": candidates[name] for name in (PARENT_STATISTICS, SITE_STATISTICS)},
+                 **baselines}
     report = {
         "protocol": (f"grouped {len(np.unique(folds))}-fold cross-validation on the labelled images (StratifiedGroupKFold "
                      "by `group`: no group on both sides); the head, Platt calibration and screening threshold of each "
@@ -270,6 +299,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
         "labelled": {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), LABELS[0]: int(y.sum()),
                      LABELS[1]: int((1 - y).sum())},
         "unlabelled_images": int(len(unlabelled)),
+        "classifier": chosen,
         "auroc": {"site version": round(auroc(y, oof), 4), "interval": interval(y, oof, groups), "per_fold": per_fold,
                   **{name: round(auroc(y, s), 4) for name, s in baselines.items()},
                   **{f"{name} interval": interval(y, s, groups) for name, s in baselines.items()}},
@@ -294,10 +324,12 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                             "confidently_wrong": report["confidently_wrong"],
                             "margin_over_colour_alone": report["margin_over_colour_alone"]}
     card = {"quality_gate": gate, "ood": ood_entry, "thresholds": thresholds.to_dict(),
-            "calibration": {"method": "Platt scaling of the site head's logit", "a": a, "b": b,
+            "calibration": {"method": f"Platt scaling of the logit of {chosen}", "a": a, "b": b,
                             "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation"},
-            "backbone": graph_entry,
-            "head": {"file": HEAD_FILE, "method": f"logistic regression, L2 C={C}, on the site graph's CNN features (the "
-                                                  "parent's backbone with the site's batch-norm statistics) and the log "
-                                                  "cell diameter, standardised on the site's cells"}}
+            "backbone": graph_entry if chosen == SITE_STATISTICS else "the parent's, with its statistics",
+            "head": {"file": HEAD_FILE, "classifier": chosen,
+                     "chosen_from": {name: round(score, 4) for name, score in scores.items()},
+                     "method": ("the parent's own head" if chosen == PARENT else
+                                f"logistic regression, L2 C={C}, on the CNN features of {chosen} and the log cell diameter, "
+                                "standardised on the site's cells")}}
     return Adaptation(HEAD_FILE, report, card)

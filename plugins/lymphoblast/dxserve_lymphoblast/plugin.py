@@ -268,10 +268,11 @@ class LymphoblastRuntime(ModelRuntime):
         if self.site_head is not None:
             from .adaptation import design, head_logit
 
-            _, features = self._run_with_features(batch)
+            logits, features = self._run_with_features(batch)
             a, b = self.site_head["platt"]
-            logits = head_logit(self.site_head, design(features.astype(np.float64), batch["log_diameter"].astype(np.float64)))
-            p_blast = 1.0 / (1.0 + np.exp(-(a * logits + b)))
+            if "coef" in self.site_head:  # a site head; without one, the parent's own logit, calibrated for the site
+                logits = head_logit(self.site_head, design(features.astype(np.float64), batch["log_diameter"].astype(np.float64)))
+            p_blast = 1.0 / (1.0 + np.exp(-(a * logits.astype(np.float64) + b)))
         else:
             logits, features = self._run(batch)
             p_blast = calibrated(logits, self.temperature)

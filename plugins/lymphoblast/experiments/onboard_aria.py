@@ -15,7 +15,8 @@ Research: nothing here is shipped; RESULTS.md says what it measured.
    `dxserve site onboard` makes a site version of 2.1.0 into a scratch sites_dir.
 3. The site version, loaded as the server loads it, classifies every cell of the other blocks:
    AUROC per cell with its spread over blocks, beside the colour-only and background-only
-   baselines fitted on the same labelled cells; confidently wrong (P >= 0.9 for the wrong label);
+   baselines fitted on the same labelled cells; confidently wrong (P >= 0.9 for the wrong label),
+   of all cells and of those answered without a gate or OOD issue (what a user is told);
    gate and OOD pass rates; PBC lymphocytes called lymphoblast by the site version and by 2.1.0.
 """
 
@@ -127,10 +128,13 @@ def main() -> None:
         bg = aria.logistic(background[picked], y[picked], background[held], 1.0)
         per_block = {int(b): aria.auroc(y[held][block[held] == b], p[block[held] == b]) for b in np.unique(block[held])}
         wrong = ((p >= 0.9) & (y[held] == 0)) | ((p <= 0.1) & (y[held] == 1))
+        answered = np.array([not i for i in issues])  # no gate or OOD issue: the server makes a call
         entry = {"onboarding_seconds": round(seconds, 1), "unmet": done.unmet, "report": done.site["report"],
                  "held_out": {"auroc": aria.auroc(y[held], p), "auroc_per_block": per_block,
                               "colour_alone_auroc": aria.auroc(y[held], colour), "background_alone_auroc": aria.auroc(y[held], bg),
                               "confidently_wrong": float(wrong.mean()),
+                              "confidently_wrong_and_answered": float((wrong & answered).mean()),
+                              "auroc_answered": aria.auroc(y[held][answered], p[answered]),
                               "answered (no issue)": float(np.mean([not i for i in issues])),
                               "pbc_called_lymphoblast": float(np.mean([q >= 0.5 and not i for q, i in zip(p_pbc, pbc_issues)])),
                               "pbc_answered": float(np.mean([not i for i in pbc_issues]))}}

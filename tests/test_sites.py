@@ -84,7 +84,7 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert site["report"]["unlabelled_images"] == 12
     assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
     report = site["report"]
-    assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24}
+    assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24, "groups_of_one_class": 6}
     for baseline in ("parent unadapted", "site head, the parent's batch-norm statistics", "site head, the site's batch-norm statistics",
                      "size alone", "colour alone", "background alone"):
         assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2

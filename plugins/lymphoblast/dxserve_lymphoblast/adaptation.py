@@ -297,7 +297,10 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                      "fold fitted on the other folds only; baselines (logistic) in the same folds; intervals: 95 % "
                      "bootstrap over groups"),
         "labelled": {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), LABELS[0]: int(y.sum()),
-                     LABELS[1]: int((1 - y).sum())},
+                     LABELS[1]: int((1 - y).sum()),
+                     # Groups of one class (patients all blasts or all normal): a fitted head's out-of-fold
+                     # figures are then biased low, the more so the fewer the groups (RESULTS.md, C-NMC).
+                     "groups_of_one_class": int(sum(len(set(y[groups == g].tolist())) == 1 for g in set(groups.tolist())))},
         "unlabelled_images": int(len(unlabelled)),
         "classifier": chosen,
         "auroc": {"site version": round(auroc(y, oof), 4), "interval": interval(y, oof, groups), "per_fold": per_fold,

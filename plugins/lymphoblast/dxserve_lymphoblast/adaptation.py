@@ -44,7 +44,7 @@ from scipy.special import expit
 
 from dxserve import Adaptation, LabelledImage
 
-from .calibration import Thresholds, choose_thresholds, expected_calibration_error
+from .calibration import choose_thresholds, expected_calibration_error
 from .gate import _measure, check
 from .gate import fit as fit_gate
 from .preprocess import input_dtype

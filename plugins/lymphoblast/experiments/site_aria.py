@@ -248,17 +248,30 @@ def curve(candidates: dict[str, np.ndarray], y: np.ndarray, block: np.ndarray, l
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, name: str) -> argparse.Namespace:
+    """--shared, --cache and --out (experiments/<name>.json) of an Aria experiment, its cache folder made."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dxserve-experiments")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "site_aria.json")
+    parser.add_argument("--out", type=Path, default=HERE.parent / f"{name}.json")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def cached(stored: Path) -> tuple[dict, list[dict]] | None:
+    """The arrays and the cells' rows an earlier run saved in `stored` (.npz), or None."""
+    if not stored.exists():
+        return None
+    data = dict(np.load(stored, allow_pickle=True))
+    return data, json.loads(str(data.pop("rows")))
+
+
+def main() -> None:
+    args = arguments(__doc__, "site_aria")
     stored = args.cache / "site_aria.npz"
-    if stored.exists():
-        data = dict(np.load(stored, allow_pickle=True))
-        rows = json.loads(str(data.pop("rows")))
+    if (found := cached(stored)) is not None:
+        data, rows = found
     else:
         log("Aria: finding cells")
         crops, rows = aria_cells(args.shared / "data" / "aria-taleqani")

@@ -21,17 +21,14 @@ scores the others), same draws and logistic heads as `site_aria.py`:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 import site_aria as aria
 from onboard_aria import data_colour
 
-HERE = Path(__file__).resolve()
 SCALES = (224, 128)
 VIEWS = 2
 
@@ -54,12 +51,7 @@ def features(function, cells: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=aria.SHARED)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dxserve-experiments")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "site_aria_adabn.json")
-    args = parser.parse_args()
-    args.cache.mkdir(parents=True, exist_ok=True)
+    args = aria.arguments(__doc__, "site_aria_adabn")
 
     import keras
 
@@ -69,9 +61,8 @@ def main() -> None:
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version
 
     stored = args.cache / "site_aria_adabn.npz"
-    if stored.exists():
-        data = dict(np.load(stored, allow_pickle=True))
-        rows = json.loads(str(data.pop("rows")))
+    if (found := aria.cached(stored)) is not None:
+        data, rows = found
     else:
         log("Aria: finding cells (site profile, as site_aria.py)")
         crops, rows = aria.aria_cells(args.shared / "data" / "aria-taleqani")

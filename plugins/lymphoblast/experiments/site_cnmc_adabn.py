@@ -116,17 +116,14 @@ def through_platform(root: Path, site_rows: list[dict], labelled: np.ndarray, sc
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        (scratch / "unlabelled").mkdir()
-        (scratch / "labelled").mkdir()
+        for folder in ("labelled", "unlabelled"):
+            (scratch / folder).mkdir()
+        for i, row in enumerate(site_rows):  # each cell in its folder, as a link to the data set's file
+            (scratch / ("labelled" if i in set(labelled.tolist()) else "unlabelled") / f"{i:05d}.png").symlink_to(root / row["path"])
+        table = [("path", "label", "group")] + [(f"labelled/{i:05d}.png", {"all": "lymphoblast", "hem": "normal"}[site_rows[i]["label"]],
+                                                 site_rows[i]["subject"]) for i in labelled]
         with (scratch / "labels.csv").open("w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["path", "label", "group"])
-            for i in labelled:
-                (scratch / "labelled" / f"{i:05d}.png").symlink_to(root / site_rows[i]["path"])
-                out.writerow([f"labelled/{i:05d}.png", "lymphoblast" if site_rows[i]["label"] == "all" else "normal",
-                              site_rows[i]["subject"]])
-        for i in sorted(set(range(len(site_rows))) - set(labelled.tolist())):
-            (scratch / "unlabelled" / f"{i:05d}.png").symlink_to(root / site_rows[i]["path"])
+            csv.writer(f).writerows(table)
         settings = Settings(sites_dir=scratch / "sites", audit_db="")
         started = time.time()
         done = onboard(settings, "lymphoblast", "2.1.0", "cnmc", scratch / "labels.csv", scratch / "unlabelled", log=log)

@@ -301,7 +301,10 @@ class ModelRuntime:
         """Optional: a **site version** of this (loaded) version for one laboratory, from a few of
         its labelled images and many unlabelled ones (`dxserve site onboard`). Re-fit what
         depends on the lab (the quality gate's ranges, the out-of-distribution reference, the
-        classifier's last stage, calibration and thresholds), write the weights into `folder`
+        classifier's last stage or its normalisation statistics, calibration and thresholds;
+        keep the parent unchanged where the report shows it ranks the lab's images best), write
+        the weights into `folder` (one file: its SHA-256 is what every result carries, so put
+        everything the site version computes with in it)
         and return them with a validation report: grouped cross-validation on `labelled` by
         `LabelledImage.group`, beside this version unadapted and trivial baselines in the same
         splits. The report's `acceptance` block carries the figures the operator's acceptance

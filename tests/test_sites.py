@@ -5,6 +5,7 @@ its parent is unchanged and its weights match their hash."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import time
@@ -308,6 +309,25 @@ def test_an_altered_site_version_is_refused(onboarded, tmp_path):
             assert client.classify(CELLS[0]).ok
     finally:
         assert server.stop() == 0
+
+
+def test_a_site_version_keeps_its_parent_when_the_parent_is_served_by_tensorflow(onboarded, monkeypatch):
+    """Made while LiteRT served the parent; a GPU host that serves the same version's Keras file
+    (DXSERVE_LYMPHOBLAST_RUNTIME=tensorflow) still knows it as that parent, and another file does not pass."""
+    from dxserve import sites
+    from dxserve_lymphoblast import plugin
+
+    _, sites_dir, _ = onboarded
+    monkeypatch.setenv(plugin.RUNTIME_ENV, "tensorflow")
+    parents = plugin.shipped_versions()
+    default = next(v for v in parents if v.version == DEFAULT_VERSION)
+    assert default.weights.name == "model.keras" and default.same_model_sha256 == (default.extra["card"]["litert"]["sha256"],)
+    _, refused = sites.site_versions(sites_dir, "lymphoblast", parents, {"lab": sites.SiteAcceptance(min_labelled=40, min_auroc=0.0,
+        min_sensitivity_at_screen=0.0, max_ece=1.0, max_confidently_wrong=1.0, min_margin_over_colour_alone=-1.0)})
+    assert SITE_VERSION not in refused
+    other = [dataclasses.replace(v, same_model_sha256=()) if v.version == DEFAULT_VERSION else v for v in parents]
+    _, refused = sites.site_versions(sites_dir, "lymphoblast", other, {})
+    assert "onboard the site again" in refused[SITE_VERSION]
 
 
 def test_a_caller_bound_to_its_site_version_gets_it_by_default(onboarded, tmp_path, capsys):

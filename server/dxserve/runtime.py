@@ -54,6 +54,10 @@ class ModelVersion:
     model_card: str = ""  # Markdown
     model_card_json: str = ""
     extra: dict = field(default_factory=dict, compare=False)  # plugin-specific (thresholds, ...)
+    #: SHA-256 of the same model in the version's other served forms (e.g. its TensorFlow file
+    #: beside the LiteRT export served now): a site version made while another form was served
+    #: still names this version as its parent (`sites.py`).
+    same_model_sha256: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

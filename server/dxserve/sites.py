@@ -123,7 +123,7 @@ def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVe
         versions.append(version)
         if parent is None:
             refused[name] = f"its parent version {site['parent']['version']!r} is not listed by the plugin"
-        elif parent.weights_sha256 != site["parent"]["weights_sha256"]:
+        elif site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
             refused[name] = (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
                              f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
         elif missed := unmet(site["report"], criteria_for(site["site"], acceptance), site.get("kind", "classifier")):

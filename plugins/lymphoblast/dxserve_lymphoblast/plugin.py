@@ -60,6 +60,7 @@ def shipped_versions(models_dir: Path = MODELS_DIR, runtime: str | None = None) 
         card = json.loads(card_json)
         markdown = folder / CARD_MARKDOWN
         served = card["litert"] if runtime == "litert" and "litert" in card else card["weights"]
+        forms = [card["weights"]] + ([card["litert"]] if "litert" in card else [])
         versions.append(ModelVersion(
             version=card["version"],
             weights=(folder / served.get("file", WEIGHTS_FILE)).resolve(),
@@ -67,6 +68,7 @@ def shipped_versions(models_dir: Path = MODELS_DIR, runtime: str | None = None) 
             model_card=markdown.read_text() if markdown.exists() else "",
             model_card_json=card_json,
             extra={"card": card, "folder": folder, "runtime": "litert" if served is card.get("litert") else "tensorflow"},
+            same_model_sha256=tuple(form["sha256"] for form in forms if form is not served),  # a site made on either runtime
         ))
     return versions
 

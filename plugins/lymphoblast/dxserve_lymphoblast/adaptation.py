@@ -217,7 +217,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     site = served_inputs(runtime, list(unlabelled)) if len(unlabelled) else None
     parts = [seen] + ([site] if site is not None else [])
 
-    # 0: the site's batch-norm statistics; every CNN feature below is the site graph's.
+    # 0: the site's batch-norm statistics and its graph; every cell's CNN features both ways.
     graph, graph_entry = site_graph(runtime, np.concatenate([part["records"] for part in parts]))
     from .litert import LiteRTModel
 
@@ -228,7 +228,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     every = {k: np.concatenate([part[k] for part in parts]) for k in ("features", "parent_features", "log_diameter", "colours")}
     stats = [measured for part in parts for measured in part["stats"]]
 
-    # 1-2: the gate's colour model and the out-of-distribution reference, on every site cell.
+    # 1: the gate's colour model, on every site cell.
     parent_gate = runtime.version.extra["card"]["quality_gate"]
     colours = every["colours"][~np.isnan(every["colours"]).any(axis=1)]
     refitted = fit_gate(stats, colours)

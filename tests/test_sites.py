@@ -200,6 +200,21 @@ def test_a_site_calibration_never_flips_the_head():
     assert a > 0.5  # a head that ranks the right way keeps its slope
 
 
+def test_a_site_calibration_softens_what_overstates_across_groups_and_never_sharpens():
+    """adaptation.soften: logits twice as sharp as the truth get a slope near 1/2; logits already
+    calibrated, or too soft, are left alone (no map sharpens)."""
+    from dxserve_lymphoblast.adaptation import soften
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-truth))).astype(int)
+    c, d = soften(2 * truth, y)  # overstated
+    assert 0.4 < c < 0.6 and abs(d) < 0.2
+    assert soften(0.5 * truth, y) == (1.0, 0.0)  # understated: never sharpened
+    c, _ = soften(truth, y)  # calibrated: a slope near 1, if any
+    assert c > 0.9
+
+
 def test_an_undefined_figure_never_meets_a_criterion():
     """NaN compares False with every bar, so an AUROC a report could not compute passed
     `auroc >= 0.8`; it is now a miss, and written as null."""

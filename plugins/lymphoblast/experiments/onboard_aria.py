@@ -85,6 +85,7 @@ def main() -> None:
     from dxserve import sites
     from dxserve.config import Settings
     from dxserve.onboarding import onboard
+    from dxserve_lymphoblast.calibration import expected_calibration_error
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
 
     site_detector, detector_report = (field_site_version(args.shared / "data" / "aria-taleqani", args.block)
@@ -135,6 +136,8 @@ def main() -> None:
                               "confidently_wrong": float(wrong.mean()),
                               "confidently_wrong_and_answered": float((wrong & answered).mean()),
                               "auroc_answered": aria.auroc(y[held][answered], p[answered]),
+                              "ece": expected_calibration_error(p, y[held]),
+                              "ece_answered": expected_calibration_error(p[answered], y[held][answered]),
                               "answered (no issue)": float(np.mean([not i for i in issues])),
                               "pbc_called_lymphoblast": float(np.mean([q >= 0.5 and not i for q, i in zip(p_pbc, pbc_issues)])),
                               "pbc_answered": float(np.mean([not i for i in pbc_issues]))}}

@@ -24,16 +24,15 @@ parent's (a site version is served only while its parent is unchanged, checked b
    (`soften`), never sharpens.
 
 The validation report is grouped cross-validation on the labelled cells (every group, a patient
-or a block of images, on one side only), each figure beside the parent unadapted, size alone,
-colour alone (the mean colour of the cell as the model sees it) and background alone (the colour of
-the image's outer ring: the slide, for crops taken with it) and the three classifiers it chose
-from, in the same splits (the site version's figure is the best of three, so slightly flattered:
-shadow it on other patients before promoting it), with 95 %
-bootstrap intervals over groups, per-fold and per-group spread, and a learning curve: the pooled
-out-of-fold AUROC of site heads (site statistics) fitted on 10 / 25 / 50 / 100 of each training
-fold's cells (pooled, as
-the site version's own figure is: a fold of one class, as when every patient has one, has no
-AUROC of its own).
+or a block of images, on one side only), each figure beside, in the same splits: the parent
+unadapted, size alone, colour alone (the mean colour of the cell as the model sees it),
+background alone (the colour of the image's outer ring: the slide, for crops taken with it) and
+the three classifiers it chose from (the site version's figure is the best of three, so slightly
+flattered: shadow it on other patients before promoting it). It gives 95 % bootstrap intervals
+over groups, per-fold and per-group spread, and a learning curve: the pooled out-of-fold AUROC
+of site heads (site statistics) fitted on 10 / 25 / 50 / 100 of each training fold's cells
+(pooled, as the site version's own figure is: a fold of one class, as when every patient has
+one, has no AUROC of its own).
 Every fitted step sees only the training folds' labelled cells (unlabelled cells are no labels).
 """
 

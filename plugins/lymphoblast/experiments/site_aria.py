@@ -174,18 +174,23 @@ def served(crops: list[np.ndarray], version: str = "2.1.0") -> dict[str, np.ndar
 def head_with_site_stats(version: str, features: np.ndarray, log_d: np.ndarray, site_mean, site_std) -> np.ndarray:
     """2.1.0's own head on features re-standardised to the developer set's statistics by the
     site's unlabelled cells (what re-estimating batch-norm statistics does for a frozen net)."""
-    import keras
-
-    from dxserve_lymphoblast.plugin import shipped_versions
-
-    keras_file = next(v for v in shipped_versions(runtime="tensorflow") if v.version == version).weights
-    model = keras.models.load_model(keras_file, compile=False)
-    head = model.get_layer("head")
+    head = keras_model(version).get_layer("head")
     scaling = [layer for layer in head.layers if "feature_scaling" in layer.name] or \
               [layer for sub in head.layers if hasattr(sub, "layers") for layer in sub.layers if "feature_scaling" in layer.name]
     dev_mean, dev_var = (np.asarray(scaling[0].mean).ravel(), np.asarray(scaling[0].variance).ravel())
     adjusted = (features - site_mean) / np.maximum(site_std, 1e-6) * np.sqrt(dev_var) + dev_mean
     return np.asarray(head({"features": adjusted.astype(np.float32), "log_diameter": log_d[:, None].astype(np.float32)})).ravel()
+
+
+def keras_model(version: str):
+    """The shipped version's Keras model (its TensorFlow form)."""
+    import keras
+
+    from dxserve_lymphoblast import model as _registers_custom_layers  # noqa: F401
+    from dxserve_lymphoblast.plugin import shipped_versions
+
+    return keras.models.load_model(next(v for v in shipped_versions(runtime="tensorflow") if v.version == version).weights,
+                                   compile=False)
 
 
 def blocks(rows: list[dict]) -> np.ndarray:

@@ -53,13 +53,11 @@ def features(function, cells: np.ndarray, batch: int = 32) -> np.ndarray:
 def main() -> None:
     args = aria.arguments(__doc__, "site_aria_adabn")
 
-    import keras
-
-    from dxserve_lymphoblast import model as _registers_custom_layers  # noqa: F401
     from dxserve_lymphoblast.adabn import adapted_backbones
     from dxserve_lymphoblast.export import single_view_function
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version
 
+    parent = aria.keras_model("2.1.0")
     stored = args.cache / "site_aria_adabn.npz"
     if (found := aria.cached(stored)) is not None:
         data, rows = found
@@ -71,8 +69,6 @@ def main() -> None:
         records = np.stack([runtime.prepare(c)[0] for c in crops])
         found = [r for r in rows if r["cell"] >= 0]
         block = aria.blocks(found)
-        card = runtime.version.extra["card"]
-        parent = keras.models.load_model(runtime.version.extra["folder"] / card["weights"]["file"], compile=False)
         data = {"log_diameter": records["log_diameter"].astype(np.float64), "background": np.array([r["background"] for r in found]),
                 "mean_rgb": data_colour(records["cell"], range(len(records)))}
         log(f"{len(records)} cells: ImageNet statistics")
@@ -92,7 +88,7 @@ def main() -> None:
     log(f"ImageNet-statistics features against the served graph's: max difference {check:.2e}")
     report = {"cells": len(found), "features_vs_served_max_abs": check}
 
-    head = unadapted_head()
+    head = unadapted_head(parent.get_layer("head"))
     report["unadapted AUROC (2.1.0's head)"] = {
         "imagenet statistics": aria.auroc(y, head(data["imagenet"], data["log_diameter"])),
         "adabn, per split (scored on the other blocks)": [
@@ -107,14 +103,9 @@ def main() -> None:
     log(f"wrote {args.out}")
 
 
-def unadapted_head():
-    """2.1.0's own MLP heads on per-view features (n, views, d) and log diameters, logits averaged over views as served."""
-    import keras
-
-    from dxserve_lymphoblast.plugin import shipped_versions
-
-    keras_file = next(v for v in shipped_versions(runtime="tensorflow") if v.version == "2.1.0").weights
-    head = keras.models.load_model(keras_file, compile=False).get_layer("head")
+def unadapted_head(head):
+    """2.1.0's own MLP heads (`head`, its Keras layer) on per-view features (n, views, d) and log
+    diameters, logits averaged over views as served."""
     return lambda f, d: np.mean([np.asarray(head({"features": f[:, k].astype(np.float32), "log_diameter": d[:, None].astype(np.float32)})).ravel()
                                  for k in range(f.shape[1])], axis=0)
 

@@ -45,9 +45,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or HERE.parent / ("site_cnmc_platform.json" if args.platform else "site_cnmc_adabn.json")
 
-    import keras
-
-    from dxserve_lymphoblast import model as _registers_custom_layers  # noqa: F401
     from dxserve_lymphoblast.adabn import adapted_backbones
     from dxserve_lymphoblast.adaptation import C
     from dxserve_lymphoblast.data import read_manifest
@@ -60,7 +57,7 @@ def main() -> None:
     runtime.load()
     card = runtime.version.extra["card"]
     scales = card["training"]["scales"]
-    parent = keras.models.load_model(runtime.version.extra["folder"] / card["weights"]["file"], compile=False)
+    parent = aria.keras_model("2.1.0")
     base = single_view_function(parent, scales)
     subjects = {label: sorted({r["subject"] for r in rows if r["label"] == label}) for label in ("all", "hem")}
     report = {"splits": []}

@@ -240,6 +240,12 @@ def test_workers_share_one_port_and_stop_together(tmp_path):
     with light_server(tmp_path, "--workers", "2", "--metrics-port", str(metrics_port)) as server:
         children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
         assert len(children) == 2
+        # The port answered once one worker was ready; the kernel spreads connections only over the
+        # workers listening, so wait for the second too (under a loaded CI run it came seconds later).
+        deadline = time.monotonic() + 60
+        while server.logs().count("ready on ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.logs().count("ready on ") == 2
         for _ in range(40):  # new connections: the kernel spreads them over the workers
             with Client(server.address) as client:
                 assert client.classify(np.zeros((8, 8, 3), np.uint8), plugin="brightness").ok

@@ -326,6 +326,141 @@ def test_an_altered_site_version_is_refused(onboarded, tmp_path):
         assert server.stop() == 0
 
 
+def write_other_patients(root: Path, orientations: int = 8) -> Path:
+    """root/labels.csv: the fixture cells under another stain cast than the onboarding's, so other
+    files, in groups onboarding never saw ("other-<cell>"), `orientations` of each."""
+    (root / "img").mkdir(parents=True)
+    with (root / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for path in CELLS:
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            for k in range(orientations):
+                name = f"img/{path.stem}-{k}.png"
+                cell = as_another_lab(rgb, k)
+                Image.fromarray(np.where(cell > 12, np.clip(cell.astype(int) - 6, 13, 255), 0).astype(np.uint8)).save(root / name)
+                out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", f"other-{path.stem}"])
+    return root / "labels.csv"
+
+
+def verify(sites_dir: Path, labels: Path, *extra: str) -> int:
+    return dxserve(["site", "verify", "--plugin", "lymphoblast", "--version", SITE_VERSION, "--labelled", str(labels),
+                    "--sites-dir", str(sites_dir), *extra])
+
+
+def test_verification_scores_a_site_version_on_other_patients_as_the_server_answers(onboarded, tmp_path, capsys):
+    """`dxserve site verify`: every image answered through the site version as the server loads and
+    runs it, and its parent beside it; the figures are those of the answers; kept in the site's
+    folder and its card."""
+    from sklearn.metrics import roc_auc_score
+
+    from dxserve import registry, sites
+    from dxserve.verification import CONFIDENT
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, shipped_versions
+
+    _, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    labels = write_other_patients(tmp_path / "other")
+    assert verify(copy, labels, "--config", str(relaxed(tmp_path))) == 0
+    assert "it meets the site's acceptance criteria on these images" in capsys.readouterr().out
+    folder = copy / "lymphoblast" / SITE_VERSION
+    done = json.loads((folder / "verifications" / "1.json").read_text())
+    rows = list(csv.DictReader(labels.open()))
+    assert done["images"] == 48 and done["groups"] == 6 and [r["path"] for r in done["rows"]] == [r["path"] for r in rows]
+    site = json.loads((folder / "site.json").read_text())
+    assert done["weights_sha256"] == site["weights"]["sha256"] and done["parent"] == site["parent"]
+    images = [np.asarray(Image.open(labels.parent / r["path"]).convert("RGB")) for r in rows]
+    y = np.array([r["label"] == "lymphoblast" for r in rows])
+    versions, _ = sites.site_versions(copy, "lymphoblast", shipped_versions(), {})
+    by_name = {v.version: v for v in versions} | {v.version: v for v in shipped_versions()}
+    for name, key in ((SITE_VERSION, "site version"), (DEFAULT_VERSION, "parent")):
+        runtime = registry.load_runtime(LymphoblastRuntime, by_name[name])
+        prepared = [runtime.prepare(image) for image in images]
+        prediction = runtime.predict_with_issues(np.stack([x for x, _ in prepared]))
+        p = prediction.probabilities[:, 0]
+        issues = [[q.code for q in gate] + [q.code for q in ood] for (_, gate), ood in zip(prepared, prediction.issues)]
+        figures = done["figures"][key]
+        expected_auroc = roc_auc_score(y, p) if np.ptp(p) > 0 else 0.5
+        assert figures["acceptance"]["auroc"] == pytest.approx(expected_auroc, abs=1e-6)
+        wrong = ((p >= CONFIDENT) & ~y) | ((p <= 1 - CONFIDENT) & y)
+        assert figures["acceptance"]["confidently_wrong"] == pytest.approx(wrong.mean())
+        assert figures["answered"] == pytest.approx(np.mean([not i and not runtime.decide(q).indeterminate
+                                                             for i, q in zip(issues, prediction.probabilities)]))
+        if key == "site version":
+            assert [r["issues"] for r in done["rows"]] == issues
+            assert [r["probabilities"]["lymphoblast"] for r in done["rows"]] == pytest.approx(p, abs=1e-6)
+            assert [r["decision"] == "indeterminate" for r in done["rows"]] == [bool(i) or runtime.decide(q).indeterminate
+                                                                               for i, q in zip(issues, prediction.probabilities)]
+    assert "## Verification 1: 48 labelled images of 6 groups" in (folder / "MODEL_CARD.md").read_text()
+
+
+def test_verification_figures_are_the_usual_ones():
+    """AUROC with ties as scikit-learn counts it; top-label ECE as the lymphoblast report computes it."""
+    from sklearn.metrics import roc_auc_score
+
+    from dxserve.verification import auroc, ece
+    from dxserve_lymphoblast.calibration import expected_calibration_error
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    p = np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, 300), 0, 1), 1)  # rounded: many ties
+    assert auroc(y == 1, p) == pytest.approx(roc_auc_score(y, p))
+    assert ece(np.stack([p, 1 - p], axis=1), 1 - y) == pytest.approx(expected_calibration_error(p, y))
+    assert np.isnan(auroc(np.ones(5, bool), np.arange(5.0)))
+
+
+def test_verification_refuses_images_or_patients_the_site_version_learnt_from(onboarded, tmp_path, capsys):
+    root, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    labels = write_other_patients(tmp_path / "other", orientations=1)
+    rows = labels.read_text().splitlines()
+    for name in ("labelled", "unlabelled"):
+        (tmp_path / "other" / name).symlink_to(root / name)
+    fitted = {"labelled": "labelled/UID_11_10_1_all-3.png,lymphoblast,other-x",
+              "unlabelled": "unlabelled/UID_11_10_1_all-1.jpg,lymphoblast,other-x",
+              "same patient": rows[1].rsplit(",", 1)[0] + ",UID_11_10_1_all"}
+    for case, row in fitted.items():
+        bad = tmp_path / "other" / f"{case}.csv"
+        bad.write_text("\n".join([*rows, row]) + "\n")
+        assert verify(copy, bad) == 2, case
+        err = capsys.readouterr().err
+        assert ("verify it on images it was never fitted on" if case != "same patient" else
+                "groups UID_11_10_1_all also gave") in err, (case, err)
+    assert dxserve(["site", "verify", "--version", DEFAULT_VERSION, "--labelled", str(labels), "--sites-dir", str(copy)]) == 2
+    assert f"'{DEFAULT_VERSION}' is not a site version of lymphoblast" in capsys.readouterr().err
+    assert not (copy / "lymphoblast" / SITE_VERSION / "verifications").exists()
+
+
+def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_criteria(onboarded, tmp_path):
+    """Required (`require_verification`): none, NOT_SERVED; one that misses a criterion (12 images
+    where 40 are wanted): NOT_SERVED, required or not; a later one that meets them: served."""
+    from dxserve import sites
+    from dxserve.config import load_settings
+    from dxserve_lymphoblast.plugin import shipped_versions
+
+    _, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    required = tmp_path / "required.toml"
+    required.write_text(relaxed(tmp_path).read_text() + "require_verification = true\n")
+
+    def refused(config: Path) -> str:
+        acceptance = load_settings(config).site_acceptance
+        return sites.site_versions(copy, "lymphoblast", shipped_versions(), acceptance)[1].get(SITE_VERSION, "")
+
+    assert "no verification on labelled images of other patients" in refused(required)
+    assert refused(relaxed(tmp_path)) == ""
+    assert verify(copy, write_other_patients(tmp_path / "few", orientations=2), "--config", str(required)) == 1
+    assert "verification 1: labelled 12 (needs >= 40)" in refused(required)
+    assert "verification 1: labelled 12 (needs >= 40)" in refused(relaxed(tmp_path))
+    assert verify(copy, write_other_patients(tmp_path / "enough"), "--config", str(required)) == 0
+    assert refused(required) == "" and refused(relaxed(tmp_path)) == ""
+    (copy / "lymphoblast" / SITE_VERSION / "verifications" / "2.json").write_text("{")
+    assert "verification 2: " in refused(relaxed(tmp_path)) and "unreadable" in refused(relaxed(tmp_path))
+
+
 def test_a_site_version_keeps_its_parent_when_the_parent_is_served_by_tensorflow(onboarded, monkeypatch):
     """Made while LiteRT served the parent; a GPU host that serves the same version's Keras file
     (DXSERVE_LYMPHOBLAST_RUNTIME=tensorflow) still knows it as that parent, and another file does not pass."""

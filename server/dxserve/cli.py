@@ -275,8 +275,9 @@ def plugin_command(args: argparse.Namespace) -> int:
 
 
 def site_command(args: argparse.Namespace) -> int:
-    """`dxserve site onboard` (make a site version), `list` (what sites_dir holds), `shadow-report`
-    (how a candidate in shadow agreed) and `promote` (make it the default)."""
+    """`dxserve site onboard` (make a site version), `list` (what sites_dir holds), `verify` (score it
+    on labelled images of other patients), `shadow-report` (how a candidate in shadow agreed) and
+    `promote` (make it the default)."""
     from . import sites
     from .onboarding import OnboardingError, onboard
 
@@ -286,7 +287,8 @@ def site_command(args: argparse.Namespace) -> int:
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
     needs = {"shadow-report": ("db", "--db (the audit_db setting)"),
-             "promote": ("version", "--version (the candidate to make the default)")}.get(args.action)
+             "promote": ("version", "--version (the candidate to make the default)"),
+             "verify": ("version", "--version (the site version to verify)")}.get(args.action)
     if needs and not getattr(args, needs[0]):
         print(f"dxserve: site {args.action} needs {needs[1]}", file=sys.stderr)
         return 2
@@ -294,10 +296,12 @@ def site_command(args: argparse.Namespace) -> int:
         return _shadow_report(args)
     if args.action == "promote":
         return _promote(args)
+    if args.action == "verify":
+        return _verify(args, settings)
     if args.action == "list":
         for folder in sites.site_folders(settings.sites_dir, args.plugin) if settings.sites_dir else []:
             site = json.loads((folder / sites.SITE_FILE).read_text())
-            missed = sites.unmet(site["report"], sites.criteria_for(site["site"], settings.site_acceptance))
+            missed = sites.refusals(site, folder, sites.criteria_for(site["site"], settings.site_acceptance))
             print(f"{site['version']}\t{site['made_at']}\t" + ("meets its acceptance criteria" if not missed else
                                                                 "NOT served: " + "; ".join(missed)))
         return 0
@@ -314,6 +318,34 @@ def site_command(args: argparse.Namespace) -> int:
         print("it is NOT served until the site's acceptance criteria are met: " + "; ".join(done.unmet))
         return 1
     print("it meets the site's acceptance criteria: a server with this sites_dir serves it (reload the plugin or restart)")
+    return 0
+
+
+def _verify(args: argparse.Namespace, settings) -> int:
+    """A site version scored on labelled images it was not fitted on (verification.py)."""
+    from .verification import VerificationError, verify
+
+    if not args.labelled:
+        print("dxserve: site verify needs --labelled (images of other patients than those it was fitted on)", file=sys.stderr)
+        return 2
+    try:
+        done = verify(settings, args.plugin, args.version, args.labelled)
+    except (VerificationError, OSError, ImportError) as error:
+        print(f"dxserve: {error}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps({k: v for k, v in done.verification.items() if k != "rows"}, indent=1))
+    else:
+        figures = done.verification["figures"]
+        for name in ("site version", "parent"):
+            print(f"{name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in figures[name]["acceptance"].items())
+                  + (f", answered {figures[name]['answered']:.3g}" if "answered" in figures[name] else ""))
+    print(f"wrote {done.path}")
+    if done.unmet:
+        print("it does NOT meet the site's acceptance criteria, and is not served: " + "; ".join(done.unmet))
+        return 1
+    print("it meets the site's acceptance criteria on these images")
     return 0
 
 
@@ -431,20 +463,21 @@ def main(argv: list[str] | None = None) -> int:
     plugin.set_defaults(run=plugin_command)
 
     site = sub.add_parser("site", help="site versions: adapt a version to another laboratory (onboard), list them, "
-                          "read how a candidate in shadow agrees (shadow-report), make it the default (promote)")
-    site.add_argument("action", choices=["onboard", "list", "shadow-report", "promote"])
+                          "score one on labelled images of other patients (verify), read how a candidate in shadow "
+                          "agrees (shadow-report), make it the default (promote)")
+    site.add_argument("action", choices=["onboard", "list", "verify", "shadow-report", "promote"])
     site.add_argument("--plugin", default="lymphoblast")
     site.add_argument("--base", default="", help="onboard: the version to adapt (default: the plugin's default)")
     site.add_argument("--site", help="onboard: the laboratory's short name, e.g. taleqani")
-    site.add_argument("--labelled", type=Path, help="onboard: CSV of path,label,group (the group: patient, or block)")
+    site.add_argument("--labelled", type=Path, help="onboard, verify: CSV of path,label,group (the group: patient, or block)")
     site.add_argument("--unlabelled", type=Path, help="onboard: folder of the site's unlabelled images")
     site.add_argument("--sites-dir", type=Path, help="where site versions live (default: the sites_dir setting)")
     site.add_argument("--config", type=Path, help="TOML settings file (sites_dir, site_acceptance)")
     site.add_argument("--db", help="shadow-report: the audit trail (a SQLite file or a postgresql:// URL)")
-    site.add_argument("--format", choices=["text", "json"], default="text", help="shadow-report's output")
+    site.add_argument("--format", choices=["text", "json"], default="text", help="shadow-report's and verify's output")
     site.add_argument("--server", default="127.0.0.1:50051", help="promote: the server (plaintext; an admin's --token)")
     site.add_argument("--token", default=os.environ.get("DXSERVE_TOKEN", ""), help="promote: an admin's bearer token")
-    site.add_argument("--version", default="", help="promote: the version to make the plugin's default")
+    site.add_argument("--version", default="", help="promote: the version to make the plugin's default; verify: the site version")
     site.set_defaults(run=site_command)
 
     weights = sub.add_parser("weights-sha256", help="print the SHA-256 of weights files, as ModelVersion.weights_sha256 wants it")

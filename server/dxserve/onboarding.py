@@ -101,8 +101,8 @@ def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv:
         kind = "field" if entry.runtime_class.info.objects_plugin else "classifier"
         record = sites.record(folder, plugin=plugin, site=site, version=version, parent=parent, weights=adaptation.weights,
                               report=adaptation.report, card=adaptation.card, labelled=labelled_files,
-                              unlabelled=unlabelled_files, criteria=criteria, kind=kind)
+                              unlabelled=unlabelled_files, criteria=criteria, kind=kind, groups=(x.group for x in labelled))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return Onboarded(version, folder, record, sites.unmet(adaptation.report, criteria, kind))
+    return Onboarded(version, folder, record, sites.refusals(record, folder, criteria))

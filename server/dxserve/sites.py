@@ -6,16 +6,20 @@ stored outside the installed package, in the `sites_dir` setting:
 
     <sites_dir>/<plugin>/<parent>+<site>.<n>/
         site.json        what it is: site, parent version and the parent's weights SHA-256, its own
-                         weights and their SHA-256, the SHA-256 of every file it was fitted on,
-                         the validation report, when and by which command it was made
+                         weights and their SHA-256, the SHA-256 of every file it was fitted on and
+                         the groups (patients) they came from, the validation report, when and by
+                         which command it was made
         <weights>        written by the plugin's `adapt`
         MODEL_CARD.md    the card people read (model_card_json: site.json itself)
+        verifications/   `dxserve site verify`: the site version scored on labelled images of other
+                         patients it was never fitted on, one numbered JSON file per run
 
 The server lists it beside the plugin's own versions, `2.1.0+taleqani.1`, and serves it only
 while (1) its parent version is listed with the weights hash it was made from, (2) its weights
 match their hash, and (3) its validation report meets the acceptance criteria the operator
-declares for the site (`site_acceptance`); otherwise it is NOT_SERVED with the reason, as a
-version without safety checks is. It is never a plugin's default: a caller names it (or is
+declares for the site (`site_acceptance`), and so does its latest verification, if it has one
+(it must have one where the site's criteria say `require_verification`); otherwise it is
+NOT_SERVED with the reason, as a version without safety checks is. It is never a plugin's default: a caller names it (or is
 bound to it by its key).
 """
 
@@ -36,6 +40,7 @@ from .runtime import ModelVersion, sha256_of
 
 SITE_FILE = "site.json"
 CARD_FILE = "MODEL_CARD.md"
+VERIFICATIONS = "verifications"
 SITE_NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
 
 
@@ -55,16 +60,21 @@ class SiteAcceptance(BaseModel):
                                                 "were stained or imaged apart is otherwise learned by its slides, not its cells")
     min_fields_with_objects: float = Field(0.95, ge=0, le=1, description="field plugins (a detector's site version): "
                                            "share of the labelled fields, each showing an object, in which one is found")
+    require_verification: bool = Field(False, description="serve a site version only once `dxserve site verify` has "
+                                       "scored it on labelled images of other patients and that verification met these "
+                                       "criteria too (a verification that misses them refuses it whether required or not)")
 
 
 def criteria_for(site: str, acceptance: dict[str, SiteAcceptance]) -> SiteAcceptance:
     return acceptance.get(site) or acceptance.get("*") or SiteAcceptance()
 
 
-def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier") -> list[str]:
+def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier", verified: bool = False) -> list[str]:
     """Each acceptance criterion the report's `acceptance` figures miss, in words (empty: all met).
     `kind`: "classifier", or "field" for a field plugin (a detector), whose report shows how often it
-    finds an object in fields that show one."""
+    finds an object in fields that show one. `verified`: `report` is a verification's, on images the
+    site version was not fitted on: every criterion but the margin over colour alone, which needs a
+    model of colour fitted on labelled images, and is the fitting's own check."""
     figures = report.get("acceptance", {})
     if kind == "field":
         checks = (("labelled", ">=", criteria.min_labelled), ("fields_with_objects", ">=", criteria.min_fields_with_objects))
@@ -72,6 +82,7 @@ def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier") -> l
         checks = (("labelled", ">=", criteria.min_labelled), ("sensitivity_at_screen", ">=", criteria.min_sensitivity_at_screen),
                   ("ece", "<=", criteria.max_ece), ("confidently_wrong", "<=", criteria.max_confidently_wrong),
                   ("auroc", ">=", criteria.min_auroc), ("margin_over_colour_alone", ">=", criteria.min_margin_over_colour_alone))
+        checks = checks[:-1] if verified else checks
     missed = []
     for name, op, bar in checks:
         value = figures.get(name)
@@ -79,6 +90,37 @@ def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier") -> l
             missed.append(f"{name} {'missing' if value is None else 'undefined'} (needs {op} {bar:g})")
         elif value < bar if op == ">=" else value > bar:
             missed.append(f"{name} {value:.3g} (needs {op} {bar:g})")
+    return missed
+
+
+def latest_verification(folder: Path) -> dict | None:
+    """The site version's last `dxserve site verify` (the highest number), or None before any.
+    One that cannot be read is returned as a verification that meets nothing."""
+    found = sorted((int(p.stem), p) for p in (folder / VERIFICATIONS).glob("*.json") if p.stem.isdigit())
+    if not found:
+        return None
+    number, path = found[-1]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return {"number": number, "unreadable": f"{path} is unreadable: {type(error).__name__}: {error}"}
+
+
+def refusals(site: dict, folder: Path, criteria: SiteAcceptance) -> list[str]:
+    """Why the site version's figures keep it from being served (empty: they do not): each criterion
+    its validation report misses, and each its latest verification misses, or the verification the
+    criteria require and it lacks."""
+    kind = site.get("kind", "classifier")
+    missed = unmet(site["report"], criteria, kind)
+    verification = latest_verification(folder)
+    if verification is None:
+        if criteria.require_verification:
+            missed.append("no verification on labelled images of other patients (`dxserve site verify`), which the site's "
+                          "criteria require")
+    elif "unreadable" in verification:
+        missed.append(f"verification {verification['number']}: {verification['unreadable']}")
+    else:
+        missed += [f"verification {verification['number']}: {m}" for m in unmet(verification, criteria, kind, verified=True)]
     return missed
 
 
@@ -126,7 +168,7 @@ def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVe
         elif site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
             refused[name] = (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
                              f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
-        elif missed := unmet(site["report"], criteria_for(site["site"], acceptance), site.get("kind", "classifier")):
+        elif missed := refusals(site, folder, criteria_for(site["site"], acceptance)):
             refused[name] = f"it does not meet the acceptance criteria declared for site {site['site']!r}: {'; '.join(missed)}"
     return versions, refused
 
@@ -140,9 +182,9 @@ def next_version(sites_dir: Path, plugin: str, parent: str, site: str) -> str:
     return f"{parent}+{site}.{n}"
 
 
-def describe(site: dict, criteria: SiteAcceptance) -> str:
+def describe(site: dict, criteria: SiteAcceptance, verification: dict | None = None) -> str:
     """The site version's Markdown card: what it is, what it was fitted on, its figures (`site`
-    as `record` writes it: `json_safe` already)."""
+    as `record` writes it: `json_safe` already), and its latest verification's."""
     report, missed = site["report"], unmet(site["report"], criteria, site.get("kind", "classifier"))
     lines = [f"# Site version {site['version']} ({site['plugin']})", "",
              f"- **Site:** {site['site']}",
@@ -154,6 +196,15 @@ def describe(site: dict, criteria: SiteAcceptance) -> str:
              f"- **Acceptance ({'met' if not missed else 'NOT met: ' + '; '.join(missed)}):** "
              + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.get("acceptance", {}).items()),
              "", "## Validation report", "", "```json", json.dumps(report, indent=1, allow_nan=False), "```", ""]
+    if verification is not None:
+        v_missed = unmet(verification, criteria, site.get("kind", "classifier"), verified=True)
+        lines += [f"## Verification {verification['number']}: {verification['images']} labelled images of "
+                  f"{verification['groups']} groups it was not fitted on", "",
+                  f"- **Verified:** {verification['verified_at']} by `{verification['command']}`",
+                  f"- **Acceptance ({'met' if not v_missed else 'NOT met: ' + '; '.join(v_missed)}):** "
+                  + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in verification["acceptance"].items()),
+                  "", "```json", json.dumps(verification["figures"], indent=1, allow_nan=False), "```", ""]
     return "\n".join(lines)
 
 
@@ -163,14 +214,15 @@ def hashed(paths: Iterable[Path], root: Path | None = None) -> dict[str, str]:
 
 def record(folder: Path, *, plugin: str, site: str, version: str, parent: ModelVersion, weights: str, report: dict,
            card: dict, labelled: dict[str, str], unlabelled: dict[str, str], criteria: SiteAcceptance,
-           kind: str = "classifier") -> dict:
-    """Write site.json and MODEL_CARD.md for an adaptation `adapt` wrote into `folder`."""
+           kind: str = "classifier", groups: Iterable[str] = ()) -> dict:
+    """Write site.json and MODEL_CARD.md for an adaptation `adapt` wrote into `folder`. `groups`: the
+    labelled images' groups (patients), which a verification must not share."""
     site = {"plugin": plugin, "kind": kind, "site": site, "version": version,
             "parent": {"version": parent.version, "weights_sha256": parent.weights_sha256},
             "weights": {"file": weights, "sha256": sha256_of(folder / weights)},
             "made_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "dxserve " + shlex.join(sys.argv[1:]),
-            "labelled": labelled, "unlabelled": unlabelled, "report": report, **card}
+            "labelled": labelled, "labelled_groups": sorted(set(groups)), "unlabelled": unlabelled, "report": report, **card}
     site = json_safe(site)
     (folder / SITE_FILE).write_text(json.dumps(site, indent=1, allow_nan=False) + "\n")
     (folder / CARD_FILE).write_text(describe(site, criteria))

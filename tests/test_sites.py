@@ -612,6 +612,25 @@ def test_a_field_site_version_finds_cells_at_the_labs_scale_behind_its_marks(tmp
 
     config = tmp_path / "dxserve.toml"
     config.write_text("[site_acceptance.lab]\nmin_labelled = 10\n")
+    assert dxserve(["site", "list", "--plugin", "smear-field", "--sites-dir", str(sites_dir), "--config", str(config)]) == 0
+    assert "1.0.0+lab.1\t" in (listed := capsys.readouterr().out) and "meets its acceptance criteria" in listed
+    # Verified on the same fields turned the four ways onboarding did not use, as other slides: found in each.
+    (tmp_path / "other").mkdir()
+    with (tmp_path / "other" / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for path in sorted((tmp_path / "fields").glob("*-0.png")):
+            for turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE):
+                name = f"{path.stem}-{turn.name}.png"
+                Image.open(path).transpose(turn).save(tmp_path / "other" / name)
+                out.writerow([name, "classified", f"other-{path.stem}"])
+    assert dxserve(["site", "verify", "--plugin", "smear-field", "--version", "1.0.0+lab.1", "--labelled",
+                    str(tmp_path / "other" / "labels.csv"), "--sites-dir", str(sites_dir), "--config", str(config)]) == 0
+    verified = json.loads((sites_dir / "smear-field" / "1.0.0+lab.1" / "verifications" / "1.json").read_text())
+    assert verified["acceptance"] == {"labelled": 12, "fields_with_objects": 1.0}
+    assert verified["figures"]["parent"]["acceptance"]["fields_with_objects"] == 0.0  # 1.0.0 cannot measure the scale
+    assert verified["figures"]["parent"]["issues"] == {"SCALE_UNKNOWN": 12}
+    capsys.readouterr()
     server = ServerProcess("--sites-dir", str(sites_dir), "--config", str(config), tmp=tmp_path)
     try:
         wait_serving(server.address, [None, "smear-field"])

@@ -433,6 +433,29 @@ def test_verification_refuses_images_or_patients_the_site_version_learnt_from(on
     assert not (copy / "lymphoblast" / SITE_VERSION / "verifications").exists()
 
 
+def test_a_verification_the_disk_cannot_hold_leaves_nothing_behind(onboarded, tmp_path, capsys, monkeypatch):
+    """A full disk while the verification is written: exit 2 saying so, and no verification file,
+    whole or partial, that could later be read as the latest."""
+    import errno
+
+    _, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    labels = write_other_patients(tmp_path / "other", orientations=1)
+    write_text = Path.write_text
+
+    def full(self, data, *args, **kwargs):
+        if self.suffix == ".partial":
+            write_text(self, data[:100], *args, **kwargs)  # the disk filled part-way through
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert verify(copy, labels) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list((copy / "lymphoblast" / SITE_VERSION / "verifications").iterdir()) == []
+
+
 def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_criteria(onboarded, tmp_path):
     """Required (`require_verification`): none, NOT_SERVED; one that misses a criterion (12 images
     where 40 are wanted): NOT_SERVED, required or not; a later one that meets them: served."""

@@ -98,7 +98,12 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
                  for x, row in zip(images, answers["site version"], strict=True)]})
     path = folder / sites.VERIFICATIONS / f"{number}.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(verification, indent=1, allow_nan=False) + "\n")
+    partial = path.with_suffix(".partial")  # renamed once whole: a full disk leaves no half-written verification
+    try:
+        partial.write_text(json.dumps(verification, indent=1, allow_nan=False) + "\n")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     criteria = sites.criteria_for(site["site"], settings.site_acceptance)
     (folder / sites.CARD_FILE).write_text(sites.describe(site, criteria, verification))
     return Verified(path, verification, sites.unmet(verification, criteria, kind, verified=True))
@@ -114,17 +119,18 @@ def answered(runtime: ModelRuntime, images: Sequence[LabelledImage], kind: str) 
             objects, issues = runtime.find_objects(x.image)
             rows.append({"objects": 0 if issues else len(objects), "issues": [q.code for q in issues]})
         return rows
-    prepared = [runtime.prepare(x.image) for x in images]
-    rows: list[dict] = [{} for _ in images]
-    for group in shape_groups([p for p, _ in prepared]):
-        for start in range(0, len(group), runtime.max_batch_size):
-            part = group[start:start + runtime.max_batch_size]
-            prediction = runtime.predict_with_issues(np.stack([prepared[i][0] for i in part]))
-            for i, p, model_issues in zip(part, np.asarray(prediction.probabilities, np.float64), prediction.issues, strict=True):
+    rows: list[dict] = []
+    for start in range(0, len(images), runtime.max_batch_size):  # a batch's inputs at a time: memory stays flat
+        prepared = [runtime.prepare(x.image) for x in images[start:start + runtime.max_batch_size]]
+        part: list[dict] = [{} for _ in prepared]
+        for group in shape_groups([inputs for inputs, _ in prepared]):
+            prediction = runtime.predict_with_issues(np.stack([prepared[i][0] for i in group]))
+            for i, p, model_issues in zip(group, np.asarray(prediction.probabilities, np.float64), prediction.issues, strict=True):
                 decision, issues = runtime.decide(p), [q.code for q in (*prepared[i][1], *model_issues)]
-                rows[i] = {"probabilities": dict(zip(runtime.info.labels, p.tolist(), strict=True)),
+                part[i] = {"probabilities": dict(zip(runtime.info.labels, p.tolist(), strict=True)),
                            "decision": INDETERMINATE if issues else decision.label,
                            "screen_positive": bool(decision.screen_positive), "issues": issues}
+        rows += part
     return rows
 
 

@@ -18,6 +18,8 @@ Research: nothing here is shipped; RESULTS.md says what it measured.
    baselines fitted on the same labelled cells; confidently wrong (P >= 0.9 for the wrong label),
    of all cells and of those answered without a gate or OOD issue (what a user is told);
    gate and OOD pass rates; PBC lymphocytes called lymphoblast by the site version and by 2.1.0.
+4. (`--verify`) The same held-out cells written as PNG with their labels.csv (groups as in 2) and
+   scored by `dxserve site verify`, the platform's own verification: its figures beside 3's.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--detector", choices=("profile", "site"), default="profile")
     parser.add_argument("--group-size", type=int, default=20,
                         help="field numbers a labels.csv group spans (neighbouring fields share a patient)")
+    parser.add_argument("--verify", action="store_true", help="also score the held-out cells with `dxserve site verify`")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.out = args.out or HERE.parent / ("onboard_aria.json" if args.detector == "profile" else "onboard_aria_site_detector.json")
@@ -125,6 +128,8 @@ def main() -> None:
             runtime.load()
             p, issues = served(runtime, [crops[i] for i in held])
             p_pbc, pbc_issues = served(runtime, pbc_crops)
+            verified = verify_held_out(settings, done, scratch / "held-out", crops, found, held, p, args.group_size) \
+                if args.verify else None
         colour = aria.logistic(data_colour(crops, picked), y[picked], data_colour(crops, held), 1.0)
         bg = aria.logistic(background[picked], y[picked], background[held], 1.0)
         per_block = {int(b): aria.auroc(y[held][block[held] == b], p[block[held] == b]) for b in np.unique(block[held])}
@@ -141,10 +146,39 @@ def main() -> None:
                               "answered (no issue)": float(np.mean([not i for i in issues])),
                               "pbc_called_lymphoblast": float(np.mean([q >= 0.5 and not i for q, i in zip(p_pbc, pbc_issues)])),
                               "pbc_answered": float(np.mean([not i for i in pbc_issues]))}}
+        if verified is not None:
+            entry["verification"] = verified
+            log(f"{n} labelled, `site verify`: {verified['figures']['site version']['acceptance']}, "
+                f"answered {verified['figures']['site version']['answered']:.3f}; unmet: {verified['unmet']}")
         report[f"{n} labelled"] = entry
         log(f"{n} labelled: {json.dumps(entry['held_out'])}; onboarding {seconds:.0f} s; unmet: {done.unmet}")
     args.out.write_text(json.dumps(report, indent=1, default=float))
     log(f"wrote {args.out}")
+
+
+def verify_held_out(settings, onboarded, folder: Path, crops, rows, held: np.ndarray, p: np.ndarray, group_size: int) -> dict:
+    """`dxserve site verify` on the held-out cells (written as PNG, labels.csv grouped as onboarding's),
+    less those of a group the labelled cells came from: a group of `group_size` field numbers can
+    straddle the onboarding block's edge, and `verify` refuses a group it was fitted on. Beside it,
+    this script's own AUROC (`served`, `p`) on the same cells."""
+    from dxserve.verification import verify
+
+    group = {i: f"{rows[i]['klass']}-{rows[i]['number'] // group_size}" for i in held}
+    kept = np.array([group[i] not in set(onboarded.site["labelled_groups"]) for i in held])
+    (folder / "cells").mkdir(parents=True)
+    with (folder / "labels.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "group"])
+        for i in held[kept]:
+            name = f"cells/{i:05d}.png"
+            Image.fromarray(crops[i]).save(folder / name)
+            out.writerow([name, "lymphoblast" if rows[i]["label"] == "blast" else "normal", group[i]])
+    started = time.time()
+    done = verify(settings, "lymphoblast", onboarded.version, folder / "labels.csv", log=log)
+    y = np.array([rows[i]["label"] == "blast" for i in held[kept]], int)
+    return {"seconds": round(time.time() - started, 1), "unmet": done.unmet, "left_out_cells": int((~kept).sum()),
+            "served_auroc_same_cells": aria.auroc(y, p[kept]),
+            **{k: v for k, v in done.verification.items() if k != "rows"}}
 
 
 def field_site_version(root: Path, block: int):

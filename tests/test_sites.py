@@ -456,7 +456,7 @@ def test_a_verification_the_disk_cannot_hold_leaves_nothing_behind(onboarded, tm
     assert list((copy / "lymphoblast" / SITE_VERSION / "verifications").iterdir()) == []
 
 
-def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_criteria(onboarded, tmp_path):
+def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_criteria(onboarded, tmp_path, capsys):
     """Required (`require_verification`): none, NOT_SERVED; one that misses a criterion (12 images
     where 40 are wanted): NOT_SERVED, required or not; a later one that meets them: served."""
     from dxserve import sites
@@ -475,11 +475,16 @@ def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_c
 
     assert "no verification on labelled images of other patients" in refused(required)
     assert refused(relaxed(tmp_path)) == ""
+    assert dxserve(["site", "list", "--sites-dir", str(copy), "--config", str(required)]) == 0
+    assert "\tnot verified\tNOT served: no verification" in capsys.readouterr().out
     assert verify(copy, write_other_patients(tmp_path / "few", orientations=2), "--config", str(required)) == 1
     assert "verification 1: labelled 12 (needs >= 40)" in refused(required)
     assert "verification 1: labelled 12 (needs >= 40)" in refused(relaxed(tmp_path))
     assert verify(copy, write_other_patients(tmp_path / "enough"), "--config", str(required)) == 0
     assert refused(required) == "" and refused(relaxed(tmp_path)) == ""
+    capsys.readouterr()
+    assert dxserve(["site", "list", "--sites-dir", str(copy), "--config", str(required)]) == 0
+    assert "\tverification 2: 48 images\tmeets its acceptance criteria" in capsys.readouterr().out
     (copy / "lymphoblast" / SITE_VERSION / "verifications" / "2.json").write_text("{")
     assert "verification 2: " in refused(relaxed(tmp_path)) and "unreadable" in refused(relaxed(tmp_path))
 

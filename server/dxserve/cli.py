@@ -302,8 +302,10 @@ def site_command(args: argparse.Namespace) -> int:
         for folder in sites.site_folders(settings.sites_dir, args.plugin) if settings.sites_dir else []:
             site = json.loads((folder / sites.SITE_FILE).read_text())
             missed = sites.refusals(site, folder, sites.criteria_for(site["site"], settings.site_acceptance))
-            print(f"{site['version']}\t{site['made_at']}\t" + ("meets its acceptance criteria" if not missed else
-                                                                "NOT served: " + "; ".join(missed)))
+            verified = sites.latest_verification(folder)
+            print(f"{site['version']}\t{site['made_at']}\t"
+                  + (f"verification {verified['number']}: {verified.get('images', '?')} images\t" if verified else "not verified\t")
+                  + ("meets its acceptance criteria" if not missed else "NOT served: " + "; ".join(missed)))
         return 0
     if not (args.site and args.labelled and args.unlabelled):
         print("dxserve: site onboard needs --site, --labelled and --unlabelled", file=sys.stderr)

@@ -430,7 +430,12 @@ def test_verification_refuses_images_or_patients_the_site_version_learnt_from(on
                 "groups UID_11_10_1_all also gave") in err, (case, err)
     assert dxserve(["site", "verify", "--version", DEFAULT_VERSION, "--labelled", str(labels), "--sites-dir", str(copy)]) == 2
     assert f"'{DEFAULT_VERSION}' is not a site version of lymphoblast" in capsys.readouterr().err
-    assert not (copy / "lymphoblast" / SITE_VERSION / "verifications").exists()
+    folder = copy / "lymphoblast" / SITE_VERSION
+    with (folder / json.loads((folder / "site.json").read_text())["weights"]["file"]).open("ab") as f:
+        f.write(b"\0")
+    assert verify(copy, labels) == 2
+    assert "refusing corrupt or altered weights" in capsys.readouterr().err
+    assert not (folder / "verifications").exists()
 
 
 def test_a_verification_the_disk_cannot_hold_leaves_nothing_behind(onboarded, tmp_path, capsys, monkeypatch):

@@ -73,6 +73,11 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
     site, folder, parent = site_version.extra["site"], site_version.extra["site_folder"], site_version.extra["parent"]
     if parent is None or site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
         raise VerificationError(f"site version {version}: {refused[version]}")
+    try:
+        for checked in (site_version, parent):
+            registry.verify_weights(checked)
+    except RuntimeError as error:  # altered weights: what the server would refuse to load
+        raise VerificationError(str(error)) from None
     images, files = read_labelled(labelled_csv, entry.runtime_class.info.labels)
     seen = set(site["labelled"].values()) | set(site["unlabelled"].values())
     if fitted := [path for path, digest in files.items() if digest in seen]:

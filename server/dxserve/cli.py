@@ -316,15 +316,19 @@ def site_command(args: argparse.Namespace) -> int:
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
     print(f"wrote {done.folder}: site version {done.version}")
-    if done.unmet:
-        print("it is NOT served until the site's acceptance criteria are met: " + "; ".join(done.unmet))
-        return 1
-    print("it meets the site's acceptance criteria: a server with this sites_dir serves it (reload the plugin or restart)")
-    return 0
+    return _judged(done.unmet, "it is NOT served until the site's acceptance criteria are met: ",
+                   "it meets the site's acceptance criteria: a server with this sites_dir serves it (reload the plugin or restart)")
+
+
+def _judged(unmet: list[str], not_met: str, met: str) -> int:
+    """Print what the site's acceptance criteria made of a site version: exit 1 when any is unmet, else 0."""
+    print(not_met + "; ".join(unmet) if unmet else met)
+    return 1 if unmet else 0
 
 
 def _verify(args: argparse.Namespace, settings) -> int:
     """A site version scored on labelled images it was not fitted on (verification.py)."""
+    from . import sites
     from .verification import VerificationError, verify
 
     if not args.labelled:
@@ -340,15 +344,11 @@ def _verify(args: argparse.Namespace, settings) -> int:
     else:
         figures = done.verification["figures"]
         for name in ("site version", "parent"):
-            print(f"{name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in figures[name]["acceptance"].items())
+            print(f"{name}: {sites.figures_text(figures[name]['acceptance'])}"
                   + (f", answered {figures[name]['answered']:.3g}" if "answered" in figures[name] else ""))
     print(f"wrote {done.path}")
-    if done.unmet:
-        print("it does NOT meet the site's acceptance criteria, and is not served: " + "; ".join(done.unmet))
-        return 1
-    print("it meets the site's acceptance criteria on these images")
-    return 0
+    return _judged(done.unmet, "it does NOT meet the site's acceptance criteria, and is not served: ",
+                   "it meets the site's acceptance criteria on these images")
 
 
 def _shadow_report(args: argparse.Namespace) -> int:

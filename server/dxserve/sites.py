@@ -194,7 +194,7 @@ def describe(site: dict, criteria: SiteAcceptance, verification: dict | None = N
              f"- **Fitted on:** {len(site['labelled'])} labelled and {len(site['unlabelled'])} unlabelled images "
              "(their SHA-256 in site.json)",
              f"- **Acceptance ({'met' if not missed else 'NOT met: ' + '; '.join(missed)}):** "
-             + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.get("acceptance", {}).items()),
+             + figures_text(report.get("acceptance", {})),
              "", "## Validation report", "", "```json", json.dumps(report, indent=1, allow_nan=False), "```", ""]
     if verification is not None:
         v_missed = unmet(verification, criteria, site.get("kind", "classifier"), verified=True)
@@ -202,10 +202,14 @@ def describe(site: dict, criteria: SiteAcceptance, verification: dict | None = N
                   f"{verification['groups']} groups it was not fitted on", "",
                   f"- **Verified:** {verification['verified_at']} by `{verification['command']}`",
                   f"- **Acceptance ({'met' if not v_missed else 'NOT met: ' + '; '.join(v_missed)}):** "
-                  + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in verification["acceptance"].items()),
+                  + figures_text(verification["acceptance"]),
                   "", "```json", json.dumps(verification["figures"], indent=1, allow_nan=False), "```", ""]
     return "\n".join(lines)
+
+
+def figures_text(figures: dict) -> str:
+    """"auroc 0.743, labelled 2480, ...": an acceptance block in words."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
 
 
 def hashed(paths: Iterable[Path], root: Path | None = None) -> dict[str, str]:

@@ -420,14 +420,17 @@ def test_verification_refuses_images_or_patients_the_site_version_learnt_from(on
         (tmp_path / "other" / name).symlink_to(root / name)
     fitted = {"labelled": "labelled/UID_11_10_1_all-3.png,lymphoblast,other-x",
               "unlabelled": "unlabelled/UID_11_10_1_all-1.jpg,lymphoblast,other-x",
-              "same patient": rows[1].rsplit(",", 1)[0] + ",UID_11_10_1_all"}
+              "same patient": rows[1].rsplit(",", 1)[0] + ",UID_11_10_1_all",
+              "damaged image": "damaged.png,normal,other-y", "unknown label": rows[1].replace(",lymphoblast,", ",blast,")}
+    (tmp_path / "other" / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     for case, row in fitted.items():
         bad = tmp_path / "other" / f"{case}.csv"
         bad.write_text("\n".join([*rows, row]) + "\n")
         assert verify(copy, bad) == 2, case
         err = capsys.readouterr().err
-        assert ("verify it on images it was never fitted on" if case != "same patient" else
-                "groups UID_11_10_1_all also gave") in err, (case, err)
+        assert {"same patient": "groups UID_11_10_1_all also gave", "damaged image": "damaged.png: not a readable image",
+                "unknown label": "label 'blast' is not one of lymphoblast, normal"}.get(
+            case, "verify it on images it was never fitted on") in err, (case, err)
     assert dxserve(["site", "verify", "--version", DEFAULT_VERSION, "--labelled", str(labels), "--sites-dir", str(copy)]) == 2
     assert f"'{DEFAULT_VERSION}' is not a site version of lymphoblast" in capsys.readouterr().err
     folder = copy / "lymphoblast" / SITE_VERSION

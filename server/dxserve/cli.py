@@ -329,14 +329,15 @@ def _judged(unmet: list[str], not_met: str, met: str) -> int:
 def _verify(args: argparse.Namespace, settings) -> int:
     """A site version scored on labelled images it was not fitted on (verification.py)."""
     from . import sites
-    from .verification import VerificationError, verify
+    from .onboarding import OnboardingError
+    from .verification import verify
 
     if not args.labelled:
         print("dxserve: site verify needs --labelled (images of other patients than those it was fitted on)", file=sys.stderr)
         return 2
     try:
         done = verify(settings, args.plugin, args.version, args.labelled)
-    except (VerificationError, OSError, ImportError) as error:
+    except (OnboardingError, OSError, ImportError) as error:  # OnboardingError: its VerificationError too (labels, images)
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
     if args.format == "json":

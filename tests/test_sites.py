@@ -434,6 +434,15 @@ def test_verification_refuses_images_or_patients_the_site_version_learnt_from(on
     assert dxserve(["site", "verify", "--version", DEFAULT_VERSION, "--labelled", str(labels), "--sites-dir", str(copy)]) == 2
     assert f"'{DEFAULT_VERSION}' is not a site version of lymphoblast" in capsys.readouterr().err
     folder = copy / "lymphoblast" / SITE_VERSION
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime
+
+    def broken(self, batch):
+        raise MemoryError("the plugin ran out of memory")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(LymphoblastRuntime, "predict_with_issues", broken)
+        assert verify(copy, labels) == 2
+    assert f"lymphoblast {SITE_VERSION} failed while answering the images: MemoryError" in capsys.readouterr().err
     with (folder / json.loads((folder / "site.json").read_text())["weights"]["file"]).open("ab") as f:
         f.write(b"\0")
     assert verify(copy, labels) == 2

@@ -88,8 +88,13 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
                                 "other patients (or slides), whose images it has not learnt from")
     kind = site.get("kind", "classifier")
     log(f"{len(images)} images in {len({x.group for x in images})} groups; classifying them with {version} and {parent.version}")
-    answers = {name: answered(registry.load_runtime(entry.runtime_class, v), images, kind)
-               for name, v in (("site version", site_version), ("parent", parent))}
+    answers = {}
+    for name, v in (("site version", site_version), ("parent", parent)):
+        try:
+            answers[name] = answered(registry.load_runtime(entry.runtime_class, v), images, kind)
+        except Exception as error:  # noqa: BLE001 - the plugin's own failure, said as such; nothing is written
+            raise VerificationError(f"{plugin} {v.version} failed while answering the images: "
+                                    f"{type(error).__name__}: {error}") from error
     labels = entry.runtime_class.info.labels
     figures = {name: (field_figures if kind == "field" else classifier_figures)(rows, images, labels)
                for name, rows in answers.items()}

@@ -226,19 +226,32 @@ def learning_curve(data: dict, y: np.ndarray, block: np.ndarray, variant: str, l
     return curve(candidates, y, block, variant, log_fn)
 
 
+def near(rows: list[dict], block: np.ndarray, b: int, gap: int) -> np.ndarray:
+    """Cells outside block b whose field number lies within `gap` numbers of block b's own fields in
+    their class: neighbouring fields, likely of the same patients, across the block's edges."""
+    out = np.zeros(len(rows), bool)
+    for klass in {r["klass"] for r in rows}:
+        numbers = [r["number"] for r, k in zip(rows, block, strict=True) if r["klass"] == klass and k == b]
+        lo, hi = min(numbers), max(numbers)
+        out |= np.array([r["klass"] == klass and k != b and lo - gap <= r["number"] <= hi + gap
+                         for r, k in zip(rows, block, strict=True)])
+    return out
+
+
 def curve(candidates: dict[str, np.ndarray], y: np.ndarray, block: np.ndarray, label: str = "", log_fn=log,
-          wide: int = 10) -> dict:
+          wide: int = 10, left_out: dict[int, np.ndarray] | None = None) -> dict:
     """{"<n>|<name>": AUROC per split}: a logistic head on each candidate's features, fitted on n
-    labelled cells of block b (half per class, DRAWS draws) and scored on the other blocks;
-    C = 0.05 for more than `wide` features, else 1. A candidate may be {b: features} when each
-    split's features differ (adapted on block b's cells)."""
+    labelled cells of block b (half per class, DRAWS draws) and scored on the other blocks (less
+    `left_out[b]`, a mask of cells, where given); C = 0.05 for more than `wide` features, else 1.
+    A candidate may be {b: features} when each split's features differ (adapted on block b's cells)."""
     out = {}
     for n in SIZES:
         for name, each in candidates.items():
             per_split = []
             for b in range(BLOCKS):
                 x = each[b] if isinstance(each, dict) else each
-                train, test = np.flatnonzero(block == b), np.flatnonzero(block != b)
+                kept = ~left_out[b] if left_out else np.ones(len(block), bool)
+                train, test = np.flatnonzero(block == b), np.flatnonzero((block != b) & kept)
                 scores = []
                 for draw in range(DRAWS):
                     rng = np.random.default_rng(draw)
@@ -259,6 +272,8 @@ def arguments(doc: str, name: str) -> argparse.Namespace:
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dxserve-experiments")
     parser.add_argument("--out", type=Path, default=HERE.parent / f"{name}.json")
+    parser.add_argument("--gap", type=int, default=0, help="leave out of the scored cells those of fields within GAP "
+                        "numbers of the fitting block's fields in their class (`near`): neighbours across its edges")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     return args

@@ -95,10 +95,15 @@ def main() -> None:
             aria.auroc(y[block != b], head(data[f"adabn/{b}"], data["log_diameter"])[block != b]) for b in range(aria.BLOCKS)]}
     log(json.dumps(report))
     size = data["log_diameter"][:, None]
+    left_out = {b: aria.near(found, block, b, args.gap) for b in range(aria.BLOCKS)} if args.gap else None
+    if left_out:
+        report["gap"] = {"field_numbers": args.gap, "left_out_cells_per_split": [int(m.sum()) for m in left_out.values()]}
+        log(json.dumps(report["gap"]))
     report["curve"] = aria.curve({
         "head on ImageNet statistics": np.column_stack([data["imagenet"].mean(axis=1), size]),
         "head on AdaBN features": {b: np.column_stack([data[f"adabn/{b}"].mean(axis=1), size]) for b in range(aria.BLOCKS)},
-        "size alone": size, "cell colour alone": data["mean_rgb"], "background alone": data["background"]}, y, block, "", log)
+        "size alone": size, "cell colour alone": data["mean_rgb"], "background alone": data["background"]}, y, block, "", log,
+        left_out=left_out)
     args.out.write_text(json.dumps(report, indent=1))
     log(f"wrote {args.out}")
 

@@ -62,30 +62,10 @@ class Verified:
 
 
 def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, log=print) -> Verified:
-    entry = registry.discover(settings).get(plugin)
-    if entry is None or entry.runtime_class is None:
-        raise VerificationError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
-    found, refused = sites.site_versions(settings.sites_dir, plugin, entry.runtime_class.versions(), settings.site_acceptance)
-    site_version = next((v for v in found if v.version == version), None)
-    if site_version is None:
-        raise VerificationError(f"{version!r} is not a site version of {plugin} under {settings.sites_dir} "
-                                f"(has: {', '.join(v.version for v in found) or 'none'})")
+    entry, site_version = _site_version(settings, plugin, version)
     site, folder, parent = site_version.extra["site"], site_version.extra["site_folder"], site_version.extra["parent"]
-    if parent is None or site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
-        raise VerificationError(f"site version {version}: {refused[version]}")
-    try:
-        for checked in (site_version, parent):
-            registry.verify_weights(checked)
-    except RuntimeError as error:  # altered weights: what the server would refuse to load
-        raise VerificationError(str(error)) from None
     images, files = read_labelled(labelled_csv, entry.runtime_class.info.labels)
-    seen = set(site["labelled"].values()) | set(site["unlabelled"].values())
-    if fitted := [path for path, digest in files.items() if digest in seen]:
-        raise VerificationError(f"{len(fitted)} of these images were used to make {version} (e.g. {fitted[0]}): verify it "
-                                "on images it was never fitted on")
-    if shared := sorted({x.group for x in images} & set(site.get("labelled_groups", ()))):
-        raise VerificationError(f"groups {', '.join(shared[:5])} also gave {version} its labelled images: verify it on "
-                                "other patients (or slides), whose images it has not learnt from")
+    _refuse_what_it_learnt_from(site, images, files)
     kind = site.get("kind", "classifier")
     log(f"{len(images)} images in {len({x.group for x in images})} groups; classifying them with {version} and {parent.version}")
     answers = {}
@@ -98,25 +78,68 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
     labels = entry.runtime_class.info.labels
     figures = {name: (field_figures if kind == "field" else classifier_figures)(rows, images, labels)
                for name, rows in answers.items()}
-    number = 1 + max((int(p.stem) for p in (folder / sites.VERIFICATIONS).glob("*.json") if p.stem.isdigit()), default=0)
+    digests = {str(Path(path)): digest for path, digest in files.items()}
     verification = sites.json_safe({
-        "number": number, "version": version, "weights_sha256": site_version.weights_sha256,
-        "parent": site["parent"], "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "version": version, "weights_sha256": site_version.weights_sha256, "parent": site["parent"],
+        "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "dxserve " + shlex.join(sys.argv[1:]), "images": len(images), "groups": len({x.group for x in images}),
         "acceptance": figures["site version"]["acceptance"], "figures": figures,
-        "rows": [{"path": x.source, "sha256": files[x.source], "label": x.label, "group": x.group, **row}
+        "rows": [{"path": x.source, "sha256": digests.get(str(Path(x.source))), "label": x.label, "group": x.group, **row}
                  for x, row in zip(images, answers["site version"], strict=True)]})
-    path = folder / sites.VERIFICATIONS / f"{number}.json"
+    path = _write(folder, verification)
+    criteria = sites.criteria_for(site["site"], settings.site_acceptance)
+    (folder / sites.CARD_FILE).write_text(sites.describe(site, criteria, verification))
+    return Verified(path, verification, sites.unmet(verification, criteria, kind, verified=True))
+
+
+def _site_version(settings: Settings, plugin: str, version: str):
+    """The plugin's entry and the site version `version`, whose parent is listed unchanged and whose
+    weights and parent's weights match their hashes."""
+    entry = registry.discover(settings).get(plugin)
+    if entry is None or entry.runtime_class is None:
+        raise VerificationError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
+    found, refused = sites.site_versions(settings.sites_dir, plugin, entry.runtime_class.versions(), settings.site_acceptance)
+    site_version = next((v for v in found if v.version == version), None)
+    if site_version is None:
+        raise VerificationError(f"{version!r} is not a site version of {plugin} under {settings.sites_dir} "
+                                f"(has: {', '.join(v.version for v in found) or 'none'})")
+    site, parent = site_version.extra["site"], site_version.extra["parent"]
+    if parent is None or site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
+        raise VerificationError(f"site version {version}: {refused[version]}")
+    try:
+        for checked in (site_version, parent):
+            registry.verify_weights(checked)
+    except RuntimeError as error:  # altered weights: what the server would refuse to load
+        raise VerificationError(str(error)) from None
+    return entry, site_version
+
+
+def _refuse_what_it_learnt_from(site: dict, images: Sequence[LabelledImage], files: dict[str, str]) -> None:
+    """Refuse an image the site version was fitted on (the same bytes, labelled or not) or a group
+    (patient) its labelled images came from."""
+    seen = set(site["labelled"].values()) | set(site["unlabelled"].values())
+    if fitted := [path for path, digest in files.items() if digest in seen]:
+        raise VerificationError(f"{len(fitted)} of these images were used to make {site['version']} (e.g. {fitted[0]}): "
+                                "verify it on images it was never fitted on")
+    if shared := sorted({x.group for x in images} & set(site.get("labelled_groups", ()))):
+        raise VerificationError(f"groups {', '.join(shared[:5])} also gave {site['version']} its labelled images: verify "
+                                "it on other patients (or slides), whose images it has not learnt from")
+
+
+def _write(folder: Path, verification: dict) -> Path:
+    """verifications/<next number>.json, whole or not at all (a full disk leaves no half-written
+    verification that a later read would take for the latest); `verification` gains its number."""
+    found = [int(p.stem) for p in (folder / sites.VERIFICATIONS).glob("*.json") if p.stem.isdigit()]
+    verification["number"] = 1 + max(found, default=0)
+    path = folder / sites.VERIFICATIONS / f"{verification['number']}.json"
     path.parent.mkdir(exist_ok=True)
-    partial = path.with_suffix(".partial")  # renamed once whole: a full disk leaves no half-written verification
+    partial = path.with_suffix(".partial")
     try:
         partial.write_text(json.dumps(verification, indent=1, allow_nan=False) + "\n")
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
-    criteria = sites.criteria_for(site["site"], settings.site_acceptance)
-    (folder / sites.CARD_FILE).write_text(sites.describe(site, criteria, verification))
-    return Verified(path, verification, sites.unmet(verification, criteria, kind, verified=True))
+    return path
 
 
 def answered(runtime: ModelRuntime, images: Sequence[LabelledImage], kind: str) -> list[dict]:

@@ -77,7 +77,7 @@ def test_loading_plugin_is_unavailable_then_serves():
 
     async def scenario():
         settings = Settings(ungated_versions_allowed=UNGATED, address=f"127.0.0.1:{free_port()}", plugins=["dxserve_testplugins.slow"], audit_db="",
-                            disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"])
+                            disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"], http_port=0)
         server = Server(settings)
         await server.start()
         try:
@@ -119,7 +119,7 @@ def test_an_unexpected_server_error_costs_one_stream_item(monkeypatch):
 
     async def scenario():
         settings = Settings(ungated_versions_allowed=UNGATED, address=f"127.0.0.1:{free_port()}", disabled_plugins=ONLY_TEST_PLUGINS + ["flaky", "broken_load", "broken_import"],
-                            audit_db="")
+                            audit_db="", http_port=0)  # no HTTP door: a server of the quick start may hold 8000
         server = Server(settings)
         await server.start()
         await server.wait_loaded()

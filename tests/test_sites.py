@@ -506,6 +506,40 @@ def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_c
     assert "verification 2: " in refused(relaxed(tmp_path)) and "unreadable" in refused(relaxed(tmp_path))
 
 
+def test_a_server_refuses_and_will_not_promote_a_site_version_whose_verification_failed(onboarded, tmp_path, capsys):
+    """Its report meets the (relaxed) criteria, its verification on other patients does not: listed
+    NOT_SERVED with the verification's figure, refused FAILED_PRECONDITION, and promote fails."""
+    _, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    config = relaxed(tmp_path)
+    assert verify(copy, write_other_patients(tmp_path / "few", orientations=2), "--config", str(config)) == 1
+    capsys.readouterr()
+    keys = tmp_path / "callers.json"
+    assert dxserve(["tokens", "add", "ops", "--admin", "--keys-file", str(keys)]) == 0
+    admin_token = capsys.readouterr().out.strip()
+    server = ServerProcess("--sites-dir", str(copy), "--config", str(config), "--auth-keys-file", str(keys), tmp=tmp_path,
+                           env={"DXSERVE_DISABLED_PLUGINS": "smear_field"})
+    try:
+        wait_serving(server.address, [None, "lymphoblast"])
+        with Client(server.address, token=admin_token) as client:
+            listed = {v.version: v for v in next(p for p in client.list_plugins() if p.name == "lymphoblast").model_versions}
+            assert listed[SITE_VERSION].state == pb.VERSION_STATE_NOT_SERVED
+            assert "verification 1: labelled 12 (needs >= 40)" in listed[SITE_VERSION].state_reason
+            assert "## Verification 1: 12 labelled images" in listed[SITE_VERSION].model_card
+            with pytest.raises(DxServeError) as refused:
+                client.classify(CELLS[0], model_version=SITE_VERSION)
+            assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SITE_NOT_ACCEPTED")
+        capsys.readouterr()
+        assert dxserve(["site", "promote", "--server", server.address, "--plugin", "lymphoblast", "--version", SITE_VERSION,
+                        "--token", admin_token]) == 1
+        assert "FAILED_PRECONDITION" in capsys.readouterr().err
+        with Client(server.address, token=admin_token) as client:
+            assert client.classify(CELLS[0]).model_version == DEFAULT_VERSION  # the default unchanged
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_site_version_keeps_its_parent_when_the_parent_is_served_by_tensorflow(onboarded, monkeypatch):
     """Made while LiteRT served the parent; a GPU host that serves the same version's Keras file
     (DXSERVE_LYMPHOBLAST_RUNTIME=tensorflow) still knows it as that parent, and another file does not pass."""

@@ -497,7 +497,12 @@ def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_c
     assert verify(copy, write_other_patients(tmp_path / "few", orientations=2), "--config", str(required)) == 1
     assert "verification 1: labelled 12 (needs >= 40)" in refused(required)
     assert "verification 1: labelled 12 (needs >= 40)" in refused(relaxed(tmp_path))
-    assert verify(copy, write_other_patients(tmp_path / "enough"), "--config", str(required)) == 0
+    capsys.readouterr()
+    assert verify(copy, write_other_patients(tmp_path / "enough"), "--config", str(required), "--format", "json") == 0
+    printed = capsys.readouterr()
+    verified = json.loads(printed.out)  # the JSON alone on standard output; what was written and the verdict on stderr
+    assert verified["number"] == 2 and verified["acceptance"]["labelled"] == 48 and "rows" not in verified
+    assert "verifications/2.json" in printed.err and "it meets the site's acceptance criteria" in printed.err
     assert refused(required) == "" and refused(relaxed(tmp_path)) == ""
     capsys.readouterr()
     assert dxserve(["site", "list", "--sites-dir", str(copy), "--config", str(required)]) == 0

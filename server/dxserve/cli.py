@@ -320,9 +320,9 @@ def site_command(args: argparse.Namespace) -> int:
                    "it meets the site's acceptance criteria: a server with this sites_dir serves it (reload the plugin or restart)")
 
 
-def _judged(unmet: list[str], not_met: str, met: str) -> int:
+def _judged(unmet: list[str], not_met: str, met: str, file=None) -> int:
     """Print what the site's acceptance criteria made of a site version: exit 1 when any is unmet, else 0."""
-    print(not_met + "; ".join(unmet) if unmet else met)
+    print(not_met + "; ".join(unmet) if unmet else met, file=file)
     return 1 if unmet else 0
 
 
@@ -335,8 +335,9 @@ def _verify(args: argparse.Namespace, settings) -> int:
     if not args.labelled:
         print("dxserve: site verify needs --labelled (images of other patients than those it was fitted on)", file=sys.stderr)
         return 2
+    said = sys.stderr if args.format == "json" else sys.stdout  # json: standard output holds the JSON alone
     try:
-        done = verify(settings, args.plugin, args.version, args.labelled)
+        done = verify(settings, args.plugin, args.version, args.labelled, log=lambda line: print(line, file=said))
     except (OnboardingError, OSError, ImportError) as error:  # OnboardingError: its VerificationError too (labels, images)
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
@@ -347,9 +348,9 @@ def _verify(args: argparse.Namespace, settings) -> int:
         for name in ("site version", "parent"):
             print(f"{name}: {sites.figures_text(figures[name]['acceptance'])}"
                   + (f", answered {figures[name]['answered']:.3g}" if "answered" in figures[name] else ""))
-    print(f"wrote {done.path}")
+    print(f"wrote {done.path}", file=said)
     return _judged(done.unmet, "it does NOT meet the site's acceptance criteria, and is not served: ",
-                   "it meets the site's acceptance criteria on these images")
+                   "it meets the site's acceptance criteria on these images", said)
 
 
 def _shadow_report(args: argparse.Namespace) -> int:

@@ -405,7 +405,6 @@ def test_idle_streams_give_their_places_up_when_the_server_is_full(tmp_path):
     goes to another caller."""
     import threading
 
-    from dxserve.v1 import diagnostics_pb2 as pb
     from dxserve.v1 import diagnostics_pb2_grpc as pb_grpc
 
     release, ended = threading.Event(), []

@@ -139,7 +139,7 @@ def infer_request(name: str, version: str, header: dict, binary: bytes) -> oip.M
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise invalid("each input is an object with a `name`, `shape` and `datatype`")
         shape = _shape(tensor, tensor["name"])
-        message = request.inputs.add(name=tensor["name"], datatype=str(tensor.get("datatype", "")), shape=shape)
+        request.inputs.add(name=tensor["name"], datatype=str(tensor.get("datatype", "")), shape=shape)
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):

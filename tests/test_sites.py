@@ -363,9 +363,12 @@ def test_verification_scores_a_site_version_on_other_patients_as_the_server_answ
     shutil.copytree(sites_dir, copy)
     labels = write_other_patients(tmp_path / "other")
     assert verify(copy, labels, "--config", str(relaxed(tmp_path))) == 0
-    assert "it meets the site's acceptance criteria on these images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "it meets the site's acceptance criteria on these images" in printed
     folder = copy / "lymphoblast" / SITE_VERSION
     done = json.loads((folder / "verifications" / "1.json").read_text())
+    report = json.loads((folder / "site.json").read_text())["report"]["acceptance"]
+    assert done["report_acceptance"] == report and f"its report (cross-validated on what it was fitted on): labelled 48," in printed
     rows = list(csv.DictReader(labels.open()))
     assert done["images"] == 48 and done["groups"] == 6 and [r["path"] for r in done["rows"]] == [r["path"] for r in rows]
     site = json.loads((folder / "site.json").read_text())

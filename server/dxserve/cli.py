@@ -345,6 +345,7 @@ def _verify(args: argparse.Namespace, settings) -> int:
         print(json.dumps({k: v for k, v in done.verification.items() if k != "rows"}, indent=1))
     else:
         figures = done.verification["figures"]
+        print(f"its report (cross-validated on what it was fitted on): {sites.figures_text(done.verification['report_acceptance'])}")
         for name in ("site version", "parent"):
             print(f"{name}: {sites.figures_text(figures[name]['acceptance'])}"
                   + (f", answered {figures[name]['answered']:.3g}" if "answered" in figures[name] else ""))

@@ -84,6 +84,7 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
         "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "dxserve " + shlex.join(sys.argv[1:]), "images": len(images), "groups": len({x.group for x in images}),
         "acceptance": figures["site version"]["acceptance"], "figures": figures,
+        "report_acceptance": site["report"].get("acceptance", {}),  # what its own cross-validation said, beside
         "rows": [{"path": x.source, "sha256": digests.get(str(Path(x.source))), "label": x.label, "group": x.group, **row}
                  for x, row in zip(images, answers["site version"], strict=True)]})
     path = _write(folder, verification)

@@ -260,6 +260,22 @@ def test_onboarding_refuses_what_it_cannot_use(onboarded, tmp_path, capsys):
     assert [p.name for p in (sites_dir / "lymphoblast").iterdir()] == [SITE_VERSION]  # nothing half-written
 
 
+def test_onboarding_reads_a_seeded_sample_of_a_large_unlabelled_folder(onboarded, tmp_path, capsys):
+    """A lab may point --unlabelled at thousands of cells: onboarding reads at most --max-unlabelled of
+    them (default 2000), the same ones on every run, in path order, and lists only those."""
+    from dxserve.onboarding import MAX_UNLABELLED, read_unlabelled
+
+    root, _, _ = onboarded
+    images, used, found = read_unlabelled(root / "unlabelled", set(), most=5)
+    assert found == 13 and len(images) == len(used) == 5 and list(used) == sorted(used)
+    assert read_unlabelled(root / "unlabelled", set(), most=5)[1] == used  # seeded
+    assert set(used) <= {p.name for p in (root / "unlabelled").iterdir()}
+    assert len(read_unlabelled(root / "unlabelled", set(), most=MAX_UNLABELLED)[1]) == 13 and MAX_UNLABELLED == 2000
+    assert dxserve(["site", "onboard", "--site", "lab", "--labelled", str(root / "labels.csv"), "--unlabelled",
+                    str(root / "unlabelled"), "--sites-dir", str(tmp_path), "--max-unlabelled", "0"]) == 2
+    assert "--max-unlabelled 0: at least 1" in capsys.readouterr().err
+
+
 def relaxed(tmp_path):
     """Acceptance criteria this tiny site meets (an operator's TOML)."""
     config = tmp_path / "dxserve.toml"

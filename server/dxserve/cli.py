@@ -279,7 +279,7 @@ def site_command(args: argparse.Namespace) -> int:
     on labelled images of other patients), `shadow-report` (how a candidate in shadow agreed) and
     `promote` (make it the default)."""
     from . import sites
-    from .onboarding import OnboardingError, onboard
+    from .onboarding import MAX_UNLABELLED, OnboardingError, onboard
 
     try:
         settings = load_settings(args.config, {"sites_dir": args.sites_dir})
@@ -311,7 +311,10 @@ def site_command(args: argparse.Namespace) -> int:
         print("dxserve: site onboard needs --site, --labelled and --unlabelled", file=sys.stderr)
         return 2
     try:
-        done = onboard(settings, args.plugin, args.base, args.site, args.labelled, args.unlabelled)
+        if args.max_unlabelled is not None and args.max_unlabelled < 1:
+            raise OnboardingError(f"--max-unlabelled {args.max_unlabelled}: at least 1")
+        done = onboard(settings, args.plugin, args.base, args.site, args.labelled, args.unlabelled,
+                       max_unlabelled=args.max_unlabelled or MAX_UNLABELLED)
     except (OnboardingError, OSError, ImportError) as error:  # ImportError: a plugin's training stack is not installed
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
@@ -476,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     site.add_argument("--site", help="onboard: the laboratory's short name, e.g. taleqani")
     site.add_argument("--labelled", type=Path, help="onboard, verify: CSV of path,label,group (the group: patient, or block)")
     site.add_argument("--unlabelled", type=Path, help="onboard: folder of the site's unlabelled images")
+    site.add_argument("--max-unlabelled", type=int, default=None, help="onboard: of a folder with more unlabelled "
+                      "images, use a seeded sample of this many (default 2000; site.json lists those used)")
     site.add_argument("--sites-dir", type=Path, help="where site versions live (default: the sites_dir setting)")
     site.add_argument("--config", type=Path, help="TOML settings file (sites_dir, site_acceptance)")
     site.add_argument("--db", help="shadow-report: the audit trail (a SQLite file or a postgresql:// URL)")

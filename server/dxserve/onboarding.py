@@ -7,7 +7,8 @@
 the plugin's labels) and `group` (the patient, or the block of images one came from: every
 split of the validation keeps a group whole). Unlabelled images are every PNG, JPEG, BMP or
 TIFF under the folder, less any file identical to a labelled one (the same bytes: a folder may
-hold both), so no image is learnt from or counted twice. Nothing is written unless the plugin's
+hold both), so no image is learnt from or counted twice; of a folder of more than
+`MAX_UNLABELLED` (`--max-unlabelled`), a seeded sample, and site.json lists those used. Nothing is written unless the plugin's
 adaptation completes; the folder of a failed one is removed.
 """
 
@@ -18,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from dxserve_client.client import image_files
 from PIL import Image
 
@@ -25,6 +27,12 @@ from . import registry, sites
 from .config import Settings
 from .images import to_rgb
 from .runtime import LabelledImage
+
+#: Unlabelled images an onboarding reads at most: a seeded sample of a larger folder. Enough for what
+#: they fit (colour model, out-of-distribution reference, batch-norm statistics), and it keeps an
+#: onboarding within minutes and its memory within a few GB whatever the folder holds.
+MAX_UNLABELLED = 2000
+
 
 class OnboardingError(ValueError):
     """What the operator asked for cannot be done (unknown plugin or version, bad labels file...)."""
@@ -54,13 +62,18 @@ def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[Labelle
     return images, sites.hashed(files, csv_path.parent)
 
 
-def read_unlabelled(folder: Path, labelled: set[str] = frozenset()) -> tuple[list, dict[str, str]]:
-    """The images under `folder` and {path: SHA-256} of their files, less those whose SHA-256 is in `labelled`."""
+def read_unlabelled(folder: Path, labelled: set[str] = frozenset(), most: int = MAX_UNLABELLED) -> tuple[list, dict[str, str], int]:
+    """The images under `folder` and {path: SHA-256} of their files, less those whose SHA-256 is in
+    `labelled`; of more than `most`, a seeded sample of `most` (in path order). And how many there were."""
     files = image_files([folder])  # the client's own rule for a folder of images
     if not files:
         raise OnboardingError(f"{folder}: no images (PNG, JPEG, BMP, TIFF) to learn the site's images from")
     kept = {path: digest for path, digest in sites.hashed(files, folder).items() if digest not in labelled}
-    return [decoded(folder / path) for path in kept], kept
+    found = len(kept)
+    if found > most:
+        chosen = set(np.random.default_rng(0).choice(found, most, replace=False).tolist())
+        kept = {path: digest for i, (path, digest) in enumerate(kept.items()) if i in chosen}
+    return [decoded(folder / path) for path in kept], kept, found
 
 
 def decoded(path: Path):
@@ -72,7 +85,7 @@ def decoded(path: Path):
 
 
 def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv: Path, unlabelled_dir: Path,
-            log=print) -> Onboarded:
+            log=print, max_unlabelled: int = MAX_UNLABELLED) -> Onboarded:
     if settings.sites_dir is None:
         raise OnboardingError("no sites_dir: say where site versions live (--sites-dir or the sites_dir setting)")
     if not sites.SITE_NAME.match(site):
@@ -88,9 +101,10 @@ def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv:
         raise OnboardingError(f"plugin {plugin!r} has no version {base!r} (has: {', '.join(versions)})")
     labels = entry.runtime_class.info.labels
     labelled, labelled_files = read_labelled(labelled_csv, labels)
-    unlabelled, unlabelled_files = read_unlabelled(unlabelled_dir, set(labelled_files.values()))
+    unlabelled, unlabelled_files, found = read_unlabelled(unlabelled_dir, set(labelled_files.values()), max_unlabelled)
     log(f"{len(labelled)} labelled images in {len({x.group for x in labelled})} groups, {len(unlabelled)} unlabelled "
-        f"(not counting those also labelled); loading {plugin} {parent.version}")
+        f"(not counting those also labelled{f'; a seeded sample of the {found} found' if found > len(unlabelled) else ''}); "
+        f"loading {plugin} {parent.version}")
     runtime = registry.load_runtime(entry.runtime_class, parent)
     version = sites.next_version(settings.sites_dir, plugin, parent.version, site)
     folder = settings.sites_dir / plugin / version

@@ -526,7 +526,10 @@ def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_c
     capsys.readouterr()
     assert dxserve(["site", "list", "--sites-dir", str(copy), "--config", str(required)]) == 0
     assert "\tverification 2: 48 images\tmeets its acceptance criteria" in capsys.readouterr().out
-    (copy / "lymphoblast" / SITE_VERSION / "verifications" / "2.json").write_text("{")
+    second = copy / "lymphoblast" / SITE_VERSION / "verifications" / "2.json"
+    second.write_text(json.dumps({**json.loads(second.read_text()), "weights_sha256": "0" * 64}))
+    assert "verification 2: made on other weights (000000000000...)" in refused(relaxed(tmp_path))
+    second.write_text("{")
     assert "verification 2: " in refused(relaxed(tmp_path)) and "unreadable" in refused(relaxed(tmp_path))
 
 

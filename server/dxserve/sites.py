@@ -19,8 +19,8 @@ while (1) its parent version is listed with the weights hash it was made from, (
 match their hash, and (3) its validation report meets the acceptance criteria the operator
 declares for the site (`site_acceptance`), and so does its latest verification, if it has one
 (it must have one where the site's criteria say `require_verification`); otherwise it is
-NOT_SERVED with the reason, as a version without safety checks is. It is never a plugin's default: a caller names it (or is
-bound to it by its key).
+NOT_SERVED with the reason, as a version without safety checks is. It is never a plugin's
+default: a caller names it (or is bound to it by its key).
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def refusals(site: dict, folder: Path, criteria: SiteAcceptance) -> list[str]:
                           "criteria require")
     elif "unreadable" in verification:
         missed.append(f"verification {verification['number']}: {verification['unreadable']}")
+    elif verification.get("weights_sha256") != site["weights"]["sha256"]:
+        missed.append(f"verification {verification['number']}: made on other weights "
+                      f"({str(verification.get('weights_sha256'))[:12]}...), not this site version's")
     else:
         missed += [f"verification {verification['number']}: {m}" for m in unmet(verification, criteria, kind, verified=True)]
     return missed

@@ -384,7 +384,7 @@ def test_verification_scores_a_site_version_on_other_patients_as_the_server_answ
     folder = copy / "lymphoblast" / SITE_VERSION
     done = json.loads((folder / "verifications" / "1.json").read_text())
     report = json.loads((folder / "site.json").read_text())["report"]["acceptance"]
-    assert done["report_acceptance"] == report and f"its report (cross-validated on what it was fitted on): labelled 48," in printed
+    assert done["report_acceptance"] == report and "its report (cross-validated on what it was fitted on): labelled 48," in printed
     rows = list(csv.DictReader(labels.open()))
     assert done["images"] == 48 and done["groups"] == 6 and [r["path"] for r in done["rows"]] == [r["path"] for r in rows]
     site = json.loads((folder / "site.json").read_text())

@@ -341,7 +341,7 @@ def _verify(args: argparse.Namespace, settings) -> int:
     said = sys.stderr if args.format == "json" else sys.stdout  # json: standard output holds the JSON alone
     try:
         done = verify(settings, args.plugin, args.version, args.labelled, log=lambda line: print(line, file=said))
-    except (OnboardingError, OSError, ImportError) as error:  # OnboardingError: its VerificationError too (labels, images)
+    except (OnboardingError, OSError, ImportError) as error:  # what cannot be verified, and why
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
     if args.format == "json":

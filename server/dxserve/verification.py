@@ -50,10 +50,6 @@ CONFIDENT = 0.9
 RESAMPLES = 1000
 
 
-class VerificationError(OnboardingError):
-    """The verification asked for cannot be done (not a site version, images it was fitted on...)."""
-
-
 @dataclass(frozen=True)
 class Verified:
     path: Path
@@ -73,7 +69,7 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
         try:
             answers[name] = answered(registry.load_runtime(entry.runtime_class, v), images, kind)
         except Exception as error:  # noqa: BLE001 - the plugin's own failure, said as such; nothing is written
-            raise VerificationError(f"{plugin} {v.version} failed while answering the images: "
+            raise OnboardingError(f"{plugin} {v.version} failed while answering the images: "
                                     f"{type(error).__name__}: {error}") from error
     labels = entry.runtime_class.info.labels
     figures = {name: (field_figures if kind == "field" else classifier_figures)(rows, images, labels)
@@ -98,20 +94,20 @@ def _site_version(settings: Settings, plugin: str, version: str):
     weights and parent's weights match their hashes."""
     entry = registry.discover(settings).get(plugin)
     if entry is None or entry.runtime_class is None:
-        raise VerificationError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
+        raise OnboardingError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
     found, refused = sites.site_versions(settings.sites_dir, plugin, entry.runtime_class.versions(), settings.site_acceptance)
     site_version = next((v for v in found if v.version == version), None)
     if site_version is None:
-        raise VerificationError(f"{version!r} is not a site version of {plugin} under {settings.sites_dir} "
+        raise OnboardingError(f"{version!r} is not a site version of {plugin} under {settings.sites_dir} "
                                 f"(has: {', '.join(v.version for v in found) or 'none'})")
     site, parent = site_version.extra["site"], site_version.extra["parent"]
     if parent is None or site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
-        raise VerificationError(f"site version {version}: {refused[version]}")
+        raise OnboardingError(f"site version {version}: {refused[version]}")
     try:
         for checked in (site_version, parent):
             registry.verify_weights(checked)
     except RuntimeError as error:  # altered weights: what the server would refuse to load
-        raise VerificationError(str(error)) from None
+        raise OnboardingError(str(error)) from None
     return entry, site_version
 
 
@@ -120,10 +116,10 @@ def _refuse_what_it_learnt_from(site: dict, images: Sequence[LabelledImage], fil
     (patient) its labelled images came from."""
     seen = set(site["labelled"].values()) | set(site["unlabelled"].values())
     if fitted := [path for path, digest in files.items() if digest in seen]:
-        raise VerificationError(f"{len(fitted)} of these images were used to make {site['version']} (e.g. {fitted[0]}): "
+        raise OnboardingError(f"{len(fitted)} of these images were used to make {site['version']} (e.g. {fitted[0]}): "
                                 "verify it on images it was never fitted on")
     if shared := sorted({x.group for x in images} & set(site.get("labelled_groups", ()))):
-        raise VerificationError(f"groups {', '.join(shared[:5])} also gave {site['version']} its labelled images: verify "
+        raise OnboardingError(f"groups {', '.join(shared[:5])} also gave {site['version']} its labelled images: verify "
                                 "it on other patients (or slides), whose images it has not learnt from")
 
 

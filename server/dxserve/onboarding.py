@@ -46,9 +46,18 @@ class Onboarded:
     unmet: list[str]
 
 
-def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[LabelledImage], dict[str, str]]:
-    """The labelled images of `csv_path` and {path: SHA-256} of their files."""
-    images, files = [], []
+@dataclass(frozen=True)
+class LabelledFile:
+    """One row of a labels CSV, its image not yet decoded."""
+
+    path: Path  # the file
+    label: str
+    group: str
+    source: str  # the path as the CSV gives it
+
+
+def labelled_files(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[LabelledFile], dict[str, str]]:
+    """The rows of `csv_path`, checked, and {path: SHA-256} of their files."""
     with csv_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label", "group"} <= set(rows[0]):
@@ -56,10 +65,14 @@ def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[Labelle
     for number, row in enumerate(rows, start=2):
         if row["label"] not in labels:
             raise OnboardingError(f"{csv_path}, line {number}: label {row['label']!r} is not one of {', '.join(labels)}")
-        path = csv_path.parent / row["path"]
-        images.append(LabelledImage(decoded(path), row["label"], row["group"] or "?", row["path"]))
-        files.append(path)
-    return images, sites.hashed(files, csv_path.parent)
+    found = [LabelledFile(csv_path.parent / row["path"], row["label"], row["group"] or "?", row["path"]) for row in rows]
+    return found, sites.hashed([x.path for x in found], csv_path.parent)
+
+
+def read_labelled(csv_path: Path, labels: tuple[str, ...]) -> tuple[list[LabelledImage], dict[str, str]]:
+    """The labelled images of `csv_path`, decoded, and {path: SHA-256} of their files."""
+    found, hashes = labelled_files(csv_path, labels)
+    return [LabelledImage(decoded(x.path), x.label, x.group, x.source) for x in found], hashes
 
 
 def read_unlabelled(folder: Path, labelled: set[str] = frozenset(), most: int = MAX_UNLABELLED) -> tuple[list, dict[str, str], int]:

@@ -42,8 +42,8 @@ import numpy as np
 from . import registry, sites
 from .batcher import shape_groups
 from .config import Settings
-from .onboarding import OnboardingError, read_labelled
-from .runtime import INDETERMINATE, LabelledImage, ModelRuntime
+from .onboarding import LabelledFile, OnboardingError, decoded, labelled_files
+from .runtime import INDETERMINATE, ModelRuntime
 
 #: A call made with at least this probability for a wrong label is confidently wrong.
 CONFIDENT = 0.9
@@ -60,7 +60,7 @@ class Verified:
 def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, log=print) -> Verified:
     entry, site_version = _site_version(settings, plugin, version)
     site, folder, parent = site_version.extra["site"], site_version.extra["site_folder"], site_version.extra["parent"]
-    images, files = read_labelled(labelled_csv, entry.runtime_class.info.labels)
+    images, files = labelled_files(labelled_csv, entry.runtime_class.info.labels)  # decoded a batch at a time
     _refuse_what_it_learnt_from(site, images, files)
     kind = site.get("kind", "classifier")
     log(f"{len(images)} images in {len({x.group for x in images})} groups; classifying them with {version} and {parent.version}")
@@ -68,6 +68,8 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
     for name, v in (("site version", site_version), ("parent", parent)):
         try:
             answers[name] = answered(registry.load_runtime(entry.runtime_class, v), images, kind)
+        except OnboardingError:  # an image that cannot be read: named as such
+            raise
         except Exception as error:  # noqa: BLE001 - the plugin's own failure, said as such; nothing is written
             raise OnboardingError(f"{plugin} {v.version} failed while answering the images: "
                                     f"{type(error).__name__}: {error}") from error
@@ -111,7 +113,7 @@ def _site_version(settings: Settings, plugin: str, version: str):
     return entry, site_version
 
 
-def _refuse_what_it_learnt_from(site: dict, images: Sequence[LabelledImage], files: dict[str, str]) -> None:
+def _refuse_what_it_learnt_from(site: dict, images: Sequence[LabelledFile], files: dict[str, str]) -> None:
     """Refuse an image the site version was fitted on (the same bytes, labelled or not) or a group
     (patient) its labelled images came from."""
     seen = set(site["labelled"].values()) | set(site["unlabelled"].values())
@@ -139,19 +141,20 @@ def _write(folder: Path, verification: dict) -> Path:
     return path
 
 
-def answered(runtime: ModelRuntime, images: Sequence[LabelledImage], kind: str) -> list[dict]:
+def answered(runtime: ModelRuntime, images: Sequence[LabelledFile], kind: str) -> list[dict]:
     """Each image's answer as the server gives it: a classifier's probabilities, decision (an
     image with a gate or model issue: indeterminate), screening flag and issue codes; a field
-    plugin's objects found and field issue codes."""
+    plugin's objects found and field issue codes. The images are decoded (as the server decodes
+    a request) and prepared a batch at a time, so memory stays flat whatever their number."""
     if kind == "field":
         rows = []
         for x in images:
-            objects, issues = runtime.find_objects(x.image)
+            objects, issues = runtime.find_objects(decoded(x.path))
             rows.append({"objects": 0 if issues else len(objects), "issues": [q.code for q in issues]})
         return rows
     rows: list[dict] = []
-    for start in range(0, len(images), runtime.max_batch_size):  # a batch's inputs at a time: memory stays flat
-        prepared = [runtime.prepare(x.image) for x in images[start:start + runtime.max_batch_size]]
+    for start in range(0, len(images), runtime.max_batch_size):
+        prepared = [runtime.prepare(decoded(x.path)) for x in images[start:start + runtime.max_batch_size]]
         part: list[dict] = [{} for _ in prepared]
         for group in shape_groups([inputs for inputs, _ in prepared]):
             prediction = runtime.predict_with_issues(np.stack([prepared[i][0] for i in group]))
@@ -164,14 +167,14 @@ def answered(runtime: ModelRuntime, images: Sequence[LabelledImage], kind: str) 
     return rows
 
 
-def field_figures(rows: list[dict], images: Sequence[LabelledImage], labels: Sequence[str]) -> dict:
+def field_figures(rows: list[dict], images: Sequence[LabelledFile], labels: Sequence[str]) -> dict:
     with_objects = [r["objects"] > 0 for r in rows]
     return {"acceptance": {"labelled": len(rows), "fields_with_objects": float(np.mean(with_objects)) if rows else None},
             "objects_per_field": float(np.mean([r["objects"] for r in rows])) if rows else None,
             "issues": dict(sorted(Counter(c for r in rows for c in r["issues"]).items()))}
 
 
-def classifier_figures(rows: list[dict], images: Sequence[LabelledImage], labels: Sequence[str]) -> dict:
+def classifier_figures(rows: list[dict], images: Sequence[LabelledFile], labels: Sequence[str]) -> dict:
     """The acceptance figures and the rest, over all images (as the site's report computes them)
     and over those answered (no issue, not indeterminate: what a user is told)."""
     p = np.array([[r["probabilities"][label] for label in labels] for r in rows])

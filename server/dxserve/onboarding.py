@@ -8,8 +8,9 @@ the plugin's labels) and `group` (the patient, or the block of images one came f
 split of the validation keeps a group whole). Unlabelled images are every PNG, JPEG, BMP or
 TIFF under the folder, less any file identical to a labelled one (the same bytes: a folder may
 hold both), so no image is learnt from or counted twice; of a folder of more than
-`MAX_UNLABELLED` (`--max-unlabelled`), a seeded sample, and site.json lists those used. Nothing is written unless the plugin's
-adaptation completes; the folder of a failed one is removed.
+`MAX_UNLABELLED` (`--max-unlabelled`), a seeded sample, and site.json lists those used.
+Nothing is written unless the plugin's adaptation completes; the folder of a failed one is
+removed.
 """
 
 from __future__ import annotations

@@ -93,10 +93,15 @@ def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier", veri
     return missed
 
 
+def verification_files(folder: Path) -> list[tuple[int, Path]]:
+    """(number, path) of the site version's verifications (`dxserve site verify`), in number order."""
+    return sorted((int(p.stem), p) for p in (folder / VERIFICATIONS).glob("*.json") if p.stem.isdigit())
+
+
 def latest_verification(folder: Path) -> dict | None:
     """The site version's last `dxserve site verify` (the highest number), or None before any.
     One that cannot be read is returned as a verification that meets nothing."""
-    found = sorted((int(p.stem), p) for p in (folder / VERIFICATIONS).glob("*.json") if p.stem.isdigit())
+    found = verification_files(folder)
     if not found:
         return None
     number, path = found[-1]
@@ -166,14 +171,22 @@ def site_versions(sites_dir: Path | None, plugin: str, parents: Sequence[ModelVe
                                model_card=card.read_text() if card.is_file() else "", model_card_json=site_json,
                                extra={**(parent.extra if parent else {}), "site": site, "parent": parent, "site_folder": folder})
         versions.append(version)
-        if parent is None:
-            refused[name] = f"its parent version {site['parent']['version']!r} is not listed by the plugin"
-        elif site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
-            refused[name] = (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
-                             f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
+        if why := parent_changed(site, parent):
+            refused[name] = why
         elif missed := refusals(site, folder, criteria_for(site["site"], acceptance)):
             refused[name] = f"it does not meet the acceptance criteria declared for site {site['site']!r}: {'; '.join(missed)}"
     return versions, refused
+
+
+def parent_changed(site: dict, parent: ModelVersion | None) -> str | None:
+    """Why the site version's parent is no longer the one it was made from (`parent`: the plugin's
+    version of that name, None when not listed), or None while it is (either served form of it)."""
+    if parent is None:
+        return f"its parent version {site['parent']['version']!r} is not listed by the plugin"
+    if site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
+        return (f"it was made from {site['parent']['version']} with weights {site['parent']['weights_sha256'][:12]}..., "
+                f"which are now {parent.weights_sha256[:12]}...: onboard the site again")
+    return None
 
 
 def next_version(sites_dir: Path, plugin: str, parent: str, site: str) -> str:

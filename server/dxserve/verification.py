@@ -97,14 +97,14 @@ def _site_version(settings: Settings, plugin: str, version: str):
     entry = registry.discover(settings).get(plugin)
     if entry is None or entry.runtime_class is None:
         raise OnboardingError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
-    found, refused = sites.site_versions(settings.sites_dir, plugin, entry.runtime_class.versions(), settings.site_acceptance)
+    found, _ = sites.site_versions(settings.sites_dir, plugin, entry.runtime_class.versions(), settings.site_acceptance)
     site_version = next((v for v in found if v.version == version), None)
     if site_version is None:
         raise OnboardingError(f"{version!r} is not a site version of {plugin} under {settings.sites_dir} "
                                 f"(has: {', '.join(v.version for v in found) or 'none'})")
     site, parent = site_version.extra["site"], site_version.extra["parent"]
-    if parent is None or site["parent"]["weights_sha256"] not in (parent.weights_sha256, *parent.same_model_sha256):
-        raise OnboardingError(f"site version {version}: {refused[version]}")
+    if why := sites.parent_changed(site, parent):
+        raise OnboardingError(f"site version {version}: {why}")
     try:
         for checked in (site_version, parent):
             registry.verify_weights(checked)
@@ -128,8 +128,7 @@ def _refuse_what_it_learnt_from(site: dict, images: Sequence[LabelledFile], file
 def _write(folder: Path, verification: dict) -> Path:
     """verifications/<next number>.json, whole or not at all (a full disk leaves no half-written
     verification that a later read would take for the latest); `verification` gains its number."""
-    found = [int(p.stem) for p in (folder / sites.VERIFICATIONS).glob("*.json") if p.stem.isdigit()]
-    verification["number"] = 1 + max(found, default=0)
+    verification["number"] = 1 + max((number for number, _ in sites.verification_files(folder)), default=0)
     path = folder / sites.VERIFICATIONS / f"{verification['number']}.json"
     path.parent.mkdir(exist_ok=True)
     partial = path.with_suffix(".partial")

@@ -387,6 +387,9 @@ def test_verification_scores_a_site_version_on_other_patients_as_the_server_answ
     assert done["report_acceptance"] == report and "its report (cross-validated on what it was fitted on): labelled 48," in printed
     rows = list(csv.DictReader(labels.open()))
     assert done["images"] == 48 and done["groups"] == 6 and [r["path"] for r in done["rows"]] == [r["path"] for r in rows]
+    from dxserve.runtime import sha256_of
+
+    assert [r["sha256"] for r in done["rows"]] == [sha256_of(labels.parent / r["path"]) for r in rows]
     site = json.loads((folder / "site.json").read_text())
     assert done["weights_sha256"] == site["weights"]["sha256"] and done["parent"] == site["parent"]
     images = [np.asarray(Image.open(labels.parent / r["path"]).convert("RGB")) for r in rows]

@@ -72,18 +72,17 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
             raise
         except Exception as error:  # noqa: BLE001 - the plugin's own failure, said as such; nothing is written
             raise OnboardingError(f"{plugin} {v.version} failed while answering the images: "
-                                    f"{type(error).__name__}: {error}") from error
+                                  f"{type(error).__name__}: {error}") from error
     labels = entry.runtime_class.info.labels
     figures = {name: (field_figures if kind == "field" else classifier_figures)(rows, images, labels)
                for name, rows in answers.items()}
-    digests = {str(Path(path)): digest for path, digest in files.items()}
     verification = sites.json_safe({
         "version": version, "weights_sha256": site_version.weights_sha256, "parent": site["parent"],
         "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "dxserve " + shlex.join(sys.argv[1:]), "images": len(images), "groups": len({x.group for x in images}),
         "acceptance": figures["site version"]["acceptance"], "figures": figures,
         "report_acceptance": site["report"].get("acceptance", {}),  # what its own cross-validation said, beside
-        "rows": [{"path": x.source, "sha256": digests.get(str(Path(x.source))), "label": x.label, "group": x.group, **row}
+        "rows": [{"path": x.source, "sha256": files.get(str(Path(x.source))), "label": x.label, "group": x.group, **row}
                  for x, row in zip(images, answers["site version"], strict=True)]})
     path = _write(folder, verification)
     criteria = sites.criteria_for(site["site"], settings.site_acceptance)
@@ -101,7 +100,7 @@ def _site_version(settings: Settings, plugin: str, version: str):
     site_version = next((v for v in found if v.version == version), None)
     if site_version is None:
         raise OnboardingError(f"{version!r} is not a site version of {plugin} under {settings.sites_dir} "
-                                f"(has: {', '.join(v.version for v in found) or 'none'})")
+                              f"(has: {', '.join(v.version for v in found) or 'none'})")
     site, parent = site_version.extra["site"], site_version.extra["parent"]
     if why := sites.parent_changed(site, parent):
         raise OnboardingError(f"site version {version}: {why}")
@@ -119,10 +118,10 @@ def _refuse_what_it_learnt_from(site: dict, images: Sequence[LabelledFile], file
     seen = set(site["labelled"].values()) | set(site["unlabelled"].values())
     if fitted := [path for path, digest in files.items() if digest in seen]:
         raise OnboardingError(f"{len(fitted)} of these images were used to make {site['version']} (e.g. {fitted[0]}): "
-                                "verify it on images it was never fitted on")
+                              "verify it on images it was never fitted on")
     if shared := sorted({x.group for x in images} & set(site.get("labelled_groups", ()))):
         raise OnboardingError(f"groups {', '.join(shared[:5])} also gave {site['version']} its labelled images: verify "
-                                "it on other patients (or slides), whose images it has not learnt from")
+                              "it on other patients (or slides), whose images it has not learnt from")
 
 
 def _write(folder: Path, verification: dict) -> Path:

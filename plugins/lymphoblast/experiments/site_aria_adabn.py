@@ -22,19 +22,15 @@ scores the others), same draws and logistic heads as `site_aria.py`:
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
 import site_aria as aria
+from site_aria import log
 from onboard_aria import data_colour
 
 SCALES = (224, 128)
 VIEWS = 2
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def features(function, cells: np.ndarray, batch: int = 32) -> np.ndarray:

@@ -27,13 +27,10 @@ import numpy as np
 from PIL import Image
 
 import site_aria as aria
+from site_aria import log
 from site_aria_adabn import VIEWS, features
 
 HERE = Path(__file__).resolve()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def main() -> None:

@@ -497,7 +497,8 @@ def test_a_verification_the_disk_cannot_hold_leaves_nothing_behind(onboarded, tm
 
 def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_criteria(onboarded, tmp_path, capsys):
     """Required (`require_verification`): none, NOT_SERVED; one that misses a criterion (12 images
-    where 40 are wanted): NOT_SERVED, required or not; a later one that meets them: served."""
+    where 40 are wanted; then each label's images from 2 patients where 3 are wanted): NOT_SERVED,
+    required or not; a later one that meets them: served."""
     from dxserve import sites
     from dxserve.config import load_settings
     from dxserve_lymphoblast.plugin import shipped_versions
@@ -519,21 +520,31 @@ def test_a_site_version_is_served_only_while_its_latest_verification_meets_the_c
     assert verify(copy, write_other_patients(tmp_path / "few", orientations=2), "--config", str(required)) == 1
     assert "verification 1: labelled 12 (needs >= 40)" in refused(required)
     assert "verification 1: labelled 12 (needs >= 40)" in refused(relaxed(tmp_path))
+    # Enough images, from too few patients: each label's 24 cells from 2 groups where 3 are wanted.
+    two_patients = write_other_patients(tmp_path / "two")
+    header, *rows = list(csv.reader(two_patients.open()))
+    merged = {g: f"{label}-{i % 2}" for label in ("lymphoblast", "normal")
+              for i, g in enumerate(sorted({r[2] for r in rows if r[1] == label}))}
+    with two_patients.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *[[path, label, merged[group]] for path, label, group in rows]])
+    assert verify(copy, two_patients, "--config", str(required)) == 1
+    assert refused(required).endswith(": verification 2: groups_per_label 2 (needs >= 3)")  # that criterion alone
     capsys.readouterr()
     assert verify(copy, write_other_patients(tmp_path / "enough"), "--config", str(required), "--format", "json") == 0
     printed = capsys.readouterr()
     verified = json.loads(printed.out)  # the JSON alone on standard output; what was written and the verdict on stderr
-    assert verified["number"] == 2 and verified["acceptance"]["labelled"] == 48 and "rows" not in verified
-    assert "verifications/2.json" in printed.err and "it meets the site's acceptance criteria" in printed.err
+    assert verified["number"] == 3 and verified["acceptance"]["labelled"] == 48 and "rows" not in verified
+    assert verified["acceptance"]["groups_per_label"] == 3
+    assert "verifications/3.json" in printed.err and "it meets the site's acceptance criteria" in printed.err
     assert refused(required) == "" and refused(relaxed(tmp_path)) == ""
     capsys.readouterr()
     assert dxserve(["site", "list", "--sites-dir", str(copy), "--config", str(required)]) == 0
-    assert "\tverification 2: 48 images\tmeets its acceptance criteria" in capsys.readouterr().out
-    second = copy / "lymphoblast" / SITE_VERSION / "verifications" / "2.json"
-    second.write_text(json.dumps({**json.loads(second.read_text()), "weights_sha256": "0" * 64}))
-    assert "verification 2: made on other weights (000000000000...)" in refused(relaxed(tmp_path))
-    second.write_text("{")
-    assert "verification 2: " in refused(relaxed(tmp_path)) and "unreadable" in refused(relaxed(tmp_path))
+    assert "\tverification 3: 48 images\tmeets its acceptance criteria" in capsys.readouterr().out
+    third = copy / "lymphoblast" / SITE_VERSION / "verifications" / "3.json"
+    third.write_text(json.dumps({**json.loads(third.read_text()), "weights_sha256": "0" * 64}))
+    assert "verification 3: made on other weights (000000000000...)" in refused(relaxed(tmp_path))
+    third.write_text("{")
+    assert "verification 3: " in refused(relaxed(tmp_path)) and "unreadable" in refused(relaxed(tmp_path))
 
 
 def test_a_server_refuses_and_will_not_promote_a_site_version_whose_verification_failed(onboarded, tmp_path, capsys):

@@ -60,6 +60,9 @@ class SiteAcceptance(BaseModel):
                                                 "were stained or imaged apart is otherwise learned by its slides, not its cells")
     min_fields_with_objects: float = Field(0.95, ge=0, le=1, description="field plugins (a detector's site version): "
                                            "share of the labelled fields, each showing an object, in which one is found")
+    min_verified_groups_per_label: int = Field(3, ge=1, description="a verification's groups (patients) per label, at "
+                                               "least: each label's images from this many, since figures from fewer "
+                                               "patients say little about the next one")
     require_verification: bool = Field(False, description="serve a site version only once `dxserve site verify` has "
                                        "scored it on labelled images of other patients and that verification met these "
                                        "criteria too (a verification that misses them refuses it whether required or not)")
@@ -74,7 +77,8 @@ def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier", veri
     `kind`: "classifier", or "field" for a field plugin (a detector), whose report shows how often it
     finds an object in fields that show one. `verified`: `report` is a verification's, on images the
     site version was not fitted on: every criterion but the margin over colour alone, which needs a
-    model of colour fitted on labelled images, and is the fitting's own check."""
+    model of colour fitted on labelled images, and is the fitting's own check; and the groups
+    (patients) behind each label."""
     figures = report.get("acceptance", {})
     if kind == "field":
         checks = (("labelled", ">=", criteria.min_labelled), ("fields_with_objects", ">=", criteria.min_fields_with_objects))
@@ -82,7 +86,8 @@ def unmet(report: dict, criteria: SiteAcceptance, kind: str = "classifier", veri
         checks = (("labelled", ">=", criteria.min_labelled), ("sensitivity_at_screen", ">=", criteria.min_sensitivity_at_screen),
                   ("ece", "<=", criteria.max_ece), ("confidently_wrong", "<=", criteria.max_confidently_wrong),
                   ("auroc", ">=", criteria.min_auroc), ("margin_over_colour_alone", ">=", criteria.min_margin_over_colour_alone))
-        checks = checks[:-1] if verified else checks
+        if verified:
+            checks = (*checks[:-1], ("groups_per_label", ">=", criteria.min_verified_groups_per_label))
     missed = []
     for name, op, bar in checks:
         value = figures.get(name)

@@ -16,9 +16,10 @@ it uses it; this is that step, on the platform:
    unadapted, classifies the same images, for the figures beside.
 3. The figures the acceptance criteria read, on these images: `labelled`, `auroc` (of the
    plugin's first label, its positive one, against the rest), `sensitivity_at_screen` (the
-   positive images whose decision flags them for review), `ece` (top-label, 15 bins) and
-   `confidently_wrong` (P >= 0.9 for a wrong label), with 95 % bootstrap intervals over groups,
-   the share answered, and per group. A field plugin's: the share of the fields (each showing
+   positive images whose decision flags them for review), `ece` (top-label, 15 bins),
+   `confidently_wrong` (P >= 0.9 for a wrong label) and `groups_per_label` (the fewest groups
+   any label's images come from), with 95 % bootstrap intervals over groups, the share
+   answered, and per group. A field plugin's: the share of the fields (each showing
    an object) in which the site version finds one and makes no field issue.
 4. `<site folder>/verifications/<n>.json` keeps all of it, each image's SHA-256 and answer, and
    the card gains the verification. The latest verification counts for serving
@@ -187,7 +188,8 @@ def classifier_figures(rows: list[dict], images: Sequence[LabelledFile], labels:
     figures = {
         "acceptance": {"labelled": len(rows), "auroc": auroc(positive, p[:, 0]),
                        "sensitivity_at_screen": float(screened[positive].mean()) if positive.any() else float("nan"),
-                       "ece": ece(p, truth), "confidently_wrong": float(wrong.mean())},
+                       "ece": ece(p, truth), "confidently_wrong": float(wrong.mean()),
+                       "groups_per_label": min(len(set(groups[truth == k].tolist())) for k in range(len(labels)))},
         "auroc_interval": bootstrap(lambda i: auroc(positive[i], p[i, 0]), groups),
         "sensitivity_at_screen_interval": bootstrap(lambda i: float(screened[i][positive[i]].mean())
                                                     if positive[i].any() else float("nan"), groups),

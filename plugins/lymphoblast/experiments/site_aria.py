@@ -266,9 +266,12 @@ def curve(candidates: dict[str, np.ndarray], y: np.ndarray, block: np.ndarray, l
     return out
 
 
-def arguments(doc: str, name: str) -> argparse.Namespace:
-    """--shared, --cache and --out (experiments/<name>.json) of an Aria experiment, its cache folder made."""
+def arguments(doc: str, name: str, extra=None) -> argparse.Namespace:
+    """--shared, --cache and --out (experiments/<name>.json) of an Aria experiment, its cache folder
+    made; `extra(parser)` adds the experiment's own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dxserve-experiments")
     parser.add_argument("--out", type=Path, default=HERE.parent / f"{name}.json")

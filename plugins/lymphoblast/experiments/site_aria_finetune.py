@@ -1,0 +1,137 @@
+"""Issue 33: does fine-tuning the CNN on the site's labelled cells get past what a head on frozen
+features reaches (0.83-0.87 at 100 cells on Aria)? Research: nothing here is shipped; RESULTS.md
+says what it measured.
+
+    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4]
+
+Same cells (smear-field with the site profile, as `site_aria.py`), each as the served model sees
+it (`prepare`: the cell on black, 224 px), same splits (5 contiguous number blocks per class; fit
+on block b, score the others less the fields within --gap numbers of block b's) and the same
+labelled draws. For each split and size:
+- the ImageNet MobileNet (alpha 0.25) with the batch-norm statistics of block b's cells (AdaBN,
+  as `adapt` does), a logistic head on its pooled features: the frozen reference;
+- the same network fine-tuned end to end on the labelled cells (batch-norm statistics kept
+  frozen, the head started from the logistic one), the 8 orientations as augmentation, Adam at
+  --lr for --epochs (batches of 16); scored as the reference is, on 2 orientations averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import site_aria as aria  # noqa: E402
+from site_aria_box_adabn import imagenet_mobilenet, with_site_statistics  # noqa: E402
+
+SIZES = (25, 100)
+DRAWS = 2
+
+
+def served_cells(root: Path) -> tuple[np.ndarray, list[dict]]:
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version
+
+    crops, rows = aria.aria_cells(root)
+    runtime = LymphoblastRuntime(find_version("2.1.0"))
+    runtime.load()
+    return np.stack([runtime.prepare(c)[0]["cell"] for c in crops]), [r for r in rows if r["cell"] >= 0]
+
+
+def oriented(cells: np.ndarray, k: int) -> np.ndarray:
+    turned = np.rot90(cells, k % 4, axes=(1, 2))
+    return turned[:, :, ::-1] if k >= 4 else turned
+
+
+def pooled(net, cells: np.ndarray, views: int = 2, batch: int = 64) -> np.ndarray:
+    """(n, views, d) features, `net` applied to each orientation."""
+    import keras
+
+    return np.stack([np.concatenate([np.asarray(net(keras.applications.mobilenet.preprocess_input(
+        np.ascontiguousarray(oriented(cells[s:s + batch], k)).astype(np.float32)), training=False))
+        for s in range(0, len(cells), batch)]) for k in range(views)], axis=1)
+
+
+def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
+    """A copy of `net` (batch norm frozen) with a dense head started from `head` (a fitted
+    StandardScaler + LogisticRegression pipeline), trained end to end on `cells`."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras.models.clone_model(net)
+    backbone.set_weights(net.get_weights())
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False  # inference mode: the site's statistics stay
+    scaler, logistic = head.named_steps["standardscaler"], head.named_steps["logisticregression"]
+    w = logistic.coef_[0] / scaler.scale_
+    dense = keras.layers.Dense(1)
+    inputs = keras.Input((224, 224, 3))
+    logit = dense(keras.layers.Dropout(0.2)(backbone(inputs)))
+    model = keras.Model(inputs, logit)
+    dense.set_weights([w[:, None].astype(np.float32), np.array([logistic.intercept_[0] - (w * scaler.mean_).sum()], np.float32)])
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    rng = np.random.default_rng(seed)
+    x = keras.applications.mobilenet.preprocess_input(cells.astype(np.float32))
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for s in range(0, len(x), 16):
+            part = order[s:s + 16]
+            batch = np.stack([oriented(x[i:i + 1], int(rng.integers(8)))[0] for i in part])
+            model.train_on_batch(batch, y[part].astype(np.float32)[:, None])
+    return lambda c: np.mean([np.concatenate([np.asarray(model(keras.applications.mobilenet.preprocess_input(
+        np.ascontiguousarray(oriented(c[s:s + 64], k)).astype(np.float32)), training=False))[:, 0]
+        for s in range(0, len(c), 64)]) for k in range(2)], axis=0)
+
+
+def main() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def options(parser):
+        parser.add_argument("--epochs", type=int, default=40)
+        parser.add_argument("--lr", type=float, default=1e-4)
+
+    args = aria.arguments(__doc__, "site_aria_finetune", options)
+    stored = args.cache / "site_aria_finetune_cells.npz"
+    if (found := aria.cached(stored)) is not None:
+        cells, rows = found[0]["cells"], found[1]
+    else:
+        aria.log("Aria: finding cells (site profile), prepared as 2.1.0 serves them")
+        cells, rows = served_cells(args.shared / "data" / "aria-taleqani")
+        np.savez(stored, cells=cells, rows=np.array(json.dumps(rows)))
+    y, block = np.array([r["label"] == "blast" for r in rows], int), aria.blocks(rows)
+    base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5")
+    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "splits": []}
+    for b in range(aria.BLOCKS):
+        net = with_site_statistics(base, cells[block == b])
+        features = pooled(net, cells).mean(axis=1)
+        train = np.flatnonzero(block == b)
+        kept = ~aria.near(rows, block, b, args.gap) if args.gap else np.ones(len(rows), bool)
+        test = np.flatnonzero((block != b) & kept)
+        split = {"block": b, "scored": len(test)}
+        for n in SIZES:
+            frozen, tuned = [], []
+            for draw in range(DRAWS):
+                rng = np.random.default_rng(draw)
+                picked = np.concatenate([rng.choice(train[y[train] == k], n // 2, replace=False) for k in (0, 1)])
+                head = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(features[picked], y[picked])
+                frozen.append(aria.auroc(y[test], head.decision_function(features[test])))
+                score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw)
+                tuned.append(aria.auroc(y[test], score(cells[test])))
+                aria.log(f"split {b} n={n} draw {draw}: frozen {frozen[-1]:.3f}, fine-tuned {tuned[-1]:.3f}")
+            split[str(n)] = {"frozen": frozen, "fine_tuned": tuned}
+        report["splits"].append(split)
+        args.out.write_text(json.dumps(report, indent=1))
+    for n in SIZES:
+        for kind in ("frozen", "fine_tuned"):
+            per = [float(np.mean(s[str(n)][kind])) for s in report["splits"]]
+            aria.log(f"n={n} {kind:10s} per split {' '.join(f'{a:.3f}' for a in per)} mean {np.mean(per):.3f}")
+    aria.log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

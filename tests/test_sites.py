@@ -581,6 +581,31 @@ def test_a_server_refuses_and_will_not_promote_a_site_version_whose_verification
         assert server.stop() == 0
 
 
+def test_a_verification_that_meets_the_criteria_says_when_the_report_still_holds_the_version_back(onboarded, tmp_path,
+                                                                                                   capsys):
+    """Met on other patients, short in its own report (the margin over colour alone, which only the
+    report measures): exit 0, saying the version is still NOT served and why, as the server has it."""
+    from dxserve import sites
+    from dxserve.config import load_settings
+    from dxserve_lymphoblast.plugin import shipped_versions
+
+    _, sites_dir, _ = onboarded
+    copy = tmp_path / "sites"
+    shutil.copytree(sites_dir, copy)
+    report = json.loads((copy / "lymphoblast" / SITE_VERSION / "site.json").read_text())["report"]
+    margin = report["acceptance"]["margin_over_colour_alone"]
+    assert margin < 1.0
+    config = tmp_path / "margin.toml"
+    config.write_text(relaxed(tmp_path).read_text().replace("min_margin_over_colour_alone = -1.0",
+                                                            "min_margin_over_colour_alone = 1.0"))
+    assert verify(copy, write_other_patients(tmp_path / "other"), "--config", str(config)) == 0
+    why = f"margin_over_colour_alone {margin:.3g} (needs >= 1)"
+    assert ("it meets the site's acceptance criteria on these images, but its report (cross-validated on what it was "
+            f"fitted on) does not, so it is still NOT served: {why}") in capsys.readouterr().out
+    refused = sites.site_versions(copy, "lymphoblast", shipped_versions(), load_settings(config).site_acceptance)[1]
+    assert refused[SITE_VERSION].endswith(why)
+
+
 def test_a_site_version_keeps_its_parent_when_the_parent_is_served_by_tensorflow(onboarded, monkeypatch):
     """Made while LiteRT served the parent; a GPU host that serves the same version's Keras file
     (DXSERVE_LYMPHOBLAST_RUNTIME=tensorflow) still knows it as that parent, and another file does not pass."""

@@ -353,6 +353,10 @@ def _verify(args: argparse.Namespace, settings) -> int:
             print(f"{name}: {sites.figures_text(figures[name]['acceptance'])}"
                   + (f", answered {figures[name]['answered']:.3g}" if "answered" in figures[name] else ""))
     print(f"wrote {done.path}", file=said)
+    if not done.unmet and done.refusals:  # met here, yet its own report (the margin over colour, say) is short
+        print("it meets the site's acceptance criteria on these images, but its report (cross-validated on what it was "
+              "fitted on) does not, so it is still NOT served: " + "; ".join(done.refusals), file=said)
+        return 0
     return _judged(done.unmet, "it does NOT meet the site's acceptance criteria, and is not served: ",
                    "it meets the site's acceptance criteria on these images", said)
 

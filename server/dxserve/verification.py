@@ -55,7 +55,8 @@ RESAMPLES = 1000
 class Verified:
     path: Path
     verification: dict
-    unmet: list[str]
+    unmet: list[str]  # the criteria this verification misses
+    refusals: list[str]  # why the site version is not served now, this verification counted (`sites.refusals`)
 
 
 def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, log=print) -> Verified:
@@ -88,7 +89,8 @@ def verify(settings: Settings, plugin: str, version: str, labelled_csv: Path, lo
     path = _write(folder, verification)
     criteria = sites.criteria_for(site["site"], settings.site_acceptance)
     (folder / sites.CARD_FILE).write_text(sites.describe(site, criteria, verification))
-    return Verified(path, verification, sites.unmet(verification, criteria, kind, verified=True))
+    return Verified(path, verification, sites.unmet(verification, criteria, kind, verified=True),
+                    sites.refusals(site, folder, criteria))
 
 
 def _site_version(settings: Settings, plugin: str, version: str):

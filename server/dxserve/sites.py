@@ -105,15 +105,23 @@ def verification_files(folder: Path) -> list[tuple[int, Path]]:
 
 def latest_verification(folder: Path) -> dict | None:
     """The site version's last `dxserve site verify` (the highest number), or None before any.
-    One that cannot be read is returned as a verification that meets nothing."""
+    One that cannot be read is returned as a verification that meets nothing; one made before
+    `groups_per_label` was recorded gets it from its rows."""
     found = verification_files(folder)
     if not found:
         return None
     number, path = found[-1]
     try:
-        return json.loads(path.read_text())
+        verification = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         return {"number": number, "unreadable": f"{path} is unreadable: {type(error).__name__}: {error}"}
+    acceptance = verification.get("acceptance")
+    if isinstance(acceptance, dict) and "groups_per_label" not in acceptance and verification.get("rows"):
+        groups: dict[str, set] = {}  # made before the figure was recorded: read from its rows
+        for row in verification["rows"]:
+            groups.setdefault(row.get("label"), set()).add(row.get("group"))
+        acceptance["groups_per_label"] = min(len(g) for g in groups.values())
+    return verification
 
 
 def refusals(site: dict, folder: Path, criteria: SiteAcceptance) -> list[str]:

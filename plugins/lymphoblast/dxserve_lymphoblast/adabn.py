@@ -32,34 +32,39 @@ def adapted_backbones(model, cells: np.ndarray, scales: list[int], views: int, s
                       seed: int = 0) -> dict:
     """{scale: a copy of `model`'s backbone whose batch-norm statistics are those of `cells`
     (uint8 model inputs, n x s x s x 3) at that scale, in the version's `views`}.
-
-    Each training-mode pass normalises every layer by its batch's own statistics, so each layer's
-    statistics are taken on the previous layers' adapted outputs; with momentum (i - 1) / i at the
-    i-th batch the stored values are the batches' average. `batch`: images (cells x views) a pass."""
-    import keras
-
+    `batch`: images (cells x views) a pass."""
     from .litert import views_of
 
     shared, to_symmetric = model.get_layer("backbone"), model.get_layer("to_symmetric")
     size, batch = cells.shape[1], max(1, batch // views)  # cells a pass
     chosen = cells[np.sort(np.random.default_rng(seed).choice(len(cells), min(sample, len(cells)), replace=False))]
-    out = {}
-    for scale in scales:
-        backbone = keras.models.clone_model(shared)
-        backbone.set_weights(shared.get_weights())
-        layers = batch_norm_layers(backbone)
-        momenta = [layer.momentum for layer in layers]
-        for i, start in enumerate(range(0, len(chosen), batch), start=1):
+
+    def inputs(scale: int):
+        for start in range(0, len(chosen), batch):
             x = to_symmetric(views_of(chosen[start:start + batch], views).astype(np.float32) / 255.0)
-            if scale != size:
-                x = model.get_layer(f"resize_{scale}")(x)
-            for layer in layers:
-                layer.momentum = (i - 1) / i
-            backbone(x, training=True)
-        for layer, momentum in zip(layers, momenta, strict=True):
-            layer.momentum = momentum
-        out[scale] = backbone
-    return out
+            yield x if scale == size else model.get_layer(f"resize_{scale}")(x)
+
+    return {scale: with_statistics_of(shared, inputs(scale)) for scale in scales}
+
+
+def with_statistics_of(backbone, batches):
+    """A copy of `backbone` whose batch-norm layers hold the mean and variance of `batches` (the
+    backbone's inputs, one array a pass). Each training-mode pass normalises every layer by its
+    batch's own statistics, so each layer's statistics are taken on the previous layers' adapted
+    outputs; with momentum (i - 1) / i at the i-th batch the stored values are the batches' average."""
+    import keras
+
+    adapted = keras.models.clone_model(backbone)
+    adapted.set_weights(backbone.get_weights())
+    layers = batch_norm_layers(adapted)
+    momenta = [layer.momentum for layer in layers]
+    for i, x in enumerate(batches, start=1):
+        for layer in layers:
+            layer.momentum = (i - 1) / i
+        adapted(x, training=True)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    return adapted
 
 
 def site_graph(model, scales: list[int], backbones: dict, check: np.ndarray) -> tuple[bytes, float]:

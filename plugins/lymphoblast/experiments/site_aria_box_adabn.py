@@ -38,32 +38,32 @@ def imagenet_mobilenet(weights: Path):
 
 
 def with_site_statistics(base, boxes: np.ndarray, seed: int = 0):
-    """A copy of `base` whose batch-norm layers hold the mean and variance of `boxes` (and their
-    mirror images), layer after layer, as `dxserve_lymphoblast.adabn.adapted_backbones` does."""
+    """A copy of `base` whose batch-norm layers hold the mean and variance of `boxes` (512 of them,
+    and their mirror images), layer after layer, as `adapt` re-estimates 2.1.0's (`adabn.py`)."""
     import keras
 
-    net = keras.models.clone_model(base)
-    net.set_weights(base.get_weights())
-    layers = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    momenta = [layer.momentum for layer in layers]
+    from dxserve_lymphoblast.adabn import with_statistics_of
+
     chosen = boxes[np.sort(np.random.default_rng(seed).choice(len(boxes), min(SAMPLE, len(boxes)), replace=False))]
-    for i, start in enumerate(range(0, len(chosen), BATCH // 2), start=1):
-        part = chosen[start:start + BATCH // 2]
-        x = keras.applications.mobilenet.preprocess_input(np.concatenate([part, part[:, :, ::-1]]).astype(np.float32))
-        for layer in layers:
-            layer.momentum = (i - 1) / i
-        net(x, training=True)
-    for layer, momentum in zip(layers, momenta, strict=True):
-        layer.momentum = momentum
-    return net
+    halves = (chosen[start:start + BATCH // 2] for start in range(0, len(chosen), BATCH // 2))
+    return with_statistics_of(base, (keras.applications.mobilenet.preprocess_input(
+        np.concatenate([part, part[:, :, ::-1]]).astype(np.float32)) for part in halves))
 
 
-def pooled(net, boxes: np.ndarray) -> np.ndarray:
+def oriented(cells: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 orientations of each image (n, s, s, 3): k quarter turns, then mirrored for k >= 4."""
+    turned = np.rot90(cells, k % 4, axes=(1, 2))
+    return turned[:, :, ::-1] if k >= 4 else turned
+
+
+def pooled(net, images: np.ndarray, views: int = 1, batch: int = BATCH) -> np.ndarray:
+    """(n, d) outputs of `net` on uint8 images (MobileNet's preprocessing), averaged over the first
+    `views` orientations."""
     import keras
 
-    out = [np.asarray(net(keras.applications.mobilenet.preprocess_input(boxes[s:s + BATCH].astype(np.float32)), training=False))
-           for s in range(0, len(boxes), BATCH)]
-    return np.concatenate(out)
+    return np.mean([np.concatenate([np.asarray(net(keras.applications.mobilenet.preprocess_input(
+        np.ascontiguousarray(oriented(images[s:s + batch], k)).astype(np.float32)), training=False))
+        for s in range(0, len(images), batch)]) for k in range(views)], axis=0)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import site_aria as aria  # noqa: E402
-from site_aria_box_adabn import imagenet_mobilenet, with_site_statistics  # noqa: E402
+from site_aria_box_adabn import imagenet_mobilenet, oriented, pooled, with_site_statistics  # noqa: E402
 
 SIZES = (25, 100)
 DRAWS = 2
@@ -38,20 +38,6 @@ def served_cells(root: Path) -> tuple[np.ndarray, list[dict]]:
     runtime = LymphoblastRuntime(find_version("2.1.0"))
     runtime.load()
     return np.stack([runtime.prepare(c)[0]["cell"] for c in crops]), [r for r in rows if r["cell"] >= 0]
-
-
-def oriented(cells: np.ndarray, k: int) -> np.ndarray:
-    turned = np.rot90(cells, k % 4, axes=(1, 2))
-    return turned[:, :, ::-1] if k >= 4 else turned
-
-
-def pooled(net, cells: np.ndarray, views: int = 2, batch: int = 64) -> np.ndarray:
-    """(n, views, d) features, `net` applied to each orientation."""
-    import keras
-
-    return np.stack([np.concatenate([np.asarray(net(keras.applications.mobilenet.preprocess_input(
-        np.ascontiguousarray(oriented(cells[s:s + batch], k)).astype(np.float32)), training=False))
-        for s in range(0, len(cells), batch)]) for k in range(views)], axis=1)
 
 
 def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
@@ -81,9 +67,7 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
             part = order[s:s + 16]
             batch = np.stack([oriented(x[i:i + 1], int(rng.integers(8)))[0] for i in part])
             model.train_on_batch(batch, y[part].astype(np.float32)[:, None])
-    return lambda c: np.mean([np.concatenate([np.asarray(model(keras.applications.mobilenet.preprocess_input(
-        np.ascontiguousarray(oriented(c[s:s + 64], k)).astype(np.float32)), training=False))[:, 0]
-        for s in range(0, len(c), 64)]) for k in range(2)], axis=0)
+    return lambda c: pooled(model, c, views=2)[:, 0]
 
 
 def main() -> None:
@@ -108,7 +92,7 @@ def main() -> None:
     report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "splits": []}
     for b in range(aria.BLOCKS):
         net = with_site_statistics(base, cells[block == b])
-        features = pooled(net, cells).mean(axis=1)
+        features = pooled(net, cells, views=2)
         train = np.flatnonzero(block == b)
         kept = ~aria.near(rows, block, b, args.gap) if args.gap else np.ones(len(rows), bool)
         test = np.flatnonzero((block != b) & kept)

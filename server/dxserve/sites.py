@@ -117,11 +117,18 @@ def latest_verification(folder: Path) -> dict | None:
         return {"number": number, "unreadable": f"{path} is unreadable: {type(error).__name__}: {error}"}
     acceptance = verification.get("acceptance")
     if isinstance(acceptance, dict) and "groups_per_label" not in acceptance and verification.get("rows"):
-        groups: dict[str, set] = {}  # made before the figure was recorded: read from its rows
-        for row in verification["rows"]:
-            groups.setdefault(row.get("label"), set()).add(row.get("group"))
-        acceptance["groups_per_label"] = min(len(g) for g in groups.values())
+        # made before the figure was recorded: read from its rows
+        acceptance["groups_per_label"] = groups_per_label((row.get("label"), row.get("group")) for row in verification["rows"])
     return verification
+
+
+def groups_per_label(images: Iterable[tuple[str, str]], labels: Iterable[str] = ()) -> int:
+    """The fewest groups (patients) any label's images come from, of (label, group) per image; a
+    label of `labels` that no image has counts 0."""
+    groups: dict[str, set] = {label: set() for label in labels}
+    for label, group in images:
+        groups.setdefault(label, set()).add(group)
+    return min((len(g) for g in groups.values()), default=0)
 
 
 def refusals(site: dict, folder: Path, criteria: SiteAcceptance) -> list[str]:

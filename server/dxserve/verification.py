@@ -191,7 +191,7 @@ def classifier_figures(rows: list[dict], images: Sequence[LabelledFile], labels:
         "acceptance": {"labelled": len(rows), "auroc": auroc(positive, p[:, 0]),
                        "sensitivity_at_screen": float(screened[positive].mean()) if positive.any() else float("nan"),
                        "ece": ece(p, truth), "confidently_wrong": float(wrong.mean()),
-                       "groups_per_label": min(len(set(groups[truth == k].tolist())) for k in range(len(labels)))},
+                       "groups_per_label": sites.groups_per_label(((x.label, x.group) for x in images), labels)},
         "auroc_interval": bootstrap(lambda i: auroc(positive[i], p[i, 0]), groups),
         "sensitivity_at_screen_interval": bootstrap(lambda i: float(screened[i][positive[i]].mean())
                                                     if positive[i].any() else float("nan"), groups),

@@ -37,20 +37,30 @@ def write_another_lab(root: Path) -> None:
     """root/labels.csv and root/labelled/: the six fixture cells as another lab's, 8 orientations
     each, grouped by cell (48); root/unlabelled/: 2 orientations each as JPEG (12), and one copy
     of a labelled file (the same bytes: onboarding leaves it out)."""
-    (root / "labelled").mkdir()
+    write_labelled(root, "labelled", 8)
     (root / "unlabelled").mkdir()
+    for path in CELLS:
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        for k in (1, 6):
+            Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.jpg", quality=95)
+    shutil.copy(root / "labelled" / f"{CELLS[0].stem}-0.png", root / "unlabelled" / "copy-of-a-labelled-cell.png")
+
+
+def write_labelled(root: Path, folder: str, orientations: int, cast=lambda cell: cell, group=lambda stem: stem) -> Path:
+    """root/labels.csv and root/<folder>/: each fixture cell as another lab's (`as_another_lab`) in
+    `orientations` orientations, then through `cast`, labelled as its file name says and grouped by
+    `group(its stem)`."""
+    (root / folder).mkdir(parents=True)
     with (root / "labels.csv").open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["path", "label", "group"])
         for path in CELLS:
             rgb = np.asarray(Image.open(path).convert("RGB"))
-            for k in range(8):
-                name = f"labelled/{path.stem}-{k}.png"
-                Image.fromarray(as_another_lab(rgb, k)).save(root / name)
-                out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", path.stem])
-            for k in (1, 6):
-                Image.fromarray(as_another_lab(rgb, k)).save(root / "unlabelled" / f"{path.stem}-{k}.jpg", quality=95)
-    shutil.copy(root / "labelled" / f"{CELLS[0].stem}-0.png", root / "unlabelled" / "copy-of-a-labelled-cell.png")
+            for k in range(orientations):
+                name = f"{folder}/{path.stem}-{k}.png"
+                Image.fromarray(cast(as_another_lab(rgb, k))).save(root / name)
+                out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", group(path.stem)])
+    return root / "labels.csv"
 
 
 @pytest.fixture(scope="module")
@@ -345,18 +355,8 @@ def test_an_altered_site_version_is_refused(onboarded, tmp_path):
 def write_other_patients(root: Path, orientations: int = 8) -> Path:
     """root/labels.csv: the fixture cells under another stain cast than the onboarding's, so other
     files, in groups onboarding never saw ("other-<cell>"), `orientations` of each."""
-    (root / "img").mkdir(parents=True)
-    with (root / "labels.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["path", "label", "group"])
-        for path in CELLS:
-            rgb = np.asarray(Image.open(path).convert("RGB"))
-            for k in range(orientations):
-                name = f"img/{path.stem}-{k}.png"
-                cell = as_another_lab(rgb, k)
-                Image.fromarray(np.where(cell > 12, np.clip(cell.astype(int) - 6, 13, 255), 0).astype(np.uint8)).save(root / name)
-                out.writerow([name, "lymphoblast" if path.stem.endswith("_all") else "normal", f"other-{path.stem}"])
-    return root / "labels.csv"
+    return write_labelled(root, "img", orientations, group=lambda stem: f"other-{stem}",
+                          cast=lambda cell: np.where(cell > 12, np.clip(cell.astype(int) - 6, 13, 255), 0).astype(np.uint8))
 
 
 def verify(sites_dir: Path, labels: Path, *extra: str) -> int:

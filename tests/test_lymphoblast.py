@@ -682,6 +682,51 @@ def test_site_statistics_normalise_the_sites_cells_at_every_scale(shipped_runtim
     np.testing.assert_array_equal(np.asarray(batch_norm_layers(parent)[0].moving_mean), before)
 
 
+def test_fine_tuning_trains_the_full_size_cnn_and_head_and_keeps_the_sites_statistics(shipped_runtime, cell_paths):
+    """finetune.py: features computed as the folds score them equal the served graph's full-size
+    columns; a fine-tuning moves the convolutions and the head towards the labels, never the
+    batch-norm statistics or the parent's backbone; 0 epochs change nothing."""
+    import keras
+
+    from dxserve_lymphoblast.adabn import adapted_backbones, batch_norm_layers
+    from dxserve_lymphoblast.adaptation import design, fit_head, graph_of, head_logit
+    from dxserve_lymphoblast.finetune import Schedule, fine_tuned, pooled_features
+    from dxserve_lymphoblast.litert import LiteRTModel
+
+    model = keras.models.load_model(shipped_runtime.version.extra["folder"] / "model.keras", compile=False)
+    cast, views = np.array([0.8, 0.9, 1.15]), shipped_runtime.views
+    records = np.stack([shipped_runtime.prepare(np.rot90(np.clip(np.asarray(Image.open(p).convert("RGB")) * cast, 0, 255)
+                                                         .astype(np.uint8), k))[0] for p in cell_paths for k in range(4)])
+    y = np.array([p.stem.endswith("_all") for p in cell_paths for _ in range(4)], int)
+    scales, size = shipped_runtime.version.extra["card"]["training"]["scales"], shipped_runtime.image_size
+    backbones = adapted_backbones(model, records["cell"], scales, views, batch=8)
+    graph, _ = graph_of(model, scales, backbones, records["cell"], views, "the parent's, unchanged")
+    _, served = LiteRTModel(graph, views)(records["cell"], records["log_diameter"])
+    full = pooled_features(backbones[size], records["cell"], views)
+    np.testing.assert_allclose(full, served[:, :full.shape[1]], atol=1e-3 * np.abs(served).max())
+
+    x = design(served.astype(np.float64), records["log_diameter"].astype(np.float64))
+    head = fit_head(x, y, (x.mean(axis=0), x.std(axis=0) + 1e-6), c=1e-4)  # weak: room to learn
+    fixed = x[:, full.shape[1]:]
+    same, same_head = fine_tuned(backbones[size], head, records["cell"], fixed, y, Schedule(epochs=0))
+    assert all(np.array_equal(a, b) for a, b in zip(same.get_weights(), backbones[size].get_weights(), strict=True))
+    assert all(np.allclose(same_head[k], head[k]) for k in head)
+
+    parent_weights = [w.copy() for w in model.get_layer("backbone").get_weights()]
+    tuned, tuned_head = fine_tuned(backbones[size], head, records["cell"], fixed, y, Schedule(epochs=6, learning_rate=1e-3))
+
+    def margin(h, features):  # mean logit of the lymphoblasts less that of the normal cells
+        z = head_logit(h, np.column_stack([features, fixed]))
+        return z[y == 1].mean() - z[y == 0].mean()
+
+    assert margin(tuned_head, pooled_features(tuned, records["cell"], views)) > margin(head, full) + 0.5
+    assert not np.allclose(np.asarray(tuned.get_layer("conv1").kernel), np.asarray(backbones[size].get_layer("conv1").kernel))
+    for mine, site in zip(batch_norm_layers(tuned), batch_norm_layers(backbones[size]), strict=True):
+        np.testing.assert_array_equal(np.asarray(mine.moving_mean), np.asarray(site.moving_mean))
+        np.testing.assert_array_equal(np.asarray(mine.moving_variance), np.asarray(site.moving_variance))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_layer("backbone").get_weights(), parent_weights, strict=True))
+
+
 def test_the_runtime_setting_is_checked(monkeypatch):
     from dxserve_lymphoblast import plugin
 

@@ -66,12 +66,17 @@ def write_labelled(root: Path, folder: str, orientations: int, cast=lambda cell:
 @pytest.fixture(scope="module")
 def onboarded(tmp_path_factory):
     """A site version of the default, onboarded on the six fixture cells as another lab's: 48
-    labelled images (8 orientations each, grouped by cell) and 12 unlabelled ones."""
+    labelled images (8 orientations each, grouped by cell) and 12 unlabelled ones. The CNN is
+    fine-tuned for 2 epochs, not 40 (`finetune.SCHEDULE`): the same steps in seconds."""
+    from dxserve_lymphoblast import finetune
+
     root = tmp_path_factory.mktemp("site")
     write_another_lab(root)
     sites_dir = root / "sites"
-    code = dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(root / "labels.csv"),
-                    "--unlabelled", str(root / "unlabelled"), "--sites-dir", str(sites_dir)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2))
+        code = dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(root / "labels.csv"),
+                        "--unlabelled", str(root / "unlabelled"), "--sites-dir", str(sites_dir)])
     return root, sites_dir, code
 
 
@@ -97,7 +102,7 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     report = site["report"]
     assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24, "groups_of_one_class": 6}
     for baseline in ("parent unadapted", "site head, the parent's batch-norm statistics", "site head, the site's batch-norm statistics",
-                     "size alone", "colour alone", "background alone"):
+                     "site head, the site's statistics, its full-size CNN fine-tuned", "size alone", "colour alone", "background alone"):
         assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2
     groups = {g["group"]: g for g in report["per_group"]}  # each cell's 8 orientations, one group
     assert len(groups) == 6 and all(g["images"] == 8 and g["lymphoblast"] in (0, 8) and 0 <= g["right"] <= 1
@@ -115,19 +120,20 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
 
 
 def test_the_site_version_is_the_classifier_that_ranked_best_out_of_fold(onboarded):
-    """The report's three candidates in the same folds; the site version is the best of them, and its
+    """The report's four candidates in the same folds; the site version is the best of them, and its
     weights file holds what that one needs: a head only for a site head, a graph only for the site's
     statistics."""
-    from dxserve_lymphoblast.adaptation import PARENT, PARENT_STATISTICS, SITE_STATISTICS, choose
+    from dxserve_lymphoblast.adaptation import FINE_TUNED, PARENT, PARENT_STATISTICS, SITE_STATISTICS, choose
 
     _, sites_dir, _ = onboarded
     folder = sites_dir / "lymphoblast" / SITE_VERSION
     site = json.loads((folder / "site.json").read_text())
     chosen, scores = site["head"]["classifier"], site["head"]["chosen_from"]
-    assert set(scores) == {PARENT, PARENT_STATISTICS, SITE_STATISTICS} and site["report"]["classifier"] == chosen
+    assert set(scores) == {PARENT, PARENT_STATISTICS, SITE_STATISTICS, FINE_TUNED} and site["report"]["classifier"] == chosen
     assert site["report"]["auroc"]["site version"] == max(scores.values()) == scores[chosen]
     with np.load(folder / site["weights"]["file"]) as stored:
-        assert ("coef" in stored.files) == (chosen != PARENT) and ("graph" in stored.files) == (chosen == SITE_STATISTICS)
+        assert ("coef" in stored.files) == (chosen != PARENT) and ("graph" in stored.files) == (chosen in (SITE_STATISTICS, FINE_TUNED))
+    assert site["report"]["fine_tuning"]["fits"] == 5 + (chosen == FINE_TUNED)  # one a fold, and the site version's own
     y = np.array([0, 0, 1, 1])
     ranks_right, backwards = np.array([0.1, 0.2, 0.8, 0.9]), np.array([0.9, 0.8, 0.2, 0.1])
     assert choose({"parent": ranks_right, "head": backwards}, y)[0] == "parent"

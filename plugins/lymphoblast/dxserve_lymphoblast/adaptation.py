@@ -1,7 +1,8 @@
 """A site version of a lymphoblast version (`LymphoblastRuntime.adapt`, `dxserve site onboard`).
 
 What depends on the laboratory is fitted again on its own images; the CNN's weights stay the
-parent's (a site version is served only while its parent is unchanged, checked by hash):
+parent's unless step 3 chooses the fine-tuned one (a site version is served only while its
+parent is unchanged, checked by hash):
 
 0. the CNN's batch-norm statistics, re-estimated on every site cell, labelled or not, one set per
    scale (`adabn.py`); the result is the site's own LiteRT graph, kept (when step 3 chooses it)
@@ -13,11 +14,13 @@ parent's (a site version is served only while its parent is unchanged, checked b
    chose (mean, Ledoit-Wolf precision, threshold at the 99.5th percentile of out-of-fold
    distances);
 3. the classifier, chosen by the report's grouped cross-validation (the best pooled out-of-fold
-   AUROC) from three: the parent's own head, only calibrated (a lab close to the training lab
-   keeps a model trained on far more patients than it labels), or a logistic regression (L2,
+   AUROC) from four: the parent's own head, only calibrated (a lab close to the training lab
+   keeps a model trained on far more patients than it labels); a logistic regression (L2,
    C = 0.05) on the 768 CNN features and the log cell diameter, standardised on the site's
-   cells, with the parent's or with the site's batch-norm statistics (the site's graph is kept
-   only when it is chosen);
+   cells, with the parent's or with the site's batch-norm statistics; or the latter with the
+   full-size CNN and the head trained on (`finetune.py`: started from that head, the site's
+   statistics kept), its own graph (the site's graph is kept only when one of the last two is
+   chosen; the fine-tuned one is fitted on every labelled cell only when it is chosen);
 4. calibration (Platt) and the thresholds (screening at sensitivity 0.95, the calling band) on
    cross-fitted out-of-fold predictions; where each fold's map, fitted on the other folds,
    overstates on its own fold (groups that differ as slides do), one last map softens them all
@@ -27,7 +30,7 @@ The validation report is grouped cross-validation on the labelled cells (every g
 or a block of images, on one side only), each figure beside, in the same splits: the parent
 unadapted, size alone, colour alone (the mean colour of the cell as the model sees it),
 background alone (the colour of the image's outer ring: the slide, for crops taken with it) and
-the three classifiers it chose from (the site version's figure is the best of three, so slightly
+the four classifiers it chose from (the site version's figure is the best of four, so slightly
 flattered: shadow it on other patients before promoting it). It gives 95 % bootstrap intervals
 over groups, per-fold and per-group spread, and a learning curve: the pooled out-of-fold AUROC
 of site heads (site statistics) fitted on 10 / 25 / 50 / 100 of each training fold's cells
@@ -46,6 +49,7 @@ from scipy.special import expit
 from dxserve import Adaptation, LabelledImage
 
 from .calibration import choose_thresholds, expected_calibration_error
+from .finetune import FineTuning
 from .gate import _measure, check
 from .gate import fit as fit_gate
 from .preprocess import input_dtype
@@ -55,6 +59,7 @@ HEAD_FILE = "site_head.npz"
 PARENT = "the parent, calibrated"
 PARENT_STATISTICS = "the parent's batch-norm statistics"
 SITE_STATISTICS = "the site's batch-norm statistics"
+FINE_TUNED = "the site's statistics, its full-size CNN fine-tuned"
 C = 0.05  # L2 strength of the head: stable from 0.005 to 0.2 on Aria's cells (experiments/site_aria.py)
 CURVE = (10, 25, 50, 100)
 CONFIDENT = 0.9
@@ -93,25 +98,39 @@ def in_chunks(model, batch: np.ndarray, size: int = 24) -> tuple[np.ndarray, np.
     return np.concatenate(logits), np.concatenate(features).astype(np.float64)
 
 
-def site_graph(runtime, records: np.ndarray) -> tuple[bytes, dict]:
-    """The parent's CNN with batch-norm statistics re-estimated on the site's cells (`adabn.py`), as
-    LiteRT graph bytes, and its card entry."""
+def site_cnn(runtime, records: np.ndarray) -> tuple:
+    """(the parent's Keras model, its scales, {scale: its backbone with batch-norm statistics
+    re-estimated on the site's cells}: `adabn.py`)."""
     import keras
 
     from . import model as _registers_custom_layers  # noqa: F401
-    from .adabn import SAMPLE, adapted_backbones
-    from .adabn import site_graph as graph_of
+    from .adabn import adapted_backbones
 
     card = runtime.version.extra["card"]
     scales = card["training"]["scales"]
     parent = keras.models.load_model(runtime.version.extra["folder"] / card["weights"]["file"], compile=False)
-    cells = records["cell"]
-    content, difference = graph_of(parent, scales, adapted_backbones(parent, cells, scales, runtime.views), cells[:8])
+    return parent, scales, adapted_backbones(parent, records["cell"], scales, runtime.views)
+
+
+def graph_of(parent, scales: list[int], backbones: dict, cells: np.ndarray, views: int, weights: str) -> tuple[bytes, dict]:
+    """The parent's graph with `backbones` as LiteRT bytes, checked on a few of the site's `cells`,
+    and its card entry (`weights`: what became of the parent's CNN weights)."""
+    from .adabn import SAMPLE
+    from .adabn import site_graph as converted
+
+    content, difference = converted(parent, scales, backbones, cells[:8])
     return content, {
         "batch_norm": f"re-estimated on {min(SAMPLE, len(cells))} of the site's {len(cells)} cells (AdaBN: labels unused), "
-                      f"in {runtime.views} views, one set per scale ({', '.join(map(str, scales))} px)",
-        "weights": "the parent's, unchanged", "bytes": len(content),
+                      f"in {views} views, one set per scale ({', '.join(map(str, scales))} px)",
+        "weights": weights, "bytes": len(content),
         "max_feature_difference_from_tensorflow (relative)": difference}
+
+
+def site_graph(runtime, records: np.ndarray) -> tuple[bytes, dict]:
+    """The parent's CNN with batch-norm statistics re-estimated on the site's cells (`adabn.py`), as
+    LiteRT graph bytes, and its card entry."""
+    parent, scales, backbones = site_cnn(runtime, records)
+    return graph_of(parent, scales, backbones, records["cell"], runtime.views, "the parent's, unchanged")
 
 
 def border_colour(image: np.ndarray, width: int = BORDER_PX) -> np.ndarray:
@@ -228,7 +247,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     parts = [seen] + ([site] if site is not None else [])
 
     # 0: the site's batch-norm statistics and its graph; every cell's CNN features both ways.
-    graph, graph_entry = site_graph(runtime, np.concatenate([part["records"] for part in parts]))
+    records = np.concatenate([part["records"] for part in parts])
+    parent_cnn, scales, backbones = site_cnn(runtime, records)
+    graph, graph_entry = graph_of(parent_cnn, scales, backbones, records["cell"], runtime.views, "the parent's, unchanged")
     from .litert import LiteRTModel
 
     site_model = LiteRTModel(graph, runtime.views)
@@ -246,22 +267,25 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
             "ranges": {**parent_gate["ranges"], "colour_distance": refitted["ranges"]["colour_distance"]},
             "fitted_on": f"the parent's ranges; colour model and colour distance refitted on {len(colours)} site cells"}
 
-    # 3: three classifiers in the same grouped folds; the site version is the one that ranks the
-    # labelled cells best out of fold: the parent as it is (only calibrated), or a site head on
-    # the parent's or on the site's statistics.
+    # 3: four classifiers in the same grouped folds; the site version is the one that ranks the
+    # labelled cells best out of fold: the parent as it is (only calibrated), a site head on the
+    # parent's or on the site's statistics, or the latter with its full-size CNN fine-tuned too.
     designs = {PARENT_STATISTICS: (design(seen["parent_features"], seen["log_diameter"]),
                                    design(every["parent_features"], every["log_diameter"])),
                SITE_STATISTICS: (design(seen["features"], seen["log_diameter"]), design(every["features"], every["log_diameter"]))}
     standardised = {name: (all_x.mean(axis=0), np.maximum(all_x.std(axis=0), 1e-6)) for name, (_, all_x) in designs.items()}
     x, standardise = designs[SITE_STATISTICS][0], standardised[SITE_STATISTICS]
     folds = folds_by_group(groups, y)
-    candidates = {PARENT: seen["logit"], PARENT_STATISTICS: np.zeros(len(y)), SITE_STATISTICS: np.zeros(len(y))}
+    candidates = {PARENT: seen["logit"], PARENT_STATISTICS: np.zeros(len(y)), SITE_STATISTICS: np.zeros(len(y)),
+                  FINE_TUNED: np.zeros(len(y))}
+    tuning = FineTuning(backbones[runtime.image_size], seen["records"]["cell"], x, y, runtime.views)
     baselines = {"size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)), "background alone": np.zeros(len(y))}
     curve = {n: np.full(len(y), np.nan) for n in CURVE}  # out-of-fold logits of heads fitted on n cells
     for k in np.unique(folds):
         train, test = folds != k, folds == k
         for name, (x_name, _) in designs.items():
             candidates[name][test] = head_logit(fit_head(x_name[train], y[train], standardised[name]), x_name[test])
+        candidates[FINE_TUNED][test] = tuning.out_of_fold(train, test, fit_head(x[train], y[train], standardise), seed=int(k))
         baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
         baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
         baselines["background alone"][test] = _logistic(seen["border_rgb"][train], y[train], seen["border_rgb"][test])
@@ -292,18 +316,29 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     confident_wrong = ((p_oof >= CONFIDENT) & (y == 0)) | ((p_oof <= 1 - CONFIDENT) & (y == 1))
     per_fold = [round(auroc(y[folds == k], oof[folds == k]), 4) for k in np.unique(folds)]
 
+    # The chosen graph: the fine-tuned one is made now, fitted on every labelled cell.
+    stored = {"platt": np.array([a, b])}
+    if chosen == FINE_TUNED:
+        tuned, head = tuning.fit(fit_head(x, y, standardise))
+        graph, graph_entry = graph_of(parent_cnn, scales, {**backbones, runtime.image_size: tuned}, records["cell"],
+                                      runtime.views, f"the parent's, the {runtime.image_size} px backbone fine-tuned: "
+                                      f"{tuning.describe()}")
+        tuned_model = LiteRTModel(graph, runtime.views)
+        every["features"] = in_chunks(lambda r: tuned_model(r["cell"], r["log_diameter"]), records)[1]
+        stored.update(head)
+    elif chosen != PARENT:
+        stored.update(fit_head(designs[chosen][0], y, standardised[chosen]))
+
     # 2: the out-of-distribution reference, on the chosen graph's features of every site cell.
-    features = every["features"] if chosen == SITE_STATISTICS else every["parent_features"]
+    features = every["parent_features"] if chosen in (PARENT, PARENT_STATISTICS) else every["features"]
     ood = ood_model.fit(features, folds=np.arange(len(features)) % 5)
     ood_entry = ood_model.save(ood, folder, threshold_from="out-of-fold distances of the site's cells (5 folds)",
                                fitted_on=f"{len(features)} site cells")
-    stored = {"platt": np.array([a, b])}
-    if chosen != PARENT:
-        stored.update(fit_head(designs[chosen][0], y, standardised[chosen]))
-    if chosen == SITE_STATISTICS:
+    if chosen in (SITE_STATISTICS, FINE_TUNED):
         stored["graph"] = np.frombuffer(graph, np.uint8)
     np.savez(folder / HEAD_FILE, **stored)
-    baselines = {"parent unadapted": candidates[PARENT], **{f"site head, {name}": candidates[name] for name in (PARENT_STATISTICS, SITE_STATISTICS)},
+    baselines = {"parent unadapted": candidates[PARENT],
+                 **{f"site head, {name}": candidates[name] for name in (PARENT_STATISTICS, SITE_STATISTICS, FINE_TUNED)},
                  **baselines}
     report = {
         "protocol": (f"grouped {len(np.unique(folds))}-fold cross-validation on the labelled images (StratifiedGroupKFold "
@@ -316,6 +351,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                      # figures are then biased low, the more so the fewer the groups (RESULTS.md, C-NMC).
                      "groups_of_one_class": int(sum(len(set(y[groups == g].tolist())) == 1 for g in set(groups.tolist())))},
         "unlabelled_images": int(len(unlabelled)),
+        "fine_tuning": {"schedule": tuning.describe(), "fits": tuning.fits, "seconds": round(tuning.seconds, 1)},
         "classifier": chosen,
         "auroc": {"site version": round(auroc(y, oof), 4), "interval": interval(y, oof, groups), "per_fold": per_fold,
                   **{name: round(auroc(y, s), 4) for name, s in baselines.items()},
@@ -343,10 +379,11 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     card = {"quality_gate": gate, "ood": ood_entry, "thresholds": thresholds.to_dict(),
             "calibration": {"method": f"Platt scaling of the logit of {chosen}", "a": a, "b": b,
                             "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation"},
-            "backbone": graph_entry if chosen == SITE_STATISTICS else "the parent's, with its statistics",
+            "backbone": graph_entry if chosen in (SITE_STATISTICS, FINE_TUNED) else "the parent's, with its statistics",
             "head": {"file": HEAD_FILE, "classifier": chosen,
                      "chosen_from": {name: round(score, 4) for name, score in scores.items()},
                      "method": ("the parent's own head" if chosen == PARENT else
                                 f"logistic regression, L2 C={C}, on the CNN features of {chosen} and the log cell diameter, "
-                                "standardised on the site's cells")}}
+                                "standardised on the site's cells"
+                                + (" (the site's statistics), then trained with the CNN (finetune.py)" if chosen == FINE_TUNED else ""))}}
     return Adaptation(HEAD_FILE, report, card)

@@ -2,7 +2,7 @@
 features reaches (0.83-0.87 at 100 cells on Aria)? Research: nothing here is shipped; RESULTS.md
 says what it measured.
 
-    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4]
+    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100]
 
 Same cells (smear-field with the site profile, as `site_aria.py`), each as the served model sees
 it (`prepare`: the cell on black, 224 px), same splits (5 contiguous number blocks per class; fit
@@ -78,6 +78,7 @@ def main() -> None:
     def options(parser):
         parser.add_argument("--epochs", type=int, default=40)
         parser.add_argument("--lr", type=float, default=1e-4)
+        parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
 
     args = aria.arguments(__doc__, "site_aria_finetune", options)
     stored = args.cache / "site_aria_finetune_cells.npz"
@@ -89,7 +90,7 @@ def main() -> None:
         np.savez(stored, cells=cells, rows=np.array(json.dumps(rows)))
     y, block = np.array([r["label"] == "blast" for r in rows], int), aria.blocks(rows)
     base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5")
-    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "splits": []}
+    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "sizes": args.sizes, "splits": []}
     for b in range(aria.BLOCKS):
         net = with_site_statistics(base, cells[block == b])
         features = pooled(net, cells, views=2)
@@ -97,7 +98,7 @@ def main() -> None:
         kept = ~aria.near(rows, block, b, args.gap) if args.gap else np.ones(len(rows), bool)
         test = np.flatnonzero((block != b) & kept)
         split = {"block": b, "scored": len(test)}
-        for n in SIZES:
+        for n in args.sizes:
             frozen, tuned = [], []
             for draw in range(DRAWS):
                 rng = np.random.default_rng(draw)
@@ -110,7 +111,7 @@ def main() -> None:
             split[str(n)] = {"frozen": frozen, "fine_tuned": tuned}
         report["splits"].append(split)
         args.out.write_text(json.dumps(report, indent=1))
-    for n in SIZES:
+    for n in args.sizes:
         for kind in ("frozen", "fine_tuned"):
             per = [float(np.mean(s[str(n)][kind])) for s in report["splits"]]
             aria.log(f"n={n} {kind:10s} per split {' '.join(f'{a:.3f}' for a in per)} mean {np.mean(per):.3f}")

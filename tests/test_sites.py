@@ -187,6 +187,49 @@ def test_a_site_version_with_the_sites_statistics_computes_with_its_own_graph(on
     np.testing.assert_allclose(runtime.predict(cells)[:, 0], 1 / (1 + np.exp(-(2.0 * logits_parent - 1.0))), atol=1e-6)
 
 
+def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypatch):
+    """When the report chooses the fine-tuned CNN, the site version's weights file holds that CNN's
+    graph (not the site statistics' graph: its features differ) and the head trained with it, and
+    the server's site version answers with exactly them."""
+    from dxserve import sites
+    from dxserve_lymphoblast import adaptation, finetune
+    from dxserve_lymphoblast.adaptation import FINE_TUNED, HEAD_FILE, design, head_logit, site_graph
+    from dxserve_lymphoblast.litert import LiteRTModel
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
+
+    write_labelled(tmp_path, "labelled", 4)
+    (tmp_path / "unlabelled").mkdir()
+    for path in CELLS[:2]:
+        Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
+    monkeypatch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2, learning_rate=1e-3))
+    monkeypatch.setattr(adaptation, "choose", lambda candidates, y: (FINE_TUNED, {name: 0.5 for name in candidates}))
+    sites_dir = tmp_path / "sites"
+    assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
+                    "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(sites_dir)]) == 1  # 24 images: not served
+    folder = sites_dir / "lymphoblast" / SITE_VERSION
+    site = json.loads((folder / "site.json").read_text())
+    assert site["head"]["classifier"] == FINE_TUNED and "fine-tuned" in site["backbone"]["weights"]
+    assert site["report"]["fine_tuning"]["fits"] == 6  # 5 folds and the version's own
+    with np.load(folder / HEAD_FILE) as stored:
+        head = {key: stored[key].astype(np.float64) for key in stored.files if key != "graph"}
+        assert "graph" in stored.files and "coef" in stored.files
+
+    parent = LymphoblastRuntime(find_version(DEFAULT_VERSION))
+    parent.load()
+    cells = np.stack([parent.prepare(as_another_lab(np.asarray(Image.open(path).convert("RGB")), k))[0]
+                      for path in CELLS for k in range(4)])
+    versions, _ = sites.site_versions(sites_dir, "lymphoblast", shipped_versions(), {})  # loaded as the server loads it
+    runtime = LymphoblastRuntime(next(v for v in versions if v.version == SITE_VERSION))
+    runtime.load()
+    _, own = runtime._run_with_features(cells)
+    graph, _ = site_graph(parent, cells)
+    _, statistics_only = LiteRTModel(graph, parent.views)(cells["cell"], cells["log_diameter"])
+    assert np.abs(own - statistics_only).max() > 1e-2 * np.abs(statistics_only).max()  # trained, not rounding
+    a, b = head["platt"]
+    z = head_logit(head, design(own.astype(np.float64), cells["log_diameter"].astype(np.float64)))
+    np.testing.assert_allclose(runtime.predict(cells)[:, 0], 1 / (1 + np.exp(-(a * z + b))), atol=1e-6)
+
+
 def test_onboarding_without_the_training_stack_says_what_to_install(tmp_path, monkeypatch, capsys):
     """A serving install has no TensorFlow: onboarding exits 2 naming the extra, and leaves no folder."""
     import sys

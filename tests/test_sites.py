@@ -197,7 +197,7 @@ def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypa
     from dxserve_lymphoblast.litert import LiteRTModel
     from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
 
-    write_labelled(tmp_path, "labelled", 4)
+    write_labelled(tmp_path, "labelled", 2)
     (tmp_path / "unlabelled").mkdir()
     for path in CELLS[:2]:
         Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
@@ -205,7 +205,7 @@ def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypa
     monkeypatch.setattr(adaptation, "choose", lambda candidates, y: (FINE_TUNED, {name: 0.5 for name in candidates}))
     sites_dir = tmp_path / "sites"
     assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
-                    "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(sites_dir)]) == 1  # 24 images: not served
+                    "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(sites_dir)]) == 1  # 12 images: not served
     folder = sites_dir / "lymphoblast" / SITE_VERSION
     site = json.loads((folder / "site.json").read_text())
     assert site["head"]["classifier"] == FINE_TUNED and "fine-tuned" in site["backbone"]["weights"]
@@ -217,7 +217,7 @@ def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypa
     parent = LymphoblastRuntime(find_version(DEFAULT_VERSION))
     parent.load()
     cells = np.stack([parent.prepare(as_another_lab(np.asarray(Image.open(path).convert("RGB")), k))[0]
-                      for path in CELLS for k in range(4)])
+                      for path in CELLS for k in range(2)])
     versions, _ = sites.site_versions(sites_dir, "lymphoblast", shipped_versions(), {})  # loaded as the server loads it
     runtime = LymphoblastRuntime(next(v for v in versions if v.version == SITE_VERSION))
     runtime.load()

@@ -68,6 +68,19 @@ def pooled_features(backbone, cells: np.ndarray, views: int, batch: int = 32) ->
     return np.concatenate(out).astype(np.float64)
 
 
+def trainable_copy(backbone):
+    """A copy of `backbone` to train: every weight trains but the batch-norm layers', which run in
+    inference mode, so that their statistics (the site's) stay."""
+    import keras
+
+    copy = keras.models.clone_model(backbone)
+    copy.set_weights(backbone.get_weights())
+    for layer in copy.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    return copy
+
+
 def fine_tuned(backbone, head: dict, cells: np.ndarray, fixed: np.ndarray, y: np.ndarray, schedule: Schedule = SCHEDULE,
                seed: int = 0) -> tuple:
     """(a fine-tuned copy of `backbone`, its head) from the labelled `cells` (uint8, at the
@@ -78,11 +91,7 @@ def fine_tuned(backbone, head: dict, cells: np.ndarray, fixed: np.ndarray, y: np
     import keras
 
     keras.utils.set_random_seed(seed)
-    tuned = keras.models.clone_model(backbone)
-    tuned.set_weights(backbone.get_weights())
-    for layer in tuned.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False  # inference mode: the site's statistics stay
+    tuned = trainable_copy(backbone)
     size = cells.shape[1]
     image, rest = keras.Input((size, size, 3)), keras.Input((fixed.shape[1],))
     joined = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(o) for o in tuned([image])] + [rest])

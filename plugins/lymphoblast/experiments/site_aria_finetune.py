@@ -45,12 +45,10 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
     StandardScaler + LogisticRegression pipeline), trained end to end on `cells`."""
     import keras
 
+    from dxserve_lymphoblast.finetune import trainable_copy
+
     keras.utils.set_random_seed(seed)
-    backbone = keras.models.clone_model(net)
-    backbone.set_weights(net.get_weights())
-    for layer in backbone.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False  # inference mode: the site's statistics stay
+    backbone = trainable_copy(net)  # batch norm in inference mode: the site's statistics stay
     scaler, logistic = head.named_steps["standardscaler"], head.named_steps["logisticregression"]
     w = logistic.coef_[0] / scaler.scale_
     dense = keras.layers.Dense(1)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .features import view
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -45,11 +47,10 @@ SCHEDULE = Schedule()
 
 
 def oriented(cells: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Cell i (n, s, s, 3) in orientation k[i] of 8: k quarter turns, then mirrored for k >= 4."""
+    """Cell i (n, s, s, 3) in orientation k[i] of 8, as training's views (`features.view`)."""
     out = np.empty_like(cells)
-    for i, (cell, turn) in enumerate(zip(cells, k, strict=True)):
-        turned = np.rot90(cell, int(turn) % 4)
-        out[i] = turned[:, ::-1] if turn >= 4 else turned
+    for turn in np.unique(k):
+        out[k == turn] = view(cells[k == turn], int(turn))
     return out
 
 

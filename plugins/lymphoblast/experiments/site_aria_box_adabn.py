@@ -50,19 +50,15 @@ def with_site_statistics(base, boxes: np.ndarray, seed: int = 0):
         np.concatenate([part, part[:, :, ::-1]]).astype(np.float32)) for part in halves))
 
 
-def oriented(cells: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 orientations of each image (n, s, s, 3): k quarter turns, then mirrored for k >= 4."""
-    turned = np.rot90(cells, k % 4, axes=(1, 2))
-    return turned[:, :, ::-1] if k >= 4 else turned
-
-
 def pooled(net, images: np.ndarray, views: int = 1, batch: int = BATCH) -> np.ndarray:
     """(n, d) outputs of `net` on uint8 images (MobileNet's preprocessing), averaged over the first
-    `views` orientations."""
+    `views` orientations (`features.view`)."""
     import keras
 
+    from dxserve_lymphoblast.features import view
+
     return np.mean([np.concatenate([np.asarray(net(keras.applications.mobilenet.preprocess_input(
-        np.ascontiguousarray(oriented(images[s:s + batch], k)).astype(np.float32)), training=False))
+        view(images[s:s + batch], k).astype(np.float32)), training=False))
         for s in range(0, len(images), batch)]) for k in range(views)], axis=0)
 
 

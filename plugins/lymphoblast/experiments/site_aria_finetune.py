@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import site_aria as aria  # noqa: E402
-from site_aria_box_adabn import imagenet_mobilenet, oriented, pooled, with_site_statistics  # noqa: E402
+from site_aria_box_adabn import imagenet_mobilenet, pooled, with_site_statistics  # noqa: E402
 
 SIZES = (25, 100)
 DRAWS = 2
@@ -45,6 +45,7 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
     StandardScaler + LogisticRegression pipeline), trained end to end on `cells`."""
     import keras
 
+    from dxserve_lymphoblast.features import view
     from dxserve_lymphoblast.finetune import trainable_copy
 
     keras.utils.set_random_seed(seed)
@@ -63,7 +64,7 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
         order = rng.permutation(len(x))
         for s in range(0, len(x), 16):
             part = order[s:s + 16]
-            batch = np.stack([oriented(x[i:i + 1], int(rng.integers(8)))[0] for i in part])
+            batch = np.stack([view(x[i:i + 1], int(rng.integers(8)))[0] for i in part])
             model.train_on_batch(batch, y[part].astype(np.float32)[:, None])
     return lambda c: pooled(model, c, views=2)[:, 0]
 

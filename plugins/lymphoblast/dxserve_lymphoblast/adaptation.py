@@ -283,9 +283,10 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     curve = {n: np.full(len(y), np.nan) for n in CURVE}  # out-of-fold logits of heads fitted on n cells
     for k in np.unique(folds):
         train, test = folds != k, folds == k
+        heads = {name: fit_head(x_name[train], y[train], standardised[name]) for name, (x_name, _) in designs.items()}
         for name, (x_name, _) in designs.items():
-            candidates[name][test] = head_logit(fit_head(x_name[train], y[train], standardised[name]), x_name[test])
-        candidates[FINE_TUNED][test] = tuning.out_of_fold(train, test, fit_head(x[train], y[train], standardise), seed=int(k))
+            candidates[name][test] = head_logit(heads[name], x_name[test])
+        candidates[FINE_TUNED][test] = tuning.out_of_fold(train, test, heads[SITE_STATISTICS], seed=int(k))  # started from its head
         baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
         baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
         baselines["background alone"][test] = _logistic(seen["border_rgb"][train], y[train], seen["border_rgb"][test])

@@ -37,6 +37,10 @@ of site heads (site statistics) fitted on 10 / 25 / 50 / 100 of each training fo
 (pooled, as the site version's own figure is: a fold of one class, as when every patient has
 one, has no AUROC of its own).
 Every fitted step sees only the training folds' labelled cells (unlabelled cells are no labels).
+Every fold's model, candidate, baseline or point of the curve, is read at its own level: its
+logits less their median on the same 256 site cells (`level`; labels unused), and the site
+version's calibration maps its logit less its own median there. Pooled as they came, the folds'
+models' levels ranked a held-out group of one class backwards (noise 0.14-0.28 AUROC on Aria).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ PARENT = "the parent, calibrated"
 PARENT_STATISTICS = "the parent's batch-norm statistics"
 SITE_STATISTICS = "the site's batch-norm statistics"
 FINE_TUNED = "the site's statistics, its full-size CNN fine-tuned"
+#: The site cells (labelled and unlabelled, labels unused: a seeded sample) every fold's model is read on (`level`).
+REFERENCE = 256
 C = 0.05  # L2 strength of the head: stable from 0.005 to 0.2 on Aria's cells (experiments/site_aria.py)
 CURVE = (10, 25, 50, 100)
 CONFIDENT = 0.9
@@ -225,6 +231,19 @@ def per_group(groups: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[dict]:
     return out
 
 
+def level(logits: np.ndarray) -> float:
+    """Where a model puts the reference site cells: the median of its logits on them. Models fitted
+    on different folds sit at different levels: a fold short of one class moves the intercept,
+    and where every group is of one class (a patient, a slide), the held-out class is the one the
+    training folds are short of, so pooled out-of-fold logits rank it backwards. On Aria's blocks
+    (100 labelled cells, 10-12 groups, all of one class), logistic regression on pure noise
+    pooled 0.14-0.28 AUROC, size alone 0.14-0.39; each fold's logits less its model's `level`:
+    noise 0.42-0.60, size 0.35-0.65 (experiments/RESULTS.md). Every fold's logits, the
+    candidates', the baselines' and the learning curve's, are read so, and the site version's
+    own by its own level: a constant per model, so nothing in one model's ranking changes."""
+    return float(np.median(logits)) if len(logits) else 0.0
+
+
 def choose(candidates: dict[str, np.ndarray], y: np.ndarray) -> tuple[str, dict[str, float]]:
     """The candidate whose out-of-fold scores rank `y` best (pooled AUROC), and every candidate's
     AUROC; on a tie the one listed first (the simpler), and an undefined AUROC never wins."""
@@ -235,7 +254,7 @@ def choose(candidates: dict[str, np.ndarray], y: np.ndarray) -> tuple[str, dict[
 
 def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], folder: Path) -> Adaptation:
     from . import ood as ood_model
-    from .baselines import _logistic
+    from .baselines import fitted_logistic
     from .plugin import LABELS
 
     y = np.array([item.label == LABELS[0] for item in labelled], int)
@@ -256,7 +275,8 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     for part in parts:
         part["parent_features"] = part["features"]
         part["features"] = in_chunks(lambda r: site_model(r["cell"], r["log_diameter"]), part["records"])[1]
-    every = {k: np.concatenate([part[k] for part in parts]) for k in ("features", "parent_features", "log_diameter", "colours")}
+    every = {k: np.concatenate([part[k] for part in parts])
+             for k in ("features", "parent_features", "log_diameter", "colours", "logit", "mean_rgb", "border_rgb")}
     stats = [measured for part in parts for measured in part["stats"]]
 
     # 1: the gate's colour model, on every site cell.
@@ -276,27 +296,35 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     standardised = {name: (all_x.mean(axis=0), np.maximum(all_x.std(axis=0), 1e-6)) for name, (_, all_x) in designs.items()}
     x, standardise = designs[SITE_STATISTICS][0], standardised[SITE_STATISTICS]
     folds = folds_by_group(groups, y)
-    candidates = {PARENT: seen["logit"], PARENT_STATISTICS: np.zeros(len(y)), SITE_STATISTICS: np.zeros(len(y)),
-                  FINE_TUNED: np.zeros(len(y))}
+    # Each fold's model is read relative to where it puts the same site cells (`level`).
+    reference = np.sort(np.random.default_rng(0).choice(len(records), min(REFERENCE, len(records)), replace=False))
+    on_reference = {name: all_x[reference] for name, (_, all_x) in designs.items()}
+    candidates = {PARENT: seen["logit"] - level(every["logit"][reference]), PARENT_STATISTICS: np.zeros(len(y)),
+                  SITE_STATISTICS: np.zeros(len(y)), FINE_TUNED: np.zeros(len(y))}
     tuning = FineTuning(backbones[runtime.image_size], seen["records"]["cell"], x, y, runtime.views)
-    baselines = {"size alone": np.zeros(len(y)), "colour alone": np.zeros(len(y)), "background alone": np.zeros(len(y))}
+    alone = {"size alone": "log_diameter", "colour alone": "mean_rgb", "background alone": "border_rgb"}
+    baselines = {name: np.zeros(len(y)) for name in alone}
     curve = {n: np.full(len(y), np.nan) for n in CURVE}  # out-of-fold logits of heads fitted on n cells
     for k in np.unique(folds):
         train, test = folds != k, folds == k
         heads = {name: fit_head(x_name[train], y[train], standardised[name]) for name, (x_name, _) in designs.items()}
         for name, (x_name, _) in designs.items():
-            candidates[name][test] = head_logit(heads[name], x_name[test])
-        candidates[FINE_TUNED][test] = tuning.out_of_fold(train, test, heads[SITE_STATISTICS], seed=int(k))  # started from its head
-        baselines["size alone"][test] = _logistic(seen["log_diameter"][train, None], y[train], seen["log_diameter"][test, None])
-        baselines["colour alone"][test] = _logistic(seen["mean_rgb"][train], y[train], seen["mean_rgb"][test])
-        baselines["background alone"][test] = _logistic(seen["border_rgb"][train], y[train], seen["border_rgb"][test])
+            candidates[name][test] = head_logit(heads[name], x_name[test]) - level(head_logit(heads[name], on_reference[name]))
+        tuned, tuned_reference = tuning.out_of_fold(train, test, heads[SITE_STATISTICS], seed=int(k),  # started from its head
+                                                    also=(records["cell"][reference], on_reference[SITE_STATISTICS]))
+        candidates[FINE_TUNED][test] = tuned - level(tuned_reference)
+        for name, key in alone.items():
+            column = (lambda v: v[:, None]) if key == "log_diameter" else (lambda v: v)
+            logit = fitted_logistic(column(seen[key][train]), y[train])
+            baselines[name][test] = logit(column(seen[key][test])) - level(logit(column(every[key][reference])))
         rng = np.random.default_rng(int(k))
         for n in CURVE:
             idx = np.flatnonzero(train)
             per_class = [rng.permutation(idx[y[idx] == c])[: max(1, n // 2)] for c in (0, 1)]
             picked = np.concatenate(per_class)
             if len(picked) >= min(n, train.sum()) * 0.9 and len(set(y[picked].tolist())) == 2:
-                curve[n][test] = head_logit(fit_head(x[picked], y[picked], standardise), x[test])
+                head = fit_head(x[picked], y[picked], standardise)
+                curve[n][test] = head_logit(head, x[test]) - level(head_logit(head, on_reference[SITE_STATISTICS]))
     chosen, scores = choose(candidates, y)
     oof = candidates[chosen]
     # 4: cross-fitted calibration and screening threshold: fold k's with a map and threshold fitted on the other folds.
@@ -317,8 +345,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     confident_wrong = ((p_oof >= CONFIDENT) & (y == 0)) | ((p_oof <= 1 - CONFIDENT) & (y == 1))
     per_fold = [round(auroc(y[folds == k], oof[folds == k]), 4) for k in np.unique(folds)]
 
-    # The chosen graph: the fine-tuned one is made now, fitted on every labelled cell.
-    stored = {"platt": np.array([a, b])}
+    # The chosen graph: the fine-tuned one is made now, fitted on every labelled cell. Calibration
+    # maps the site version's logit less its own level, folded into the map's intercept.
+    head = {}
     if chosen == FINE_TUNED:
         tuned, head = tuning.fit(fit_head(x, y, standardise))
         graph, graph_entry = graph_of(parent_cnn, scales, {**backbones, runtime.image_size: tuned}, records["cell"],
@@ -326,9 +355,14 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                                       f"{tuning.describe()}")
         tuned_model = LiteRTModel(graph, runtime.views)
         every["features"] = in_chunks(lambda r: tuned_model(r["cell"], r["log_diameter"]), records)[1]
-        stored.update(head)
+        own = level(head_logit(head, design(every["features"], every["log_diameter"])[reference]))
     elif chosen != PARENT:
-        stored.update(fit_head(designs[chosen][0], y, standardised[chosen]))
+        head = fit_head(designs[chosen][0], y, standardised[chosen])
+        own = level(head_logit(head, on_reference[chosen]))
+    else:
+        own = level(every["logit"][reference])
+    b -= a * own
+    stored = {"platt": np.array([a, b]), **head}
 
     # 2: the out-of-distribution reference, on the chosen graph's features of every site cell.
     features = every["parent_features"] if chosen in (PARENT, PARENT_STATISTICS) else every["features"]
@@ -344,8 +378,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
     report = {
         "protocol": (f"grouped {len(np.unique(folds))}-fold cross-validation on the labelled images (StratifiedGroupKFold "
                      "by `group`: no group on both sides); the head, Platt calibration and screening threshold of each "
-                     "fold fitted on the other folds only; baselines (logistic) in the same folds; intervals: 95 % "
-                     "bootstrap over groups"),
+                     "fold fitted on the other folds only; baselines (logistic) in the same folds; each fold's logits "
+                     f"less their median on the same {len(reference)} site cells (labels unused), the site version's "
+                     "less its own; intervals: 95 % bootstrap over groups"),
         "labelled": {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), LABELS[0]: int(y.sum()),
                      LABELS[1]: int((1 - y).sum()),
                      # Groups of one class (patients all blasts or all normal): a fitted head's out-of-fold
@@ -379,7 +414,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                             "margin_over_colour_alone": report["margin_over_colour_alone"]}
     card = {"quality_gate": gate, "ood": ood_entry, "thresholds": thresholds.to_dict(),
             "calibration": {"method": f"Platt scaling of the logit of {chosen}", "a": a, "b": b,
-                            "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation"},
+                            "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation, each fold's "
+                                         f"less its model's median on {len(reference)} site cells",
+                            "level": own},
             "backbone": graph_entry if chosen in (SITE_STATISTICS, FINE_TUNED) else "the parent's, with its statistics",
             "head": {"file": HEAD_FILE, "classifier": chosen,
                      "chosen_from": {name: round(score, 4) for name, score in scores.items()},

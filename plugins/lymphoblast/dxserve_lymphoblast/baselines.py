@@ -15,14 +15,17 @@ SIZE_ALONE = "size alone (logistic on log diameter)"
 FROZEN_LOGISTIC = "frozen MobileNet 8-view mean + size, logistic"
 
 
-def _logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+def fitted_logistic(x_train: np.ndarray, y_train: np.ndarray):
+    """The logit function (x -> logits) of a standardised logistic regression fitted on the training rows."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-    model.fit(x_train, y_train)
-    return model.decision_function(x_test)
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train).decision_function
+
+
+def _logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    return fitted_logistic(x_train, y_train)(x_test)
 
 
 def size_alone(log_d_train: np.ndarray, y_train: np.ndarray, log_d_test: np.ndarray) -> np.ndarray:

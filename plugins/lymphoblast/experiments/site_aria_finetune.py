@@ -2,7 +2,7 @@
 features reaches (0.83-0.87 at 100 cells on Aria)? Research: nothing here is shipped; RESULTS.md
 says what it measured.
 
-    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100]
+    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100] [--jitter]
 
 Same cells (smear-field with the site profile, as `site_aria.py`), each as the served model sees
 it (`prepare`: the cell on black, 224 px), same splits (5 contiguous number blocks per class; fit
@@ -40,13 +40,28 @@ def served_cells(root: Path) -> tuple[np.ndarray, list[dict]]:
     return np.stack([runtime.prepare(c)[0]["cell"] for c in crops]), [r for r in rows if r["cell"] >= 0]
 
 
-def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int):
+def colour_jitter(seed: int):
+    """Keras's colour jitter for cells in [0, 255]: brightness +-10 % of the range, contrast
+    0.8-1.2, saturation 0.7-1.3, hue +-0.05 of the circle (18 degrees), each drawn per cell."""
+    import keras
+
+    return keras.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=0.1, contrast_factor=0.2,
+                                          saturation_factor=(0.35, 0.65), hue_factor=0.1, seed=seed)
+
+
+def recoloured(jitter, cells: np.ndarray) -> np.ndarray:
+    """float32 cells in [0, 255] through `jitter`, the black around a segmented cell kept black."""
+    inside = cells.max(axis=-1, keepdims=True) > 12
+    changed = np.clip(np.asarray(jitter(cells.astype(np.float32), training=True)), 0, 255)
+    return np.where(inside, changed, 0).astype(np.float32)
+
+
+def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int, jitter: bool = False):
     """A copy of `net` (batch norm frozen) with a dense head started from `head` (a fitted
     StandardScaler + LogisticRegression pipeline), trained end to end on `cells`."""
     import keras
 
-    from dxserve_lymphoblast.features import view
-    from dxserve_lymphoblast.finetune import trainable_copy
+    from dxserve_lymphoblast.finetune import oriented, trainable_copy
 
     keras.utils.set_random_seed(seed)
     backbone = trainable_copy(net)  # batch norm in inference mode: the site's statistics stay
@@ -59,13 +74,14 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
     dense.set_weights([w[:, None].astype(np.float32), np.array([logistic.intercept_[0] - (w * scaler.mean_).sum()], np.float32)])
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.BinaryCrossentropy(from_logits=True))
     rng = np.random.default_rng(seed)
-    x = keras.applications.mobilenet.preprocess_input(cells.astype(np.float32))
+    changed = colour_jitter(seed) if jitter else None
     for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for s in range(0, len(x), 16):
+        order = rng.permutation(len(cells))
+        for s in range(0, len(cells), 16):
             part = order[s:s + 16]
-            batch = np.stack([view(x[i:i + 1], int(rng.integers(8)))[0] for i in part])
-            model.train_on_batch(batch, y[part].astype(np.float32)[:, None])
+            batch = oriented(cells[part], np.array([rng.integers(8) for _ in part]))  # as drawn before --jitter
+            batch = recoloured(changed, batch) if jitter else batch.astype(np.float32)
+            model.train_on_batch(keras.applications.mobilenet.preprocess_input(batch), y[part].astype(np.float32)[:, None])
     return lambda c: pooled(model, c, views=2)[:, 0]
 
 
@@ -78,6 +94,7 @@ def main() -> None:
         parser.add_argument("--epochs", type=int, default=40)
         parser.add_argument("--lr", type=float, default=1e-4)
         parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+        parser.add_argument("--jitter", action="store_true", help="colour jitter each cell as it is trained on (finetune.colour_jitter)")
 
     args = aria.arguments(__doc__, "site_aria_finetune", options)
     stored = args.cache / "site_aria_finetune_cells.npz"
@@ -89,7 +106,7 @@ def main() -> None:
         np.savez(stored, cells=cells, rows=np.array(json.dumps(rows)))
     y, block = np.array([r["label"] == "blast" for r in rows], int), aria.blocks(rows)
     base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5")
-    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "sizes": args.sizes, "splits": []}
+    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "jitter": args.jitter, "sizes": args.sizes, "splits": []}
     for b in range(aria.BLOCKS):
         net = with_site_statistics(base, cells[block == b])
         features = pooled(net, cells, views=2)
@@ -104,7 +121,7 @@ def main() -> None:
                 picked = np.concatenate([rng.choice(train[y[train] == k], n // 2, replace=False) for k in (0, 1)])
                 head = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(features[picked], y[picked])
                 frozen.append(aria.auroc(y[test], head.decision_function(features[test])))
-                score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw)
+                score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw, args.jitter)
                 tuned.append(aria.auroc(y[test], score(cells[test])))
                 aria.log(f"split {b} n={n} draw {draw}: frozen {frozen[-1]:.3f}, fine-tuned {tuned[-1]:.3f}")
             split[str(n)] = {"frozen": frozen, "fine_tuned": tuned}

@@ -2,13 +2,14 @@
 on one block's cells, the site version scored on the other blocks, as a lab would validate it.
 Research: nothing here is shipped; RESULTS.md says what it measured.
 
-    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0] [--detector site]
+    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0] [--detector site] [--as-found]
 
 1. Aria's cells found by smear-field with the site profile (`site_aria.py`), or (`--detector
    site`) by smear-field's own site version, made by `dxserve site onboard --plugin smear-field`
    from the onboarding block's fields (the whole chain through the platform), split by contiguous
    number blocks within each class (5 blocks); block `--block` is the onboarding block.
-2. For each size in --labelled: that many cells of the block (half of each class, at random) are
+2. For each size in --labelled: that many cells of the block (half of each class, at random; with
+   --as-found, at random in the proportion they come) are
    written as PNG with labels.csv (group: the field's sub-block of --group-size numbers in its
    class, 20 by default: neighbouring fields share a patient, and groups of 5 let a patient's
    cells sit on both sides of the report's folds), the block's other cells as the unlabelled folder, and
@@ -76,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=aria.SHARED)
     parser.add_argument("--labelled", type=int, nargs="+", default=[100, 25])
+    parser.add_argument("--as-found", action="store_true",
+                        help="label cells of the block at random, in the proportion they come (not half of each class)")
     parser.add_argument("--block", type=int, default=0)
     parser.add_argument("--detector", choices=("profile", "site"), default="profile")
     parser.add_argument("--group-size", type=int, default=20,
@@ -114,7 +117,8 @@ def main() -> None:
     log(f"parent: {report['parent 2.1.0']}")
     for n in args.labelled:
         rng = np.random.default_rng(n)
-        picked = np.concatenate([rng.choice(in_block[y[in_block] == k], n // 2, replace=False) for k in (0, 1)])
+        picked = rng.choice(in_block, n, replace=False) if args.as_found else \
+            np.concatenate([rng.choice(in_block[y[in_block] == k], n // 2, replace=False) for k in (0, 1)])
         unlabelled = np.setdiff1d(in_block, picked)
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)

@@ -311,12 +311,12 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
         for name, (x_name, _) in designs.items():
             candidates[name][test] = head_logit(heads[name], x_name[test]) - level(head_logit(heads[name], on_reference[name]))
         tuned, tuned_reference = tuning.out_of_fold(train, test, heads[SITE_STATISTICS], seed=int(k),  # started from its head
-                                                    also=(records["cell"][reference], on_reference[SITE_STATISTICS]))
+                                                    reference=(records["cell"][reference], on_reference[SITE_STATISTICS]))
         candidates[FINE_TUNED][test] = tuned - level(tuned_reference)
         for name, key in alone.items():
-            column = (lambda v: v[:, None]) if key == "log_diameter" else (lambda v: v)
-            logit = fitted_logistic(column(seen[key][train]), y[train])
-            baselines[name][test] = logit(column(seen[key][test])) - level(logit(column(every[key][reference])))
+            columns, on_cells = seen[key].reshape(len(y), -1), every[key][reference].reshape(len(reference), -1)
+            logit = fitted_logistic(columns[train], y[train])
+            baselines[name][test] = logit(columns[test]) - level(logit(on_cells))
         rng = np.random.default_rng(int(k))
         for n in CURVE:
             idx = np.flatnonzero(train)
@@ -355,7 +355,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                                       f"{tuning.describe()}")
         tuned_model = LiteRTModel(graph, runtime.views)
         every["features"] = in_chunks(lambda r: tuned_model(r["cell"], r["log_diameter"]), records)[1]
-        own = level(head_logit(head, design(every["features"], every["log_diameter"])[reference]))
+        own = level(head_logit(head, design(every["features"][reference], every["log_diameter"][reference])))
     elif chosen != PARENT:
         head = fit_head(designs[chosen][0], y, standardised[chosen])
         own = level(head_logit(head, on_reference[chosen]))

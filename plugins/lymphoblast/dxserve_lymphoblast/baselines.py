@@ -15,13 +15,14 @@ SIZE_ALONE = "size alone (logistic on log diameter)"
 FROZEN_LOGISTIC = "frozen MobileNet 8-view mean + size, logistic"
 
 
-def fitted_logistic(x_train: np.ndarray, y_train: np.ndarray):
-    """The logit function (x -> logits) of a standardised logistic regression fitted on the training rows."""
+def fitted_logistic(x_train: np.ndarray, y_train: np.ndarray, c: float = 1.0):
+    """The logit function (x -> logits) of a standardised logistic regression (L2, inverse strength
+    `c`) fitted on the training rows."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train).decision_function
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(x_train, y_train).decision_function
 
 
 def _logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:

@@ -126,18 +126,18 @@ class FineTuning:
         self.seconds, self.fits = 0.0, 0
 
     def out_of_fold(self, train: np.ndarray, test: np.ndarray, head: dict, seed: int,
-                    also: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    reference: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Logits of the `test` cells from a fine-tuning on the `train` cells, started from `head`,
-        and of `also` (other cells, uint8, and their design on the site's statistics; none: empty)."""
+        and of the `reference` cells (uint8, and their design on the site's statistics)."""
         from .adaptation import head_logit
 
         tuned, tuned_head = self._fit(train, head, seed)
         started = time.perf_counter()
-        scored = [(self.cells[test], self.x[test])] + ([also] if also is not None else [])
-        logits = [head_logit(tuned_head, np.column_stack([pooled_features(tuned, cells, self.views), x[:, self.full:]]))
-                  for cells, x in scored]
+        test_logits, reference_logits = [
+            head_logit(tuned_head, np.column_stack([pooled_features(tuned, cells, self.views), x[:, self.full:]]))
+            for cells, x in ((self.cells[test], self.x[test]), reference)]
         self.seconds += time.perf_counter() - started
-        return logits[0], (logits[1] if also is not None else np.zeros(0))
+        return test_logits, reference_logits
 
     def fit(self, head: dict) -> tuple:
         """(the backbone, its head) fine-tuned on every labelled cell, started from `head`."""

@@ -94,7 +94,7 @@ def main() -> None:
         parser.add_argument("--epochs", type=int, default=40)
         parser.add_argument("--lr", type=float, default=1e-4)
         parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-        parser.add_argument("--jitter", action="store_true", help="colour jitter each cell as it is trained on (finetune.colour_jitter)")
+        parser.add_argument("--jitter", action="store_true", help="colour jitter each cell as it is trained on (colour_jitter above)")
 
     args = aria.arguments(__doc__, "site_aria_finetune", options)
     stored = args.cache / "site_aria_finetune_cells.npz"

@@ -24,11 +24,8 @@ from site_aria import log
 
 
 def main() -> None:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from dxserve_lymphoblast.adaptation import C, auroc, design, folds_by_group, level
+    from dxserve_lymphoblast.baselines import fitted_logistic
 
     args = aria.arguments(__doc__, "site_aria_levels")
     found = aria.cached(args.cache / "site_aria_adabn.npz")
@@ -52,7 +49,7 @@ def main() -> None:
             pooled, levelled = np.zeros(len(y)), np.zeros(len(y))
             for k in np.unique(folds):
                 train, test = picked[folds != k], picked[folds == k]
-                logit = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(x[train], y_all[train]).decision_function
+                logit = fitted_logistic(x[train], y_all[train], c)
                 pooled[folds == k] = logit(x[test])
                 levelled[folds == k] = pooled[folds == k] - level(logit(x[unlabelled]))
             split["pooled"][name], split["levelled"][name] = round(auroc(y, pooled), 3), round(auroc(y, levelled), 3)

@@ -4,6 +4,8 @@ says what it measured.
 
     python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100] [--jitter]
 
+(--sizes 0: every cell of block b labelled, one draw: the ceiling of labelling more of the block.)
+
 Same cells (smear-field with the site profile, as `site_aria.py`), each as the served model sees
 it (`prepare`: the cell on black, 224 px), same splits (5 contiguous number blocks per class; fit
 on block b, score the others less the fields within --gap numbers of block b's) and the same
@@ -38,6 +40,17 @@ def served_cells(root: Path) -> tuple[np.ndarray, list[dict]]:
     runtime = LymphoblastRuntime(find_version("2.1.0"))
     runtime.load()
     return np.stack([runtime.prepare(c)[0]["cell"] for c in crops]), [r for r in rows if r["cell"] >= 0]
+
+
+def cached_cells(args) -> tuple[np.ndarray, list[dict]]:
+    """`served_cells`, from the experiments' cache (found and cached on the first run)."""
+    stored = args.cache / "site_aria_finetune_cells.npz"
+    if (found := aria.cached(stored)) is not None:
+        return found[0]["cells"], found[1]
+    aria.log("Aria: finding cells (site profile), prepared as 2.1.0 serves them")
+    cells, rows = served_cells(args.shared / "data" / "aria-taleqani")
+    np.savez(stored, cells=cells, rows=np.array(json.dumps(rows)))
+    return cells, rows
 
 
 def colour_jitter(seed: int):
@@ -97,13 +110,7 @@ def main() -> None:
         parser.add_argument("--jitter", action="store_true", help="colour jitter each cell as it is trained on (colour_jitter above)")
 
     args = aria.arguments(__doc__, "site_aria_finetune", options)
-    stored = args.cache / "site_aria_finetune_cells.npz"
-    if (found := aria.cached(stored)) is not None:
-        cells, rows = found[0]["cells"], found[1]
-    else:
-        aria.log("Aria: finding cells (site profile), prepared as 2.1.0 serves them")
-        cells, rows = served_cells(args.shared / "data" / "aria-taleqani")
-        np.savez(stored, cells=cells, rows=np.array(json.dumps(rows)))
+    cells, rows = cached_cells(args)
     y, block = np.array([r["label"] == "blast" for r in rows], int), aria.blocks(rows)
     base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5")
     report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "jitter": args.jitter, "sizes": args.sizes, "splits": []}
@@ -116,9 +123,10 @@ def main() -> None:
         split = {"block": b, "scored": len(test)}
         for n in args.sizes:
             frozen, tuned = [], []
-            for draw in range(DRAWS):
+            for draw in range(DRAWS if n else 1):  # n = 0: every cell of block b, labelled (a ceiling)
                 rng = np.random.default_rng(draw)
-                picked = np.concatenate([rng.choice(train[y[train] == k], n // 2, replace=False) for k in (0, 1)])
+                picked = (np.concatenate([rng.choice(train[y[train] == k], n // 2, replace=False) for k in (0, 1)])
+                          if n else train)
                 head = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(features[picked], y[picked])
                 frozen.append(aria.auroc(y[test], head.decision_function(features[test])))
                 score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw, args.jitter)
@@ -127,11 +135,16 @@ def main() -> None:
             split[str(n)] = {"frozen": frozen, "fine_tuned": tuned}
         report["splits"].append(split)
         args.out.write_text(json.dumps(report, indent=1))
-    for n in args.sizes:
-        for kind in ("frozen", "fine_tuned"):
-            per = [float(np.mean(s[str(n)][kind])) for s in report["splits"]]
-            aria.log(f"n={n} {kind:10s} per split {' '.join(f'{a:.3f}' for a in per)} mean {np.mean(per):.3f}")
+    summarise(report, ("frozen", "fine_tuned"))
     aria.log(f"wrote {args.out}")
+
+
+def summarise(report: dict, kinds: tuple[str, ...]) -> None:
+    """Log each method's AUROC per split (the mean of its draws) and their mean, for each size."""
+    for n in report["sizes"]:
+        for kind in kinds:
+            per = [float(np.mean(s[str(n)][kind])) for s in report["splits"]]
+            aria.log(f"n={n} {kind:12s} per split {' '.join(f'{a:.3f}' for a in per)} mean {np.mean(per):.3f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import site_aria as aria  # noqa: E402
 from site_aria_box_adabn import imagenet_mobilenet, pooled, with_site_statistics  # noqa: E402
-from site_aria_finetune import DRAWS, SIZES, served_cells  # noqa: E402
+from site_aria_finetune import DRAWS, SIZES, cached_cells, summarise  # noqa: E402
 
 
 def head(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
@@ -61,13 +61,7 @@ def main() -> None:
         parser.add_argument("--rounds", type=int, default=5)
 
     args = aria.arguments(__doc__, "site_aria_selftrain", options)
-    stored = args.cache / "site_aria_finetune_cells.npz"
-    if (found := aria.cached(stored)) is not None:
-        cells, rows = found[0]["cells"], found[1]
-    else:
-        aria.log("Aria: finding cells (site profile), prepared as 2.1.0 serves them")
-        cells, rows = served_cells(args.shared / "data" / "aria-taleqani")
-        np.savez(stored, cells=cells, rows=np.array(json.dumps(rows)))
+    cells, rows = cached_cells(args)
     y, block = np.array([r["label"] == "blast" for r in rows], int), aria.blocks(rows)
     base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5")
     report = {"cells": len(rows), "gap": args.gap, "rounds": args.rounds, "sizes": args.sizes, "splits": []}
@@ -97,10 +91,7 @@ def main() -> None:
             split[str(n)] = {"frozen": frozen, "self_trained": selfed}
         report["splits"].append(split)
         args.out.write_text(json.dumps(report, indent=1))
-    for n in args.sizes:
-        for kind in ("frozen", "self_trained"):
-            per = [float(np.mean(s[str(n)][kind])) for s in report["splits"]]
-            aria.log(f"n={n} {kind:12s} per split {' '.join(f'{a:.3f}' for a in per)} mean {np.mean(per):.3f}")
+    summarise(report, ("frozen", "self_trained"))
     per = [s["whole block labelled"] for s in report["splits"]]
     aria.log(f"whole block labelled per split {' '.join(f'{a:.3f}' for a in per)} mean {np.mean(per):.3f}")
     aria.log(f"wrote {args.out}")

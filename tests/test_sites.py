@@ -101,6 +101,7 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert site["labelled"]["labelled/UID_11_10_1_all-0.png"] == sha256_of(root / "labelled" / "UID_11_10_1_all-0.png")
     report = site["report"]
     assert report["labelled"] == {"images": 48, "groups": 6, "lymphoblast": 24, "normal": 24, "groups_of_one_class": 6}
+    assert report["prevalence"] == {"calibrated_at": 0.5, "declared": False}  # no --prevalence: the labelled share
     for baseline in ("parent unadapted", "site head, the parent's batch-norm statistics", "site head, the site's batch-norm statistics",
                      "site head, the site's statistics, its full-size CNN fine-tuned", "size alone", "colour alone", "background alone"):
         assert 0.0 <= report["auroc"][baseline] <= 1.0 and len(report["auroc"][f"{baseline} interval"]) == 2
@@ -276,6 +277,64 @@ def test_a_site_calibration_softens_what_overstates_across_groups_and_never_shar
     assert soften(0.5 * truth, y) == (1.0, 0.0)  # understated: never sharpened
     c, _ = soften(truth, y)  # calibrated: a slope near 1, if any
     assert c > 0.9
+
+
+def test_a_site_version_is_calibrated_to_the_prevalence_the_lab_declares():
+    """Cells labelled half of each class rank best; a site whose cells are 80 % blasts declares it
+    (`--prevalence 0.8`), and every map is calibrated to it, the cross-fitted ones too: the slope
+    stays, the intercept moves by logit(0.8), and the probabilities hold at the site's own mix
+    where the labelled share's read low. The report's calibration figures are read at it."""
+    from dxserve_lymphoblast.adaptation import calibrate, folds_by_group
+    from dxserve_lymphoblast.calibration import expected_calibration_error, mix_weights
+    from scipy.special import expit, logit
+
+    rng = np.random.default_rng(0)
+    y, groups = np.repeat([0, 1], 100), np.repeat(np.arange(20), 10)  # groups of one class, as on Aria
+    oof = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1, len(y))
+    folds = folds_by_group(groups, y)
+    labelled_share, declared = calibrate(oof, y, folds, 0.5), calibrate(oof, y, folds, 0.8)
+    assert declared.a == pytest.approx(labelled_share.a, rel=0.1)
+    assert declared.b - labelled_share.b == pytest.approx(logit(0.8), abs=0.15)
+    weight = mix_weights(y, 0.8)
+    assert weight.mean() == pytest.approx(1.0) and weight[y == 1].sum() / weight.sum() == pytest.approx(0.8)
+    site = rng.random(4000) < 0.8  # the site's own cells
+    x = np.where(site, 1.0, -1.0) + rng.normal(0, 1, len(site))
+    assert expit(declared.a * x + declared.b).mean() == pytest.approx(site.mean(), abs=0.02)
+    assert expit(labelled_share.a * x + labelled_share.b).mean() < site.mean() - 0.1  # blasts read low
+    figures = declared.figures(y)
+    assert figures["ece"] == round(expected_calibration_error(declared.p, y, weight=weight), 4)
+    assert figures["ece"] < expected_calibration_error(declared.p, y) - 0.02  # read at 50/50, it would look off
+    assert labelled_share.figures(y)["ece"] == round(expected_calibration_error(labelled_share.p, y), 4)
+
+
+def test_onboarding_takes_a_prevalence_only_where_it_can(onboarded, tmp_path, capsys, monkeypatch):
+    """--prevalence reaches the plugin's `adapt`; a share outside (0, 1), or a plugin whose `adapt`
+    takes none (a field plugin), is refused before anything is made."""
+    from dxserve.config import Settings
+    from dxserve.onboarding import onboard
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime
+
+    root, _, _ = onboarded
+    sites_dir = tmp_path / "sites"
+    common = ["--site", "lab", "--labelled", str(root / "labels.csv"), "--unlabelled", str(root / "unlabelled"),
+              "--sites-dir", str(sites_dir)]
+    assert dxserve(["site", "onboard", *common, "--prevalence", "1.5"]) == 2
+    assert "--prevalence 1.5: the share of lymphoblast among the site's images, between 0 and 1" in capsys.readouterr().err
+    assert dxserve(["site", "onboard", "--plugin", "smear-field", *common, "--prevalence", "0.5"]) == 2
+    assert "plugin 'smear-field' takes no --prevalence" in capsys.readouterr().err
+    given = []
+
+    def adapt(self, labelled, unlabelled, folder, prevalence=None):
+        given.append(prevalence)
+        raise KeyboardInterrupt  # stop here: what reached adapt is all this test reads
+
+    monkeypatch.setattr(LymphoblastRuntime, "adapt", adapt)
+    for prevalence in (0.8, None):
+        with pytest.raises(KeyboardInterrupt):
+            onboard(Settings(sites_dir=sites_dir, audit_db=""), "lymphoblast", "", "lab", root / "labels.csv",
+                    root / "unlabelled", log=lambda _: None, prevalence=prevalence)
+    assert given == [0.8, None]
+    assert not list((sites_dir / "lymphoblast").iterdir())  # nothing half-made
 
 
 def test_an_undefined_figure_never_meets_a_criterion():

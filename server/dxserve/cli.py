@@ -314,7 +314,7 @@ def site_command(args: argparse.Namespace) -> int:
         if args.max_unlabelled is not None and args.max_unlabelled < 1:
             raise OnboardingError(f"--max-unlabelled {args.max_unlabelled}: at least 1")
         done = onboard(settings, args.plugin, args.base, args.site, args.labelled, args.unlabelled,
-                       max_unlabelled=args.max_unlabelled or MAX_UNLABELLED)
+                       max_unlabelled=args.max_unlabelled or MAX_UNLABELLED, prevalence=args.prevalence)
     except (OnboardingError, OSError, ImportError) as error:  # ImportError: a plugin's training stack is not installed
         print(f"dxserve: {error}", file=sys.stderr)
         return 2
@@ -485,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     site.add_argument("--unlabelled", type=Path, help="onboard: folder of the site's unlabelled images")
     site.add_argument("--max-unlabelled", type=int, default=None, help="onboard: of a folder with more unlabelled "
                       "images, use a seeded sample of this many (default 2000; site.json lists those used)")
+    site.add_argument("--prevalence", type=float, default=None, help="onboard: the share of the plugin's first label "
+                      "(lymphoblast) among the images the site will send; the site version is calibrated to it "
+                      "(default: the labelled images' share)")
     site.add_argument("--sites-dir", type=Path, help="where site versions live (default: the sites_dir setting)")
     site.add_argument("--config", type=Path, help="TOML settings file (sites_dir, site_acceptance)")
     site.add_argument("--db", help="shadow-report: the audit trail (a SQLite file or a postgresql:// URL)")

@@ -16,6 +16,7 @@ removed.
 from __future__ import annotations
 
 import csv
+import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,9 @@ def decoded(path: Path):
 
 
 def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv: Path, unlabelled_dir: Path,
-            log=print, max_unlabelled: int = MAX_UNLABELLED) -> Onboarded:
+            log=print, max_unlabelled: int = MAX_UNLABELLED, prevalence: float | None = None) -> Onboarded:
+    """`prevalence`: the share of the plugin's first label among the images the site will send, to
+    which the site version is calibrated (`ModelRuntime.adapt`); None: the labelled share."""
     if settings.sites_dir is None:
         raise OnboardingError("no sites_dir: say where site versions live (--sites-dir or the sites_dir setting)")
     if not sites.SITE_NAME.match(site):
@@ -109,6 +112,12 @@ def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv:
         raise OnboardingError(f"no plugin {plugin!r}" + (f": {entry.reason}" if entry else ""))
     if not entry.runtime_class.adapts():
         raise OnboardingError(f"plugin {plugin!r} cannot make site versions (its runtime has no `adapt`)")
+    if prevalence is not None:
+        if not 0 < prevalence < 1:
+            raise OnboardingError(f"--prevalence {prevalence}: the share of {entry.runtime_class.info.labels[0]} among "
+                                  "the site's images, between 0 and 1")
+        if "prevalence" not in inspect.signature(entry.runtime_class.adapt).parameters:
+            raise OnboardingError(f"plugin {plugin!r} takes no --prevalence (its `adapt` does not calibrate to one)")
     versions = {v.version: v for v in entry.runtime_class.versions()}
     parent = versions.get(base) if base else next(iter(versions.values()))
     if parent is None:
@@ -124,7 +133,7 @@ def onboard(settings: Settings, plugin: str, base: str, site: str, labelled_csv:
     folder = settings.sites_dir / plugin / version
     folder.mkdir(parents=True)
     try:
-        adaptation = runtime.adapt(labelled, unlabelled, folder)
+        adaptation = runtime.adapt(labelled, unlabelled, folder, **({} if prevalence is None else {"prevalence": prevalence}))
         criteria = sites.criteria_for(site, settings.site_acceptance)
         kind = "field" if entry.runtime_class.info.objects_plugin else "classifier"
         record = sites.record(folder, plugin=plugin, site=site, version=version, parent=parent, weights=adaptation.weights,

@@ -301,7 +301,8 @@ class ModelRuntime:
         refuses a field with more than `max_objects_per_field` objects (INVALID_ARGUMENT)."""
         raise NotImplementedError
 
-    def adapt(self, labelled: Sequence[LabelledImage], unlabelled: Sequence[np.ndarray], folder: Path) -> Adaptation:
+    def adapt(self, labelled: Sequence[LabelledImage], unlabelled: Sequence[np.ndarray], folder: Path,
+              prevalence: float | None = None) -> Adaptation:
         """Optional: a **site version** of this (loaded) version for one laboratory, from a few of
         its labelled images and many unlabelled ones (`dxserve site onboard`). Re-fit what
         depends on the lab (the quality gate's ranges, the out-of-distribution reference, the
@@ -317,7 +318,11 @@ class ModelRuntime:
         fits how it finds objects in the lab's fields (its scale, marks, gate); its `labelled`
         images are fields that show an object (label: its one label), and its `acceptance`
         block carries `labelled` and `fields_with_objects` (the share of them in which it finds
-        one). The server serves the site version (`<version>+<site>.<n>`) only
+        one). `prevalence` (`--prevalence`, given only when the operator declares it; an `adapt`
+        without the parameter refuses it): the share of the first label among the images the
+        site will send; calibrate the probabilities to it, not to the labelled images' share
+        (labelled half of each, they rank best), and read the report's calibration figures at it.
+        The server serves the site version (`<version>+<site>.<n>`) only
         while they are met, and loads it with `load`, `self.version.extra["site"]` set to its
         site.json and `["parent"]` to this version's `ModelVersion` (`sites.py`).
         Runs offline, never in the server. Default: not available."""

@@ -24,7 +24,11 @@ parent is unchanged, checked by hash):
 4. calibration (Platt) and the thresholds (screening at sensitivity 0.95, the calling band) on
    cross-fitted out-of-fold predictions; where each fold's map, fitted on the other folds,
    overstates on its own fold (groups that differ as slides do), one last map softens them all
-   (`soften`), never sharpens.
+   (`soften`), never sharpens. Every map is calibrated to the site's declared `prevalence` (the
+   share of lymphoblasts among the cells it will send; else the labelled share), the classes
+   weighted to it, and the report reads its ECE, indeterminate and confidently wrong shares at
+   it: cells labelled half of each class rank best, and a site whose cells are mostly blasts
+   then gets probabilities that hold at its own mix (Aria, block 1: verified ECE 0.19 -> 0.09).
 
 The validation report is grouped cross-validation on the labelled cells (every group, a patient
 or a block of images, on one side only), each figure beside, in the same splits: the parent
@@ -45,6 +49,7 @@ models' levels ranked a held-out group of one class backwards (noise 0.14-0.28 A
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +57,7 @@ from scipy.special import expit
 
 from dxserve import Adaptation, LabelledImage
 
-from .calibration import choose_thresholds, expected_calibration_error
+from .calibration import Thresholds, choose_thresholds, expected_calibration_error, mix_weights
 from .finetune import FineTuning
 from .gate import _measure, check
 from .gate import fit as fit_gate
@@ -165,26 +170,30 @@ def head_logit(head: dict, x: np.ndarray) -> np.ndarray:
     return ((x - head["mean"]) / head["scale"]) @ head["coef"] + head["intercept"]
 
 
-def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """P = expit(a * logit + b). A slope that comes out negative (out-of-fold logits ranking the
-    labels backwards: the head learnt nothing that holds across groups) is 0, never a flipped head:
-    every cell then gets the labelled cells' share of lymphoblasts, and is indeterminate."""
+def fit_platt(logits: np.ndarray, y: np.ndarray, share: float | None = None) -> tuple[float, float]:
+    """P = expit(a * logit + b), calibrated to `share` lymphoblasts (by default their share in `y`):
+    the classes weighted to it (`mix_weights`), so the map's mean P at that mix is `share`. A
+    slope that comes out negative (out-of-fold logits ranking the labels backwards: the head
+    learnt nothing that holds across groups) is 0, never a flipped head: every cell then gets
+    `share`, and is indeterminate."""
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, None], y)
+    share = float(np.mean(y)) if share is None else share
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, None], y, sample_weight=mix_weights(y, share))
     a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     if a <= 0:
-        share = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
+        share = float(np.clip(share, 1e-6, 1 - 1e-6))
         return 0.0, float(np.log(share / (1 - share)))
     return a, b
 
 
-def soften(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def soften(z: np.ndarray, y: np.ndarray, share: float | None = None) -> tuple[float, float]:
     """(c, d) of a last map expit(c * z + d) on cross-fitted calibrated logits `z`: where each
     fold's Platt map, fitted on the other folds, overstates on the fold it maps (groups that
     differ as slides do), c < 1 softens them all; it never sharpens (c at least 1: no map). On
-    Aria, 100 labelled cells: the other blocks' cells confidently wrong 8.5 % -> 0.1 %."""
-    c, d = fit_platt(z, y)
+    Aria, 100 labelled cells: the other blocks' cells confidently wrong 8.5 % -> 0.1 %. `share`:
+    as `fit_platt`'s."""
+    c, d = fit_platt(z, y, share)
     return (c, d) if c < 1 else (1.0, 0.0)
 
 
@@ -244,6 +253,48 @@ def level(logits: np.ndarray) -> float:
     return float(np.median(logits)) if len(logits) else 0.0
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """Step 4 on the chosen candidate's pooled out-of-fold logits (`calibrate`)."""
+
+    share: float  # the share of lymphoblasts every map is calibrated to, and the figures read at
+    a: float  # the site version's map, P = expit(a * logit + b), before its own level
+    b: float
+    p: np.ndarray  # each labelled image's cross-fitted P: its fold mapped by a map fitted on the other folds
+    screened: np.ndarray  # each one's screen, by a threshold fitted on the other folds
+    thresholds: Thresholds  # the site version's, chosen on `p`
+
+    def figures(self, y: np.ndarray) -> dict[str, float]:
+        """The report's calibration figures; ece, indeterminate and confidently wrong at `share` (each
+        labelled image weighted so: `mix_weights`), the screen's per class."""
+        weight = mix_weights(y, self.share)
+        wrong = ((self.p >= CONFIDENT) & (y == 0)) | ((self.p <= 1 - CONFIDENT) & (y == 1))
+        return {"ece": round(expected_calibration_error(self.p, y, weight=weight), 4),
+                "sensitivity_at_screen": round(float(self.screened[y == 1].mean()), 4),
+                "specificity_at_screen": round(float((~self.screened[y == 0]).mean()), 4),
+                "indeterminate": round(float(np.average(self.thresholds.decide(self.p) == -1, weights=weight)), 4),
+                "confidently_wrong": round(float(np.average(wrong, weights=weight)), 4)}
+
+
+def calibrate(oof: np.ndarray, y: np.ndarray, folds: np.ndarray, share: float) -> Calibrated:
+    """Cross-fitted calibration and screening threshold: fold k's by a map and threshold fitted on
+    the other folds, then one softening of them all (how far those maps overstate across groups),
+    and the site version's map, fitted on every fold and softened alike. Every map is calibrated
+    to `share`, each fold's too: where groups are of one class, the other folds are short of the
+    held-out fold's class."""
+    maps = {k: fit_platt(oof[folds != k], y[folds != k], share) for k in np.unique(folds)}
+    z = np.zeros(len(y))
+    for k, (a, b) in maps.items():
+        z[folds == k] = a * oof[folds == k] + b
+    c, d = soften(z, y, share)
+    p, screened = expit(c * z + d), np.zeros(len(y), bool)
+    for k, (a, b) in maps.items():
+        other, test = folds != k, folds == k
+        screened[test] = choose_thresholds(expit(c * (a * oof[other] + b) + d), y[other]).screen(p[test])
+    a, b = fit_platt(oof, y, share)
+    return Calibrated(share, c * a, c * b + d, p, screened, choose_thresholds(p, y, weight=mix_weights(y, share)))
+
+
 def choose(candidates: dict[str, np.ndarray], y: np.ndarray) -> tuple[str, dict[str, float]]:
     """The candidate whose out-of-fold scores rank `y` best (pooled AUROC), and every candidate's
     AUROC; on a tie the one listed first (the simpler), and an undefined AUROC never wins."""
@@ -252,7 +303,8 @@ def choose(candidates: dict[str, np.ndarray], y: np.ndarray) -> tuple[str, dict[
     return max(order, key=lambda name: (np.nan_to_num(scores[name], nan=-1.0), -order.index(name))), scores
 
 
-def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], folder: Path) -> Adaptation:
+def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], folder: Path,
+          prevalence: float | None = None) -> Adaptation:
     from . import ood as ood_model
     from .baselines import fitted_logistic
     from .plugin import LABELS
@@ -327,22 +379,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                 curve[n][test] = head_logit(head, x[test]) - level(head_logit(head, on_reference[SITE_STATISTICS]))
     chosen, scores = choose(candidates, y)
     oof = candidates[chosen]
-    # 4: cross-fitted calibration and screening threshold: fold k's with a map and threshold fitted on the other folds.
-    # Then one softening of them all: how far the cross-fitted logits overstate, across groups.
-    maps = {k: fit_platt(oof[folds != k], y[folds != k]) for k in np.unique(folds)}
-    z = np.zeros(len(y))
-    for k, (a, b) in maps.items():
-        z[folds == k] = a * oof[folds == k] + b
-    c, d = soften(z, y)
-    p_oof, screened = expit(c * z + d), np.zeros(len(y), bool)
-    for k, (a, b) in maps.items():
-        other, test = folds != k, folds == k
-        screened[test] = choose_thresholds(expit(c * (a * oof[other] + b) + d), y[other]).screen(p_oof[test])
-    a, b = fit_platt(oof, y)
-    a, b = c * a, c * b + d
-    thresholds = choose_thresholds(p_oof, y)
-    decided = thresholds.decide(p_oof)
-    confident_wrong = ((p_oof >= CONFIDENT) & (y == 0)) | ((p_oof <= 1 - CONFIDENT) & (y == 1))
+    # 4: cross-fitted calibration and screening threshold, at the declared prevalence (else the labelled share).
+    calibrated = calibrate(oof, y, folds, float(y.mean()) if prevalence is None else float(prevalence))
+    a, b = calibrated.a, calibrated.b
     per_fold = [round(auroc(y[folds == k], oof[folds == k]), 4) for k in np.unique(folds)]
 
     # The chosen graph: the fine-tuned one is made now, fitted on every labelled cell. Calibration
@@ -387,6 +426,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                      # figures are then biased low, the more so the fewer the groups (RESULTS.md, C-NMC).
                      "groups_of_one_class": int(sum(len(set(y[groups == g].tolist())) == 1 for g in set(groups.tolist())))},
         "unlabelled_images": int(len(unlabelled)),
+        # The share of lymphoblasts the probabilities are calibrated to, and ece, indeterminate and
+        # confidently_wrong are read at (each labelled image weighted so): declared, or the labelled share.
+        "prevalence": {"calibrated_at": round(calibrated.share, 4), "declared": prevalence is not None},
         "fine_tuning": {"schedule": tuning.describe(), "fits": tuning.fits, "seconds": round(tuning.seconds, 1)},
         "classifier": chosen,
         "auroc": {"site version": round(auroc(y, oof), 4), "interval": interval(y, oof, groups), "per_fold": per_fold,
@@ -394,13 +436,9 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                   **{f"{name} interval": interval(y, s, groups) for name, s in baselines.items()}},
         "margin_over_colour_alone": round(auroc(y, oof) - auroc(y, baselines["colour alone"]), 4),
         "margin_over_background_alone": round(auroc(y, oof) - auroc(y, baselines["background alone"]), 4),
-        "per_group": per_group(groups, y, p_oof),
+        "per_group": per_group(groups, y, calibrated.p),
         "learning_curve_auroc": {str(n): round(auroc(y[~np.isnan(v)], v[~np.isnan(v)]), 4) for n, v in curve.items()},
-        "ece": round(expected_calibration_error(p_oof, y), 4),
-        "sensitivity_at_screen": round(float(screened[y == 1].mean()), 4),
-        "specificity_at_screen": round(float((~screened[y == 0]).mean()), 4),
-        "indeterminate": round(float((decided == -1).mean()), 4),
-        "confidently_wrong": round(float(confident_wrong.mean()), 4),
+        **calibrated.figures(y),
         "gate_passed_site_images": round(float(np.mean([not check(image, gate) for image in
                                                          [item.image for item in labelled] + list(unlabelled)])), 4),
         "gate_passed_site_images_parent": round(float(np.mean([not check(image, parent_gate) for image in
@@ -412,11 +450,11 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                             "sensitivity_at_screen": report["sensitivity_at_screen"], "ece": report["ece"],
                             "confidently_wrong": report["confidently_wrong"],
                             "margin_over_colour_alone": report["margin_over_colour_alone"]}
-    card = {"quality_gate": gate, "ood": ood_entry, "thresholds": thresholds.to_dict(),
+    card = {"quality_gate": gate, "ood": ood_entry, "thresholds": calibrated.thresholds.to_dict(),
             "calibration": {"method": f"Platt scaling of the logit of {chosen}", "a": a, "b": b,
                             "fitted_on": "the pooled out-of-fold logits of the grouped cross-validation, each fold's "
                                          f"less its model's median on {len(reference)} site cells",
-                            "level": own},
+                            "level": own, "prevalence": calibrated.share},
             "backbone": graph_entry if chosen in (SITE_STATISTICS, FINE_TUNED) else "the parent's, with its statistics",
             "head": {"file": HEAD_FILE, "classifier": chosen,
                      "chosen_from": {name: round(score, 4) for name, score in scores.items()},

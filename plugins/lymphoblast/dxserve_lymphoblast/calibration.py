@@ -35,17 +35,32 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
 
-def expected_calibration_error(p_positive: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Top-label ECE: the bin-weighted gap between confidence and accuracy of the decided class."""
+def mix_weights(labels: np.ndarray, share: float | None = None) -> np.ndarray:
+    """A weight per image (mean 1) under which lymphoblasts (label 1) make up `share` of the images,
+    whatever their share among these: figures read at a declared mix (a site's `prevalence`)
+    from images labelled at another (half of each class). None, or one class only: all 1."""
+    labels = np.asarray(labels)
+    here = float(np.mean(labels == 1)) if len(labels) else 0.0
+    if share is None or not 0 < here < 1:
+        return np.ones(len(labels))
+    return np.where(labels == 1, share / here, (1 - share) / (1 - here))
+
+
+def expected_calibration_error(p_positive: np.ndarray, labels: np.ndarray, bins: int = 15,
+                               weight: np.ndarray | None = None) -> float:
+    """Top-label ECE: the bin-weighted gap between confidence and accuracy of the decided class
+    (each image counted `weight` times: `mix_weights` reads it at another mix of the classes)."""
     confidence = np.maximum(p_positive, 1 - p_positive)
     correct = (p_positive >= 0.5) == (labels == 1)
+    weight = np.ones(len(confidence)) if weight is None else np.asarray(weight, np.float64)
     edges = np.linspace(0.5, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     ece = 0.0
     for b in range(bins):
         in_bin = which == b
         if in_bin.any():
-            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+            w = weight[in_bin]
+            ece += w.sum() / weight.sum() * abs(np.average(confidence[in_bin], weights=w) - np.average(correct[in_bin], weights=w))
     return float(ece)
 
 
@@ -102,6 +117,7 @@ def choose_thresholds(
     target_sensitivity: float = 0.95,
     target_decided_accuracy: float = 0.95,
     max_indeterminate: float = 0.15,
+    weight: np.ndarray | None = None,
 ) -> Thresholds:
     """Pick the screening threshold and the calling band on held-out predictions.
 
@@ -109,9 +125,11 @@ def choose_thresholds(
     `target_sensitivity` (missing a blast costs more than a second look at a normal cell).
     The band is the narrowest interval around P = 0.5, symmetric in logit space, that lifts
     the accuracy of the called results to `target_decided_accuracy`, but never leaves more
-    than `max_indeterminate` of the images undecided.
+    than `max_indeterminate` of the images undecided. Each image counts `weight` times in both
+    (`mix_weights`: at a site's declared mix); the screening threshold reads blasts only.
     """
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    weight = np.ones(len(p)) if weight is None else np.asarray(weight, np.float64)
     positives = np.sort(p[labels == 1])
     # Threshold at the (1 - target) quantile of the blasts' probabilities.
     k = int(np.floor((1 - target_sensitivity) * len(positives)))
@@ -120,11 +138,12 @@ def choose_thresholds(
     for width in np.linspace(0.0, 6.0, 241):
         lo, hi = float(expit(-width)), float(expit(width))
         undecided = (p >= lo) & (p < hi)
-        if undecided.mean() > max_indeterminate:
+        if np.average(undecided, weights=weight) > max_indeterminate:
             break
         lower, upper = lo, hi
         decided = ~undecided
-        accuracy = ((p[decided] >= hi) == (labels[decided] == 1)).mean() if decided.any() else 1.0
+        accuracy = (np.average((p[decided] >= hi) == (labels[decided] == 1), weights=weight[decided])
+                    if decided.any() else 1.0)
         if accuracy >= target_decided_accuracy:
             break
     return Thresholds(operating, lower, upper, target_sensitivity, target_decided_accuracy)

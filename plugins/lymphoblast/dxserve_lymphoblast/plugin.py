@@ -207,10 +207,10 @@ class LymphoblastRuntime(ModelRuntime):
         self.ood = load_ood(folder, site["ood"])
         self.thresholds = Thresholds(**site["thresholds"])
 
-    def adapt(self, labelled, unlabelled, folder: Path) -> Adaptation:
+    def adapt(self, labelled, unlabelled, folder: Path, prevalence: float | None = None) -> Adaptation:
         """A site version (`adaptation.py`): the CNN's batch-norm statistics, the gate's colour model,
-        the OOD reference, a head on the CNN features, Platt calibration and thresholds, refitted
-        on the site's cells."""
+        the OOD reference, a head on the CNN features, Platt calibration (to `prevalence`, else the
+        labelled share) and thresholds, refitted on the site's cells."""
         try:  # the training stack: scikit-learn for the head, TensorFlow to convert the site's graph
             import keras  # noqa: F401
             import sklearn  # noqa: F401
@@ -219,7 +219,7 @@ class LymphoblastRuntime(ModelRuntime):
         except ImportError as error:
             raise ImportError(f"onboarding a lymphoblast site needs the plugin's training extra "
                               f"(pip install 'dxserve-lymphoblast[train]'): {error}") from error
-        return adapt(self, list(labelled), list(unlabelled), folder)
+        return adapt(self, list(labelled), list(unlabelled), folder, prevalence)
 
     def _load_tensorflow(self) -> None:
         """The Keras model as a frozen TensorFlow graph (`frozen`), views averaged in the graph."""

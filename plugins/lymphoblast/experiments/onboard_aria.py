@@ -2,7 +2,7 @@
 on one block's cells, the site version scored on the other blocks, as a lab would validate it.
 Research: nothing here is shipped; RESULTS.md says what it measured.
 
-    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0] [--detector site] [--as-found]
+    python plugins/lymphoblast/experiments/onboard_aria.py [--labelled 100 25] [--block 0] [--detector site] [--as-found] [--prevalence]
 
 1. Aria's cells found by smear-field with the site profile (`site_aria.py`), or (`--detector
    site`) by smear-field's own site version, made by `dxserve site onboard --plugin smear-field`
@@ -13,7 +13,8 @@ Research: nothing here is shipped; RESULTS.md says what it measured.
    written as PNG with labels.csv (group: the field's sub-block of --group-size numbers in its
    class, 20 by default: neighbouring fields share a patient, and groups of 5 let a patient's
    cells sit on both sides of the report's folds), the block's other cells as the unlabelled folder, and
-   `dxserve site onboard` makes a site version of 2.1.0 into a scratch sites_dir.
+   `dxserve site onboard` makes a site version of 2.1.0 into a scratch sites_dir (with --prevalence,
+   declaring the share of blasts among the onboarding block's cells, as a lab declares its mix).
 3. The site version, loaded as the server loads it, classifies every cell of the other blocks:
    AUROC per cell with its spread over blocks, beside the colour-only and background-only
    baselines fitted on the same labelled cells; confidently wrong (P >= 0.9 for the wrong label),
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--labelled", type=int, nargs="+", default=[100, 25])
     parser.add_argument("--as-found", action="store_true",
                         help="label cells of the block at random, in the proportion they come (not half of each class)")
+    parser.add_argument("--prevalence", action="store_true",
+                        help="onboard with --prevalence: the share of blasts among the onboarding block's cells")
     parser.add_argument("--block", type=int, default=0)
     parser.add_argument("--detector", choices=("profile", "site"), default="profile")
     parser.add_argument("--group-size", type=int, default=20,
@@ -125,7 +128,8 @@ def main() -> None:
             labels, folder = write_onboarding(scratch / "data", crops, found, picked, unlabelled, args.group_size)
             settings = Settings(sites_dir=scratch / "sites", audit_db="")
             started = time.time()
-            done = onboard(settings, "lymphoblast", "2.1.0", "taleqani", labels, folder, log=log)
+            done = onboard(settings, "lymphoblast", "2.1.0", "taleqani", labels, folder, log=log,
+                           prevalence=float(y[in_block].mean()) if args.prevalence else None)
             seconds = time.time() - started
             versions, refused = sites.site_versions(settings.sites_dir, "lymphoblast", shipped_versions(), settings.site_acceptance)
             runtime = LymphoblastRuntime(versions[0])

@@ -318,9 +318,9 @@ class ModelRuntime:
         fits how it finds objects in the lab's fields (its scale, marks, gate); its `labelled`
         images are fields that show an object (label: its one label), and its `acceptance`
         block carries `labelled` and `fields_with_objects` (the share of them in which it finds
-        one). `prevalence` (`--prevalence`, given only when the operator declares it; an `adapt`
-        without the parameter refuses it): the share of the first label among the images the
-        site will send; calibrate the probabilities to it, not to the labelled images' share
+        one). `prevalence` (`--prevalence`, passed only when the operator declares one; onboarding
+        refuses it for an `adapt` without the parameter): the share of the first label among the
+        images the site will send; calibrate the probabilities to it, not to the labelled images' share
         (labelled half of each, they rank best), and read the report's calibration figures at it.
         The server serves the site version (`<version>+<site>.<n>`) only
         while they are met, and loads it with `load`, `self.version.extra["site"]` set to its

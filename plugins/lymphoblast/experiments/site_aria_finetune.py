@@ -53,6 +53,17 @@ def cached_cells(args) -> tuple[np.ndarray, list[dict]]:
     return cells, rows
 
 
+def frozen_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
+    """The frozen reference's head: a logistic regression (C = 0.05) on standardised features, each
+    row weighted `weight` times (none: once)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(
+        x, y, logisticregression__sample_weight=weight)
+
+
 def colour_jitter(seed: int):
     """Keras's colour jitter for cells in [0, 255]: brightness +-10 % of the range, contrast
     0.8-1.2, saturation 0.7-1.3, hue +-0.05 of the circle (18 degrees), each drawn per cell."""
@@ -99,10 +110,6 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
 
 
 def main() -> None:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     def options(parser):
         parser.add_argument("--epochs", type=int, default=40)
         parser.add_argument("--lr", type=float, default=1e-4)
@@ -127,7 +134,7 @@ def main() -> None:
                 rng = np.random.default_rng(draw)
                 picked = (np.concatenate([rng.choice(train[y[train] == k], n // 2, replace=False) for k in (0, 1)])
                           if n else train)
-                head = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(features[picked], y[picked])
+                head = frozen_head(features[picked], y[picked])
                 frozen.append(aria.auroc(y[test], head.decision_function(features[test])))
                 score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw, args.jitter)
                 tuned.append(aria.auroc(y[test], score(cells[test])))

@@ -24,23 +24,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import site_aria as aria  # noqa: E402
 from site_aria_box_adabn import imagenet_mobilenet, pooled, with_site_statistics  # noqa: E402
-from site_aria_finetune import DRAWS, SIZES, cached_cells, summarise  # noqa: E402
+from site_aria_finetune import DRAWS, SIZES, cached_cells, frozen_head, summarise  # noqa: E402
 
 
-def head(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(
-        x, y, logisticregression__sample_weight=weight)
-
-
-def self_trained(x_labelled, y_labelled, x_pool, rounds: int, log_fn=None):
+def self_trained(x_labelled, y_labelled, x_pool, rounds: int):
     """The head after `rounds` rounds; round r adds the r/rounds most confident of each class the
     head of round r - 1 predicts in the pool (ranked by its logit), weighted so the pseudo-labelled
     cells together count as much as the labelled ones."""
-    fitted = head(x_labelled, y_labelled)
+    fitted = frozen_head(x_labelled, y_labelled)
     for r in range(1, rounds + 1):
         z = fitted.decision_function(x_pool)
         picked, guessed = [], []
@@ -51,7 +42,7 @@ def self_trained(x_labelled, y_labelled, x_pool, rounds: int, log_fn=None):
             guessed.append(np.full(len(keep), cls))
         picked, guessed = np.concatenate(picked), np.concatenate(guessed)
         weight = np.concatenate([np.ones(len(y_labelled)), np.full(len(picked), len(y_labelled) / max(1, len(picked)))])
-        fitted = head(np.concatenate([x_labelled, x_pool[picked]]), np.concatenate([y_labelled, guessed]), weight)
+        fitted = frozen_head(np.concatenate([x_labelled, x_pool[picked]]), np.concatenate([y_labelled, guessed]), weight)
     return fitted
 
 
@@ -75,7 +66,7 @@ def main() -> None:
         train = np.flatnonzero(block == b)
         kept = ~aria.near(rows, block, b, args.gap) if args.gap else np.ones(len(rows), bool)
         test = np.flatnonzero((block != b) & kept)
-        whole = aria.auroc(y[test], head(features[train], y[train]).decision_function(features[test]))
+        whole = aria.auroc(y[test], frozen_head(features[train], y[train]).decision_function(features[test]))
         split = {"block": b, "scored": len(test), "whole block labelled": whole}
         for n in args.sizes:
             frozen, selfed = [], []
@@ -83,7 +74,7 @@ def main() -> None:
                 rng = np.random.default_rng(draw)
                 picked = np.concatenate([rng.choice(train[y[train] == k], n // 2, replace=False) for k in (0, 1)])
                 pool = np.setdiff1d(train, picked)
-                frozen.append(aria.auroc(y[test], head(features[picked], y[picked]).decision_function(features[test])))
+                frozen.append(aria.auroc(y[test], frozen_head(features[picked], y[picked]).decision_function(features[test])))
                 fitted = self_trained(features[picked], y[picked], features[pool], args.rounds)
                 selfed.append(aria.auroc(y[test], fitted.decision_function(features[test])))
                 aria.log(f"split {b} n={n} draw {draw}: frozen {frozen[-1]:.3f}, self-trained {selfed[-1]:.3f}, "

@@ -111,6 +111,7 @@ def test_onboarding_writes_a_traceable_site_version(onboarded):
     assert report["auroc"]["background alone"] == 0.5
     groups = {g["group"]: g for g in report["per_group"]}  # each cell's 8 orientations, one group
     assert len(groups) == 6 and all(g["images"] == 8 and g["lymphoblast"] in (0, 8) and 0 <= g["right"] <= 1
+                                    and g["called_right"] <= g["right"] and g["called_right"] + g["called_wrong"] <= 1
                                     for g in groups.values())
     # Every group is one cell, so one class: pooled over folds, each point of the curve is still a figure.
     assert set(report["learning_curve_auroc"]) == {"10", "25", "50", "100"}
@@ -305,6 +306,24 @@ def test_a_site_version_is_calibrated_to_the_prevalence_the_lab_declares():
     assert figures["ece"] == round(expected_calibration_error(declared.p, y, weight=weight), 4)
     assert figures["ece"] < expected_calibration_error(declared.p, y) - 0.02  # read at 50/50, it would look off
     assert labelled_share.figures(y)["ece"] == round(expected_calibration_error(labelled_share.p, y), 4)
+
+
+def test_each_group_says_what_the_version_would_answer_it():
+    """per_group's "right" reads P against a half; called_right / called_wrong read the version's
+    band, so a group the version leans wrong on but leaves indeterminate is told apart from one
+    it calls wrong."""
+    from dxserve_lymphoblast.adaptation import per_group
+    from dxserve_lymphoblast.calibration import Thresholds
+
+    band = Thresholds(operating_point=0.3, lower=0.2, upper=0.8, target_sensitivity=0.95, target_decided_accuracy=0.95)
+    groups = np.repeat(["leans wrong", "called wrong", "mixed"], 4)
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.67, 0.7, 0.6, 0.75, 0.9, 0.95, 0.85, 0.7, 0.9, 0.5, 0.1, 0.85])
+    rows = {g["group"]: g for g in per_group(groups, y, p, band)}
+    assert rows["leans wrong"]["right"] == 0.0 and rows["leans wrong"]["mean_p"] == pytest.approx(0.68)
+    assert (rows["leans wrong"]["called_right"], rows["leans wrong"]["called_wrong"]) == (0.0, 0.0)  # indeterminate
+    assert (rows["called wrong"]["right"], rows["called wrong"]["called_wrong"]) == (0.0, 0.75)  # 0.7 in the band
+    assert (rows["mixed"]["right"], rows["mixed"]["called_right"], rows["mixed"]["called_wrong"]) == (0.75, 0.5, 0.25)
 
 
 def test_onboarding_takes_a_prevalence_only_where_it_can(onboarded, tmp_path, capsys, monkeypatch):
@@ -526,6 +545,10 @@ def test_verification_scores_a_site_version_on_other_patients_as_the_server_answ
             assert [r["probabilities"]["lymphoblast"] for r in done["rows"]] == pytest.approx(p, abs=1e-6)
             assert [r["decision"] == "indeterminate" for r in done["rows"]] == [bool(i) or runtime.decide(q).indeterminate
                                                                                for i, q in zip(issues, prediction.probabilities)]
+            for group in figures["per_group"]:  # what a user of each group was told: right, wrong, or nothing
+                told = [(r["decision"], row["label"]) for r, row in zip(done["rows"], rows) if row["group"] == group["group"]]
+                assert group["called_right"] == pytest.approx(np.mean([d == t for d, t in told]))
+                assert group["called_wrong"] == pytest.approx(np.mean([d not in (t, "indeterminate") for d, t in told]))
     assert "## Verification 1: 48 labelled images of 6 groups" in (folder / "MODEL_CARD.md").read_text()
 
 

@@ -227,17 +227,23 @@ def interval(y, score, groups, draws: int = 200, seed: int = 0) -> list[float]:
     return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])] if values else [float("nan")] * 2
 
 
-def per_group(groups: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[dict]:
-    """Each group's images, labels, mean out-of-fold P(lymphoblast) and share called right (P on the
-    right side of 0.5): a patient or slide the version gets wrong as a whole shows here, where a
-    pooled figure averages it away."""
+def per_group(groups: np.ndarray, y: np.ndarray, p: np.ndarray, thresholds: Thresholds) -> list[dict]:
+    """Each group's images, labels, mean out-of-fold P(lymphoblast), share right (P on the right
+    side of 0.5), and what the version would answer (`thresholds`' band): the shares called right
+    and called wrong, the rest indeterminate. A patient or slide the version gets wrong as a whole
+    shows here, where a pooled figure averages it away. "right" 0 says the version leans the wrong
+    way on a group; "called_wrong" says whether a user would be told so, or told nothing (at a
+    declared prevalence far from a half, a normal group's P can sit over 0.5 inside the band)."""
     from .plugin import LABELS
 
-    out = []
+    decided, out = thresholds.decide(p), []
     for group in sorted(set(groups.tolist())):
         index = groups == group
+        called = decided[index]
         out.append({"group": group, "images": int(index.sum()), LABELS[0]: int(y[index].sum()),
-                    "mean_p": round(float(p[index].mean()), 4), "right": round(float(((p[index] >= 0.5) == y[index]).mean()), 4)})
+                    "mean_p": round(float(p[index].mean()), 4), "right": round(float(((p[index] >= 0.5) == y[index]).mean()), 4),
+                    "called_right": round(float((called == y[index]).mean()), 4),
+                    "called_wrong": round(float(((called != -1) & (called != y[index])).mean()), 4)})
     return out
 
 
@@ -437,7 +443,7 @@ def adapt(runtime, labelled: list[LabelledImage], unlabelled: list[np.ndarray], 
                   **{f"{name} interval": interval(y, s, groups) for name, s in baselines.items()}},
         "margin_over_colour_alone": round(auroc(y, oof) - auroc(y, baselines["colour alone"]), 4),
         "margin_over_background_alone": round(auroc(y, oof) - auroc(y, baselines["background alone"]), 4),
-        "per_group": per_group(groups, y, calibrated.p),
+        "per_group": per_group(groups, y, calibrated.p, calibrated.thresholds),
         "learning_curve_auroc": {str(n): round(auroc(y[~np.isnan(v)], v[~np.isnan(v)]), 4) for n, v in curve.items()},
         **calibrated.figures(y),
         "gate_passed_site_images": round(float(np.mean([not check(image, gate) for image in

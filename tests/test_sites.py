@@ -236,6 +236,28 @@ def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypa
     np.testing.assert_allclose(runtime.predict(cells)[:, 0], 1 / (1 + np.exp(-(a * z + b))), atol=1e-6)
 
 
+def test_the_same_onboarding_twice_makes_the_same_site_version(tmp_path, monkeypatch):
+    """A lab's quality manager re-runs the command on the same files and gets the version it
+    validated: the same weights (SHA-256), the fine-tuned CNN's included, and the same report."""
+    from dxserve_lymphoblast import adaptation, finetune
+    from dxserve_lymphoblast.adaptation import FINE_TUNED
+
+    write_labelled(tmp_path, "labelled", 2)
+    (tmp_path / "unlabelled").mkdir()
+    for path in CELLS[:2]:
+        Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
+    monkeypatch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2, learning_rate=1e-3))
+    monkeypatch.setattr(adaptation, "choose", lambda candidates, y: (FINE_TUNED, {name: 0.5 for name in candidates}))
+    made = []
+    for run in ("first", "second"):
+        assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
+                        "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(tmp_path / run)]) == 1
+        made.append(json.loads((tmp_path / run / "lymphoblast" / SITE_VERSION / "site.json").read_text()))
+    first, second = made
+    assert first["weights"]["sha256"] == second["weights"]["sha256"]
+    assert first["report"]["auroc"] == second["report"]["auroc"] and first["report"]["per_group"] == second["report"]["per_group"]
+
+
 def test_onboarding_without_the_training_stack_says_what_to_install(tmp_path, monkeypatch, capsys):
     """A serving install has no TensorFlow: onboarding exits 2 naming the extra, and leaves no folder."""
     import sys

@@ -30,10 +30,10 @@ from site_aria_native import box_crop, field_cells  # noqa: E402
 SAMPLE, BATCH = 512, 64
 
 
-def imagenet_mobilenet(weights: Path):
+def imagenet_mobilenet(weights: Path, size: int = 224):
     import keras
 
-    return keras.applications.MobileNet(input_shape=(224, 224, 3), alpha=0.25, include_top=False, weights=str(weights),
+    return keras.applications.MobileNet(input_shape=(size, size, 3), alpha=0.25, include_top=False, weights=str(weights),
                                         pooling="avg")
 
 

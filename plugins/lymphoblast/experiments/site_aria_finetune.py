@@ -2,7 +2,7 @@
 features reaches (0.83-0.87 at 100 cells on Aria)? Research: nothing here is shipped; RESULTS.md
 says what it measured.
 
-    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100] [--jitter]
+    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100] [--jitter] [--splits 0 1 2 3 4] [--size 224]
 
 (--sizes 0: every cell of block b labelled, one draw: the ceiling of labelling more of the block.)
 
@@ -82,7 +82,16 @@ def recoloured(jitter, cells: np.ndarray) -> np.ndarray:
 
 def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int, jitter: bool = False):
     """A copy of `net` (batch norm frozen) with a dense head started from `head` (a fitted
-    StandardScaler + LogisticRegression pipeline), trained end to end on `cells`."""
+    StandardScaler + LogisticRegression pipeline), trained end to end on `cells`: its scores of
+    cells, on 2 orientations averaged."""
+    model = tuned_model(net, head, cells, y, epochs, lr, seed, jitter)
+    return lambda c: pooled(model, c, views=2)[:, 0]
+
+
+def tuned_model(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int, jitter: bool = False,
+                after_epoch=None):
+    """`fine_tuned`'s model itself; `after_epoch(model, epoch)` is called before the first epoch
+    (epoch -1) and after each."""
     import keras
 
     from dxserve_lymphoblast.finetune import oriented, trainable_copy
@@ -92,21 +101,25 @@ def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: flo
     scaler, logistic = head.named_steps["standardscaler"], head.named_steps["logisticregression"]
     w = logistic.coef_[0] / scaler.scale_
     dense = keras.layers.Dense(1)
-    inputs = keras.Input((224, 224, 3))
+    inputs = keras.Input(cells.shape[1:])
     logit = dense(keras.layers.Dropout(0.2)(backbone(inputs)))
     model = keras.Model(inputs, logit)
     dense.set_weights([w[:, None].astype(np.float32), np.array([logistic.intercept_[0] - (w * scaler.mean_).sum()], np.float32)])
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.BinaryCrossentropy(from_logits=True))
     rng = np.random.default_rng(seed)
     changed = colour_jitter(seed) if jitter else None
-    for _ in range(epochs):
+    if after_epoch is not None:
+        after_epoch(model, -1)
+    for epoch in range(epochs):
         order = rng.permutation(len(cells))
         for s in range(0, len(cells), 16):
             part = order[s:s + 16]
             batch = oriented(cells[part], np.array([rng.integers(8) for _ in part]))  # as drawn before --jitter
             batch = recoloured(changed, batch) if jitter else batch.astype(np.float32)
             model.train_on_batch(keras.applications.mobilenet.preprocess_input(batch), y[part].astype(np.float32)[:, None])
-    return lambda c: pooled(model, c, views=2)[:, 0]
+        if after_epoch is not None:
+            after_epoch(model, epoch)
+    return model
 
 
 def main() -> None:
@@ -115,13 +128,20 @@ def main() -> None:
         parser.add_argument("--lr", type=float, default=1e-4)
         parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
         parser.add_argument("--jitter", action="store_true", help="colour jitter each cell as it is trained on (colour_jitter above)")
+        parser.add_argument("--size", type=int, default=224, help="the cells area-resized to SIZE px, the network at that input")
+        parser.add_argument("--splits", type=int, nargs="+", default=list(range(aria.BLOCKS)), help="the fitting blocks to run")
 
     args = aria.arguments(__doc__, "site_aria_finetune", options)
     cells, rows = cached_cells(args)
     y, block = np.array([r["label"] == "blast" for r in rows], int), aria.blocks(rows)
-    base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5")
-    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "jitter": args.jitter, "sizes": args.sizes, "splits": []}
-    for b in range(aria.BLOCKS):
+    if args.size != cells.shape[1]:
+        import tensorflow as tf
+
+        cells = np.round(tf.image.resize(cells, (args.size, args.size), method="area").numpy()).astype(np.uint8)
+    base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5", args.size)
+    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "jitter": args.jitter, "sizes": args.sizes,
+              "size": args.size, "splits": []}
+    for b in args.splits:
         net = with_site_statistics(base, cells[block == b])
         features = pooled(net, cells, views=2)
         train = np.flatnonzero(block == b)

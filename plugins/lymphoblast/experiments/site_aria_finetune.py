@@ -2,7 +2,7 @@
 features reaches (0.83-0.87 at 100 cells on Aria)? Research: nothing here is shipped; RESULTS.md
 says what it measured.
 
-    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100] [--jitter] [--splits 0 1 2 3 4] [--size 224]
+    python plugins/lymphoblast/experiments/site_aria_finetune.py [--gap 20] [--epochs 40] [--lr 1e-4] [--sizes 25 100] [--jitter] [--splits 0 1 2 3 4] [--size 224] [--frozen-below conv_dw_7]
 
 (--sizes 0: every cell of block b labelled, one draw: the ceiling of labelling more of the block.)
 
@@ -80,24 +80,29 @@ def recoloured(jitter, cells: np.ndarray) -> np.ndarray:
     return np.where(inside, changed, 0).astype(np.float32)
 
 
-def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int, jitter: bool = False):
+def fine_tuned(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int, jitter: bool = False,
+               frozen_below: str | None = None):
     """A copy of `net` (batch norm frozen) with a dense head started from `head` (a fitted
     StandardScaler + LogisticRegression pipeline), trained end to end on `cells`: its scores of
     cells, on 2 orientations averaged."""
-    model = tuned_model(net, head, cells, y, epochs, lr, seed, jitter)
+    model = tuned_model(net, head, cells, y, epochs, lr, seed, jitter, frozen_below=frozen_below)
     return lambda c: pooled(model, c, views=2)[:, 0]
 
 
 def tuned_model(net, head, cells: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int, jitter: bool = False,
-                after_epoch=None):
+                after_epoch=None, frozen_below: str | None = None):
     """`fine_tuned`'s model itself; `after_epoch(model, epoch)` is called before the first epoch
-    (epoch -1) and after each."""
+    (epoch -1) and after each; the layers before the one named `frozen_below` (none: every layer
+    trains) keep their ImageNet weights."""
     import keras
 
     from dxserve_lymphoblast.finetune import oriented, trainable_copy
 
     keras.utils.set_random_seed(seed)
     backbone = trainable_copy(net)  # batch norm in inference mode: the site's statistics stay
+    names = [layer.name for layer in backbone.layers]
+    for layer in backbone.layers[:names.index(frozen_below) if frozen_below else 0]:
+        layer.trainable = False
     scaler, logistic = head.named_steps["standardscaler"], head.named_steps["logisticregression"]
     w = logistic.coef_[0] / scaler.scale_
     dense = keras.layers.Dense(1)
@@ -129,6 +134,7 @@ def main() -> None:
         parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
         parser.add_argument("--jitter", action="store_true", help="colour jitter each cell as it is trained on (colour_jitter above)")
         parser.add_argument("--size", type=int, default=224, help="the cells area-resized to SIZE px, the network at that input")
+        parser.add_argument("--frozen-below", help="train only the layers from this one on (e.g. conv_dw_7); the earlier keep ImageNet's")
         parser.add_argument("--splits", type=int, nargs="+", default=list(range(aria.BLOCKS)), help="the fitting blocks to run")
 
     args = aria.arguments(__doc__, "site_aria_finetune", options)
@@ -139,7 +145,7 @@ def main() -> None:
 
         cells = np.round(tf.image.resize(cells, (args.size, args.size), method="area").numpy()).astype(np.uint8)
     base = imagenet_mobilenet(args.shared / "weights" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5", args.size)
-    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "jitter": args.jitter, "sizes": args.sizes,
+    report = {"cells": len(rows), "gap": args.gap, "epochs": args.epochs, "lr": args.lr, "jitter": args.jitter, "frozen_below": args.frozen_below, "sizes": args.sizes,
               "size": args.size, "splits": []}
     for b in args.splits:
         net = with_site_statistics(base, cells[block == b])
@@ -156,7 +162,7 @@ def main() -> None:
                           if n else train)
                 head = frozen_head(features[picked], y[picked])
                 frozen.append(aria.auroc(y[test], head.decision_function(features[test])))
-                score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw, args.jitter)
+                score = fine_tuned(net, head, cells[picked], y[picked], args.epochs, args.lr, draw, args.jitter, args.frozen_below)
                 tuned.append(aria.auroc(y[test], score(cells[test])))
                 aria.log(f"split {b} n={n} draw {draw}: frozen {frozen[-1]:.3f}, fine-tuned {tuned[-1]:.3f}")
             split[str(n)] = {"frozen": frozen, "fine_tuned": tuned}

@@ -193,15 +193,11 @@ def test_a_site_version_with_the_sites_statistics_computes_with_its_own_graph(on
     np.testing.assert_allclose(runtime.predict(cells)[:, 0], 1 / (1 + np.exp(-(2.0 * logits_parent - 1.0))), atol=1e-6)
 
 
-def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypatch):
-    """When the report chooses the fine-tuned CNN, the site version's weights file holds that CNN's
-    graph (not the site statistics' graph: its features differ) and the head trained with it, and
-    the server's site version answers with exactly them."""
-    from dxserve import sites
+def a_site_that_fine_tunes(tmp_path, monkeypatch):
+    """12 labelled images and 2 unlabelled of another lab in `tmp_path`, onboarding shortened to 2
+    epochs and made to choose the fine-tuned CNN."""
     from dxserve_lymphoblast import adaptation, finetune
-    from dxserve_lymphoblast.adaptation import FINE_TUNED, HEAD_FILE, design, head_logit, site_graph
-    from dxserve_lymphoblast.litert import LiteRTModel
-    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
+    from dxserve_lymphoblast.adaptation import FINE_TUNED
 
     write_labelled(tmp_path, "labelled", 2)
     (tmp_path / "unlabelled").mkdir()
@@ -209,6 +205,18 @@ def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypa
         Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
     monkeypatch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2, learning_rate=1e-3))
     monkeypatch.setattr(adaptation, "choose", lambda candidates, y: (FINE_TUNED, {name: 0.5 for name in candidates}))
+
+
+def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypatch):
+    """When the report chooses the fine-tuned CNN, the site version's weights file holds that CNN's
+    graph (not the site statistics' graph: its features differ) and the head trained with it, and
+    the server's site version answers with exactly them."""
+    from dxserve import sites
+    from dxserve_lymphoblast.adaptation import FINE_TUNED, HEAD_FILE, design, head_logit, site_graph
+    from dxserve_lymphoblast.litert import LiteRTModel
+    from dxserve_lymphoblast.plugin import LymphoblastRuntime, find_version, shipped_versions
+
+    a_site_that_fine_tunes(tmp_path, monkeypatch)
     sites_dir = tmp_path / "sites"
     assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
                     "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(sites_dir)]) == 1  # 12 images: not served
@@ -239,15 +247,8 @@ def test_a_fine_tuned_site_version_is_served_with_its_own_cnn(tmp_path, monkeypa
 def test_the_same_onboarding_twice_makes_the_same_site_version(tmp_path, monkeypatch):
     """A lab's quality manager re-runs the command on the same files and gets the version it
     validated: the same weights (SHA-256), the fine-tuned CNN's included, and the same report."""
-    from dxserve_lymphoblast import adaptation, finetune
-    from dxserve_lymphoblast.adaptation import FINE_TUNED
 
-    write_labelled(tmp_path, "labelled", 2)
-    (tmp_path / "unlabelled").mkdir()
-    for path in CELLS[:2]:
-        Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
-    monkeypatch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2, learning_rate=1e-3))
-    monkeypatch.setattr(adaptation, "choose", lambda candidates, y: (FINE_TUNED, {name: 0.5 for name in candidates}))
+    a_site_that_fine_tunes(tmp_path, monkeypatch)
     made = []
     for run in ("first", "second"):
         assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),

@@ -259,6 +259,28 @@ def test_the_same_onboarding_twice_makes_the_same_site_version(tmp_path, monkeyp
     assert first["report"]["auroc"] == second["report"]["auroc"] and first["report"]["per_group"] == second["report"]["per_group"]
 
 
+def test_a_lab_whose_patients_show_both_kinds_of_cell_is_onboarded(tmp_path, monkeypatch):
+    """The lab issue 33 expects next: patient identifiers, both classes on the same slides. Three
+    patients, each with blasts and normal cells: every fold holds both labels, so each fold's
+    AUROC is a figure (with groups of one class a fold can hold one label, and its AUROC is
+    null), and each patient's row counts both."""
+    from dxserve_lymphoblast import finetune
+
+    patients = {path.stem: f"patient-{i % 3}" for i, path in enumerate(CELLS)}  # 3 blasts, then 3 normal cells
+    write_labelled(tmp_path, "labelled", 8, group=lambda stem: patients[stem])
+    (tmp_path / "unlabelled").mkdir()
+    for path in CELLS:
+        Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
+    monkeypatch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2))
+    assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
+                    "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(tmp_path / "sites")]) == 1  # 48 < 50 labelled
+    report = json.loads((tmp_path / "sites" / "lymphoblast" / SITE_VERSION / "site.json").read_text())["report"]
+    assert report["labelled"] == {"images": 48, "groups": 3, "lymphoblast": 24, "normal": 24, "groups_of_one_class": 0}
+    assert len(report["auroc"]["per_fold"]) == 3 and all(0.0 <= a <= 1.0 for a in report["auroc"]["per_fold"])
+    assert [(g["images"], g["lymphoblast"]) for g in report["per_group"]] == [(16, 8)] * 3
+    assert 0.0 <= report["acceptance"]["auroc"] <= 1.0 and 0.0 <= report["acceptance"]["ece"] <= 1.0
+
+
 def test_onboarding_without_the_training_stack_says_what_to_install(tmp_path, monkeypatch, capsys):
     """A serving install has no TensorFlow: onboarding exits 2 naming the extra, and leaves no folder."""
     import sys

@@ -183,8 +183,9 @@ def classifier_figures(rows: list[dict], images: Sequence[LabelledFile], labels:
     groups = np.array([x.group for x in images])
     positive = truth == 0
     screened = np.array([r["screen_positive"] for r in rows], bool)
-    answer = np.array([r["decision"] != INDETERMINATE for r in rows], bool)
-    decision = np.array([labels.index(r["decision"]) if r["decision"] in labels else -1 for r in rows])  # -1: no call
+    decision = np.array([labels.index(r["decision"]) if r["decision"] in labels else -1 for r in rows])  # -1: indeterminate
+    answer = decision >= 0
+    called_right, called_wrong = decision == truth, answer & (decision != truth)
     wrong = confidently_wrong(p, truth)
     others = np.where(np.arange(p.shape[1]) == truth[:, None], -np.inf, p).max(axis=1)
     right = p[np.arange(len(p)), truth] > others  # the true label strictly most probable (a tie is no call)
@@ -203,12 +204,10 @@ def classifier_figures(rows: list[dict], images: Sequence[LabelledFile], labels:
         "decisions": {label: dict(Counter(r["decision"] for r, t in zip(rows, truth, strict=True) if t == k))
                       for k, label in enumerate(labels)},  # {true label: {decision: images}}
         "issues": dict(sorted(Counter(c for r in rows for c in r["issues"]).items())),
-        "per_group": [{"group": g, "images": int((groups == g).sum()), labels[0]: int(positive[groups == g].sum()),
-                       "mean_p": float(p[groups == g, 0].mean()),
-                       "right": float(right[groups == g].mean()),
-                       "called_right": float((decision[groups == g] == truth[groups == g]).mean()),
-                       "called_wrong": float(((decision[groups == g] >= 0) & (decision[groups == g] != truth[groups == g])).mean())}
-                      for g in sorted(set(groups.tolist()))],
+        "per_group": [{"group": g, "images": int(index.sum()), labels[0]: int(positive[index].sum()),
+                       "mean_p": float(p[index, 0].mean()), "right": float(right[index].mean()),
+                       "called_right": float(called_right[index].mean()), "called_wrong": float(called_wrong[index].mean())}
+                      for g, index in ((g, groups == g) for g in sorted(set(groups.tolist())))],
     }
     return figures
 

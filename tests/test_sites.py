@@ -33,11 +33,11 @@ def as_another_lab(rgb: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(cast.astype(np.uint8))
 
 
-def write_another_lab(root: Path) -> None:
+def write_another_lab(root: Path, group=lambda stem: stem) -> None:
     """root/labels.csv and root/labelled/: the six fixture cells as another lab's, 8 orientations
-    each, grouped by cell (48); root/unlabelled/: 2 orientations each as JPEG (12), and one copy
-    of a labelled file (the same bytes: onboarding leaves it out)."""
-    write_labelled(root, "labelled", 8)
+    each, grouped by `group(its stem)` (by default, by cell) (48); root/unlabelled/: 2 orientations
+    each as JPEG (12), and one copy of a labelled file (the same bytes: onboarding leaves it out)."""
+    write_labelled(root, "labelled", 8, group=group)
     (root / "unlabelled").mkdir()
     for path in CELLS:
         rgb = np.asarray(Image.open(path).convert("RGB"))
@@ -267,10 +267,7 @@ def test_a_lab_whose_patients_show_both_kinds_of_cell_is_onboarded(tmp_path, mon
     from dxserve_lymphoblast import finetune
 
     patients = {path.stem: f"patient-{i % 3}" for i, path in enumerate(CELLS)}  # 3 blasts, then 3 normal cells
-    write_labelled(tmp_path, "labelled", 8, group=lambda stem: patients[stem])
-    (tmp_path / "unlabelled").mkdir()
-    for path in CELLS:
-        Image.fromarray(as_another_lab(np.asarray(Image.open(path).convert("RGB")), 5)).save(tmp_path / "unlabelled" / path.name)
+    write_another_lab(tmp_path, group=lambda stem: patients[stem])
     monkeypatch.setattr(finetune, "SCHEDULE", finetune.Schedule(epochs=2))
     assert dxserve(["site", "onboard", "--plugin", "lymphoblast", "--site", "lab", "--labelled", str(tmp_path / "labels.csv"),
                     "--unlabelled", str(tmp_path / "unlabelled"), "--sites-dir", str(tmp_path / "sites")]) == 1  # 48 < 50 labelled
